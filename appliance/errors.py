@@ -1,0 +1,98 @@
+"""Every error the appliance raises on purpose, in one tree.
+
+    CairnApplianceError            base; carries an exit code (CLI) and an HTTP status (API)
+    ├── ConfigError                config.toml missing, unreadable or invalid
+    │   └── HomeExistsError        `cairnd init` refuses to overwrite an existing home
+    ├── StorageError               the block store cannot do what was asked
+    │   ├── BlockNotFoundError     no shard of the block exists on any reachable disk
+    │   ├── BlockIdMismatchError   `put` was given bytes whose BLAKE3 hash is not the id
+    │   ├── BlockUnrecoverableError fewer than the needed shards are healthy: data is lost
+    │   │                          for now (a missing disk may still bring it back)
+    │   ├── InsufficientDisksError too few writable disks to store a block safely
+    │   └── ShardFormatError       bytes that are not a valid shard (bad magic, version,
+    │                              checksum, truncated); caught inside the store, which
+    │                              treats the shard as bad and repairs it
+    └── InvalidBlockIdError        a block id that is not 64 lowercase hex digits
+
+Errors are translated once at each boundary: the CLI prints `message` on one line and exits
+with `exit_code`; the HTTP layer answers `{"error": {"code", "message"}}` with `http_status`.
+"""
+
+from __future__ import annotations
+
+
+class CairnApplianceError(Exception):
+    """Base class. `code` is a stable machine-readable name used in API error bodies."""
+
+    code = "internal"
+    exit_code = 1
+    http_status = 500
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class ConfigError(CairnApplianceError):
+    """The appliance home or its config.toml is missing, unreadable or invalid."""
+
+    code = "config"
+    exit_code = 2
+
+
+class HomeExistsError(ConfigError):
+    """`cairnd init` was pointed at a home that already holds an appliance."""
+
+    code = "home_exists"
+
+
+class StorageError(CairnApplianceError):
+    """The block store could not complete an operation."""
+
+    code = "storage"
+    http_status = 503
+
+
+class BlockNotFoundError(StorageError):
+    """No reachable disk holds any shard of the block."""
+
+    code = "block_not_found"
+    http_status = 404
+
+
+class BlockIdMismatchError(StorageError):
+    """The bytes offered to `put` do not hash (BLAKE3) to the block id they were sent as."""
+
+    code = "block_id_mismatch"
+    http_status = 400
+
+
+class BlockUnrecoverableError(StorageError):
+    """Fewer healthy shards than needed to decode the block. Bringing a missing disk back
+    (or restoring it from elsewhere) is the only way to recover it."""
+
+    code = "block_unrecoverable"
+    http_status = 503
+
+
+class InsufficientDisksError(StorageError):
+    """Too few disks accept writes to store a block with the required redundancy
+    (at least k+1 erasure shards, or 2 replicas for small blocks)."""
+
+    code = "insufficient_disks"
+    http_status = 507
+
+
+class ShardFormatError(StorageError):
+    """Bytes that do not parse as a valid shard: wrong magic or version, checksum mismatch,
+    truncated payload. The store catches this and treats the shard as bad."""
+
+    code = "shard_format"
+
+
+class InvalidBlockIdError(CairnApplianceError):
+    """A block id must be the 64-character lowercase hex form of a BLAKE3 digest."""
+
+    code = "invalid_block_id"
+    exit_code = 2
+    http_status = 400

@@ -1,0 +1,115 @@
+"""Erasure coding and replication behind one small interface.
+
+`ErasureCodec` wraps pyeclib (backend `isa_l_rs_vand`, systematic Reed-Solomon: the first k
+fragments hold the data, so a healthy read is a concatenation). `ReplicaCodec` stores m+1
+whole copies; the store uses it for small blocks, where k+m tiny fragments would cost more
+in files and fsyncs than they save in space (see docs/architecture.md). Both tolerate the
+loss of any m shards.
+
+Pure CPU work; callers run it in worker threads (pyeclib releases the GIL).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Protocol
+
+from pyeclib.ec_iface import ECDriver, ECInsufficientFragments
+
+from appliance.errors import BlockUnrecoverableError
+from appliance.storage.shard_format import Scheme
+
+
+class Codec(Protocol):
+    scheme: Scheme
+    k: int
+    m: int
+
+    @property
+    def total(self) -> int: ...
+
+    def encode(self, block: bytes) -> list[bytes]:
+        """All `total` shard payloads of `block`, by shard index."""
+        ...
+
+    def decode(self, payloads: Mapping[int, bytes | memoryview], block_length: int) -> bytes:
+        """The block from any `k` payloads keyed by shard index."""
+        ...
+
+    def rebuild(self, payloads: Mapping[int, bytes | memoryview], block_length: int,
+                missing: Sequence[int]) -> dict[int, bytes]:
+        """The payloads of the `missing` indices from at least `k` healthy ones."""
+        ...
+
+
+class ErasureCodec:
+    scheme = Scheme.REED_SOLOMON_ISA_L_VAND
+    backend = "isa_l_rs_vand"
+
+    def __init__(self, k: int, m: int) -> None:
+        if k < 1 or m < 1 or k + m > 32:
+            raise ValueError("erasure coding needs k >= 1, m >= 1 and k + m <= 32")
+        self.k = k
+        self.m = m
+        self._driver = ECDriver(k=k, m=m, ec_type=self.backend)
+
+    @property
+    def total(self) -> int:
+        return self.k + self.m
+
+    def encode(self, block: bytes) -> list[bytes]:
+        return list(self._driver.encode(block))
+
+    def _fragments(self, payloads: Mapping[int, bytes | memoryview]) -> list[bytes]:
+        if len(payloads) < self.k:
+            raise BlockUnrecoverableError(
+                f"only {len(payloads)} healthy shards, {self.k} are needed to decode")
+        # Data shards first: with all of 0..k-1 present, decoding is a concatenation.
+        ordered = sorted(payloads)[: self.k] if all(i in payloads for i in range(self.k)) \
+            else sorted(payloads)
+        return [bytes(payloads[i]) for i in ordered]
+
+    def decode(self, payloads: Mapping[int, bytes | memoryview], block_length: int) -> bytes:
+        try:
+            block = bytes(self._driver.decode(self._fragments(payloads)))
+        except ECInsufficientFragments as exc:
+            raise BlockUnrecoverableError(f"erasure decode failed: {exc}") from exc
+        if len(block) != block_length:
+            raise BlockUnrecoverableError(
+                f"decoded {len(block)} bytes where the header says {block_length}")
+        return block
+
+    def rebuild(self, payloads: Mapping[int, bytes | memoryview], block_length: int,
+                missing: Sequence[int]) -> dict[int, bytes]:
+        fragments = self.encode(self.decode(payloads, block_length))
+        return {index: fragments[index] for index in missing}
+
+
+class ReplicaCodec:
+    scheme = Scheme.REPLICA
+    k = 1
+
+    def __init__(self, m: int) -> None:
+        if m < 1:
+            raise ValueError("replication needs m >= 1")
+        self.m = m
+
+    @property
+    def total(self) -> int:
+        return 1 + self.m
+
+    def encode(self, block: bytes) -> list[bytes]:
+        return [block] * self.total
+
+    def decode(self, payloads: Mapping[int, bytes | memoryview], block_length: int) -> bytes:
+        if not payloads:
+            raise BlockUnrecoverableError("no healthy replica left")
+        block = bytes(next(iter(payloads.values())))
+        if len(block) != block_length:
+            raise BlockUnrecoverableError("replica length does not match its header")
+        return block
+
+    def rebuild(self, payloads: Mapping[int, bytes | memoryview], block_length: int,
+                missing: Sequence[int]) -> dict[int, bytes]:
+        block = self.decode(payloads, block_length)
+        return {index: block for index in missing}

@@ -1,0 +1,76 @@
+"""A durable queue of blocks that need repair, and the tombstones of deleted blocks.
+
+Kept in the appliance database so that a block noticed as degraded by a read, a write or a
+scrub is repaired even if the appliance restarts first. Thread-safe: one apsw connection
+used under a lock (apsw itself serialises, the lock keeps transactions whole).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+from appliance.db import open_database
+
+
+class RepairQueue:
+    def __init__(self, database_path: Path) -> None:
+        self._connection = open_database(database_path)
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        with self._lock:
+            self._connection.close()
+
+    def enqueue(self, block_id: str, reason: str) -> None:
+        with self._lock, self._connection:
+            self._connection.execute(
+                "INSERT INTO repair_queue(block_id, reason, queued_at) VALUES (?, ?, ?) "
+                "ON CONFLICT(block_id) DO UPDATE SET reason = excluded.reason",
+                (block_id, reason, time.time()))
+
+    def pending(self, limit: int = 100) -> list[str]:
+        """Oldest first; blocks that failed many attempts sink to the back."""
+        with self._lock:
+            rows = self._connection.execute(
+                "SELECT block_id FROM repair_queue ORDER BY attempts, queued_at LIMIT ?",
+                (limit,)).fetchall()
+        return [str(row[0]) for row in rows]
+
+    def __len__(self) -> int:
+        with self._lock:
+            row = self._connection.execute("SELECT count(*) FROM repair_queue").fetchone()
+        return int(row[0]) if row else 0
+
+    def done(self, block_id: str) -> None:
+        with self._lock, self._connection:
+            self._connection.execute("DELETE FROM repair_queue WHERE block_id = ?", (block_id,))
+
+    def failed(self, block_id: str) -> None:
+        with self._lock, self._connection:
+            self._connection.execute(
+                "UPDATE repair_queue SET attempts = attempts + 1 WHERE block_id = ?",
+                (block_id,))
+
+    def add_tombstone(self, block_id: str) -> None:
+        with self._lock, self._connection:
+            self._connection.execute(
+                "INSERT OR REPLACE INTO block_tombstones(block_id, deleted_at) VALUES (?, ?)",
+                (block_id, time.time()))
+            self._connection.execute("DELETE FROM repair_queue WHERE block_id = ?", (block_id,))
+
+    def clear_tombstone(self, block_id: str) -> None:
+        with self._lock:
+            present = self._connection.execute(
+                "SELECT 1 FROM block_tombstones WHERE block_id = ?", (block_id,)).fetchone()
+            if present:
+                with self._connection:
+                    self._connection.execute(
+                        "DELETE FROM block_tombstones WHERE block_id = ?", (block_id,))
+
+    def is_tombstoned(self, block_id: str) -> bool:
+        with self._lock:
+            return self._connection.execute(
+                "SELECT 1 FROM block_tombstones WHERE block_id = ?",
+                (block_id,)).fetchone() is not None
