@@ -9,6 +9,8 @@
     │   ├── BlockUnrecoverableError fewer than the needed shards are healthy: data is lost
     │   │                          for now (a missing disk may still bring it back)
     │   ├── InsufficientDisksError too few writable disks to store a block safely
+    │   ├── DiskError              one disk failed an operation; the store marks the disk
+    │   │                          (read-only, full, failing, missing) and uses the others
     │   └── ShardFormatError       bytes that are not a valid shard (bad magic, version,
     │                              checksum, truncated); caught inside the store, which
     │                              treats the shard as bad and repairs it
@@ -81,6 +83,17 @@ class InsufficientDisksError(StorageError):
 
     code = "insufficient_disks"
     http_status = 507
+
+
+class DiskError(StorageError):
+    """An operation on one disk failed. Raised by appliance.storage.disk and handled inside
+    the block store, which records the disk's new state and carries on with other disks."""
+
+    code = "disk"
+
+    def __init__(self, disk_name: str, message: str) -> None:
+        super().__init__(f"disk {disk_name}: {message}")
+        self.disk_name = disk_name
 
 
 class ShardFormatError(StorageError):

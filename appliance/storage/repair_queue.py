@@ -74,3 +74,26 @@ class RepairQueue:
             return self._connection.execute(
                 "SELECT 1 FROM block_tombstones WHERE block_id = ?",
                 (block_id,)).fetchone() is not None
+
+    # -- scrub history -------------------------------------------------------------------
+
+    def scrub_started(self) -> int:
+        with self._lock, self._connection:
+            self._connection.execute("INSERT INTO scrub_runs(started_at) VALUES (?)",
+                                     (time.time(),))
+            run_id = int(self._connection.last_insert_rowid())
+        return run_id
+
+    def scrub_finished(self, run_id: int, checked: int, repaired: int,
+                       unrecoverable: int) -> None:
+        with self._lock, self._connection:
+            self._connection.execute(
+                "UPDATE scrub_runs SET finished_at = ?, checked = ?, repaired = ?, "
+                "unrecoverable = ? WHERE id = ?",
+                (time.time(), checked, repaired, unrecoverable, run_id))
+
+    def last_scrub_finished(self) -> float | None:
+        with self._lock:
+            row = self._connection.execute(
+                "SELECT max(finished_at) FROM scrub_runs").fetchone()
+        return float(row[0]) if row and row[0] is not None else None

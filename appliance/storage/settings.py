@@ -13,11 +13,14 @@ DEFAULT_RESERVE_FREE_BYTES = 256 * 1024 * 1024
 class DiskSpec:
     """One disk slot. `name` is the stable key used for placement; `path` is where the
     disk's filesystem is (a folder, or a mount point when `require_mount` is true, in which
-    case an unmounted, empty mount point counts as missing instead of being written to)."""
+    case an unmounted, empty mount point counts as missing instead of being written to).
+    `weight` scales the disk's share of new shards: give each disk its size in TB when sizes
+    differ. It is configuration, not a measurement, so placement never shifts by itself."""
 
     name: str
     path: Path
     require_mount: bool = False
+    weight: float = 1.0
 
 
 @dataclass(frozen=True)

@@ -84,7 +84,7 @@ def _prefix(header: ShardHeader) -> bytes:
     )
 
 
-def checksum(prefix: bytes, payload: bytes | memoryview) -> bytes:
+def checksum(prefix: bytes | memoryview, payload: bytes | memoryview) -> bytes:
     hasher = blake3.blake3(prefix)
     hasher.update(payload)
     return hasher.digest()

@@ -1,0 +1,414 @@
+"""The block store: content-addressed blocks, erasure-coded over N local disks.
+
+Theory of operation
+-------------------
+A block is named by the BLAKE3 hash of its bytes (64 hex digits). `put` checks the hash,
+then encodes the block:
+
+- blocks larger than `small_block_limit` (default 64 KiB): Reed-Solomon, k data + m parity
+  shards (defaults 4 + 2), any k of which rebuild the block;
+- smaller blocks: m+1 whole replicas. k+m fragments of a 4 KiB block would cost six files and
+  six fsyncs to save two copies' worth of a few KiB; replicas keep the same tolerance (any m
+  lost) at three files. See docs/architecture.md for the measurement behind the limit.
+
+Shards go to distinct disks in the block's rendezvous ranking (placement.py), skipping disks
+that do not accept writes. A put succeeds once at least k+1 shards (2 replicas) are durable;
+if fewer than all were written, the block is queued for repair.
+
+`get` reads the headers of the block's shards on every readable disk, then takes the fast
+path — read the data shards, decode (a concatenation for systematic RS), check the BLAKE3 id
+— and falls back to the careful path only when that fails or data shards are missing: read
+every shard, verify each checksum, decode from any k healthy ones, check the id again. A block
+is never returned unverified. Missing, truncated, corrupt or disagreeing shards are queued
+for repair; `repair` (used by the queue and by scrub) rebuilds them onto writable disks.
+
+Everything here is blocking I/O and CPU work, safe to call from many threads at once;
+async_store.py runs it off the trio event loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import logging
+import re
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import blake3
+
+from appliance.errors import (
+    BlockIdMismatchError,
+    BlockNotFoundError,
+    BlockUnrecoverableError,
+    DiskError,
+    InsufficientDisksError,
+    InvalidBlockIdError,
+    ShardFormatError,
+)
+from appliance.storage.codec import Codec, ErasureCodec, ReplicaCodec
+from appliance.storage.disk import Disk, DiskState, DiskStatus, format_disk
+from appliance.storage.placement import Slot, rank
+from appliance.storage.repair_queue import RepairQueue
+from appliance.storage.settings import StoreSettings
+from appliance.storage.shard_format import (
+    HEADER_SIZE,
+    Scheme,
+    ShardHeader,
+    parse_header,
+    parse_shard,
+    serialize_header,
+)
+
+log = logging.getLogger(__name__)
+_BLOCK_ID = re.compile(r"[0-9a-f]{64}")
+RECENTLY_QUEUED_MAX = 4096
+
+
+def parse_block_id(block_id: str) -> bytes:
+    """The 32 raw bytes of a hex block id; InvalidBlockIdError for anything else."""
+    if not isinstance(block_id, str) or not _BLOCK_ID.fullmatch(block_id):
+        raise InvalidBlockIdError("a block id is 64 lowercase hex digits (a BLAKE3 digest)")
+    return bytes.fromhex(block_id)
+
+
+def block_id_of(data: bytes | memoryview) -> str:
+    return blake3.blake3(data).hexdigest()
+
+
+@dataclass(frozen=True)
+class PutResult:
+    block_id: str
+    shards_written: int
+    shards_total: int
+    already_stored: bool = False
+
+    @property
+    def degraded(self) -> bool:
+        return self.shards_written < self.shards_total
+
+
+class RepairOutcome(enum.StrEnum):
+    HEALTHY = "healthy"            # nothing to do
+    REPAIRED = "repaired"          # every missing or bad shard rewritten
+    PARTIAL = "partial"            # some rewritten; too few writable disks for the rest
+    UNRECOVERABLE = "unrecoverable"  # fewer than k healthy shards
+    NOT_FOUND = "not_found"        # no shard anywhere (already deleted)
+    REMOVED = "removed"            # tombstoned block: leftover shards deleted
+
+
+@dataclass(frozen=True)
+class RepairResult:
+    outcome: RepairOutcome
+    bytes_read: int = 0
+    shards_written: int = 0
+
+
+@dataclass
+class _Located:
+    """Shards of one block found by reading headers on every readable disk."""
+
+    headers: dict[str, ShardHeader] = field(default_factory=dict)   # disk name -> header
+    bad: dict[str, str] = field(default_factory=dict)               # disk name -> reason
+
+
+class BlockStore:
+    def __init__(self, settings: StoreSettings, repair_queue: RepairQueue | None = None) -> None:
+        self.settings = settings
+        self.repair_queue = repair_queue
+        self.disks = [Disk(spec, settings.appliance_id, settings.reserve_free_bytes)
+                      for spec in settings.disks]
+        self._by_name = {disk.name: disk for disk in self.disks}
+        self._slots = [Slot(spec.name, spec.weight) for spec in settings.disks]
+        self.erasure = ErasureCodec(settings.data_shards, settings.parity_shards)
+        self.replica = ReplicaCodec(settings.parity_shards)
+        self._recently_queued: set[str] = set()
+
+    def close(self) -> None:
+        if self.repair_queue is not None:
+            self.repair_queue.close()
+
+    # -- helpers -------------------------------------------------------------------------
+
+    def codec_for_length(self, length: int) -> Codec:
+        return self.replica if length <= self.settings.small_block_limit else self.erasure
+
+    def _codec_for(self, header: ShardHeader) -> Codec:
+        codec: Codec = self.replica if header.scheme is Scheme.REPLICA else self.erasure
+        if (codec.k, codec.m) != (header.k, header.m):
+            # Written under other settings: build a codec that matches the shards.
+            codec = ReplicaCodec(header.m) if header.scheme is Scheme.REPLICA \
+                else ErasureCodec(header.k, header.m)
+        return codec
+
+    def ranking(self, raw_id: bytes) -> list[Disk]:
+        return [self._by_name[name] for name in rank(self._slots, raw_id)]
+
+    def _queue(self, block_hex: str, reason: str) -> None:
+        # Reads of a degraded block would queue it again and again; remember recent ones
+        # (bounded) so a hot degraded block costs one database write, not one per read.
+        if block_hex in self._recently_queued:
+            return
+        if len(self._recently_queued) >= RECENTLY_QUEUED_MAX:
+            self._recently_queued.clear()
+        self._recently_queued.add(block_hex)
+        if self.repair_queue is not None:
+            self.repair_queue.enqueue(block_hex, reason)
+        log.warning("block %s queued for repair: %s", block_hex[:16], reason)
+
+    def _locate(self, block_hex: str, raw_id: bytes) -> _Located:
+        found = _Located()
+        for disk in self.ranking(raw_id):
+            if not disk.readable:
+                continue
+            try:
+                raw = disk.read_shard(block_hex, limit=HEADER_SIZE)
+            except DiskError as exc:
+                found.bad[disk.name] = str(exc)
+                continue
+            if raw is None:
+                continue
+            try:
+                header, _ = parse_header(raw)
+            except ShardFormatError as exc:
+                found.bad[disk.name] = exc.message
+                continue
+            if header.block_id != raw_id:
+                found.bad[disk.name] = "header names another block"
+                continue
+            found.headers[disk.name] = header
+        # Shards must agree on how the block was coded; the majority wins.
+        shapes = Counter((h.scheme, h.k, h.m, h.block_length) for h in found.headers.values())
+        if len(shapes) > 1:
+            majority = shapes.most_common(1)[0][0]
+            for name, h in list(found.headers.items()):
+                if (h.scheme, h.k, h.m, h.block_length) != majority:
+                    found.bad[name] = "header disagrees with the block's other shards"
+                    del found.headers[name]
+        return found
+
+    def _read_payloads(self, block_hex: str, disk_names: list[str], *,
+                       verify: bool) -> tuple[dict[int, memoryview], dict[str, str]]:
+        """Payloads by shard index from the named disks, plus the disks whose shard is bad.
+
+        With verify=False only the header is parsed and the length checked: the caller checks
+        the whole block's hash instead, which covers every data byte at once."""
+        payloads: dict[int, memoryview] = {}
+        bad: dict[str, str] = {}
+        for name in disk_names:
+            try:
+                raw = self._by_name[name].read_shard(block_hex)
+            except DiskError as exc:
+                bad[name] = str(exc)
+                continue
+            if raw is None:
+                bad[name] = "shard vanished"
+                continue
+            try:
+                if verify:
+                    header, payload = parse_shard(raw)
+                else:
+                    header, _ = parse_header(raw)
+                    payload = memoryview(raw)[HEADER_SIZE:]
+                    if len(payload) != header.payload_length:
+                        raise ShardFormatError("shard is truncated")
+            except ShardFormatError as exc:
+                bad[name] = exc.message
+                continue
+            payloads.setdefault(header.index, payload)
+        return payloads, bad
+
+    # -- the four operations -------------------------------------------------------------
+
+    def put(self, block_id: str, data: bytes) -> PutResult:
+        raw_id = parse_block_id(block_id)
+        if blake3.blake3(data).digest() != raw_id:
+            raise BlockIdMismatchError("the block's bytes do not hash to its id")
+        if self.repair_queue is not None:
+            self.repair_queue.clear_tombstone(block_id)
+        codec = self.codec_for_length(len(data))
+        ranking = self.ranking(raw_id)
+        present = sum(1 for d in ranking if d.readable and d.shard_size(block_id) is not None)
+        if present >= codec.total:
+            return PutResult(block_id, present, codec.total, already_stored=True)
+        needed = codec.k + 1
+        candidates = iter([d for d in ranking if d.writable])
+        payloads = codec.encode(data)
+        written = 0
+        for index, payload in enumerate(payloads):
+            header = serialize_header(ShardHeader(codec.scheme, index, codec.k, codec.m,
+                                                  len(data), len(payload), raw_id), payload)
+            for disk in candidates:
+                try:
+                    disk.write_shard(block_id, header, payload)
+                except DiskError as exc:
+                    log.warning("%s; trying the next disk", exc)
+                    continue
+                written += 1
+                break
+        if written < needed:
+            raise InsufficientDisksError(
+                f"only {written} of the {needed} shards needed could be written; "
+                f"check `cairnd disks` ({self._disk_summary()})")
+        if written < codec.total:
+            self._queue(block_id, f"written with {written} of {codec.total} shards")
+        return PutResult(block_id, written, codec.total)
+
+    def get(self, block_id: str) -> bytes:
+        raw_id = parse_block_id(block_id)
+        located = self._locate(block_id, raw_id)
+        if not located.headers:
+            if located.bad:
+                raise BlockUnrecoverableError(
+                    f"block {block_id}: no healthy shard ({len(located.bad)} bad)")
+            raise BlockNotFoundError(f"block {block_id} is not stored here")
+        reference = next(iter(located.headers.values()))
+        codec = self._codec_for(reference)
+        holder: dict[int, str] = {}
+        for name, header in located.headers.items():
+            holder.setdefault(header.index, name)
+        wanted = sorted(holder)[: codec.k] if codec.scheme is Scheme.REPLICA \
+            else [i for i in range(codec.k) if i in holder]
+        if len(wanted) == codec.k:
+            payloads, bad = self._read_payloads(block_id, [holder[i] for i in wanted],
+                                                verify=False)
+            if not bad:
+                try:
+                    block = codec.decode(payloads, reference.block_length)
+                except BlockUnrecoverableError:
+                    block = None
+                if block is not None and blake3.blake3(block).digest() == raw_id:
+                    if located.bad or len(holder) < codec.total:
+                        self._queue(block_id, self._degradation(located, holder, codec))
+                    return block
+        return self._careful_get(block_id, raw_id, located, codec, reference.block_length)
+
+    def _careful_get(self, block_id: str, raw_id: bytes, located: _Located, codec: Codec,
+                     block_length: int) -> bytes:
+        payloads, bad = self._read_payloads(block_id, list(located.headers), verify=True)
+        bad.update(located.bad)
+        if len(payloads) < codec.k:
+            self._queue(block_id, "fewer than k healthy shards")
+            raise BlockUnrecoverableError(
+                f"block {block_id}: {len(payloads)} healthy shards, {codec.k} needed")
+        block = codec.decode(payloads, block_length)
+        if blake3.blake3(block).digest() != raw_id:
+            self._queue(block_id, "decoded bytes do not match the id")
+            raise BlockUnrecoverableError(f"block {block_id}: decoded bytes fail verification")
+        self._queue(block_id, f"{len(bad)} bad and {codec.total - len(payloads)} "
+                              "missing or bad shards seen by a read")
+        return block
+
+    @staticmethod
+    def _degradation(located: _Located, holder: dict[int, str], codec: Codec) -> str:
+        return (f"read found {len(holder)} of {codec.total} shards"
+                + (f", {len(located.bad)} bad" if located.bad else ""))
+
+    def has(self, block_id: str) -> bool:
+        """True if enough shard headers are present to attempt decoding the block."""
+        raw_id = parse_block_id(block_id)
+        located = self._locate(block_id, raw_id)
+        if not located.headers:
+            return False
+        codec = self._codec_for(next(iter(located.headers.values())))
+        return len({h.index for h in located.headers.values()}) >= codec.k
+
+    def delete(self, block_id: str) -> int:
+        """Remove every shard of the block from every reachable disk; returns how many.
+
+        The block is tombstoned first, so shards on a disk that is offline now are removed
+        (not repaired) when scrub meets them later."""
+        parse_block_id(block_id)
+        if self.repair_queue is not None:
+            self.repair_queue.add_tombstone(block_id)
+        removed = 0
+        for disk in self.disks:
+            if disk.state in (DiskState.MISSING, DiskState.BLANK, DiskState.FOREIGN):
+                continue
+            try:
+                removed += disk.remove_shard(block_id)
+            except DiskError as exc:
+                log.warning("delete of %s left a shard behind: %s", block_id[:16], exc)
+        return removed
+
+    # -- health and repair ---------------------------------------------------------------
+
+    def disk_status(self, count_shards: bool = True) -> list[DiskStatus]:
+        return [disk.status(count_shards) for disk in self.disks]
+
+    def _disk_summary(self) -> str:
+        states = Counter(disk.state.value for disk in self.disks)
+        return ", ".join(f"{n} {state}" for state, n in sorted(states.items()))
+
+    def format_blank_disks(self) -> list[str]:
+        """Format every blank disk (an empty replacement) so repair can rebuild onto it."""
+        formatted = []
+        for disk in self.disks:
+            if disk.probe() is DiskState.BLANK:
+                format_disk(disk.spec, self.settings.appliance_id)
+                disk.probe()
+                formatted.append(disk.name)
+                log.info("formatted blank disk %s at %s", disk.name, disk.root)
+        return formatted
+
+    def iter_block_ids(self) -> Iterator[str]:
+        """Every block id with a shard on any readable disk, each once, streamed."""
+        readable = [d for d in self.disks if d.readable]
+        for position, disk in enumerate(readable):
+            for block_hex in disk.iter_block_ids():
+                earlier = readable[:position]
+                if not any(d.shard_path(block_hex).exists() for d in earlier):
+                    yield block_hex
+
+    def repair(self, block_id: str) -> RepairResult:
+        """Verify every shard of the block and rewrite what is missing or bad."""
+        raw_id = parse_block_id(block_id)
+        self._recently_queued.discard(block_id)
+        if self.repair_queue is not None and self.repair_queue.is_tombstoned(block_id):
+            self.delete(block_id)
+            return RepairResult(RepairOutcome.REMOVED)
+        located = self._locate(block_id, raw_id)
+        if not located.headers and not located.bad:
+            return RepairResult(RepairOutcome.NOT_FOUND)
+        if not located.headers:
+            return RepairResult(RepairOutcome.UNRECOVERABLE)
+        reference = next(iter(located.headers.values()))
+        codec = self._codec_for(reference)
+        payloads, bad = self._read_payloads(block_id, list(located.headers), verify=True)
+        bad.update(located.bad)
+        bytes_read = sum(len(p) for p in payloads.values())
+        if len(payloads) < codec.k:
+            return RepairResult(RepairOutcome.UNRECOVERABLE, bytes_read)
+        missing = [i for i in range(codec.total) if i not in payloads]
+        if not missing and not bad:
+            return RepairResult(RepairOutcome.HEALTHY, bytes_read)
+        block = codec.decode(payloads, reference.block_length)
+        if blake3.blake3(block).digest() != raw_id:
+            return RepairResult(RepairOutcome.UNRECOVERABLE, bytes_read)
+        rebuilt = codec.rebuild(payloads, reference.block_length, missing)
+        healthy_holders = {name for name in located.headers if name not in bad}
+        targets = iter([d for d in self.ranking(raw_id)
+                        if d.writable and d.name not in healthy_holders])
+        written_to: set[str] = set()
+        for index in missing:
+            payload = rebuilt[index]
+            header = serialize_header(ShardHeader(codec.scheme, index, codec.k, codec.m,
+                                                  reference.block_length, len(payload),
+                                                  raw_id), payload)
+            for disk in targets:
+                try:
+                    disk.write_shard(block_id, header, payload)
+                except DiskError as exc:
+                    log.warning("repair of %s: %s", block_id[:16], exc)
+                    continue
+                written_to.add(disk.name)
+                break
+        for name in bad.keys() - written_to:
+            disk = self._by_name[name]
+            if disk.writable:
+                with contextlib.suppress(DiskError):
+                    disk.remove_shard(block_id)  # a bad file would be re-detected forever
+        outcome = RepairOutcome.REPAIRED if len(written_to) == len(missing) \
+            else RepairOutcome.PARTIAL
+        return RepairResult(outcome, bytes_read, len(written_to))

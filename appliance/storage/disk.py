@@ -1,0 +1,376 @@
+"""One disk of the block store: its identity, its state, and crash-safe shard files.
+
+Layout of a disk (spec: docs/shard-format.md):
+
+    <disk>/cairn-disk.json          identity marker: format, appliance id, slot name, disk id
+    <disk>/shards/ab/cd/<block id>  at most one shard of a block per disk; the header says
+                                    which shard index it is
+    <disk>/tmp/                     shards being written; leftovers are removed on open
+
+A shard is written to tmp/, fdatasync'd, renamed into place, and the directory is fsync'd;
+only then does `write_shard` return. A crash leaves either the old file, the new file, or a
+file in tmp/ — and a torn file fails the shard checksum anyway.
+
+States (probed at most every PROBE_INTERVAL seconds, and re-probed after an error):
+    ok         readable and writable
+    missing    folder absent, or a required mount point not mounted
+    blank      an empty folder with no marker: a replacement disk waiting for `cairnd scrub`
+    foreign    a marker of another appliance or slot, or unknown files and no marker
+    read-only  the filesystem refuses writes; still read
+    full       free space below the reserve, or the last write hit ENOSPC; still read
+    failing    repeated I/O errors recently; still read, never written
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import errno
+import json
+import os
+import secrets
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from appliance.errors import DiskError
+from appliance.storage.settings import DiskSpec
+
+MARKER_NAME = "cairn-disk.json"
+MARKER_FORMAT = 1
+SHARDS_DIR = "shards"
+TMP_DIR = "tmp"
+PROBE_INTERVAL = 2.0
+FAILING_ERRORS = 3           # this many I/O errors ...
+FAILING_WINDOW = 600.0       # ... within this many seconds make a disk `failing`
+TMP_STALE_AFTER = 3600.0     # tmp/ files older than this are crash leftovers
+FULL_HOLD = 30.0             # after ENOSPC, stay `full` this long before probing again
+_IGNORED_ON_BLANK = {"lost+found"}
+
+
+class DiskState(enum.StrEnum):
+    OK = "ok"
+    MISSING = "missing"
+    BLANK = "blank"
+    FOREIGN = "foreign"
+    READ_ONLY = "read-only"
+    FULL = "full"
+    FAILING = "failing"
+
+
+READABLE_STATES = frozenset(
+    {DiskState.OK, DiskState.READ_ONLY, DiskState.FULL, DiskState.FAILING})
+
+
+@dataclass(frozen=True)
+class DiskStatus:
+    name: str
+    path: Path
+    state: DiskState
+    shard_count: int | None
+    free_bytes: int | None
+    total_bytes: int | None
+    recent_errors: int
+    detail: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "path": str(self.path),
+            "state": self.state.value,
+            "shard_count": self.shard_count,
+            "free_bytes": self.free_bytes,
+            "total_bytes": self.total_bytes,
+            "recent_errors": self.recent_errors,
+            "detail": self.detail,
+        }
+
+
+def shard_relative_path(block_hex: str) -> Path:
+    return Path(SHARDS_DIR, block_hex[:2], block_hex[2:4], block_hex)
+
+
+def _fsync_directory(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, parts: list[bytes | memoryview]) -> None:
+    views = [memoryview(p) for p in parts if len(p)]
+    while views:
+        written = os.writev(fd, views)
+        while views and written >= len(views[0]):
+            written -= len(views[0])
+            views.pop(0)
+        if views and written:
+            views[0] = views[0][written:]
+
+
+def format_disk(spec: DiskSpec, appliance_id: str) -> None:
+    """Make `spec.path` a disk of this appliance: create it if needed and write the marker.
+
+    Refuses a folder that holds anything but an empty filesystem (or this disk's own marker).
+    """
+    root = spec.path
+    if spec.require_mount and not os.path.ismount(root):
+        raise DiskError(spec.name, f"{root} is not a mount point; mount the disk first")
+    root.mkdir(parents=True, exist_ok=True)
+    marker = root / MARKER_NAME
+    if marker.exists():
+        existing = _read_marker(marker)
+        if existing.get("appliance_id") == appliance_id and existing.get("slot") == spec.name:
+            return
+        raise DiskError(spec.name, f"{root} belongs to another appliance or slot")
+    leftovers = {p.name for p in root.iterdir()} - _IGNORED_ON_BLANK
+    if leftovers:
+        raise DiskError(spec.name, f"{root} is not empty ({len(leftovers)} entries); "
+                                   "refusing to format it")
+    for sub in (SHARDS_DIR, TMP_DIR):
+        (root / sub).mkdir(exist_ok=True)
+    body = json.dumps({"format": MARKER_FORMAT, "appliance_id": appliance_id,
+                       "slot": spec.name, "disk_id": secrets.token_hex(16),
+                       "formatted_at": time.time()}, indent=2).encode()
+    tmp = root / (MARKER_NAME + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        _write_all(fd, [body])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    tmp.rename(marker)
+    _fsync_directory(root)
+
+
+def _read_marker(marker: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(marker.read_bytes())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+class Disk:
+    """A disk slot, safe to use from many threads at once."""
+
+    def __init__(self, spec: DiskSpec, appliance_id: str, reserve_free_bytes: int) -> None:
+        self.spec = spec
+        self.name = spec.name
+        self.root = spec.path
+        self._appliance_id = appliance_id
+        self._reserve = reserve_free_bytes
+        self._lock = threading.Lock()
+        self._errors: deque[float] = deque(maxlen=64)
+        self._full_until = 0.0
+        self._state = DiskState.MISSING
+        self._detail = ""
+        self._probed_at = float("-inf")
+        self.probe()
+        if self._state in READABLE_STATES:
+            self._clean_tmp()
+
+    # -- state ---------------------------------------------------------------------------
+
+    @property
+    def state(self) -> DiskState:
+        if time.monotonic() - self._probed_at > PROBE_INTERVAL:
+            self.probe()
+        return self._state
+
+    @property
+    def readable(self) -> bool:
+        return self.state in READABLE_STATES
+
+    @property
+    def writable(self) -> bool:
+        return self.state is DiskState.OK
+
+    def recent_errors(self) -> int:
+        horizon = time.monotonic() - FAILING_WINDOW
+        return sum(1 for t in self._errors if t >= horizon)
+
+    def probe(self) -> DiskState:
+        state, detail = self._probe()
+        with self._lock:
+            self._state, self._detail = state, detail
+            self._probed_at = time.monotonic()
+        return state
+
+    def _probe(self) -> tuple[DiskState, str]:
+        root = self.root
+        if not root.is_dir():
+            return DiskState.MISSING, f"{root} does not exist"
+        if self.spec.require_mount and not os.path.ismount(root):
+            return DiskState.MISSING, f"{root} is not mounted"
+        marker = root / MARKER_NAME
+        if not marker.exists():
+            try:
+                entries = {p.name for p in root.iterdir()} - _IGNORED_ON_BLANK
+            except OSError as exc:
+                return DiskState.FAILING, f"cannot list {root}: {exc.strerror}"
+            if entries:
+                return DiskState.FOREIGN, "unknown files and no Cairn marker"
+            return DiskState.BLANK, "empty; `cairnd scrub` formats and rebuilds it"
+        identity = _read_marker(marker)
+        if identity.get("appliance_id") != self._appliance_id:
+            return DiskState.FOREIGN, "marker of another appliance"
+        if identity.get("slot") != self.name:
+            return DiskState.FOREIGN, f"marker of slot {identity.get('slot')!r}"
+        if self.recent_errors() >= FAILING_ERRORS:
+            return DiskState.FAILING, f"{self.recent_errors()} I/O errors recently"
+        try:
+            fs = os.statvfs(root)
+        except OSError as exc:
+            return DiskState.FAILING, f"statvfs failed: {exc.strerror}"
+        if fs.f_flag & os.ST_RDONLY:
+            return DiskState.READ_ONLY, "filesystem is mounted read-only"
+        if time.monotonic() < self._full_until:
+            return DiskState.FULL, "last write ran out of space"
+        if fs.f_bavail * fs.f_frsize < self._reserve:
+            return DiskState.FULL, "free space below the reserve"
+        return DiskState.OK, ""
+
+    def _mark(self, state: DiskState, detail: str) -> None:
+        with self._lock:
+            self._state, self._detail = state, detail
+            self._probed_at = time.monotonic()
+
+    def _failed(self, exc: OSError, action: str) -> DiskError:
+        """Record what an OSError says about this disk and return the error to raise."""
+        code = exc.errno
+        if code == errno.EROFS:
+            self._mark(DiskState.READ_ONLY, "filesystem refused a write (read-only)")
+        elif code in (errno.ENOSPC, errno.EDQUOT):
+            self._full_until = time.monotonic() + FULL_HOLD
+            self._mark(DiskState.FULL, "a write ran out of space")
+        elif code in (errno.ENOENT, errno.ENOTDIR) and not self.root.is_dir():
+            self._mark(DiskState.MISSING, f"{self.root} disappeared")
+        else:
+            self._errors.append(time.monotonic())
+            self.probe()
+        return DiskError(self.name, f"{action} failed: {exc.strerror or exc}")
+
+    def status(self, count_shards: bool = True) -> DiskStatus:
+        state = self.probe()
+        free = total = None
+        count = None
+        if state in READABLE_STATES:
+            try:
+                fs = os.statvfs(self.root)
+                free, total = fs.f_bavail * fs.f_frsize, fs.f_blocks * fs.f_frsize
+            except OSError:
+                pass
+            if count_shards:
+                count = sum(1 for _ in self.iter_block_ids())
+        return DiskStatus(self.name, self.root, state, count, free, total,
+                          self.recent_errors(), self._detail)
+
+    # -- shards --------------------------------------------------------------------------
+
+    def shard_path(self, block_hex: str) -> Path:
+        return self.root / shard_relative_path(block_hex)
+
+    def write_shard(self, block_hex: str, header: bytes, payload: bytes | memoryview) -> None:
+        """Durably write one shard, replacing any shard of the block already on this disk."""
+        final = self.shard_path(block_hex)
+        tmp = self.root / TMP_DIR / f"{block_hex}.{secrets.token_hex(6)}"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                _write_all(fd, [header, payload])
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
+            leaf = final.parent
+            try:
+                os.rename(tmp, final)
+            except FileNotFoundError:
+                if not tmp.exists():
+                    raise
+                self._make_dirs(leaf)  # first shard in this fan-out folder
+                os.rename(tmp, final)
+            _fsync_directory(leaf)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise self._failed(exc, "writing a shard") from exc
+
+    def _make_dirs(self, leaf: Path) -> None:
+        """Create shards/ab/cd durably: each new directory's parent is fsync'd."""
+        for directory in (leaf.parent, leaf):
+            try:
+                directory.mkdir()
+            except FileExistsError:
+                continue
+            _fsync_directory(directory.parent)
+
+    def read_shard(self, block_hex: str, limit: int | None = None) -> bytes | None:
+        """The shard file's bytes (the first `limit` of them), or None if there is none."""
+        try:
+            with open(self.shard_path(block_hex), "rb", buffering=0) as handle:
+                return handle.read() if limit is None else handle.read(limit)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise self._failed(exc, "reading a shard") from exc
+
+    def shard_size(self, block_hex: str) -> int | None:
+        try:
+            return self.shard_path(block_hex).stat().st_size
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise self._failed(exc, "stat of a shard") from exc
+
+    def remove_shard(self, block_hex: str) -> bool:
+        path = self.shard_path(block_hex)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            raise self._failed(exc, "removing a shard") from exc
+        with contextlib.suppress(OSError):
+            _fsync_directory(path.parent)
+        return True
+
+    def iter_block_ids(self) -> Iterator[str]:
+        """Every block id with a shard file on this disk (streamed, no list in memory)."""
+        shards = self.root / SHARDS_DIR
+        try:
+            level1 = sorted(os.listdir(shards))
+        except OSError:
+            return
+        for first in level1:
+            try:
+                level2 = sorted(os.listdir(shards / first))
+            except OSError:
+                continue
+            for second in level2:
+                try:
+                    names = sorted(os.listdir(shards / first / second))
+                except OSError:
+                    continue
+                yield from (n for n in names if len(n) == 64)
+
+    def _clean_tmp(self) -> None:
+        """Remove shards left half-written by a crash (they were never acknowledged).
+
+        Only files older than TMP_STALE_AFTER: another process (a `cairnd scrub` beside the
+        server) may be writing right now."""
+        tmp = self.root / TMP_DIR
+        horizon = time.time() - TMP_STALE_AFTER
+        try:
+            leftovers = list(tmp.iterdir())
+        except OSError:
+            return
+        for path in leftovers:
+            with contextlib.suppress(OSError):
+                if path.stat().st_mtime < horizon:
+                    path.unlink()
