@@ -1,0 +1,186 @@
+"""The block store on real folders: round trips, id checks, deletion, repair, and the async
+wrapper and background maintenance under trio."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import trio
+
+from appliance.errors import BlockIdMismatchError, BlockNotFoundError, InvalidBlockIdError
+from appliance.storage import disk as disk_module
+from appliance.storage.async_store import AsyncBlockStore
+from appliance.storage.blockstore import BlockStore, RepairOutcome, block_id_of
+from appliance.storage.disk import format_disk
+from appliance.storage.maintenance import next_scrub_delay, pause_needed, run_maintenance
+from appliance.storage.repair_queue import RepairQueue
+from appliance.storage.scrub import Scrubber
+from appliance.storage.settings import DiskSpec, StoreSettings
+
+MIB = 1024 * 1024
+
+
+@pytest.fixture(autouse=True)
+def _probe_every_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(disk_module, "PROBE_INTERVAL", 0.0)
+
+
+def make_store(root: Path, disks: int = 6, k: int = 4, m: int = 2) -> BlockStore:
+    specs = tuple(DiskSpec(f"disk{i}", root / f"disk{i}") for i in range(disks))
+    for spec in specs:
+        format_disk(spec, "test-appliance")
+    settings = StoreSettings("test-appliance", specs, data_shards=k, parity_shards=m,
+                             reserve_free_bytes=0)
+    return BlockStore(settings, RepairQueue(root / "appliance.db"))
+
+
+def shard_files(root: Path, block_id: str) -> list[Path]:
+    return sorted(root.glob(f"disk*/shards/*/*/{block_id}"))
+
+
+@pytest.mark.parametrize("size", [0, 1, 4096, 64 * 1024, 64 * 1024 + 1, 4 * MIB, 4 * MIB + 1])
+def test_round_trip_and_shard_count(tmp_path: Path, size: int) -> None:
+    store = make_store(tmp_path)
+    data = os.urandom(size)
+    block_id = block_id_of(data)
+    result = store.put(block_id, data)
+    assert not result.degraded
+    assert store.get(block_id) == data
+    assert store.has(block_id)
+    expected = 3 if size <= 64 * 1024 else 6  # replicas for small blocks, 4+2 otherwise
+    files = shard_files(tmp_path, block_id)
+    assert len(files) == expected
+    assert len({f.parts[-5] for f in files}) == expected  # one shard per disk
+
+
+def test_put_refuses_bytes_that_do_not_match_the_id(tmp_path: Path) -> None:
+    store = make_store(tmp_path)
+    with pytest.raises(BlockIdMismatchError):
+        store.put(block_id_of(b"one"), b"two")
+    with pytest.raises(InvalidBlockIdError):
+        store.put("../../etc/passwd", b"x")
+    with pytest.raises(InvalidBlockIdError):
+        store.get("ABCDEF" + "0" * 58)
+    assert not list(tmp_path.glob("disk*/shards/*/*/*"))
+
+
+def test_put_is_idempotent_and_skips_stored_blocks(tmp_path: Path) -> None:
+    store = make_store(tmp_path)
+    data = os.urandom(MIB)
+    block_id = block_id_of(data)
+    assert not store.put(block_id, data).already_stored
+    mtimes = [f.stat().st_mtime_ns for f in shard_files(tmp_path, block_id)]
+    assert store.put(block_id, data).already_stored
+    assert [f.stat().st_mtime_ns for f in shard_files(tmp_path, block_id)] == mtimes
+
+
+def test_unknown_block_is_not_found(tmp_path: Path) -> None:
+    store = make_store(tmp_path)
+    with pytest.raises(BlockNotFoundError):
+        store.get(block_id_of(b"never stored"))
+    assert not store.has(block_id_of(b"never stored"))
+
+
+def test_more_disks_than_shards_balances_load(tmp_path: Path) -> None:
+    store = make_store(tmp_path, disks=9, k=4, m=2)
+    for n in range(300):
+        data = n.to_bytes(4, "big") * 20_000  # 80 KB: erasure coded
+        store.put(block_id_of(data), data)
+    counts = [s.shard_count or 0 for s in store.disk_status()]
+    assert sum(counts) == 300 * 6
+    assert min(counts) > 0.75 * 200 and max(counts) < 1.25 * 200
+
+
+def test_delete_survives_a_missing_disk_coming_back(tmp_path: Path) -> None:
+    store = make_store(tmp_path)
+    data = os.urandom(MIB)
+    block_id = block_id_of(data)
+    store.put(block_id, data)
+    holder = shard_files(tmp_path, block_id)[0].parents[3]
+    parked = tmp_path / "parked"
+    holder.rename(parked)  # the disk is offline while the block is deleted
+    assert store.delete(block_id) == 5
+    parked.rename(holder)
+    assert len(shard_files(tmp_path, block_id)) == 1
+    report = Scrubber(store).run()
+    assert report.removed == 1 and report.repaired == 0
+    assert shard_files(tmp_path, block_id) == []
+    store.put(block_id, data)  # putting it again clears the tombstone
+    assert Scrubber(store).run().healthy == 1
+
+
+def test_repair_outcomes(tmp_path: Path) -> None:
+    store = make_store(tmp_path)
+    data = os.urandom(2 * MIB)
+    block_id = block_id_of(data)
+    store.put(block_id, data)
+    assert store.repair(block_id).outcome is RepairOutcome.HEALTHY
+    files = shard_files(tmp_path, block_id)
+    files[0].write_bytes(files[0].read_bytes()[:100])
+    files[1].unlink()
+    result = store.repair(block_id)
+    assert result.outcome is RepairOutcome.REPAIRED and result.shards_written == 2
+    assert store.repair(block_id).outcome is RepairOutcome.HEALTHY
+    for f in shard_files(tmp_path, block_id)[:3]:
+        f.unlink()
+    assert store.repair(block_id).outcome is RepairOutcome.UNRECOVERABLE
+
+
+def test_pacing_and_scheduling_are_pure() -> None:
+    assert pause_needed(100 * MIB, 1.0, 50 * MIB) == pytest.approx(1.0)
+    assert pause_needed(10 * MIB, 1.0, 50 * MIB) == 0.0
+    assert pause_needed(10 * MIB, 0.0, 0) == 0.0  # rate 0 = unlimited
+    assert next_scrub_delay(None, 1000.0, 86400) == 600.0
+    assert next_scrub_delay(1000.0, 1500.0, 3600) == 3100.0
+    assert next_scrub_delay(0.0, 1e9, 3600) == 0.0
+
+
+async def test_async_store_concurrent_puts_and_gets(tmp_path: Path) -> None:
+    store = AsyncBlockStore(make_store(tmp_path))
+    blocks = [os.urandom(n * 7919 + 1) for n in range(40)]
+    async with trio.open_nursery() as nursery:
+        for data in blocks + blocks:  # every block twice, concurrently
+            nursery.start_soon(store.put, block_id_of(data), data)
+    for data in blocks:
+        assert await store.get(block_id_of(data)) == data
+    store.close()
+
+
+async def test_background_maintenance_repairs_queued_blocks(tmp_path: Path) -> None:
+    raw = make_store(tmp_path)
+    store = AsyncBlockStore(raw)
+    data = os.urandom(3 * MIB)
+    block_id = block_id_of(data)
+    await store.put(block_id, data)
+    victim = shard_files(tmp_path, block_id)[2]
+    victim.write_bytes(b"garbage")
+    assert await store.get(block_id) == data   # degraded read queues the block...
+    assert raw.repair_queue is not None and block_id in raw.repair_queue.pending()
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lambda: run_maintenance(
+                store, rate_bytes_per_s=0, full_scrub_interval_s=86400))
+            while block_id in raw.repair_queue.pending():  # ...and maintenance repairs it
+                await trio.sleep(0.05)
+            nursery.cancel_scope.cancel()
+    assert len(shard_files(tmp_path, block_id)) == 6
+    assert Scrubber(raw).run().repaired == 0
+    store.close()
+
+
+def test_scrub_rebuilds_an_empty_replacement_disk(tmp_path: Path) -> None:
+    store = make_store(tmp_path)
+    blocks = [os.urandom(n * 100_003) for n in range(1, 12)]
+    for data in blocks:
+        store.put(block_id_of(data), data)
+    before = {s.name: s.shard_count for s in store.disk_status()}
+    shutil.rmtree(tmp_path / "disk2")
+    (tmp_path / "disk2").mkdir()  # a new, empty disk in the same slot
+    assert store.disk_status()[2].state.value == "blank"
+    report = Scrubber(store).run()
+    assert report.formatted_disks == ["disk2"]
+    assert report.unrecoverable == 0
+    assert {s.name: s.shard_count for s in store.disk_status()} == before
