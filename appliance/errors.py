@@ -14,7 +14,9 @@
     │   └── ShardFormatError       bytes that are not a valid shard (bad magic, version,
     │                              checksum, truncated); caught inside the store, which
     │                              treats the shard as bad and repairs it
-    └── InvalidBlockIdError        a block id that is not 64 lowercase hex digits
+    ├── InvalidBlockIdError        a block id that is not 64 lowercase hex digits
+    └── ListenError                `cairnd serve` cannot listen on its address (in use,
+                                   not an address of this machine, not permitted)
 
 Errors are translated once at each boundary: the CLI prints `message` on one line and exits
 with `exit_code`; the HTTP layer answers `{"error": {"code", "message"}}` with `http_status`.
@@ -109,3 +111,11 @@ class InvalidBlockIdError(CairnApplianceError):
     code = "invalid_block_id"
     exit_code = 2
     http_status = 400
+
+
+class ListenError(CairnApplianceError):
+    """`cairnd serve` could not bind its listening socket. Choose another address with
+    `--listen` or `[server] listen` in config.toml, or stop what holds the port."""
+
+    code = "listen"
+    exit_code = 3
