@@ -1,0 +1,272 @@
+"""`cairnd`, the appliance's command line (click).
+
+Every command takes `--home DIR`, or the CAIRN_APPLIANCE_HOME environment variable.
+Errors the appliance raises on purpose (appliance.errors) become one line on stderr —
+`cairnd: error: MESSAGE` — and the error's exit code; never a traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from appliance.config import load_config, parse_listen
+from appliance.errors import CairnApplianceError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+EXIT_UNRECOVERABLE = 4
+EXIT_INTERRUPTED = 130
+HOME_ENV = "CAIRN_APPLIANCE_HOME"
+
+
+class _Group(click.Group):
+    """Turns our errors (and OS errors such as a permission denied) into one stderr line."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except CairnApplianceError as exc:
+            click.echo(f"cairnd: error: {exc.message}", err=True)
+            ctx.exit(exc.exit_code)
+        except OSError as exc:
+            where = f": {exc.filename}" if exc.filename else ""
+            click.echo(f"cairnd: error: {exc.strerror or exc}{where}", err=True)
+            ctx.exit(1)
+        except KeyboardInterrupt:
+            click.echo("cairnd: interrupted", err=True)
+            ctx.exit(EXIT_INTERRUPTED)
+
+
+def home_option(f: F) -> F:
+    return click.option(
+        "--home", "home", required=True, envvar=HOME_ENV, show_envvar=True,
+        type=click.Path(file_okay=False, path_type=Path),
+        help="The appliance home folder (config.toml, database, TLS files).",
+    )(f)
+
+
+def _listen(value: str | None) -> tuple[str, int] | None:
+    return None if value is None else parse_listen(value)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"],
+                                           "max_content_width": 100})
+@click.version_option(package_name="cairn", prog_name="cairnd")
+def cli() -> None:
+    """Cairn appliance: stores everyone's files, end-to-end encrypted, on erasure-coded
+    local disks, and serves them to Cairn agents over HTTPS.
+
+    \b
+    Examples:
+      cairnd init --home /var/lib/cairn                 six disk folders, 4+2 shards
+      cairnd init --home /var/lib/cairn --listen 192.168.1.10:8443 \\
+          --disk-path /srv/disk0 ... --disk-path /srv/disk5
+      cairnd serve --home /var/lib/cairn                until SIGTERM / Ctrl-C
+      cairnd disks --home /var/lib/cairn                state and free space per disk
+      cairnd scrub --home /var/lib/cairn                verify and repair every block
+
+    Every --home may instead come from CAIRN_APPLIANCE_HOME.
+    """
+
+
+@cli.command()
+@home_option
+@click.option("--disks", type=int, default=None, metavar="N",
+              help="Number of disk folders to make under HOME/disks.  [default: 6]")
+@click.option("--data-shards", type=int, default=4, show_default=True, metavar="K",
+              help="Data shards per block: any K shards rebuild it.")
+@click.option("--parity-shards", type=int, default=2, show_default=True, metavar="M",
+              help="Parity shards per block: up to M disks may fail at once.")
+@click.option("--listen", default="127.0.0.1:8443", show_default=True, metavar="HOST:PORT",
+              help="Address the HTTPS API will listen on ([IPV6]:PORT for IPv6).")
+@click.option("--disk-path", "disk_paths", multiple=True, metavar="PATH",
+              type=click.Path(path_type=Path),
+              help="Use this existing folder or mount point as a disk instead of making "
+                   "folders; repeat once per disk. Mount points get require_mount = true.")
+def init(home: Path, disks: int | None, data_shards: int, parity_shards: int, listen: str,
+         disk_paths: Sequence[Path]) -> None:
+    """Create a new appliance home: config.toml, disks, database, TLS certificate.
+
+    Refuses a HOME that already holds an appliance or any other files.
+
+    \b
+    Examples:
+      cairnd init --home ./var/appliance
+      cairnd init --home /var/lib/cairn --disks 8 --data-shards 5 --parity-shards 3
+    """
+    from appliance.home import init_home
+    from appliance.tls import read_certificate_fingerprint
+
+    config = init_home(home, disks=disks, data_shards=data_shards,
+                       parity_shards=parity_shards, listen=listen,
+                       disk_paths=list(disk_paths) or None)
+    store = config.store
+    fingerprint = read_certificate_fingerprint(config.tls_certificate)
+    click.echo(f"cairnd: created appliance {config.appliance_id} in {config.home}")
+    click.echo(f"  disks:       {len(store.disks)} "
+               f"({store.data_shards} data + {store.parity_shards} parity shards per block)")
+    for disk in store.disks:
+        mount = " (mount point)" if disk.require_mount else ""
+        click.echo(f"    {disk.name:<8} {disk.path}{mount}")
+    click.echo(f"  listen:      https://{config.listen}")
+    click.echo(f"  certificate: sha256 {fingerprint}")
+    click.echo(f"  config:      {config.config_path}")
+    click.echo(f"Start it with: cairnd serve --home {config.home}")
+
+
+@cli.command()
+@home_option
+@click.option("--listen", default=None, metavar="HOST:PORT",
+              help="Listen here instead of the configured address for this run "
+                   "(port 0: any free port).")
+def serve(home: Path, listen: str | None) -> None:
+    """Run the appliance: HTTPS API and background scrub, until SIGTERM or Ctrl-C.
+
+    Once listening it prints one line on stdout:
+    `cairnd: serving https://HOST:PORT (appliance ID, certificate sha256 FINGERPRINT)`
+    and writes HOME/run/serve.json. Logs go to stderr.
+
+    \b
+    Examples:
+      cairnd serve --home /var/lib/cairn
+      cairnd serve --home ./var/appliance --listen 127.0.0.1:0
+    """
+    from appliance.serve import serve as run_server
+
+    run_server(home, _listen(listen))
+
+
+def _human_bytes(value: int | None) -> str:
+    if value is None:
+        return "-"
+    amount = float(value)
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if amount < 1000 or unit == "TB":
+            return f"{amount:.0f} {unit}" if unit == "B" else f"{amount:.1f} {unit}"
+        amount /= 1000
+    raise AssertionError("unreachable")
+
+
+def disk_table(rows: Sequence[dict[str, Any]]) -> str:
+    """The `cairnd disks` table, from DiskStatus.to_json() dicts."""
+    header = ("NAME", "STATE", "SHARDS", "FREE", "SIZE", "PATH")
+    lines = [header] + [
+        (row["name"], row["state"],
+         "-" if row.get("shard_count") is None else str(row["shard_count"]),
+         _human_bytes(row.get("free_bytes")), _human_bytes(row.get("total_bytes")),
+         row["path"])
+        for row in rows
+    ]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header) - 1)]
+    text = []
+    for line in lines:
+        cells = [cell.ljust(widths[i]) if i < 2 else cell.rjust(widths[i])
+                 for i, cell in enumerate(line[:-1])]
+        text.append("  ".join([*cells, line[-1]]))
+    for row in rows:
+        if row.get("detail") and row["state"] != "ok":
+            text.append(f"{row['name']}: {row['detail']}")
+    return "\n".join(text)
+
+
+@cli.command()
+@home_option
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list instead of a table.")
+def disks(home: Path, as_json: bool) -> None:
+    """Show each disk: name, state, shard count, free space, path.
+
+    States: ok, missing (absent or not mounted), blank (an empty replacement: run
+    `cairnd scrub` to rebuild it), read-only, full, failing (recent I/O errors), foreign
+    (belongs to another appliance or holds other files). Works while the appliance serves.
+    """
+    from appliance.storage.blockstore import BlockStore
+
+    config = load_config(home)
+    store = BlockStore(config.store)
+    try:
+        rows = [status.to_json() for status in store.disk_status()]
+    finally:
+        store.close()
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+    else:
+        click.echo(disk_table(rows))
+
+
+class _ProgressLine:
+    """A self-overwriting progress line on a terminal's stderr, at most a few per second."""
+
+    def __init__(self) -> None:
+        self.last = 0.0
+        self.shown = False
+
+    def __call__(self, progress: Any) -> None:
+        now = time.monotonic()
+        if now - self.last < 0.2:
+            return
+        self.last = now
+        self.shown = True
+        sys.stderr.write(f"\rscrub: {progress.checked} blocks checked, "
+                         f"{progress.bytes_verified / 1e6:.1f} MB verified, "
+                         f"{progress.elapsed:.0f} s\x1b[K")
+        sys.stderr.flush()
+
+    def finish(self) -> None:
+        if self.shown:
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()
+
+
+@cli.command()
+@home_option
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def scrub(home: Path, as_json: bool) -> None:
+    """Verify every shard of every block; rewrite missing or corrupt shards, and rebuild
+    blank replacement disks. Works whether or not the appliance is serving.
+
+    Prints a summary (checked, repaired, unrecoverable) on stdout, with progress on stderr
+    when it is a terminal. Exits 4 if any block is unrecoverable.
+    """
+    from appliance.serve import configure_logging
+    from appliance.storage.blockstore import BlockStore
+    from appliance.storage.repair_queue import RepairQueue
+    from appliance.storage.scrub import Scrubber
+
+    config = load_config(home)
+    configure_logging(logging.WARNING)
+    store = BlockStore(config.store, RepairQueue(config.database))
+    progress = _ProgressLine() if sys.stderr.isatty() else None
+    try:
+        report = Scrubber(store).run(progress)
+    finally:
+        if progress is not None:
+            progress.finish()
+        store.close()
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2))
+    else:
+        click.echo(f"cairnd: scrub: {report.summary()}")
+    if report.unrecoverable:
+        if not as_json:
+            click.echo(f"cairnd: error: {report.unrecoverable} blocks are unrecoverable "
+                       "with the disks present; reattach any missing disk and scrub again",
+                       err=True)
+        sys.exit(EXIT_UNRECOVERABLE)
+
+
+def main() -> None:
+    with contextlib.suppress(BrokenPipeError):
+        cli(prog_name="cairnd")
+
+
+if __name__ == "__main__":
+    main()

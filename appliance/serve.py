@@ -1,0 +1,260 @@
+"""`cairnd serve`: run the appliance — HTTPS API and background maintenance — until a signal.
+
+Theory of operation:
+
+1. Load the config; make the TLS certificate if the home has none ("made at first start");
+   take an exclusive lock on HOME/run/serve.lock, so one home has one server.
+2. Bind the listening socket here, not in hypercorn, so that a bind failure is a clear
+   ListenError and `--listen HOST:0` tells us the port the kernel chose. Hypercorn takes the
+   bound socket over through an `fd://N` bind.
+3. Open the block store and start, in one trio nursery, hypercorn's trio worker (TLS on) and
+   the maintenance task (background scrub and repair queue, rate-limited).
+4. Once hypercorn listens, print exactly one line on stdout —
+   `cairnd: serving https://HOST:PORT (appliance ID, certificate sha256 FINGERPRINT)` —
+   and write HOME/run/serve.json (url, port, pid, fingerprint) for scripts and tests.
+5. SIGTERM or SIGINT asks hypercorn to stop gracefully (in-flight requests get
+   GRACEFUL_TIMEOUT_S); then maintenance is cancelled, the store closed and serve.json
+   removed, and the process exits 0. A second signal cancels at once.
+
+Logs go to stderr with timestamps; stdout carries only the serving line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import logging
+import os
+import signal
+import socket
+import ssl
+import sys
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, cast
+
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve as hypercorn_serve
+from hypercorn.typing import ASGIFramework
+
+from appliance.config import ApplianceConfig, format_listen, load_config
+from appliance.errors import ConfigError, ListenError
+from appliance.server import create_app
+from appliance.storage.async_store import AsyncBlockStore
+from appliance.storage.blockstore import BlockStore
+from appliance.storage.maintenance import run_maintenance
+from appliance.storage.repair_queue import RepairQueue
+from appliance.tls import ensure_certificate
+
+log = logging.getLogger("cairnd")
+
+RUN_DIR = "run"
+SERVE_INFO_NAME = "serve.json"
+LOCK_NAME = "serve.lock"
+GRACEFUL_TIMEOUT_S = 5.0
+MAINTENANCE_RESTART_S = 60.0
+LISTEN_BACKLOG = 128
+
+
+@dataclass(frozen=True)
+class ServeInfo:
+    """What a running appliance tells the world: the serving line and run/serve.json."""
+
+    url: str
+    host: str
+    port: int
+    pid: int
+    appliance_id: str
+    fingerprint: str
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def announcement(self) -> str:
+        return (f"cairnd: serving {self.url} (appliance {self.appliance_id}, "
+                f"certificate sha256 {self.fingerprint})")
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    """Timestamped lines on stderr, hypercorn's included (it logs through our handler)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(
+        "%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
+# --- the pieces ----------------------------------------------------------------------------
+
+def bind_listening_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to HOST:PORT (not yet listening). Raises ListenError."""
+    where = format_listen(host, port)
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ListenError(f"cannot listen on {where}: {exc.strerror}") from None
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        hint = {
+            errno.EADDRINUSE: "; another program holds the port (choose another with --listen)",
+            errno.EADDRNOTAVAIL: "; that is not an address of this machine",
+            errno.EACCES: "; ports below 1024 need privileges",
+        }.get(exc.errno or 0, "")
+        raise ListenError(f"cannot listen on {where}: {exc.strerror}{hint}") from None
+    return sock
+
+
+def check_tls_files(config: ApplianceConfig) -> str:
+    """Make the certificate if absent, check the pair loads, return its fingerprint."""
+    fingerprint = ensure_certificate(config.tls_certificate, config.tls_key,
+                                     config.listen_host)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(config.tls_certificate, config.tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"TLS certificate {config.tls_certificate} and key "
+                          f"{config.tls_key} cannot be used together: {exc}") from None
+    if config.tls_key.stat().st_mode & 0o077:
+        log.warning("TLS key %s is readable by other users; chmod 600 it", config.tls_key)
+    return fingerprint
+
+
+@contextlib.contextmanager
+def serve_lock(home: Path) -> Iterator[None]:
+    """One server per home: an advisory lock held for the process's lifetime."""
+    run_dir = home / RUN_DIR
+    run_dir.mkdir(exist_ok=True)
+    fd = os.open(run_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ListenError(f"another cairnd serve is already running for {home}") \
+                from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def hypercorn_config(config: ApplianceConfig, sock: socket.socket) -> HypercornConfig:
+    """Hypercorn settings; takes ownership of `sock` (it is detached here)."""
+    hc = HypercornConfig()
+    hc.bind = [f"fd://{sock.detach()}"]
+    hc.certfile = str(config.tls_certificate)
+    hc.keyfile = str(config.tls_key)
+    hc.backlog = LISTEN_BACKLOG
+    hc.graceful_timeout = GRACEFUL_TIMEOUT_S
+    hc.accesslog = None
+    hc.errorlog = logging.getLogger("hypercorn.error")
+    hc.include_server_header = False
+    return hc
+
+
+def write_serve_info(home: Path, info: ServeInfo) -> Path:
+    path = home / RUN_DIR / SERVE_INFO_NAME
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(info.to_json(), indent=2) + "\n", encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+async def _maintain(store: AsyncBlockStore, config: ApplianceConfig) -> None:
+    """Background scrub and repair. A crash there is logged and retried later: it must not
+    take the API down with it."""
+    while True:
+        try:
+            await run_maintenance(
+                store, rate_bytes_per_s=config.scrub_rate_mb_per_s * 1e6,
+                full_scrub_interval_s=config.full_scrub_interval_s)
+            return
+        except Exception:
+            log.exception("background maintenance failed; restarting it in %.0f s",
+                          MAINTENANCE_RESTART_S)
+            await trio.sleep(MAINTENANCE_RESTART_S)
+
+
+# --- running -------------------------------------------------------------------------------
+
+async def run_appliance(config: ApplianceConfig, *, shutdown: trio.Event,
+                        task_status: trio.TaskStatus[ServeInfo] = trio.TASK_STATUS_IGNORED,
+                        ) -> None:
+    """Serve until `shutdown` is set. Reports a ServeInfo through `task_status` once the
+    socket listens (use with `nursery.start`)."""
+    fingerprint = check_tls_files(config)
+    with serve_lock(config.home):
+        sock = bind_listening_socket(config.listen_host, config.listen_port)
+        port = int(sock.getsockname()[1])
+        hc = hypercorn_config(config, sock)
+        store = AsyncBlockStore(BlockStore(config.store, RepairQueue(config.database)))
+        info = ServeInfo(
+            url=f"https://{format_listen(config.listen_host, port)}", host=config.listen_host,
+            port=port, pid=os.getpid(), appliance_id=config.appliance_id,
+            fingerprint=fingerprint)
+        info_path: Path | None = None
+        try:
+            # Starlette's ASGI signature is looser than hypercorn's typed one; same protocol.
+            app = cast(ASGIFramework, create_app(store, config))
+            async with trio.open_nursery() as nursery:
+
+                async def serve_http(task_status: trio.TaskStatus[list[str]]) -> None:
+                    await hypercorn_serve(app, hc, shutdown_trigger=shutdown.wait,
+                                          task_status=task_status)
+                    nursery.cancel_scope.cancel()  # hypercorn is done: stop maintenance
+
+                await nursery.start(serve_http)
+                nursery.start_soon(_maintain, store, config)
+                info_path = write_serve_info(config.home, info)
+                log.info("appliance %s listening on %s", config.appliance_id, info.url)
+                task_status.started(info)
+        finally:
+            store.close()
+            if info_path is not None:
+                info_path.unlink(missing_ok=True)
+            log.info("appliance stopped")
+
+
+async def serve_until_signalled(config: ApplianceConfig) -> None:
+    shutdown = trio.Event()
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def watch_signals() -> None:
+                async for signum in signals:
+                    name = signal.Signals(signum).name
+                    if shutdown.is_set():
+                        log.warning("%s again: stopping now", name)
+                        nursery.cancel_scope.cancel()
+                        return
+                    log.info("%s: shutting down", name)
+                    shutdown.set()
+
+            async def run(task_status: trio.TaskStatus[ServeInfo]) -> None:
+                await run_appliance(config, shutdown=shutdown, task_status=task_status)
+                nursery.cancel_scope.cancel()  # done: stop watching for signals
+
+            nursery.start_soon(watch_signals)
+            info = await nursery.start(run)
+            print(info.announcement(), flush=True)
+
+
+def serve(home: Path, listen_override: tuple[str, int] | None = None) -> None:
+    """Run the appliance in HOME until SIGTERM or SIGINT (blocking)."""
+    config = load_config(home)
+    if listen_override is not None:
+        config = config.with_listen(*listen_override)
+    configure_logging()
+    trio.run(partial(serve_until_signalled, config))

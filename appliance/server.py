@@ -1,0 +1,157 @@
+"""The appliance's HTTP API (FastAPI on trio, through anyio; served by appliance.serve).
+
+Every error leaves as `{"error": {"code": CODE, "message": MESSAGE}}` with a fitting HTTP
+status: our own errors carry both (appliance.errors), HTTP errors from routing get a code
+named after their status, request validation errors are 422 `invalid_request`, and anything
+unexpected is logged with its traceback and answered as 500 `internal` without details.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from http import HTTPStatus
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from appliance.config import ApplianceConfig
+from appliance.errors import CairnApplianceError
+from appliance.storage.async_store import AsyncBlockStore
+
+log = logging.getLogger("cairnd.api")
+
+
+def cairn_version() -> str:
+    try:
+        return version("cairn")
+    except PackageNotFoundError:  # running from a source tree that is not installed
+        return "0+unknown"
+
+
+# --- response bodies (they also document the API in /openapi.json) ---------------------------
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+class DiskCounts(BaseModel):
+    ok: int
+    total: int
+
+
+class Health(BaseModel):
+    status: Literal["ok", "degraded"]
+    appliance_id: str
+    version: str
+    disks: DiskCounts
+
+
+class DiskInfo(BaseModel):
+    name: str
+    path: str
+    state: str
+    shard_count: int | None
+    free_bytes: int | None
+    total_bytes: int | None
+    recent_errors: int = 0
+    detail: str = ""
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    "default": {"model": ErrorBody, "description": "Any error"},
+}
+
+
+# --- errors --------------------------------------------------------------------------------
+
+def error_response(status: int, code: str, message: str,
+                   headers: Mapping[str, str] | None = None) -> JSONResponse:
+    body = ErrorBody(error=ErrorDetail(code=code, message=message))
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
+def _status_code_name(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase.lower().replace(" ", "_").replace("-", "_")
+    except ValueError:
+        return "http_error"
+
+
+async def _on_cairn_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, CairnApplianceError)
+    if exc.http_status >= 500:
+        log.warning("%s %s failed: %s", request.method, request.url.path, exc.message)
+    return error_response(exc.http_status, exc.code, exc.message)
+
+
+async def _on_http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    message = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
+    if exc.status_code == 404 and message == "Not Found":
+        message = f"no such endpoint: {request.method} {request.url.path}"
+    return error_response(exc.status_code, _status_code_name(exc.status_code), message,
+                          headers=exc.headers)
+
+
+async def _on_validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    problems = []
+    for error in exc.errors():
+        where = ".".join(str(part) for part in error.get("loc", ()))
+        problems.append(f"{where}: {error.get('msg', 'invalid')}")
+    return error_response(422, "invalid_request",
+                          "invalid request: " + "; ".join(problems or ["malformed"]))
+
+
+async def _on_unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    log.error("%s %s: unexpected error", request.method, request.url.path, exc_info=exc)
+    return error_response(500, "internal", "internal error; the appliance log has details")
+
+
+# --- the app -------------------------------------------------------------------------------
+
+def create_app(store: AsyncBlockStore, config: ApplianceConfig) -> FastAPI:
+    app = FastAPI(
+        title="Cairn appliance",
+        version=cairn_version(),
+        description="Self-hosted, end-to-end encrypted file storage. Errors are always "
+                    '`{"error": {"code", "message"}}`.',
+        responses=ERROR_RESPONSES,
+    )
+    app.add_exception_handler(CairnApplianceError, _on_cairn_error)
+    app.add_exception_handler(StarletteHTTPException, _on_http_error)
+    app.add_exception_handler(RequestValidationError, _on_validation_error)
+    app.add_exception_handler(Exception, _on_unexpected_error)
+
+    @app.get("/health", response_model=Health, tags=["appliance"])
+    async def health() -> Health:
+        """Liveness and a summary of disk health: `degraded` when any disk is not `ok`
+        (the appliance still serves; see /disks for which and why)."""
+        statuses = await store.disk_status(count_shards=False)
+        ok = sum(1 for status in statuses if status.to_json()["state"] == "ok")
+        return Health(
+            status="ok" if ok == len(statuses) else "degraded",
+            appliance_id=config.appliance_id,
+            version=cairn_version(),
+            disks=DiskCounts(ok=ok, total=len(statuses)),
+        )
+
+    @app.get("/disks", response_model=list[DiskInfo], tags=["appliance"])
+    async def disks() -> list[DiskInfo]:
+        """Every disk slot: path, state (ok, missing, blank, read-only, full, failing,
+        foreign), shard count and free space."""
+        statuses = await store.disk_status()
+        return [DiskInfo.model_validate(status.to_json()) for status in statuses]
+
+    return app
