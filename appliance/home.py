@@ -142,21 +142,38 @@ def init_home(
         database=home / DEFAULT_DATABASE,
     )
     created_home = not home.exists()
+    # Given disks may hold a lost+found; remember what was there so that a failed init
+    # takes back only what it added (a marker left behind would tie the disk to an
+    # appliance that was never made, and the next init would refuse it).
+    before = {spec.path: _entries(spec.path) for spec in specs
+              if not spec.path.is_relative_to(home)}
     try:
         home.mkdir(parents=True, exist_ok=True)
         _populate(config)
     except BaseException:
-        # Leave the home as it was found: absent, or an empty folder.
+        for path, entries in before.items():
+            _remove_all(path, keep=entries)
+        _remove_all(home, keep=set())
         if created_home:
             shutil.rmtree(home, ignore_errors=True)
-        else:
-            for child in home.iterdir():
-                if child.is_dir() and not child.is_symlink():
-                    shutil.rmtree(child, ignore_errors=True)
-                else:
-                    child.unlink(missing_ok=True)
         raise
     return config
+
+
+def _entries(folder: Path) -> set[str]:
+    return {child.name for child in folder.iterdir()}
+
+
+def _remove_all(folder: Path, keep: set[str]) -> None:
+    if not folder.is_dir():
+        return
+    for child in folder.iterdir():
+        if child.name in keep:
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
 
 
 def _populate(config: ApplianceConfig) -> None:

@@ -257,4 +257,23 @@ def serve(home: Path, listen_override: tuple[str, int] | None = None) -> None:
     if listen_override is not None:
         config = config.with_listen(*listen_override)
     configure_logging()
-    trio.run(partial(serve_until_signalled, config))
+    try:
+        trio.run(partial(serve_until_signalled, config))
+    except BaseExceptionGroup as group:
+        # trio's nurseries wrap errors in groups; the CLI wants the one error a user caused.
+        raise _sole_error(group) from None
+
+
+def _sole_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The only leaf of a group when there is just one (else the group itself)."""
+    leaves: list[BaseException] = []
+
+    def collect(error: BaseException) -> None:
+        if isinstance(error, BaseExceptionGroup):
+            for inner in error.exceptions:
+                collect(inner)
+        else:
+            leaves.append(error)
+
+    collect(group)
+    return leaves[0] if len(leaves) == 1 else group
