@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 
-from pyeclib.ec_iface import ECDriver, ECInsufficientFragments
+from pyeclib.ec_iface import ECDriver, ECDriverError
 
 from appliance.errors import BlockUnrecoverableError
 from appliance.storage.shard_format import Scheme
@@ -72,7 +72,11 @@ class ErasureCodec:
     def decode(self, payloads: Mapping[int, bytes | memoryview], block_length: int) -> bytes:
         try:
             block = bytes(self._driver.decode(self._fragments(payloads)))
-        except ECInsufficientFragments as exc:
+        except ECDriverError as exc:
+            # Not only too few fragments: a corrupt fragment (liberasurecode checks its own
+            # fragment metadata) raises ECInvalidFragmentMetadata or ECBadFragmentChecksum.
+            # The fast read path, which skips shard checksums, must see a Cairn error and
+            # fall back to the verified path instead of failing the read.
             raise BlockUnrecoverableError(f"erasure decode failed: {exc}") from exc
         if len(block) != block_length:
             raise BlockUnrecoverableError(
