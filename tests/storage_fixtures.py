@@ -1,0 +1,187 @@
+"""Helpers for block store tests against real disk folders: build a store of formatted
+folders, make blocks, damage shard files, and check redundancy by parsing the shard files
+on disk (not through the store, so a bug in the store cannot hide a missing shard)."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from appliance.errors import ShardFormatError
+from appliance.storage.blockstore import BlockStore, block_id_of
+from appliance.storage.disk import SHARDS_DIR, TMP_DIR, format_disk, shard_relative_path
+from appliance.storage.repair_queue import RepairQueue
+from appliance.storage.settings import DiskSpec, StoreSettings
+from appliance.storage.shard_format import HEADER_SIZE, ShardHeader, parse_header, parse_shard
+
+APPLIANCE_ID = "test-appliance-0001"
+K, M = 4, 2
+MiB = 1024 * 1024
+
+# Sizes that exercise both codecs and the awkward edges of Reed-Solomon padding.
+LARGE_SIZES = (4 * MiB, 4 * MiB + 1, MiB - 3, 100_003)
+SMALL_SIZES = (1024, 2049, 3 * 1024, 4096)
+
+
+def disk_specs(root: Path, count: int = 6) -> tuple[DiskSpec, ...]:
+    return tuple(DiskSpec(f"disk{i}", root / f"disk{i}") for i in range(count))
+
+
+def format_disks(specs: Iterable[DiskSpec]) -> None:
+    for spec in specs:
+        format_disk(spec, APPLIANCE_ID)
+
+
+def store_settings(specs: tuple[DiskSpec, ...]) -> StoreSettings:
+    return StoreSettings(APPLIANCE_ID, specs, data_shards=K, parity_shards=M,
+                         reserve_free_bytes=0)
+
+
+def open_store(root: Path, specs: tuple[DiskSpec, ...]) -> BlockStore:
+    """A store over `specs` with its repair queue in root/appliance.db (shared by every store
+    opened on the same root, as the server and `cairnd scrub` share the real one)."""
+    return BlockStore(store_settings(specs), RepairQueue(root / "appliance.db"))
+
+
+def make_block(rng: random.Random, size: int) -> tuple[str, bytes]:
+    data = rng.randbytes(size)
+    return block_id_of(data), data
+
+
+def deterministic_block(seed: int, counter: int) -> bytes:
+    """Block number `counter` of the stream `seed`: the kill -9 child and the test both
+    derive it, so the test knows every acknowledged block's bytes without being told."""
+    rng = random.Random(f"cairn-block-{seed}-{counter}")
+    roll = rng.random()
+    if roll < 0.55:
+        size = rng.randint(1024, 4096)
+    elif roll < 0.80:
+        size = rng.randint(64 * 1024 + 1, 300_000)
+    elif roll < 0.95:
+        size = MiB - 3
+    else:
+        size = 4 * MiB + 1
+    return rng.randbytes(size)
+
+
+def total_shards(store: BlockStore, block_length: int) -> int:
+    return store.codec_for_length(block_length).total
+
+
+@dataclass(frozen=True)
+class ShardFile:
+    disk: str
+    path: Path
+    header: ShardHeader | None   # None: the file is not a valid shard
+    problem: str = ""
+
+
+def shard_files(store: BlockStore, block_id: str) -> list[ShardFile]:
+    """Every file named after the block on every disk folder, fully verified."""
+    found = []
+    for disk in store.disks:
+        path = disk.root / shard_relative_path(block_id)
+        try:
+            raw = path.read_bytes()
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        try:
+            header, _ = parse_shard(raw)
+        except ShardFormatError as exc:
+            found.append(ShardFile(disk.name, path, None, exc.message))
+            continue
+        if header.block_id != bytes.fromhex(block_id):
+            found.append(ShardFile(disk.name, path, None, "names another block"))
+            continue
+        found.append(ShardFile(disk.name, path, header))
+    return found
+
+
+def redundancy_problems(store: BlockStore, blocks: dict[str, bytes]) -> list[str]:
+    """Why each block lacks full redundancy (empty when all are whole): every shard index
+    0..total-1 must be present in a valid shard file, and no invalid file may remain."""
+    problems = []
+    for block_id, data in blocks.items():
+        total = total_shards(store, len(data))
+        files = shard_files(store, block_id)
+        invalid = [f"{f.disk}: {f.problem}" for f in files if f.header is None]
+        indices = sorted(f.header.index for f in files if f.header is not None)
+        lengths = {f.header.block_length for f in files if f.header is not None}
+        if invalid or set(indices) != set(range(total)) or lengths != {len(data)}:
+            problems.append(f"{block_id[:16]} ({len(data)} B): shard indices {indices} of "
+                            f"{total}, lengths {sorted(lengths)}, invalid {invalid}")
+    return problems
+
+
+def assert_full_redundancy(store: BlockStore, blocks: dict[str, bytes]) -> None:
+    problems = redundancy_problems(store, blocks)
+    assert not problems, "blocks without full redundancy:\n" + "\n".join(problems)
+
+
+def assert_reads_back(store: BlockStore, blocks: dict[str, bytes]) -> None:
+    wrong = [block_id[:16] for block_id, data in blocks.items() if store.get(block_id) != data]
+    assert not wrong, f"blocks read back wrong: {wrong}"
+
+
+def shard_index_paths(store: BlockStore, block_id: str) -> dict[int, Path]:
+    """Shard index -> file, for a block whose shards are all valid."""
+    result = {}
+    for shard in shard_files(store, block_id):
+        assert shard.header is not None, f"{shard.path}: {shard.problem}"
+        result[shard.header.index] = shard.path
+    return result
+
+
+def flip_byte(path: Path, offset: int) -> None:
+    with open(path, "r+b") as handle:
+        handle.seek(offset)
+        byte = handle.read(1)
+        handle.seek(offset)
+        handle.write(bytes([byte[0] ^ 0x5A]))
+
+
+def truncate(path: Path, length: int) -> None:
+    os.truncate(path, length)
+
+
+def payload_offset(path: Path, fraction: float) -> int:
+    header, _ = parse_header(path.read_bytes()[:HEADER_SIZE])
+    return HEADER_SIZE + int(header.payload_length * fraction)
+
+
+def files_under(root: Path, sub: str) -> list[Path]:
+    base = root / sub
+    return [p for p in base.rglob("*") if p.is_file()] if base.exists() else []
+
+
+def shard_dir_files(root: Path) -> list[Path]:
+    return files_under(root, SHARDS_DIR)
+
+
+def tmp_dir_files(root: Path) -> list[Path]:
+    return files_under(root, TMP_DIR)
+
+
+def _run(*argv: str) -> None:
+    subprocess.run(argv, check=True, capture_output=True, timeout=30)
+
+
+@contextmanager
+def mounted(*mount_argv: str, target: Path) -> Iterator[Path]:
+    """`mount *mount_argv target`; always unmounted on the way out (lazily, if busy)."""
+    _run("mount", *mount_argv, str(target))
+    try:
+        yield target
+    finally:
+        result = subprocess.run(["umount", str(target)], capture_output=True, timeout=30)
+        if result.returncode != 0:
+            _run("umount", "-l", str(target))
+
+
+def remount(target: Path, options: str) -> None:
+    _run("mount", "-o", f"remount,{options}", str(target))
