@@ -11,7 +11,7 @@ from subprocess import CompletedProcess
 
 import apsw
 import pytest
-from conftest import MakeHome, cairnd_env
+from cairnd_helpers import MakeHome, cairnd_env
 
 from appliance.config import load_config
 from appliance.storage.disk import MARKER_NAME
@@ -64,7 +64,7 @@ def test_defaults_are_six_disks_four_plus_two(tmp_path: Path, cairnd: Cairnd) ->
 
 
 def test_home_from_environment(tmp_path: Path) -> None:
-    from conftest import run_cairnd
+    from cairnd_helpers import run_cairnd
 
     home = tmp_path / "from-env"
     result = run_cairnd("init", "--disks", "3", "--data-shards", "2", "--parity-shards", "1",

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import MakeHome, read_json, run_cairnd, serving
+from cairnd_helpers import MakeHome, read_json, run_cairnd, serving
 
 from appliance.config import ApplianceConfig
 from appliance.serve import RUN_DIR, SERVE_INFO_NAME

@@ -1,0 +1,112 @@
+"""Helpers for tests of the `cairnd` command: run it as a subprocess, and run a real
+appliance on 127.0.0.1 with a port the kernel picks (`serving`).
+
+Only loopback networking: every server here listens on 127.0.0.1:0.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import select
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from appliance.config import ApplianceConfig
+
+CAIRND = (sys.executable, "-m", "appliance.cli")
+SERVE_LINE = re.compile(
+    r"^cairnd: serving (?P<url>https://(?P<host>[^ ]+):(?P<port>\d+)) "
+    r"\(appliance (?P<appliance_id>[^,]+), certificate sha256 (?P<fingerprint>[0-9a-f]{64})\)$")
+
+MakeHome = Callable[..., ApplianceConfig]
+
+
+def cairnd_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "CAIRN_APPLIANCE_HOME"}
+    env.update(extra)
+    return env
+
+
+def run_cairnd(*args: str | Path, env: dict[str, str] | None = None,
+               timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run `cairnd ARGS...` to completion, capturing text output."""
+    return subprocess.run([*CAIRND, *map(str, args)], capture_output=True, text=True,
+                          env=env if env is not None else cairnd_env(), timeout=timeout,
+                          check=False)
+
+
+@dataclass
+class RunningAppliance:
+    process: subprocess.Popen[str]
+    url: str
+    port: int
+    appliance_id: str
+    fingerprint: str
+    line: str
+    stderr_file: Any
+
+    def stderr(self) -> str:
+        """What the server logged so far (its stderr goes to a file: a pipe could fill)."""
+        self.stderr_file.seek(0)
+        return str(self.stderr_file.read())
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10) -> int:
+        """Send `sig` and wait for the exit code."""
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        return self.process.wait(timeout=timeout)
+
+
+def _read_line(process: subprocess.Popen[str], timeout: float) -> str:
+    assert process.stdout is not None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([process.stdout], [], [], 0.1)
+        if ready:
+            return process.stdout.readline()
+        if process.poll() is not None:
+            break
+    return ""
+
+
+@contextmanager
+def serving(home: Path, *extra: str, timeout: float = 30) -> Iterator[RunningAppliance]:
+    """`cairnd serve --home HOME --listen 127.0.0.1:0` as a subprocess, until its serving
+    line; killed at the end if the test did not stop it."""
+    with tempfile.TemporaryFile("w+") as stderr_file:
+        process = subprocess.Popen(
+            [*CAIRND, "serve", "--home", str(home), "--listen", "127.0.0.1:0", *extra],
+            stdout=subprocess.PIPE, stderr=stderr_file, text=True, env=cairnd_env())
+        try:
+            line = _read_line(process, timeout).rstrip("\n")
+            match = SERVE_LINE.match(line)
+            if match is None:
+                process.kill()
+                process.wait(timeout=10)
+                stderr_file.seek(0)
+                raise AssertionError(f"no serving line; stdout {line!r}, stderr:\n"
+                                     f"{stderr_file.read()}")
+            yield RunningAppliance(process=process, url=match["url"], port=int(match["port"]),
+                                   appliance_id=match["appliance_id"],
+                                   fingerprint=match["fingerprint"], line=line,
+                                   stderr_file=stderr_file)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait(timeout=10)
+            if process.stdout is not None:
+                process.stdout.close()
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text())
