@@ -12,15 +12,18 @@ then encodes the block:
   lost) at three files. See docs/architecture.md for the measurement behind the limit.
 
 Shards go to distinct disks in the block's rendezvous ranking (placement.py), skipping disks
-that do not accept writes. A put succeeds once at least k+1 shards (2 replicas) are durable;
-if fewer than all were written, the block is queued for repair.
+that do not accept writes; the shards of one put are written at the same time (each one
+crash-safe on its own, see disk.py), so a put waits for one shard write, not k+m in a row. A
+put succeeds once at least k+1 shards (2 replicas) are durable; if fewer than all were
+written, the block is queued for repair.
 
 `get` reads the headers of the block's shards on every readable disk, then takes the fast
-path — read the data shards, decode (a concatenation for systematic RS), check the BLAKE3 id
-— and falls back to the careful path only when that fails or data shards are missing: read
-every shard, verify each checksum, decode from any k healthy ones, check the id again. A block
-is never returned unverified. Missing, truncated, corrupt or disagreeing shards are queued
-for repair; `repair` (used by the queue and by scrub) rebuilds them onto writable disks.
+path — read k shards, the data shards when they are there, decode (a concatenation of the
+data shards for systematic RS), check the BLAKE3 id — and falls back to the careful path only
+when that fails: read every shard, verify each checksum, decode from any k healthy ones,
+check the id again. A block is never returned unverified. Missing, truncated, corrupt or
+disagreeing shards are queued for repair; `repair` (used by the queue and by scrub) rebuilds
+them onto writable disks.
 
 Everything here is blocking I/O and CPU work, safe to call from many threads at once;
 async_store.py runs it off the trio event loop.
@@ -32,8 +35,10 @@ import contextlib
 import enum
 import logging
 import re
+import threading
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 import blake3
@@ -47,6 +52,7 @@ from appliance.errors import (
     InvalidBlockIdError,
     ShardFormatError,
 )
+from appliance.storage import allocator
 from appliance.storage.codec import Codec, ErasureCodec, ReplicaCodec
 from appliance.storage.disk import Disk, DiskState, DiskStatus, format_disk
 from appliance.storage.placement import Slot, rank
@@ -64,6 +70,20 @@ from appliance.storage.shard_format import (
 log = logging.getLogger(__name__)
 _BLOCK_ID = re.compile(r"[0-9a-f]{64}")
 RECENTLY_QUEUED_MAX = 4096
+SHARD_WRITERS = 32  # threads writing the shards of concurrent puts (mostly waiting on fsync)
+
+_writers: ThreadPoolExecutor | None = None
+_writers_lock = threading.Lock()
+
+
+def _shard_writers() -> ThreadPoolExecutor:
+    """One pool for the whole process, started on first use: stores come and go (tests,
+    `cairnd scrub` beside the server), threads should not multiply with them."""
+    global _writers
+    with _writers_lock:
+        if _writers is None:
+            _writers = ThreadPoolExecutor(SHARD_WRITERS, thread_name_prefix="cairn-shard")
+        return _writers
 
 
 def parse_block_id(block_id: str) -> bytes:
@@ -115,6 +135,7 @@ class _Located:
 
 class BlockStore:
     def __init__(self, settings: StoreSettings, repair_queue: RepairQueue | None = None) -> None:
+        allocator.tune()  # block-sized buffers: reuse them instead of faulting pages in
         self.settings = settings
         self.repair_queue = repair_queue
         self.disks = [Disk(spec, settings.appliance_id, settings.reserve_free_bytes)
@@ -233,15 +254,21 @@ class BlockStore:
         if present >= codec.total:
             return PutResult(block_id, present, codec.total, already_stored=True)
         needed = codec.k + 1
-        candidates = iter([d for d in ranking if d.writable])
+        writable = [d for d in ranking if d.writable]
         payloads = codec.encode(data)
-        written = 0
-        for index, payload in enumerate(payloads):
-            header = serialize_header(ShardHeader(codec.scheme, index, codec.k, codec.m,
-                                                  len(data), len(payload), raw_id), payload)
-            for disk in candidates:
+        headers = [serialize_header(ShardHeader(codec.scheme, index, codec.k, codec.m,
+                                                len(data), len(payload), raw_id), payload)
+                   for index, payload in enumerate(payloads)]
+        # Shard i goes to the i-th writable disk in the ranking, all shards at once. A shard
+        # whose write fails moves to the next writable disk not in use (if any is left).
+        first = list(enumerate(writable[: codec.total]))
+        failed = self._write_shards(block_id, first, headers, payloads)
+        written = len(first) - len(failed)
+        spares = iter(writable[codec.total:])
+        for index in failed:
+            for disk in spares:
                 try:
-                    disk.write_shard(block_id, header, payload)
+                    disk.write_shard(block_id, headers[index], payloads[index])
                 except DiskError as exc:
                     log.warning("%s; trying the next disk", exc)
                     continue
@@ -254,6 +281,35 @@ class BlockStore:
         if written < codec.total:
             self._queue(block_id, f"written with {written} of {codec.total} shards")
         return PutResult(block_id, written, codec.total)
+
+    def _write_shards(self, block_id: str, assignments: list[tuple[int, Disk]],
+                      headers: list[bytes], payloads: list[bytes]) -> list[int]:
+        """Write shard `index` to `disk` for every pair at the same time (the first in this
+        thread, the rest in the shared pool); returns the indices whose write failed."""
+
+        def write(index: int, disk: Disk) -> None:
+            disk.write_shard(block_id, headers[index], payloads[index])
+
+        pool = _shard_writers()
+        pending: list[tuple[int, Future[None]]] = [
+            (index, pool.submit(write, index, disk)) for index, disk in assignments[1:]]
+        failed: list[int] = []
+        try:
+            for index, disk in assignments[:1]:
+                try:
+                    write(index, disk)
+                except DiskError as exc:
+                    log.warning("%s; trying the next disk", exc)
+                    failed.append(index)
+        finally:
+            wait([future for _, future in pending])  # never leave a write behind a put
+        for index, future in pending:
+            try:
+                future.result()
+            except DiskError as exc:
+                log.warning("%s; trying the next disk", exc)
+                failed.append(index)
+        return sorted(failed)
 
     def get(self, block_id: str) -> bytes:
         raw_id = parse_block_id(block_id)
@@ -268,8 +324,9 @@ class BlockStore:
         holder: dict[int, str] = {}
         for name, header in located.headers.items():
             holder.setdefault(header.index, name)
-        wanted = sorted(holder)[: codec.k] if codec.scheme is Scheme.REPLICA \
-            else [i for i in range(codec.k) if i in holder]
+        # The data shards (or the first replica) when present, else the first k there are:
+        # unverified, since the block's id is checked after decoding.
+        wanted = sorted(holder)[: codec.k]
         if len(wanted) == codec.k:
             payloads, bad = self._read_payloads(block_id, [holder[i] for i in wanted],
                                                 verify=False)

