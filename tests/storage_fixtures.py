@@ -14,7 +14,7 @@ from pathlib import Path
 
 from appliance.errors import ShardFormatError
 from appliance.storage.blockstore import BlockStore, block_id_of
-from appliance.storage.disk import SHARDS_DIR, TMP_DIR, format_disk, shard_relative_path
+from appliance.storage.disk import SHARDS_DIR, TMP_SUFFIX, format_disk, shard_relative_path
 from appliance.storage.repair_queue import RepairQueue
 from appliance.storage.settings import DiskSpec, StoreSettings
 from appliance.storage.shard_format import HEADER_SIZE, ShardHeader, parse_header, parse_shard
@@ -160,11 +160,13 @@ def files_under(root: Path, sub: str) -> list[Path]:
 
 
 def shard_dir_files(root: Path) -> list[Path]:
-    return files_under(root, SHARDS_DIR)
+    """Shard files proper (not temp files of writes in progress or interrupted)."""
+    return [p for p in files_under(root, SHARDS_DIR) if not p.name.endswith(TMP_SUFFIX)]
 
 
-def tmp_dir_files(root: Path) -> list[Path]:
-    return files_under(root, TMP_DIR)
+def temp_files(root: Path) -> list[Path]:
+    """Temp files of shard writes (in the fan-out folders beside their final names)."""
+    return [p for p in files_under(root, SHARDS_DIR) if p.name.endswith(TMP_SUFFIX)]
 
 
 def _run(*argv: str) -> None:

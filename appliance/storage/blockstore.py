@@ -262,7 +262,10 @@ class BlockStore:
         # Shard i goes to the i-th writable disk in the ranking, all shards at once. A shard
         # whose write fails moves to the next writable disk not in use (if any is left).
         first = list(enumerate(writable[: codec.total]))
-        failed = self._write_shards(block_id, first, headers, payloads)
+        if codec.scheme is Scheme.REPLICA:
+            failed = self._write_shards_grouped(block_id, first, headers, payloads)
+        else:
+            failed = self._write_shards(block_id, first, headers, payloads)
         written = len(first) - len(failed)
         spares = iter(writable[codec.total:])
         for index in failed:
@@ -281,6 +284,37 @@ class BlockStore:
         if written < codec.total:
             self._queue(block_id, f"written with {written} of {codec.total} shards")
         return PutResult(block_id, written, codec.total)
+
+    def _write_shards_grouped(self, block_id: str, assignments: list[tuple[int, Disk]],
+                              headers: list[bytes], payloads: list[bytes]) -> list[int]:
+        """Small shards: write and rename each without fsyncs, then one group commit per
+        filesystem makes them durable together with every other writer's (group_commit.py).
+        Returns the indices that failed (their write, or their filesystem's sync)."""
+        failed: list[int] = []
+        on_disk: list[tuple[int, Disk]] = []
+        for index, disk in assignments:
+            try:
+                disk.write_shard(block_id, headers[index], payloads[index], durable=False)
+            except DiskError as exc:
+                log.warning("%s; trying the next disk", exc)
+                failed.append(index)
+                continue
+            on_disk.append((index, disk))
+        # One wait per filesystem: folder disks sharing one are made durable by one syncfs.
+        by_filesystem: dict[int, list[tuple[int, Disk]]] = {}
+        for index, disk in on_disk:
+            try:
+                by_filesystem.setdefault(id(disk.group_commit()), []).append((index, disk))
+            except DiskError as exc:
+                log.warning("%s; trying the next disk", exc)
+                failed.append(index)
+        for shards in by_filesystem.values():
+            try:
+                shards[0][1].wait_durable()
+            except DiskError as exc:
+                log.warning("%s; trying the next disk", exc)
+                failed.extend(index for index, _ in shards)
+        return sorted(failed)
 
     def _write_shards(self, block_id: str, assignments: list[tuple[int, Disk]],
                       headers: list[bytes], payloads: list[bytes]) -> list[int]:
@@ -409,11 +443,12 @@ class BlockStore:
                 log.info("formatted blank disk %s at %s", disk.name, disk.root)
         return formatted
 
-    def iter_block_ids(self) -> Iterator[str]:
-        """Every block id with a shard on any readable disk, each once, streamed."""
+    def iter_block_ids(self, remove_stale_temp_files: bool = False) -> Iterator[str]:
+        """Every block id with a shard on any readable disk, each once, streamed (scrub
+        also has crash leftovers removed on the way, see Disk.iter_block_ids)."""
         readable = [d for d in self.disks if d.readable]
         for position, disk in enumerate(readable):
-            for block_hex in disk.iter_block_ids():
+            for block_hex in disk.iter_block_ids(remove_stale_temp_files):
                 earlier = readable[:position]
                 if not any(d.shard_path(block_hex).exists() for d in earlier):
                     yield block_hex

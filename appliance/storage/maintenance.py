@@ -74,7 +74,7 @@ async def scrub_in_background(store: AsyncBlockStore, scrubber: Scrubber,
     report = ScrubReport()
     report.formatted_disks = await store.run_sync(store.store.format_blank_disks)
     started = time.monotonic()
-    blocks = store.store.iter_block_ids()
+    blocks = store.store.iter_block_ids(remove_stale_temp_files=True)
     while batch := await store.run_sync(lambda: list(itertools.islice(blocks, SCAN_BATCH))):
         for block_id in batch:
             report.add(block_id, await store.run_sync(lambda b=block_id: scrubber.check(b)))  # type: ignore[misc]

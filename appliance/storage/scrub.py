@@ -97,7 +97,7 @@ class Scrubber:
         queue = self.store.repair_queue
         if queue is not None:
             yield from queue.pending(limit=10_000)
-        yield from self.store.iter_block_ids()
+        yield from self.store.iter_block_ids(remove_stale_temp_files=True)
 
     def check(self, block_id: str) -> RepairResult:
         result = self.store.repair(block_id)

@@ -187,3 +187,24 @@ def test_scrub_rebuilds_an_empty_replacement_disk(tmp_path: Path) -> None:
     assert report.formatted_disks == ["disk2"]
     assert report.unrecoverable == 0
     assert {s.name: s.shard_count for s in store.disk_status()} == before
+
+
+def test_small_put_is_acknowledged_only_after_its_filesystem_synced(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from appliance.errors import InsufficientDisksError
+    from appliance.storage import group_commit
+
+    store = make_store(tmp_path)
+    commit = store.disks[0].group_commit()
+    before = commit.syncs
+    small = os.urandom(4096)
+    store.put(block_id_of(small), small)
+    assert commit.syncs > before  # replicas were made durable by a group commit
+
+    def broken_syncfs(path: Path) -> None:
+        raise OSError(5, "Input/output error", str(path))
+
+    monkeypatch.setattr(group_commit, "syncfs", broken_syncfs)
+    other = os.urandom(4096)
+    with pytest.raises(InsufficientDisksError):  # all six folders share one filesystem
+        store.put(block_id_of(other), other)

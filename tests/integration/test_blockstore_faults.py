@@ -42,7 +42,7 @@ from storage_fixtures import (
     shard_dir_files,
     shard_files,
     shard_index_paths,
-    tmp_dir_files,
+    temp_files,
     truncate,
 )
 
@@ -347,7 +347,7 @@ def test_full_disk_is_skipped_and_refilled_after_it_grows(tmp_path: Path) -> Non
             assert degraded, "no put was refused by the full disk"
             assert store.repair_queue is not None
             assert degraded <= set(store.repair_queue.pending(limit=1000))
-            assert tmp_dir_files(small_root) == []  # failed writes leave no temp file
+            assert temp_files(small_root) == []  # failed writes leave no temp file
             assert_reads_back(store, blocks)
             # Whatever did land on the full disk is whole: ENOSPC never leaves a torn shard.
             for path in shard_dir_files(small_root):
@@ -436,8 +436,8 @@ def test_kill_9_mid_writes_loses_no_acknowledged_block(
     store = open_store(tmp_path, specs)
     try:
         assert_reads_back(store, acknowledged)
-        # Half-written shards stay in tmp/ and are never listed or read as shards.
-        leftovers = [p for d in specs for p in tmp_dir_files(d.path)]
+        # Half-written shards stay temp files and are never listed or read as shards.
+        leftovers = [p for d in specs for p in temp_files(d.path)]
         for disk in store.disks:
             on_disk = {p.name for p in shard_dir_files(disk.root)}
             assert set(disk.iter_block_ids()) == on_disk
@@ -446,7 +446,7 @@ def test_kill_9_mid_writes_loses_no_acknowledged_block(
                        for p in leftovers)
 
         report = Scrubber(store).run()
-        print(f"{len(acknowledged)} acknowledged, {len(leftovers)} files left in tmp/, "
+        print(f"{len(acknowledged)} acknowledged, {len(leftovers)} temp files left, "
               f"scrub: {report.summary()}")  # shown when the test fails
         assert not set(report.unrecoverable_ids) & acknowledged.keys(), report.summary()
         assert report.partial == 0, report.summary()
@@ -455,13 +455,14 @@ def test_kill_9_mid_writes_loses_no_acknowledged_block(
     finally:
         store.close()
 
-    # An hour later, opening the store removes the crash leftovers from tmp/.
+    # An hour later, the scrub's walk removes the crash leftovers.
     stale = time.time() - 2 * disk_module.TMP_STALE_AFTER
     for path in leftovers:
         os.utime(path, (stale, stale))
     store = open_store(tmp_path, specs)
     try:
-        assert [p for d in specs for p in tmp_dir_files(d.path)] == []
+        Scrubber(store).run()
+        assert [p for d in specs for p in temp_files(d.path)] == []
         assert_reads_back(store, acknowledged)
     finally:
         store.close()
@@ -502,4 +503,4 @@ def test_sixteen_threads_putting_the_same_blocks_at_once(store: BlockStore) -> N
     assert_full_redundancy(store, blocks)
     for block_id, data in blocks.items():  # exactly one shard per index, one per disk
         assert len(shard_files(store, block_id)) == store.codec_for_length(len(data)).total
-    assert [p for d in store.disks for p in tmp_dir_files(d.root)] == []
+    assert [p for d in store.disks for p in temp_files(d.root)] == []

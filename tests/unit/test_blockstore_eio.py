@@ -25,6 +25,7 @@ from storage_fixtures import (
     make_block,
     open_store,
     shard_files,
+    temp_files,
 )
 
 from appliance.storage import disk as disk_module
@@ -134,7 +135,7 @@ def test_eio_on_writes_moves_the_shard_to_another_disk(
         assert block_id in store.repair_queue.pending()
         assert not sick.shard_path(block_id).exists()  # the temp file was removed too
         written[block_id] = data
-    assert list((sick.root / disk_module.TMP_DIR).iterdir()) == []
+    assert temp_files(sick.root) == []
     assert sick.state is DiskState.FAILING
     for block_id, data in written.items():
         assert store.get(block_id) == data
