@@ -206,5 +206,11 @@ def test_small_put_is_acknowledged_only_after_its_filesystem_synced(
 
     monkeypatch.setattr(group_commit, "syncfs", broken_syncfs)
     other = os.urandom(4096)
-    with pytest.raises(InsufficientDisksError):  # all six folders share one filesystem
-        store.put(block_id_of(other), other)
+    # Six folders on one filesystem: the three replicas whose sync failed are written
+    # again, each fsync'd on its own, to the three spare disks.
+    result = store.put(block_id_of(other), other)
+    assert result.shards_written == 3
+    # With no spare disk, an unsynced replica never counts: the put is refused.
+    bare = make_store(tmp_path / "three", disks=3, k=1, m=2)
+    with pytest.raises(InsufficientDisksError):
+        bare.put(block_id_of(other), other)
