@@ -1,10 +1,14 @@
 """Helpers for block store tests against real disk folders: build a store of formatted
-folders, make blocks, damage shard files, and check redundancy by parsing the shard files
-on disk (not through the store, so a bug in the store cannot hide a missing shard)."""
+folders, make blocks, damage shards, and check redundancy by parsing the shards on disk —
+shard files, and small-block replicas read straight from each disk's pack database with the
+own SQL — not through the store, so a bug in the store cannot hide a missing shard.
+
+The packs are read with apsw, never the standard library's sqlite3: two copies of SQLite in
+one process break each other's POSIX locks, and a closing sqlite3 connection could then
+checkpoint and remove the WAL under the store's open writer."""
 
 from __future__ import annotations
 
-import os
 import random
 import subprocess
 from collections.abc import Iterable, Iterator
@@ -12,9 +16,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import apsw
+
 from appliance.errors import ShardFormatError
 from appliance.storage.blockstore import BlockStore, block_id_of
 from appliance.storage.disk import SHARDS_DIR, TMP_SUFFIX, format_disk, shard_relative_path
+from appliance.storage.pack import PACK_NAME
 from appliance.storage.repair_queue import RepairQueue
 from appliance.storage.settings import DiskSpec, StoreSettings
 from appliance.storage.shard_format import HEADER_SIZE, ShardHeader, parse_header, parse_shard
@@ -74,31 +81,85 @@ def total_shards(store: BlockStore, block_length: int) -> int:
 
 
 @dataclass(frozen=True)
+class ShardLocation:
+    """Where one shard of a block lives on one disk: its file, or its row in the disk's
+    pack (small blocks). Bytes are read and written directly, bypassing the store."""
+
+    disk_root: Path
+    block_id: str
+    packed: bool
+
+    @property
+    def name(self) -> str:
+        return self.block_id
+
+    @property
+    def file(self) -> Path:
+        return self.disk_root / shard_relative_path(self.block_id)
+
+    def _pack(self) -> apsw.Connection:
+        connection = apsw.Connection(str(self.disk_root / PACK_NAME),
+                                     flags=apsw.SQLITE_OPEN_READWRITE)
+        connection.setbusytimeout(10_000)
+        return connection
+
+    def read_bytes(self) -> bytes | None:
+        if not self.packed:
+            try:
+                return self.file.read_bytes()
+            except (FileNotFoundError, NotADirectoryError):
+                return None
+        if not (self.disk_root / PACK_NAME).exists():
+            return None
+        pack = self._pack()
+        try:
+            row = pack.execute("SELECT shard FROM shards WHERE block_id = ?",
+                               (self.block_id,)).fetchone()
+        finally:
+            pack.close()
+        return bytes(row[0]) if row else None
+
+    def write_bytes(self, data: bytes) -> None:
+        if not self.packed:
+            self.file.write_bytes(data)
+            return
+        pack = self._pack()
+        try:
+            pack.execute("UPDATE shards SET shard = ? WHERE block_id = ?",
+                         (data, self.block_id))
+        finally:
+            pack.close()
+
+    def __str__(self) -> str:
+        return f"{self.disk_root.name}:{'pack' if self.packed else 'file'}:{self.block_id[:16]}"
+
+
+@dataclass(frozen=True)
 class ShardFile:
     disk: str
-    path: Path
-    header: ShardHeader | None   # None: the file is not a valid shard
+    location: ShardLocation
+    header: ShardHeader | None   # None: the bytes are not a valid shard
     problem: str = ""
 
 
 def shard_files(store: BlockStore, block_id: str) -> list[ShardFile]:
-    """Every file named after the block on every disk folder, fully verified."""
+    """Every shard of the block on every disk folder, file or packed, fully verified."""
     found = []
     for disk in store.disks:
-        path = disk.root / shard_relative_path(block_id)
-        try:
-            raw = path.read_bytes()
-        except (FileNotFoundError, NotADirectoryError):
-            continue
-        try:
-            header, _ = parse_shard(raw)
-        except ShardFormatError as exc:
-            found.append(ShardFile(disk.name, path, None, exc.message))
-            continue
-        if header.block_id != bytes.fromhex(block_id):
-            found.append(ShardFile(disk.name, path, None, "names another block"))
-            continue
-        found.append(ShardFile(disk.name, path, header))
+        for packed in (False, True):
+            location = ShardLocation(disk.root, block_id, packed)
+            raw = location.read_bytes()
+            if raw is None:
+                continue
+            try:
+                header, _ = parse_shard(raw)
+            except ShardFormatError as exc:
+                found.append(ShardFile(disk.name, location, None, exc.message))
+                continue
+            if header.block_id != bytes.fromhex(block_id):
+                found.append(ShardFile(disk.name, location, None, "names another block"))
+                continue
+            found.append(ShardFile(disk.name, location, header))
     return found
 
 
@@ -128,29 +189,33 @@ def assert_reads_back(store: BlockStore, blocks: dict[str, bytes]) -> None:
     assert not wrong, f"blocks read back wrong: {wrong}"
 
 
-def shard_index_paths(store: BlockStore, block_id: str) -> dict[int, Path]:
-    """Shard index -> file, for a block whose shards are all valid."""
+def shard_index_paths(store: BlockStore, block_id: str) -> dict[int, ShardLocation]:
+    """Shard index -> where it lives, for a block whose shards are all valid."""
     result = {}
     for shard in shard_files(store, block_id):
-        assert shard.header is not None, f"{shard.path}: {shard.problem}"
-        result[shard.header.index] = shard.path
+        assert shard.header is not None, f"{shard.location}: {shard.problem}"
+        result[shard.header.index] = shard.location
     return result
 
 
-def flip_byte(path: Path, offset: int) -> None:
-    with open(path, "r+b") as handle:
-        handle.seek(offset)
-        byte = handle.read(1)
-        handle.seek(offset)
-        handle.write(bytes([byte[0] ^ 0x5A]))
+def _stored(location: ShardLocation) -> bytearray:
+    raw = location.read_bytes()
+    assert raw is not None, f"{location} is gone"
+    return bytearray(raw)
 
 
-def truncate(path: Path, length: int) -> None:
-    os.truncate(path, length)
+def flip_byte(location: ShardLocation, offset: int) -> None:
+    raw = _stored(location)
+    raw[offset] ^= 0x5A
+    location.write_bytes(bytes(raw))
 
 
-def payload_offset(path: Path, fraction: float) -> int:
-    header, _ = parse_header(path.read_bytes()[:HEADER_SIZE])
+def truncate(location: ShardLocation, length: int) -> None:
+    location.write_bytes(bytes(_stored(location)[:length]))
+
+
+def payload_offset(location: ShardLocation, fraction: float) -> int:
+    header, _ = parse_header(bytes(_stored(location)[:HEADER_SIZE]))
     return HEADER_SIZE + int(header.payload_length * fraction)
 
 
@@ -162,6 +227,17 @@ def files_under(root: Path, sub: str) -> list[Path]:
 def shard_dir_files(root: Path) -> list[Path]:
     """Shard files proper (not temp files of writes in progress or interrupted)."""
     return [p for p in files_under(root, SHARDS_DIR) if not p.name.endswith(TMP_SUFFIX)]
+
+
+def packed_ids(root: Path) -> set[str]:
+    """Block ids with a shard in the disk's pack (read with apsw, see the module doc)."""
+    if not (root / PACK_NAME).exists():
+        return set()
+    pack = apsw.Connection(str(root / PACK_NAME), flags=apsw.SQLITE_OPEN_READWRITE)
+    try:
+        return {str(row[0]) for row in pack.execute("SELECT block_id FROM shards")}
+    finally:
+        pack.close()
 
 
 def temp_files(root: Path) -> list[Path]:

@@ -147,6 +147,8 @@ class BlockStore:
         self._recently_queued: set[str] = set()
 
     def close(self) -> None:
+        for disk in self.disks:
+            disk.close()
         if self.repair_queue is not None:
             self.repair_queue.close()
 
@@ -250,9 +252,8 @@ class BlockStore:
             self.repair_queue.clear_tombstone(block_id)
         codec = self.codec_for_length(len(data))
         ranking = self.ranking(raw_id)
-        present = sum(1 for d in ranking if d.readable and d.shard_size(block_id) is not None)
-        if present >= codec.total:
-            return PutResult(block_id, present, codec.total, already_stored=True)
+        if self._already_stored(codec, ranking, block_id):
+            return PutResult(block_id, codec.total, codec.total, already_stored=True)
         needed = codec.k + 1
         writable = [d for d in ranking if d.writable]
         payloads = codec.encode(data)
@@ -263,7 +264,7 @@ class BlockStore:
         # whose write fails moves to the next writable disk not in use (if any is left).
         first = list(enumerate(writable[: codec.total]))
         if codec.scheme is Scheme.REPLICA:
-            failed = self._write_shards_grouped(block_id, first, headers, payloads)
+            failed = self._write_shards_packed(block_id, first, headers, payloads)
         else:
             failed = self._write_shards(block_id, first, headers, payloads)
         written = len(first) - len(failed)
@@ -271,7 +272,8 @@ class BlockStore:
         for index in failed:
             for disk in spares:
                 try:
-                    disk.write_shard(block_id, headers[index], payloads[index])
+                    self._write_one(disk, codec.scheme, block_id, headers[index],
+                                    payloads[index])
                 except DiskError as exc:
                     log.warning("%s; trying the next disk", exc)
                     continue
@@ -285,36 +287,43 @@ class BlockStore:
             self._queue(block_id, f"written with {written} of {codec.total} shards")
         return PutResult(block_id, written, codec.total)
 
-    def _write_shards_grouped(self, block_id: str, assignments: list[tuple[int, Disk]],
-                              headers: list[bytes], payloads: list[bytes]) -> list[int]:
-        """Small shards: write and rename each without fsyncs, then one group commit per
-        filesystem makes them durable together with every other writer's (group_commit.py).
-        Returns the indices that failed (their write, or their filesystem's sync)."""
+    @staticmethod
+    def _already_stored(codec: Codec, ranking: list[Disk], block_id: str) -> bool:
+        """Whether the disks the block's shards go to all hold one. Stops at the first
+        miss, so a new block costs one lookup (this runs on every put)."""
+        def holds(disk: Disk) -> bool:
+            try:
+                if codec.scheme is Scheme.REPLICA:
+                    return disk.pack.size(block_id) is not None
+                return disk.shard_path(block_id).exists()
+            except OSError:
+                return False
+        return all(disk.readable and holds(disk) for disk in ranking[: codec.total])
+
+    def _write_shards_packed(self, block_id: str, assignments: list[tuple[int, Disk]],
+                             headers: list[bytes], payloads: list[bytes]) -> list[int]:
+        """Small shards: queue each in its disk's pack, then wait for the commits, so one
+        put's replicas ride in the same group commits as everyone else's (pack.py).
+        Returns the indices that failed."""
+        tickets = [(index, disk, disk.submit_packed(block_id, headers[index] + payloads[index]))
+                   for index, disk in assignments]
         failed: list[int] = []
-        on_disk: list[tuple[int, Disk]] = []
-        for index, disk in assignments:
+        for index, disk, ticket in tickets:
             try:
-                disk.write_shard(block_id, headers[index], payloads[index], durable=False)
+                disk.wait_packed(ticket)
             except DiskError as exc:
                 log.warning("%s; trying the next disk", exc)
                 failed.append(index)
-                continue
-            on_disk.append((index, disk))
-        # One wait per filesystem: folder disks sharing one are made durable by one syncfs.
-        by_filesystem: dict[int, list[tuple[int, Disk]]] = {}
-        for index, disk in on_disk:
-            try:
-                by_filesystem.setdefault(id(disk.group_commit()), []).append((index, disk))
-            except DiskError as exc:
-                log.warning("%s; trying the next disk", exc)
-                failed.append(index)
-        for shards in by_filesystem.values():
-            try:
-                shards[0][1].wait_durable()
-            except DiskError as exc:
-                log.warning("%s; trying the next disk", exc)
-                failed.extend(index for index, _ in shards)
-        return sorted(failed)
+        return failed
+
+    @staticmethod
+    def _write_one(disk: Disk, scheme: Scheme, block_id: str, header: bytes,
+                   payload: bytes) -> None:
+        """One shard, durably: small-block replicas into the disk's pack, others as files."""
+        if scheme is Scheme.REPLICA:
+            disk.write_packed(block_id, header + payload)
+        else:
+            disk.write_shard(block_id, header, payload)
 
     def _write_shards(self, block_id: str, assignments: list[tuple[int, Disk]],
                       headers: list[bytes], payloads: list[bytes]) -> list[int]:
@@ -450,7 +459,7 @@ class BlockStore:
         for position, disk in enumerate(readable):
             for block_hex in disk.iter_block_ids(remove_stale_temp_files):
                 earlier = readable[:position]
-                if not any(d.shard_path(block_hex).exists() for d in earlier):
+                if not any(d.has_shard(block_hex) for d in earlier):
                     yield block_hex
 
     def repair(self, block_id: str) -> RepairResult:
@@ -490,7 +499,7 @@ class BlockStore:
                                                   raw_id), payload)
             for disk in targets:
                 try:
-                    disk.write_shard(block_id, header, payload)
+                    self._write_one(disk, codec.scheme, block_id, header, payload)
                 except DiskError as exc:
                     log.warning("repair of %s: %s", block_id[:16], exc)
                     continue

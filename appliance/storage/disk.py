@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.errors import DiskError
-from appliance.storage import group_commit
+from appliance.storage.pack import ShardPack
 from appliance.storage.settings import DiskSpec
 
 MARKER_NAME = "cairn-disk.json"
@@ -175,8 +175,11 @@ class Disk:
         self._state = DiskState.MISSING
         self._detail = ""
         self._probed_at = float("-inf")
-        self._group_commit: group_commit.GroupCommit | None = None
+        self.pack = ShardPack(self.root, self.root / MARKER_NAME)
         self.probe()
+
+    def close(self) -> None:
+        self.pack.close()
 
     # -- state ---------------------------------------------------------------------------
 
@@ -279,13 +282,9 @@ class Disk:
     def shard_path(self, block_hex: str) -> Path:
         return self.root / shard_relative_path(block_hex)
 
-    def write_shard(self, block_hex: str, header: bytes, payload: bytes | memoryview, *,
-                    durable: bool = True) -> None:
-        """Write one shard, replacing any shard of the block already on this disk.
-
-        durable=True: temp file, fdatasync, rename, folder fsync; on stable storage when
-        this returns. durable=False: the same without the fsyncs; the caller must call
-        `wait_durable()` before acknowledging (group commit, see group_commit.py)."""
+    def write_shard(self, block_hex: str, header: bytes, payload: bytes | memoryview) -> None:
+        """Durably write one shard file, replacing any shard of the block on this disk:
+        temp file beside the final name, fdatasync, rename, folder fsync."""
         final = self.shard_path(block_hex)
         leaf = final.parent
         tmp = leaf / f".{block_hex}.{secrets.token_hex(6)}{TMP_SUFFIX}"
@@ -293,84 +292,115 @@ class Disk:
             try:
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             except FileNotFoundError:
-                self._make_dirs(leaf, durable)  # first shard in this fan-out folder
+                self._make_dirs(leaf)  # first shard in this fan-out folder
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             try:
                 _write_all(fd, [header, payload])
-                if durable:
-                    os.fdatasync(fd)
+                os.fdatasync(fd)
             finally:
                 os.close(fd)
             os.rename(tmp, final)
-            if durable:
-                _fsync_directory(leaf)
+            _fsync_directory(leaf)
         except OSError as exc:
             with contextlib.suppress(OSError):
                 tmp.unlink()
             raise self._failed(exc, "writing a shard") from exc
 
-    def group_commit(self) -> group_commit.GroupCommit:
-        """The group commit of this disk's filesystem (shared with disks on the same one)."""
-        if self._group_commit is None:
-            try:
-                self._group_commit = group_commit.for_path(self.root)
-            except OSError as exc:
-                raise self._failed(exc, "finding the filesystem") from exc
-        return self._group_commit
+    def submit_packed(self, block_hex: str, shard: bytes) -> int:
+        """Queue a small shard for this disk's pack (pack.py); wait on the ticket with
+        `wait_packed` before counting it as written."""
+        return self.pack.submit(block_hex, shard)
 
-    def wait_durable(self) -> None:
-        """Return once every shard written to this disk so far is on stable storage."""
+    def wait_packed(self, ticket: int) -> None:
         try:
-            self.group_commit().wait_durable()
+            self.pack.wait(ticket)
         except OSError as exc:
-            raise self._failed(exc, "syncing the filesystem") from exc
+            raise self._failed(exc, "committing small shards") from exc
 
-    def _make_dirs(self, leaf: Path, durable: bool) -> None:
-        """Create shards/ab/cd; each new directory's parent is fsync'd when durable."""
+    def write_packed(self, block_hex: str, shard: bytes) -> None:
+        """Durably pack one small shard. A shard *file* of the block on this disk (bad, or
+        from before packing) is removed first: reads look at files first."""
+        try:
+            self.shard_path(block_hex).unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise self._failed(exc, "removing an old shard file") from exc
+        self.wait_packed(self.submit_packed(block_hex, shard))
+
+    def _make_dirs(self, leaf: Path) -> None:
+        """Create shards/ab/cd durably: each new directory's parent is fsync'd."""
         for directory in (leaf.parent, leaf):
             try:
                 directory.mkdir()
             except FileExistsError:
                 continue
-            if durable:
-                _fsync_directory(directory.parent)
+            _fsync_directory(directory.parent)
 
     def read_shard(self, block_hex: str, limit: int | None = None) -> bytes | None:
-        """The shard file's bytes (the first `limit` of them), or None if there is none."""
+        """The shard's bytes (the first `limit` of them) from its file or, for small blocks,
+        the pack; None if this disk holds no shard of the block."""
         try:
             with open(self.shard_path(block_hex), "rb", buffering=0) as handle:
                 return handle.read() if limit is None else handle.read(limit)
         except FileNotFoundError:
-            return None
+            pass
         except OSError as exc:
             raise self._failed(exc, "reading a shard") from exc
+        try:
+            return self.pack.read(block_hex, limit)
+        except OSError as exc:
+            raise self._failed(exc, "reading a packed shard") from exc
 
     def shard_size(self, block_hex: str) -> int | None:
         try:
             return self.shard_path(block_hex).stat().st_size
         except FileNotFoundError:
-            return None
+            pass
         except OSError as exc:
             raise self._failed(exc, "stat of a shard") from exc
+        try:
+            return self.pack.size(block_hex)
+        except OSError as exc:
+            raise self._failed(exc, "looking up a packed shard") from exc
+
+    def has_shard(self, block_hex: str) -> bool:
+        return self.shard_size(block_hex) is not None
 
     def remove_shard(self, block_hex: str) -> bool:
+        """Remove the block's shard file and packed shard, whichever exist."""
         path = self.shard_path(block_hex)
+        removed = False
         try:
             path.unlink()
+            removed = True
+            with contextlib.suppress(OSError):
+                _fsync_directory(path.parent)
         except FileNotFoundError:
-            return False
+            pass
         except OSError as exc:
             raise self._failed(exc, "removing a shard") from exc
-        with contextlib.suppress(OSError):
-            _fsync_directory(path.parent)
-        return True
+        try:
+            return self.pack.remove(block_hex) or removed
+        except OSError as exc:
+            raise self._failed(exc, "removing a packed shard") from exc
 
     def iter_block_ids(self, remove_stale_temp_files: bool = False) -> Iterator[str]:
-        """Every block id with a shard file on this disk (streamed, no list in memory).
+        """Every block id with a shard on this disk, file or packed (streamed, no list in
+        memory).
 
         With remove_stale_temp_files (scrub does this), temp files older than
         TMP_STALE_AFTER met on the way are deleted: they are writes a crash interrupted,
         never acknowledged. Younger ones may be another process's write in progress."""
+        yield from self._iter_shard_files(remove_stale_temp_files)
+        try:
+            for block_hex in self.pack.block_ids():
+                if not self.shard_path(block_hex).exists():  # a file too: listed already
+                    yield block_hex
+        except OSError as exc:
+            raise self._failed(exc, "listing packed shards") from exc
+
+    def _iter_shard_files(self, remove_stale_temp_files: bool) -> Iterator[str]:
         shards = self.root / SHARDS_DIR
         horizon = time.time() - TMP_STALE_AFTER
         try:

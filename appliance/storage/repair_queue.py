@@ -11,16 +11,36 @@ import threading
 import time
 from pathlib import Path
 
+import apsw
+
 from appliance.db import open_database
 
 
 class RepairQueue:
     def __init__(self, database_path: Path) -> None:
+        self._path = database_path
         self._connection = open_database(database_path)
         self._lock = threading.Lock()
+        # Every put asks whether its block is tombstoned; one read connection per thread
+        # keeps that lookup off the shared connection's lock (16 writers queued on it).
+        self._local = threading.local()
+        self._readers: list[apsw.Connection] = []
+
+    def _reader(self) -> apsw.Connection:
+        reader: apsw.Connection | None = getattr(self._local, "reader", None)
+        if reader is None:
+            reader = apsw.Connection(str(self._path), flags=apsw.SQLITE_OPEN_READONLY)
+            reader.setbusytimeout(10_000)
+            self._local.reader = reader
+            with self._lock:
+                self._readers.append(reader)
+        return reader
 
     def close(self) -> None:
         with self._lock:
+            for reader in self._readers:
+                reader.close()
+            self._readers.clear()
             self._connection.close()
 
     def enqueue(self, block_id: str, reason: str) -> None:
@@ -61,19 +81,16 @@ class RepairQueue:
             self._connection.execute("DELETE FROM repair_queue WHERE block_id = ?", (block_id,))
 
     def clear_tombstone(self, block_id: str) -> None:
-        with self._lock:
-            present = self._connection.execute(
-                "SELECT 1 FROM block_tombstones WHERE block_id = ?", (block_id,)).fetchone()
-            if present:
-                with self._connection:
-                    self._connection.execute(
-                        "DELETE FROM block_tombstones WHERE block_id = ?", (block_id,))
+        """Called on every put: a lock-free lookup; the write only when there is one."""
+        if self.is_tombstoned(block_id):
+            with self._lock, self._connection:
+                self._connection.execute(
+                    "DELETE FROM block_tombstones WHERE block_id = ?", (block_id,))
 
     def is_tombstoned(self, block_id: str) -> bool:
-        with self._lock:
-            return self._connection.execute(
-                "SELECT 1 FROM block_tombstones WHERE block_id = ?",
-                (block_id,)).fetchone() is not None
+        return self._reader().execute(
+            "SELECT 1 FROM block_tombstones WHERE block_id = ?",
+            (block_id,)).fetchone() is not None
 
     # -- scrub history -------------------------------------------------------------------
 

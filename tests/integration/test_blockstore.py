@@ -50,10 +50,12 @@ def test_round_trip_and_shard_count(tmp_path: Path, size: int) -> None:
     assert not result.degraded
     assert store.get(block_id) == data
     assert store.has(block_id)
-    expected = 3 if size <= 64 * 1024 else 6  # replicas for small blocks, 4+2 otherwise
-    files = shard_files(tmp_path, block_id)
-    assert len(files) == expected
-    assert len({f.parts[-5] for f in files}) == expected  # one shard per disk
+    small = size <= 64 * 1024
+    holders = [d.name for d in store.disks if d.has_shard(block_id)]
+    assert len(holders) == (3 if small else 6)  # replicas for small blocks, 4+2 otherwise
+    files = shard_files(tmp_path, block_id)  # small replicas are packed, not files
+    assert len(files) == (0 if small else 6)
+    assert len({f.parts[-5] for f in files}) == len(files)  # one shard per disk
 
 
 def test_put_refuses_bytes_that_do_not_match_the_id(tmp_path: Path) -> None:
@@ -189,28 +191,23 @@ def test_scrub_rebuilds_an_empty_replacement_disk(tmp_path: Path) -> None:
     assert {s.name: s.shard_count for s in store.disk_status()} == before
 
 
-def test_small_put_is_acknowledged_only_after_its_filesystem_synced(
+def test_small_put_is_acknowledged_only_after_its_pack_committed(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from appliance.errors import InsufficientDisksError
-    from appliance.storage import group_commit
+    from appliance.storage.pack import ShardPack
 
     store = make_store(tmp_path)
-    commit = store.disks[0].group_commit()
-    before = commit.syncs
     small = os.urandom(4096)
     store.put(block_id_of(small), small)
-    assert commit.syncs > before  # replicas were made durable by a group commit
+    holders = [d for d in store.disks if d.has_shard(block_id_of(small))]
+    assert len(holders) == 3 and all(d.pack.commits >= 1 for d in holders)
 
-    def broken_syncfs(path: Path) -> None:
-        raise OSError(5, "Input/output error", str(path))
+    def broken_commit(self: ShardPack, batch: object) -> None:
+        raise OSError(5, "Input/output error", str(self.path))
 
-    monkeypatch.setattr(group_commit, "syncfs", broken_syncfs)
+    monkeypatch.setattr(ShardPack, "_commit", broken_commit)
     other = os.urandom(4096)
-    # Six folders on one filesystem: the three replicas whose sync failed are written
-    # again, each fsync'd on its own, to the three spare disks.
-    result = store.put(block_id_of(other), other)
-    assert result.shards_written == 3
-    # With no spare disk, an unsynced replica never counts: the put is refused.
-    bare = make_store(tmp_path / "three", disks=3, k=1, m=2)
-    with pytest.raises(InsufficientDisksError):
-        bare.put(block_id_of(other), other)
+    with pytest.raises(InsufficientDisksError):  # no commit, no acknowledgement
+        store.put(block_id_of(other), other)
+    monkeypatch.undo()
+    assert not store.has(block_id_of(other))
