@@ -6,6 +6,7 @@ Measures, on one filesystem and in one process:
 - the machine's limits: `dd` sequential write (conv=fdatasync) and `dd` cold read;
 - put throughput of --size-mib MiB in 4 MiB blocks with --concurrency puts in flight;
 - healthy get throughput (page cache dropped first), and again from the page cache;
+- a plain cold read of the same shard files, the ceiling a cold get cannot beat;
 - degraded get throughput with two disk folders missing;
 - rebuild speed of one replaced (empty) disk by a scrub;
 - durable 4 KiB puts per second at concurrency 16;
@@ -406,6 +407,26 @@ def bench(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
                               f"{run.done} blocks in {run.seconds:.2f} s"))
         rss["after_get"] = current_rss_mib()
 
+        # 3a. The layout's own read ceiling: the same data shard files read cold with plain
+        # reads, nothing verified or decoded. One file per 1 MiB shard reads slower than
+        # dd's one sequential file; a get cannot beat this.
+        data_files = [disk.shard_path(block_id) for block_id in blocks.ids[:stored]
+                      for disk in store.disks if disk.shard_path(block_id).exists()]
+        dropper.drop(run_dir)
+        say(f"raw cold read of the {len(data_files)} shard files ...")
+
+        def read_file(index: int) -> None:
+            with open(data_files[index], "rb", buffering=0) as handle:
+                handle.read()
+
+        run = parallel(read_file, len(data_files), args.concurrency, timeout)
+        file_bytes = sum(path.stat().st_size for path in data_files[: run.done])
+        figures.append(Figure(f"raw cold read of shard files (x{args.concurrency})",
+                              file_bytes / run.seconds / 1e6, "MB/s", dd_read,
+                              "MB/s dd cold read", None,
+                              f"{run.done} files in {run.seconds:.2f} s, plain reads, no "
+                              "verification: the ceiling for a cold get of file shards"))
+
         # 3b. The same gets again from the page cache: no disk at all, so this is what the
         # CPU allows (verification, copies); a cold get cannot beat it.
         say(f"healthy get again, warm cache ({args.concurrency} in flight) ...")
@@ -477,8 +498,9 @@ def bench(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
                               "puts/s", raw_files / copies,
                               f"/s raw durable 4 KiB files / {copies}", TARGET_SMALL,
                               f"{run.done} puts in {run.seconds:.2f} s, {copies} replicas "
-                              f"each written as a durable file; the filesystem did "
-                              f"{raw_files:,.0f} such files/s on its own",
+                              f"each, packed (group-committed rows of each disk's pack); "
+                              f"for scale, the filesystem made {raw_files:,.0f} new "
+                              f"durable 4 KiB files/s on its own",
                               target_is_value=True))
         rss["after_small_puts"] = current_rss_mib()
     finally:
