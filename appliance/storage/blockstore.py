@@ -7,15 +7,17 @@ then encodes the block:
 
 - blocks larger than `small_block_limit` (default 64 KiB): Reed-Solomon, k data + m parity
   shards (defaults 4 + 2), any k of which rebuild the block;
-- smaller blocks: m+1 whole replicas. k+m fragments of a 4 KiB block would cost six files and
-  six fsyncs to save two copies' worth of a few KiB; replicas keep the same tolerance (any m
-  lost) at three files. See docs/architecture.md for the measurement behind the limit.
+- smaller blocks: m+1 whole replicas, the same tolerance (any m lost), each a row of its
+  disk's pack database rather than a file (pack.py): many puts share one commit, where a new
+  durable file per replica capped small puts near the filesystem's file-creation rate
+  (docs/architecture.md has the measurements).
 
 Shards go to distinct disks in the block's rendezvous ranking (placement.py), skipping disks
-that do not accept writes; the shards of one put are written at the same time (each one
-crash-safe on its own, see disk.py), so a put waits for one shard write, not k+m in a row. A
-put succeeds once at least k+1 shards (2 replicas) are durable; if fewer than all were
-written, the block is queued for repair.
+that do not accept writes. The shard files of a large put are written at the same time (each
+crash-safe on its own, see disk.py), so a put waits for one shard write, not k+m in a row; a
+small put queues its replicas in every pack before waiting on any commit. A put succeeds once
+at least k+1 shards (2 replicas) are durable; if fewer than all were written, the block is
+queued for repair.
 
 `get` reads the headers of the block's shards on every readable disk, then takes the fast
 path — read k shards, the data shards when they are there, decode (a concatenation of the
