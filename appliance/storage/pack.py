@@ -38,6 +38,7 @@ import apsw
 
 PACK_NAME = "small-shards.sqlite"
 READER_RECHECK_S = 1.0
+FAILURES_KEPT = 1024  # failed commit generations remembered for their waiters
 _SCHEMA = ("CREATE TABLE IF NOT EXISTS shards ("
            " block_id TEXT PRIMARY KEY,"   # hex BLAKE3 id of the block
            " shard BLOB NOT NULL"          # the whole shard: 96-byte header + payload
@@ -198,6 +199,8 @@ class ShardPack:
                     self._finished = generation
                     if error is not None:
                         self._failed[generation] = error
+                        for old in [g for g in self._failed if g < generation - FAILURES_KEPT]:
+                            del self._failed[old]  # their waiters returned long ago
                     self._cond.notify_all()
                 self.commits += 1
             failure = self._failed.get(ticket)
