@@ -6,6 +6,7 @@ Layout of a disk (spec: docs/shard-format.md):
     <disk>/shards/ab/cd/<block id>  at most one shard of a block per disk; the header says
                                     which shard index it is
     <disk>/shards/ab/cd/.<block id>.<random>.tmp   a shard being written
+    <disk>/small-shards.sqlite      small-block replicas, one row each (pack.py)
 
 A shard is written to a temp file beside its final name, fdatasync'd, renamed into place,
 and the folder is fsync'd; only then does `write_shard` return. A crash leaves the old
