@@ -40,8 +40,9 @@ import re
 import threading
 from collections import Counter
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import blake3
 
@@ -264,23 +265,10 @@ class BlockStore:
                    for index, payload in enumerate(payloads)]
         # Shard i goes to the i-th writable disk in the ranking, all shards at once. A shard
         # whose write fails moves to the next writable disk not in use (if any is left).
-        first = list(enumerate(writable[: codec.total]))
         if codec.scheme is Scheme.REPLICA:
-            failed = self._write_shards_packed(block_id, first, headers, payloads)
+            written = self._put_packed(block_id, writable, codec, headers, payloads)
         else:
-            failed = self._write_shards(block_id, first, headers, payloads)
-        written = len(first) - len(failed)
-        spares = iter(writable[codec.total:])
-        for index in failed:
-            for disk in spares:
-                try:
-                    self._write_one(disk, codec.scheme, block_id, headers[index],
-                                    payloads[index])
-                except DiskError as exc:
-                    log.warning("%s; trying the next disk", exc)
-                    continue
-                written += 1
-                break
+            written = self._put_files(block_id, writable, codec, headers, payloads)
         if written < needed:
             raise InsufficientDisksError(
                 f"only {written} of the {needed} shards needed could be written; "
@@ -302,21 +290,91 @@ class BlockStore:
                 return False
         return all(disk.readable and holds(disk) for disk in ranking[: codec.total])
 
-    def _write_shards_packed(self, block_id: str, assignments: list[tuple[int, Disk]],
-                             headers: list[bytes], payloads: list[bytes]) -> list[int]:
-        """Small shards: queue each in its disk's pack, then wait for the commits, so one
-        put's replicas ride in the same group commits as everyone else's (pack.py).
-        Returns the indices that failed."""
+    def _put_packed(self, block_id: str, writable: list[Disk], codec: Codec,
+                    headers: list[bytes], payloads: list[bytes]) -> int:
+        """Small-block replicas: queue each in its disk's pack, then wait for the commits,
+        so one put's replicas ride in the same group commits as everyone else's (pack.py).
+        Returns how many replicas are durable."""
         tickets = [(index, disk, disk.submit_packed(block_id, headers[index] + payloads[index]))
-                   for index, disk in assignments]
-        failed: list[int] = []
+                   for index, disk in enumerate(writable[: codec.total])]
+        written = 0
+        spares = iter(writable[codec.total:])
         for index, disk, ticket in tickets:
             try:
                 disk.wait_packed(ticket)
+                written += 1
+                continue
             except DiskError as exc:
                 log.warning("%s; trying the next disk", exc)
-                failed.append(index)
-        return failed
+            for spare in spares:
+                try:
+                    spare.write_packed(block_id, headers[index] + payloads[index])
+                except DiskError as exc:
+                    log.warning("%s; trying the next disk", exc)
+                    continue
+                written += 1
+                break
+        return written
+
+    def _put_files(self, block_id: str, writable: list[Disk], codec: Codec,
+                   headers: list[bytes], payloads: list[bytes]) -> int:
+        """Erasure-coded shards in two phases: stage every shard (temp file, fdatasync) at
+        once, then rename them all. A put killed while staging leaves only temp files (never
+        a partial block that scrub would have to call unrecoverable), and a put refused for
+        want of disks leaves nothing at all. Returns how many shards are durable."""
+        staged = self._stage_shards(block_id, list(enumerate(writable[: codec.total])),
+                                    headers, payloads)
+        spares = iter(writable[codec.total:])
+        for index in (i for i in range(codec.total) if i not in staged):
+            for disk in spares:
+                try:
+                    staged[index] = (disk, disk.stage_shard(block_id, headers[index],
+                                                            payloads[index]))
+                except DiskError as exc:
+                    log.warning("%s; trying the next disk", exc)
+                    continue
+                break
+        if len(staged) < codec.k + 1:  # refused: leave nothing behind
+            for disk, path in staged.values():
+                disk.discard_staged(path)
+            return len(staged)
+        written = 0
+        for disk, path in staged.values():  # renames back to back: a tiny crash window
+            try:
+                disk.commit_shard(block_id, path)
+            except DiskError as exc:
+                log.warning("%s", exc)
+                continue
+            written += 1
+        return written
+
+    def _stage_shards(self, block_id: str, assignments: list[tuple[int, Disk]],
+                      headers: list[bytes], payloads: list[bytes]
+                      ) -> dict[int, tuple[Disk, Path]]:
+        """Stage shard `index` on `disk` for every pair at the same time (the first in this
+        thread, the rest in the shared pool); returns what was staged, by index."""
+
+        def stage(index: int, disk: Disk) -> Path:
+            return disk.stage_shard(block_id, headers[index], payloads[index])
+
+        pool = _shard_writers()
+        pending = [(index, disk, pool.submit(stage, index, disk))
+                   for index, disk in assignments[1:]]
+        staged: dict[int, tuple[Disk, Path]] = {}
+        try:
+            for index, disk in assignments[:1]:
+                try:
+                    staged[index] = (disk, stage(index, disk))
+                except DiskError as exc:
+                    log.warning("%s; trying the next disk", exc)
+        finally:
+            wait([future for _, _, future in pending])  # never leave a write behind a put
+        for index, disk, future in pending:
+            try:
+                staged[index] = (disk, future.result())
+            except DiskError as exc:
+                log.warning("%s; trying the next disk", exc)
+        return staged
 
     @staticmethod
     def _write_one(disk: Disk, scheme: Scheme, block_id: str, header: bytes,
@@ -326,35 +384,6 @@ class BlockStore:
             disk.write_packed(block_id, header + payload)
         else:
             disk.write_shard(block_id, header, payload)
-
-    def _write_shards(self, block_id: str, assignments: list[tuple[int, Disk]],
-                      headers: list[bytes], payloads: list[bytes]) -> list[int]:
-        """Write shard `index` to `disk` for every pair at the same time (the first in this
-        thread, the rest in the shared pool); returns the indices whose write failed."""
-
-        def write(index: int, disk: Disk) -> None:
-            disk.write_shard(block_id, headers[index], payloads[index])
-
-        pool = _shard_writers()
-        pending: list[tuple[int, Future[None]]] = [
-            (index, pool.submit(write, index, disk)) for index, disk in assignments[1:]]
-        failed: list[int] = []
-        try:
-            for index, disk in assignments[:1]:
-                try:
-                    write(index, disk)
-                except DiskError as exc:
-                    log.warning("%s; trying the next disk", exc)
-                    failed.append(index)
-        finally:
-            wait([future for _, future in pending])  # never leave a write behind a put
-        for index, future in pending:
-            try:
-                future.result()
-            except DiskError as exc:
-                log.warning("%s; trying the next disk", exc)
-                failed.append(index)
-        return sorted(failed)
 
     def get(self, block_id: str) -> bytes:
         raw_id = parse_block_id(block_id)

@@ -284,10 +284,13 @@ class Disk:
         return self.root / shard_relative_path(block_hex)
 
     def write_shard(self, block_hex: str, header: bytes, payload: bytes | memoryview) -> None:
-        """Durably write one shard file, replacing any shard of the block on this disk:
-        temp file beside the final name, fdatasync, rename, folder fsync."""
-        final = self.shard_path(block_hex)
-        leaf = final.parent
+        """Durably write one shard file, replacing any shard of the block on this disk."""
+        self.commit_shard(block_hex, self.stage_shard(block_hex, header, payload))
+
+    def stage_shard(self, block_hex: str, header: bytes, payload: bytes | memoryview) -> Path:
+        """Write the shard to a temp file beside its final name and fdatasync it. Nothing
+        is visible as a shard until `commit_shard` renames it; `discard_staged` drops it."""
+        leaf = self.shard_path(block_hex).parent
         tmp = leaf / f".{block_hex}.{secrets.token_hex(6)}{TMP_SUFFIX}"
         try:
             try:
@@ -300,12 +303,25 @@ class Disk:
                 os.fdatasync(fd)
             finally:
                 os.close(fd)
-            os.rename(tmp, final)
-            _fsync_directory(leaf)
         except OSError as exc:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
+            self.discard_staged(tmp)
             raise self._failed(exc, "writing a shard") from exc
+        return tmp
+
+    def commit_shard(self, block_hex: str, staged: Path) -> None:
+        """Rename a staged shard into place and fsync its folder."""
+        final = self.shard_path(block_hex)
+        try:
+            os.rename(staged, final)
+            _fsync_directory(final.parent)
+        except OSError as exc:
+            self.discard_staged(staged)
+            raise self._failed(exc, "committing a shard") from exc
+
+    @staticmethod
+    def discard_staged(staged: Path) -> None:
+        with contextlib.suppress(OSError):
+            staged.unlink()
 
     def submit_packed(self, block_hex: str, shard: bytes) -> int:
         """Queue a small shard for this disk's pack (pack.py); wait on the ticket with

@@ -132,6 +132,9 @@ def test_two_deleted_disks_still_serve_every_block_and_scrub_rebuilds_replacemen
         store.put(block_id, data)
     message = refused.value.message
     assert "4 of the 5 shards needed" in message and "2 missing" in message, message
+    # Refused before anything became visible: no shard and no temp file is left behind.
+    assert shard_files(store, block_id) == []
+    assert [p for spec in specs if spec.path.exists() for p in temp_files(spec.path)] == []
     assert "cairnd disks" in message
     # A small block needs only 2 replicas and gets all 3 on the 4 remaining disks.
     small_id, small = make_block(rng, 2000)
