@@ -16,7 +16,7 @@ Pure functions only.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import blake3
@@ -40,9 +40,3 @@ def _score(slot: Slot, block_id: bytes) -> float:
 def rank(slots: Sequence[Slot], block_id: bytes) -> list[str]:
     """Slot names ordered from most to least preferred for this block."""
     return [s.name for s in sorted(slots, key=lambda s: (-_score(s, block_id), s.name))]
-
-
-def choose(ranking: Sequence[str], usable: Iterable[str], count: int) -> list[str]:
-    """The first `count` usable slots in ranking order (fewer if not enough are usable)."""
-    usable_set = set(usable)
-    return [name for name in ranking if name in usable_set][:count]

@@ -8,7 +8,7 @@ from collections import Counter
 from hypothesis import given
 from hypothesis import strategies as st
 
-from appliance.storage.placement import Slot, choose, rank
+from appliance.storage.placement import Slot, rank
 
 SLOTS = [Slot(f"disk{i}") for i in range(12)]
 
@@ -39,8 +39,3 @@ def test_adding_a_disk_moves_only_its_share() -> None:
     moved = [(a, b) for a, b in zip(before, after, strict=True) if a != b]
     assert all(b == "disk12" for _, b in moved)
     assert len(moved) < 4000 / 13 * 1.3
-
-
-def test_choose_skips_unusable_and_keeps_order() -> None:
-    assert choose(["a", "b", "c", "d"], {"d", "b", "c"}, 2) == ["b", "c"]
-    assert choose(["a", "b"], {"a"}, 3) == ["a"]
