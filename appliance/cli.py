@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 import click
 
+from appliance.cli_accounts import register as register_account_commands
 from appliance.config import load_config, parse_listen
 from appliance.errors import CairnApplianceError
 
@@ -73,6 +74,8 @@ def cli() -> None:
       cairnd serve --home /var/lib/cairn                until SIGTERM / Ctrl-C
       cairnd disks --home /var/lib/cairn                state and free space per disk
       cairnd scrub --home /var/lib/cairn                verify and repair every block
+      cairnd user add alice --home /var/lib/cairn       prints alice's enrollment code
+      cairnd device revoke dev_0123abcd --home ...      a lost laptop
 
     Every --home may instead come from CAIRN_APPLIANCE_HOME.
     """
@@ -261,6 +264,9 @@ def scrub(home: Path, as_json: bool) -> None:
                        "with the disks present; reattach any missing disk and scrub again",
                        err=True)
         sys.exit(EXIT_UNRECOVERABLE)
+
+
+register_account_commands(cli, home_option)
 
 
 def main() -> None:

@@ -39,6 +39,12 @@ DEFAULT_FULL_SCRUB_INTERVAL_S = 7 * 24 * 3600.0
 DEFAULT_DATABASE = Path("appliance.db")
 DEFAULT_TLS_CERTIFICATE = Path("tls/cert.pem")
 DEFAULT_TLS_KEY = Path("tls/key.pem")
+DEFAULT_URL_LIFETIME_S = 3600.0
+DEFAULT_RATE_LIMIT_PER_S = 200.0
+DEFAULT_RATE_LIMIT_BURST = 2000
+DEFAULT_CODE_LIFETIME_S = 24 * 3600.0
+DEFAULT_GC_GRACE_S = 7 * 24 * 3600.0
+DEFAULT_GC_INTERVAL_S = 3600.0
 _DAY = 24 * 3600.0
 
 
@@ -55,6 +61,13 @@ class ApplianceConfig:
     tls_certificate: Path = DEFAULT_TLS_CERTIFICATE
     tls_key: Path = DEFAULT_TLS_KEY
     database: Path = DEFAULT_DATABASE
+    url_lifetime_s: float = DEFAULT_URL_LIFETIME_S
+    rate_limit_per_s: float = DEFAULT_RATE_LIMIT_PER_S
+    rate_limit_burst: int = DEFAULT_RATE_LIMIT_BURST
+    enrollment_code_lifetime_s: float = DEFAULT_CODE_LIFETIME_S
+    advertise: bool = True
+    gc_grace_s: float = DEFAULT_GC_GRACE_S
+    gc_interval_s: float = DEFAULT_GC_INTERVAL_S
 
     @property
     def appliance_id(self) -> str:
@@ -159,6 +172,28 @@ def render_config(config: ApplianceConfig) -> str:
         "# by others.",
         f"tls_certificate = {rel(config.tls_certificate)}",
         f"tls_key = {rel(config.tls_key)}",
+        "",
+        "[api]",
+        "# Pre-signed block URLs stay valid this many seconds.",
+        f"url_lifetime_s = {_toml_float(config.url_lifetime_s)}",
+        "# Each device may make this many requests per second on average, in bursts of up",
+        "# to rate_limit_burst; beyond that it gets 429 with Retry-After.",
+        f"rate_limit_per_s = {_toml_float(config.rate_limit_per_s)}",
+        f"rate_limit_burst = {config.rate_limit_burst}",
+        "# How long a code from `cairnd user add` / `cairnd user code` stays valid, in hours.",
+        f"enrollment_code_hours = {_toml_float(config.enrollment_code_lifetime_s / 3600)}",
+        "",
+        "[discovery]",
+        "# Announce the appliance on the LAN by mDNS (_cairn._tcp) so devices find it, on",
+        "# the interfaces whose addresses it listens on (never when listening on loopback).",
+        f"advertise = {'true' if config.advertise else 'false'}",
+        "",
+        "[gc]",
+        "# Blocks no file needs any more, and deleted files, are kept this many days before",
+        "# their space is reclaimed; until then a deleted file can be restored.",
+        f"grace_days = {_toml_float(config.gc_grace_s / _DAY)}",
+        "# How often garbage collection runs while serving, in hours.",
+        f"interval_hours = {_toml_float(config.gc_interval_s / 3600)}",
         "",
         "[database]",
         "# The SQLite database (WAL mode) holding metadata and the repair queue. Keep it on",
@@ -295,7 +330,8 @@ class _Section:
 
 
 _REQUIRED: Any = object()
-_SECTIONS = ("appliance", "server", "database", "storage", "maintenance")
+_SECTIONS = ("appliance", "server", "api", "discovery", "gc", "database", "storage",
+             "maintenance")
 
 
 def _table(path: Path, document: Mapping[str, Any], name: str) -> _Section:
@@ -358,6 +394,9 @@ def load_config(home: Path) -> ApplianceConfig:
     database = _table(path, document, "database")
     storage = _table(path, document, "storage")
     maintenance = _table(path, document, "maintenance")
+    api = _table(path, document, "api")
+    discovery = _table(path, document, "discovery")
+    gc = _table(path, document, "gc")
 
     appliance_id = appliance.string("id")
     try:
@@ -375,7 +414,14 @@ def load_config(home: Path) -> ApplianceConfig:
     scrub_rate = maintenance.positive_number("scrub_rate_mb_per_s", DEFAULT_SCRUB_RATE_MB_PER_S)
     interval_days = maintenance.positive_number(
         "full_scrub_interval_days", DEFAULT_FULL_SCRUB_INTERVAL_S / _DAY)
-    for section in (appliance, server, database, storage, maintenance):
+    url_lifetime_s = api.positive_number("url_lifetime_s", DEFAULT_URL_LIFETIME_S)
+    rate_limit_per_s = api.positive_number("rate_limit_per_s", DEFAULT_RATE_LIMIT_PER_S)
+    rate_limit_burst = api.integer("rate_limit_burst", DEFAULT_RATE_LIMIT_BURST, minimum=1)
+    code_hours = api.positive_number("enrollment_code_hours", DEFAULT_CODE_LIFETIME_S / 3600)
+    advertise = discovery.boolean("advertise", True)
+    grace_days = gc.positive_number("grace_days", DEFAULT_GC_GRACE_S / _DAY)
+    gc_interval_hours = gc.positive_number("interval_hours", DEFAULT_GC_INTERVAL_S / 3600)
+    for section in (appliance, server, database, storage, maintenance, api, discovery, gc):
         section.check_unknown()
 
     disks = _load_disks(path, document, home)
@@ -389,7 +435,11 @@ def load_config(home: Path) -> ApplianceConfig:
     return ApplianceConfig(
         home=home, store=settings, listen_host=host, listen_port=port,
         scrub_rate_mb_per_s=scrub_rate, full_scrub_interval_s=interval_days * _DAY,
-        tls_certificate=tls_certificate, tls_key=tls_key, database=database_path)
+        tls_certificate=tls_certificate, tls_key=tls_key, database=database_path,
+        url_lifetime_s=url_lifetime_s, rate_limit_per_s=rate_limit_per_s,
+        rate_limit_burst=rate_limit_burst, enrollment_code_lifetime_s=code_hours * 3600,
+        advertise=advertise, gc_grace_s=grace_days * _DAY,
+        gc_interval_s=gc_interval_hours * 3600)
 
 
 if __name__ == "__main__":  # regenerate config/appliance.example.toml

@@ -33,6 +33,101 @@ MIGRATIONS: tuple[str, ...] = (
         unrecoverable INTEGER NOT NULL DEFAULT 0
     );
     """,
+    # 2: accounts, the encrypted tree, block references, grants and the change journal.
+    """
+    CREATE TABLE users (
+        id             INTEGER PRIMARY KEY,
+        name           TEXT NOT NULL UNIQUE,
+        public_key     BLOB,                 -- X25519, set once by the user's first device
+        key_bundle     BLOB,                 -- opaque: encrypted under the user's passphrase
+        bundle_version INTEGER NOT NULL DEFAULT 0,
+        created_at     REAL NOT NULL
+    );
+    CREATE TABLE devices (
+        id          TEXT PRIMARY KEY,
+        user_id     INTEGER NOT NULL REFERENCES users(id),
+        name        TEXT NOT NULL,
+        token_hash  BLOB NOT NULL UNIQUE,    -- SHA-256 of the device token
+        created_at  REAL NOT NULL,
+        last_seen   REAL,
+        revoked_at  REAL
+    );
+    CREATE TABLE enrollment_codes (
+        code_id         TEXT PRIMARY KEY,    -- base32, as sent on the wire
+        user_id         INTEGER NOT NULL REFERENCES users(id),
+        key             BLOB NOT NULL,       -- HMAC key derived from the code's secret
+        created_at      REAL NOT NULL,
+        expires_at      REAL NOT NULL,
+        used_at         REAL,
+        failed_attempts INTEGER NOT NULL DEFAULT 0
+    ) WITHOUT ROWID;
+    CREATE TABLE nodes (
+        id           TEXT PRIMARY KEY,       -- 32 hex digits
+        owner_id     INTEGER NOT NULL REFERENCES users(id),
+        parent_id    TEXT,                   -- NULL for the owner's root directory
+        kind         TEXT NOT NULL CHECK (kind IN ('file', 'dir')),
+        version      INTEGER NOT NULL,
+        status       TEXT NOT NULL CHECK (status IN ('uploading', 'uploaded')),
+        deleted_at   REAL,                   -- tombstone; purged after the grace period
+        deleted_root TEXT,                   -- the node whose deletion took this one along
+        metadata     BLOB NOT NULL,          -- opaque ciphertext (name, mtime, block keys...)
+        wrapped_key  BLOB NOT NULL,          -- node key wrapped by the parent's key
+        size         INTEGER NOT NULL,
+        block_count  INTEGER NOT NULL,
+        content_tag  BLOB NOT NULL,          -- hash of metadata and block list (retries)
+        created_at   REAL NOT NULL,
+        updated_at   REAL NOT NULL,
+        updated_by   TEXT                    -- device id
+    ) WITHOUT ROWID;
+    CREATE INDEX nodes_by_parent ON nodes(parent_id);
+    CREATE INDEX nodes_roots ON nodes(owner_id) WHERE parent_id IS NULL;
+    CREATE INDEX nodes_deleted ON nodes(deleted_at) WHERE deleted_at IS NOT NULL;
+    CREATE TABLE node_blocks (
+        node_id  TEXT NOT NULL,
+        position INTEGER NOT NULL,
+        block_id TEXT NOT NULL,
+        size     INTEGER NOT NULL,
+        PRIMARY KEY (node_id, position)
+    ) WITHOUT ROWID;
+    CREATE INDEX node_blocks_by_block ON node_blocks(block_id);
+    CREATE TABLE blocks (
+        block_id           TEXT PRIMARY KEY,
+        size               INTEGER NOT NULL,
+        stored             INTEGER NOT NULL DEFAULT 0,  -- durable in the block store
+        refs               INTEGER NOT NULL DEFAULT 0,  -- positions in live nodes
+        unreferenced_since REAL                         -- set when refs drops to 0
+    ) WITHOUT ROWID;
+    CREATE INDEX blocks_unreferenced ON blocks(unreferenced_since)
+        WHERE unreferenced_since IS NOT NULL;
+    CREATE TABLE pending_blocks (                -- blocks an uploading node still lacks
+        node_id  TEXT NOT NULL,
+        block_id TEXT NOT NULL,
+        PRIMARY KEY (node_id, block_id)
+    ) WITHOUT ROWID;
+    CREATE INDEX pending_by_block ON pending_blocks(block_id);
+    CREATE TABLE grants (                        -- the seed's SharedFiles
+        user_id     INTEGER NOT NULL REFERENCES users(id),
+        node_id     TEXT NOT NULL,
+        wrapped_key BLOB NOT NULL,               -- node key wrapped for the user's public key
+        granted_at  REAL NOT NULL,
+        PRIMARY KEY (user_id, node_id)
+    ) WITHOUT ROWID;
+    CREATE INDEX grants_by_node ON grants(node_id);
+    CREATE TABLE changes (
+        cursor    INTEGER PRIMARY KEY AUTOINCREMENT,
+        node_id   TEXT NOT NULL,
+        version   INTEGER NOT NULL,
+        kind      TEXT NOT NULL,
+        at        REAL NOT NULL,
+        device_id TEXT
+    );
+    CREATE INDEX changes_by_node ON changes(node_id, cursor);
+    CREATE TABLE feed (                          -- who sees which change (fan-out on write)
+        user_id INTEGER NOT NULL,
+        cursor  INTEGER NOT NULL,
+        PRIMARY KEY (user_id, cursor)
+    ) WITHOUT ROWID;
+    """,
 )
 
 

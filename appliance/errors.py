@@ -15,8 +15,19 @@
     │                              checksum, truncated); caught inside the store, which
     │                              treats the shard as bad and repairs it
     ├── InvalidBlockIdError        a block id that is not 64 lowercase hex digits
-    └── ListenError                `cairnd serve` cannot listen on its address (in use,
-                                   not an address of this machine, not permitted)
+    ├── ListenError                `cairnd serve` cannot listen on its address (in use,
+    │                              not an address of this machine, not permitted)
+    └── RequestError               an API or account request that cannot be honoured
+        ├── BadRequestError        400: well-formed JSON that asks for something invalid
+        ├── UnauthorizedError      401: no token, an unknown one, or a revoked device
+        ├── ForbiddenError         403: a URL that is expired, forged or re-targeted,
+        │                          or a write to something the caller may only read
+        ├── NotFoundError          404: no such user or node, or not visible to the caller
+        ├── ConflictError          409: stale base_version, or a name/state clash
+        ├── GoneError              410: the data was garbage-collected after its grace
+        ├── PayloadTooLargeError   413: a body over the route's limit
+        ├── EnrollmentError        403: a code that is unknown, used, expired or wrong
+        └── RateLimitedError       429: too many requests from one device; retry later
 
 Errors are translated once at each boundary: the CLI prints `message` on one line and exits
 with `exit_code`; the HTTP layer answers `{"error": {"code", "message"}}` with `http_status`.
@@ -119,3 +130,64 @@ class ListenError(CairnApplianceError):
 
     code = "listen"
     exit_code = 3
+
+
+class RequestError(CairnApplianceError):
+    """A request (HTTP or `cairnd user/device`) that cannot be honoured as asked.
+    `details` are extra machine-readable fields merged into the API error body."""
+
+    code = "bad_request"
+    exit_code = 2
+    http_status = 400
+
+    def __init__(self, message: str, **details: object) -> None:
+        super().__init__(message)
+        self.details = details
+
+
+class BadRequestError(RequestError):
+    code = "bad_request"
+
+
+class UnauthorizedError(RequestError):
+    code = "unauthorized"
+    http_status = 401
+
+
+class ForbiddenError(RequestError):
+    code = "forbidden"
+    http_status = 403
+
+
+class NotFoundError(RequestError):
+    code = "not_found"
+    http_status = 404
+
+
+class ConflictError(RequestError):
+    code = "conflict"
+    http_status = 409
+
+
+class GoneError(RequestError):
+    code = "gone"
+    http_status = 410
+
+
+class PayloadTooLargeError(RequestError):
+    code = "payload_too_large"
+    http_status = 413
+
+
+class EnrollmentError(RequestError):
+    code = "enrollment_refused"
+    http_status = 403
+
+
+class RateLimitedError(RequestError):
+    code = "rate_limited"
+    http_status = 429
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message, retry_after_s=round(retry_after_s, 3))
+        self.retry_after_s = retry_after_s

@@ -42,8 +42,11 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 from hypercorn.typing import ASGIFramework
 
+from appliance.api.context import ApiContext, ApiSettings
+from appliance.collect import run_gc_loop
 from appliance.config import ApplianceConfig, format_listen, load_config
 from appliance.errors import ConfigError, ListenError
+from appliance.meta.database import Metadata
 from appliance.server import create_app
 from appliance.storage.async_store import AsyncBlockStore
 from appliance.storage.blockstore import BlockStore
@@ -164,6 +167,36 @@ def hypercorn_config(config: ApplianceConfig, sock: socket.socket) -> HypercornC
     return hc
 
 
+def api_settings(config: ApplianceConfig) -> ApiSettings:
+    return ApiSettings(url_lifetime_s=config.url_lifetime_s,
+                       rate_limit_per_s=config.rate_limit_per_s,
+                       rate_limit_burst=config.rate_limit_burst,
+                       gc_grace_s=config.gc_grace_s)
+
+
+def ensure_url_key(home: Path) -> bytes:
+    """The key that signs block URLs: 32 random bytes in HOME/secrets/url.key (0600),
+    made at first start. Replacing the file invalidates every outstanding URL."""
+    path = home / "secrets" / "url.key"
+    try:
+        key = path.read_bytes()
+        if len(key) == 32:
+            return key
+        log.warning("%s is damaged; making a new URL key", path)
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(mode=0o700, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, os.urandom(32))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    tmp.replace(path)
+    return path.read_bytes()
+
+
 def write_serve_info(home: Path, info: ServeInfo) -> Path:
     path = home / RUN_DIR / SERVE_INFO_NAME
     tmp = path.with_name(path.name + ".tmp")
@@ -200,6 +233,11 @@ async def run_appliance(config: ApplianceConfig, *, shutdown: trio.Event,
         port = int(sock.getsockname()[1])
         hc = hypercorn_config(config, sock)
         store = AsyncBlockStore(BlockStore(config.store, RepairQueue(config.database)))
+        meta = Metadata(config.database)
+        context = ApiContext(
+            meta=meta, store=store, url_key=ensure_url_key(config.home),
+            fingerprint=bytes.fromhex(fingerprint), appliance_id=config.appliance_id,
+            settings=api_settings(config))
         info = ServeInfo(
             url=f"https://{format_listen(config.listen_host, port)}", host=config.listen_host,
             port=port, pid=os.getpid(), appliance_id=config.appliance_id,
@@ -207,21 +245,28 @@ async def run_appliance(config: ApplianceConfig, *, shutdown: trio.Event,
         info_path: Path | None = None
         try:
             # Starlette's ASGI signature is looser than hypercorn's typed one; same protocol.
-            app = cast(ASGIFramework, create_app(store, config))
+            app = cast(ASGIFramework, create_app(store, context))
             async with trio.open_nursery() as nursery:
 
+                async def stop_requested() -> None:
+                    await shutdown.wait()
+                    context.notifier.close()  # end event streams: they would hold us up
+
                 async def serve_http(task_status: trio.TaskStatus[list[str]]) -> None:
-                    await hypercorn_serve(app, hc, shutdown_trigger=shutdown.wait,
+                    await hypercorn_serve(app, hc, shutdown_trigger=stop_requested,
                                           task_status=task_status)
                     nursery.cancel_scope.cancel()  # hypercorn is done: stop maintenance
 
                 await nursery.start(serve_http)
                 nursery.start_soon(_maintain, store, config)
+                nursery.start_soon(run_gc_loop, meta, store, context.block_locks,
+                                   config.gc_grace_s, config.gc_interval_s)
                 info_path = write_serve_info(config.home, info)
                 log.info("appliance %s listening on %s", config.appliance_id, info.url)
                 task_status.started(info)
         finally:
             store.close()
+            meta.close()
             if info_path is not None:
                 info_path.unlink(missing_ok=True)
             log.info("appliance stopped")

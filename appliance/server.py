@@ -9,6 +9,7 @@ unexpected is logged with its traceback and answered as 500 `internal` without d
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping
 from http import HTTPStatus
 from importlib.metadata import PackageNotFoundError, version
@@ -17,11 +18,20 @@ from typing import Any, Literal
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from appliance.config import ApplianceConfig
-from appliance.errors import CairnApplianceError
+from appliance.api import (
+    routes_accounts,
+    routes_blocks,
+    routes_changes,
+    routes_files,
+    routes_sharing,
+)
+from appliance.api.bodylimit import BodyLimit, MiB
+from appliance.api.context import ApiContext, CallerDep
+from appliance.errors import CairnApplianceError, RateLimitedError, RequestError
+from appliance.meta.tree import MAX_BLOCK_BYTES
 from appliance.storage.async_store import AsyncBlockStore
 
 log = logging.getLogger("cairnd.api")
@@ -37,6 +47,8 @@ def cairn_version() -> str:
 # --- response bodies (they also document the API in /openapi.json) ---------------------------
 
 class ErrorDetail(BaseModel):
+    model_config = ConfigDict(extra="allow")  # e.g. current_version on a 409
+
     code: str
     message: str
 
@@ -76,8 +88,9 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 # --- errors --------------------------------------------------------------------------------
 
 def error_response(status: int, code: str, message: str,
-                   headers: Mapping[str, str] | None = None) -> JSONResponse:
-    body = ErrorBody(error=ErrorDetail(code=code, message=message))
+                   headers: Mapping[str, str] | None = None,
+                   details: Mapping[str, Any] | None = None) -> JSONResponse:
+    body = ErrorBody(error=ErrorDetail(code=code, message=message, **(details or {})))
     return JSONResponse(body.model_dump(), status_code=status, headers=headers)
 
 
@@ -92,7 +105,14 @@ async def _on_cairn_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, CairnApplianceError)
     if exc.http_status >= 500:
         log.warning("%s %s failed: %s", request.method, request.url.path, exc.message)
-    return error_response(exc.http_status, exc.code, exc.message)
+    headers: dict[str, str] = {}
+    if isinstance(exc, RateLimitedError):
+        headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
+    elif exc.http_status == 401:
+        headers["WWW-Authenticate"] = 'Bearer realm="cairn"'
+    details = exc.details if isinstance(exc, RequestError) else None
+    return error_response(exc.http_status, exc.code, exc.message, headers=headers,
+                          details=details)
 
 
 async def _on_http_error(request: Request, exc: Exception) -> JSONResponse:
@@ -121,7 +141,7 @@ async def _on_unexpected_error(request: Request, exc: Exception) -> JSONResponse
 
 # --- the app -------------------------------------------------------------------------------
 
-def create_app(store: AsyncBlockStore, config: ApplianceConfig) -> FastAPI:
+def create_app(store: AsyncBlockStore, context: ApiContext) -> FastAPI:
     app = FastAPI(
         title="Cairn appliance",
         version=cairn_version(),
@@ -133,6 +153,15 @@ def create_app(store: AsyncBlockStore, config: ApplianceConfig) -> FastAPI:
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(Exception, _on_unexpected_error)
+    app.state.context = context
+    for module in (routes_accounts, routes_files, routes_blocks, routes_sharing,
+                   routes_changes):
+        app.include_router(module.router)
+    app.add_middleware(BodyLimit, rules=[
+        ("PUT", "/blocks/", MAX_BLOCK_BYTES),
+        ("POST", "/blocks", 16 * MiB),
+        ("POST", "/batch/", 32 * MiB),
+    ])
 
     @app.get("/health", response_model=Health, tags=["appliance"])
     async def health() -> Health:
@@ -142,15 +171,16 @@ def create_app(store: AsyncBlockStore, config: ApplianceConfig) -> FastAPI:
         ok = sum(1 for status in statuses if status.to_json()["state"] == "ok")
         return Health(
             status="ok" if ok == len(statuses) else "degraded",
-            appliance_id=config.appliance_id,
+            appliance_id=context.appliance_id,
             version=cairn_version(),
             disks=DiskCounts(ok=ok, total=len(statuses)),
         )
 
     @app.get("/disks", response_model=list[DiskInfo], tags=["appliance"])
-    async def disks() -> list[DiskInfo]:
+    async def disks(caller: CallerDep) -> list[DiskInfo]:
         """Every disk slot: path, state (ok, missing, blank, read-only, full, failing,
-        foreign), shard count and free space."""
+        foreign), shard count and free space. Needs a device token: paths and free space
+        are the appliance's business, not the LAN's."""
         statuses = await store.disk_status()
         return [DiskInfo.model_validate(status.to_json()) for status in statuses]
 

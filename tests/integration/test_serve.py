@@ -9,6 +9,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from api_helpers import add_user, enroll
 from cairnd_helpers import MakeHome, read_json, run_cairnd, serving
 
 from appliance.config import ApplianceConfig
@@ -46,7 +47,10 @@ def test_serve_health_disks_and_sigterm(home: ApplianceConfig) -> None:
             assert health.json()["appliance_id"] == home.appliance_id
             assert health.json()["disks"] == {"ok": 4, "total": 4}
 
-            disks = http.get(f"{server.url}/disks").json()
+            assert http.get(f"{server.url}/disks").status_code == 401  # devices only
+            device = enroll(server.url, home.tls_certificate, add_user(home.home, "admin"))
+            disks = device.ok(device.get("/disks"))
+            device.close()
             assert [d["name"] for d in disks] == ["disk0", "disk1", "disk2", "disk3"]
             assert {d["state"] for d in disks} == {"ok"}
 
@@ -77,7 +81,9 @@ def test_health_is_degraded_with_a_disk_missing(home: ApplianceConfig) -> None:
         body = http.get(f"{server.url}/health").json()
         assert body["status"] == "degraded"
         assert body["disks"] == {"ok": 3, "total": 4}
-        states = [d["state"] for d in http.get(f"{server.url}/disks").json()]
+        device = enroll(server.url, home.tls_certificate, add_user(home.home, "admin"))
+        states = [d["state"] for d in device.ok(device.get("/disks"))]
+        device.close()
         assert states == ["ok", "ok", "ok", "missing"]
         assert server.stop(signal.SIGINT) == 0
 

@@ -10,10 +10,12 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from appliance.config import ApplianceConfig
+from appliance.api.context import ApiContext, ApiSettings
+from appliance.credentials import enrollment_response
 from appliance.errors import BlockNotFoundError, InsufficientDisksError
+from appliance.meta import accounts
+from appliance.meta.database import Metadata
 from appliance.server import create_app
-from appliance.storage.settings import DiskSpec, StoreSettings
 
 
 @dataclass(frozen=True)
@@ -35,19 +37,44 @@ class FakeStore:
         return [FakeStatus(f"disk{i}", state) for i, state in enumerate(self.states)]
 
 
-def make_app(states: list[str]) -> FastAPI:
-    disks = tuple(DiskSpec(f"disk{i}", Path(f"/d/disk{i}")) for i in range(3))
-    config = ApplianceConfig(home=Path("/h"), store=StoreSettings(
-        "the-id", disks, data_shards=2, parity_shards=1))
-    return create_app(FakeStore(states), config)  # type: ignore[arg-type]
+@pytest.fixture
+def database(tmp_path: Path) -> Path:
+    return tmp_path / "appliance.db"
+
+
+def make_app(states: list[str], database: Path) -> FastAPI:
+    meta = Metadata(database)
+    store: Any = FakeStore(states)
+    context = ApiContext(meta=meta, store=store, url_key=b"k" * 32, fingerprint=b"f" * 32,
+                         appliance_id="the-id", settings=ApiSettings())
+    return create_app(store, context)
+
+
+def device_token(database: Path) -> str:
+    """A device of a new user, enrolled straight through the database."""
+    meta = Metadata(database)
+
+    def enroll(db: Any) -> str:
+        code, _ = accounts.issue_code(db, accounts.add_user(db, "admin"))
+        nonce = b"n" * 32
+        response = enrollment_response(code.key(), nonce, b"f" * 32)
+        outcome = accounts.redeem_code(db, code.code_id_text, nonce, response, b"f" * 32,
+                                       "console")
+        assert outcome is not None
+        return outcome[1]
+
+    try:
+        return meta.write_sync(enroll)
+    finally:
+        meta.close()
 
 
 def client(app: FastAPI) -> httpx.AsyncClient:
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t")
 
 
-async def test_health_ok() -> None:
-    async with client(make_app(["ok", "ok", "ok"])) as http:
+async def test_health_ok(database: Path) -> None:
+    async with client(make_app(["ok", "ok", "ok"], database)) as http:
         response = await http.get("/health")
     assert response.status_code == 200
     body = response.json()
@@ -57,16 +84,20 @@ async def test_health_ok() -> None:
     assert body["version"]
 
 
-async def test_health_degraded_when_a_disk_is_not_ok() -> None:
-    async with client(make_app(["ok", "missing", "read-only"])) as http:
+async def test_health_degraded_when_a_disk_is_not_ok(database: Path) -> None:
+    async with client(make_app(["ok", "missing", "read-only"], database)) as http:
         body = (await http.get("/health")).json()
     assert body["status"] == "degraded"
     assert body["disks"] == {"ok": 1, "total": 3}
 
 
-async def test_disks() -> None:
-    async with client(make_app(["ok", "blank", "ok"])) as http:
-        body = (await http.get("/disks")).json()
+async def test_disks_needs_a_device(database: Path) -> None:
+    token = device_token(database)
+    async with client(make_app(["ok", "blank", "ok"], database)) as http:
+        anonymous = await http.get("/disks")
+        body = (await http.get("/disks", headers={"Authorization": f"Bearer {token}"})).json()
+    assert anonymous.status_code == 401
+    assert anonymous.json()["error"]["code"] == "unauthorized"
     assert [d["state"] for d in body] == ["ok", "blank", "ok"]
     assert body[1]["path"] == "/d/disk1"
     assert body[0]["shard_count"] == 3
@@ -77,16 +108,16 @@ async def test_disks() -> None:
     ("POST", "/health", 405, "method_not_allowed"),
 ])
 async def test_http_errors_have_the_json_shape(method: str, path: str, status: int,
-                                               code: str) -> None:
-    async with client(make_app(["ok"] * 3)) as http:
+                                               code: str, database: Path) -> None:
+    async with client(make_app(["ok"] * 3, database)) as http:
         response = await http.request(method, path)
     assert response.status_code == status
     assert response.json()["error"]["code"] == code
     assert response.json()["error"]["message"]
 
 
-async def test_our_errors_validation_errors_and_crashes() -> None:
-    app = make_app(["ok"] * 3)
+async def test_our_errors_validation_errors_and_crashes(database: Path) -> None:
+    app = make_app(["ok"] * 3, database)
 
     @app.get("/raise/{kind}")
     async def raise_(kind: str, n: int = 0) -> dict[str, str]:
@@ -114,7 +145,7 @@ async def test_our_errors_validation_errors_and_crashes() -> None:
     assert "secret" not in crash.text
 
 
-async def test_openapi_document() -> None:
-    async with client(make_app(["ok"] * 3)) as http:
+async def test_openapi_document(database: Path) -> None:
+    async with client(make_app(["ok"] * 3, database)) as http:
         document = (await http.get("/openapi.json")).json()
     assert {"/health", "/disks"} <= set(document["paths"])

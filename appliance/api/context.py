@@ -1,0 +1,128 @@
+"""What every route needs: the metadata database, the block store, the URL key, the
+notifier and the rate limits; plus the `Caller` dependency that authenticates a device."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Annotated, TypeVar
+
+import apsw
+from fastapi import Depends, Request
+
+from appliance.api.locks import KeyedLocks
+from appliance.api.models import BlockUrl
+from appliance.api.notify import ChangeNotifier
+from appliance.api.ratelimit import RateLimiter
+from appliance.errors import UnauthorizedError
+from appliance.meta import accounts
+from appliance.meta.database import Metadata
+from appliance.meta.journal import Journal
+from appliance.meta.records import BlockRef, Device, User
+from appliance.presign import Method, sign_block_url
+from appliance.storage.async_store import AsyncBlockStore
+
+T = TypeVar("T")
+LAST_SEEN_EVERY_S = 60.0
+API_VERSION = "1"
+
+
+@dataclass
+class ApiSettings:
+    url_lifetime_s: float = 3600.0
+    rate_limit_per_s: float = 200.0
+    rate_limit_burst: float = 2000.0
+    anonymous_rate_per_s: float = 2.0      # enrollment, per client address
+    anonymous_burst: float = 20.0
+    heartbeat_s: float = 15.0
+    gc_grace_s: float = 7 * 24 * 3600.0
+
+
+@dataclass
+class ApiContext:
+    meta: Metadata
+    store: AsyncBlockStore
+    url_key: bytes
+    fingerprint: bytes          # SHA-256 of the appliance's certificate (DER)
+    appliance_id: str
+    settings: ApiSettings
+    notifier: ChangeNotifier = field(default_factory=ChangeNotifier)
+    block_locks: KeyedLocks = field(default_factory=KeyedLocks)
+    _last_seen: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.device_limits = RateLimiter(self.settings.rate_limit_per_s,
+                                         self.settings.rate_limit_burst)
+        self.anonymous_limits = RateLimiter(self.settings.anonymous_rate_per_s,
+                                            self.settings.anonymous_burst)
+
+    def sign(self, method: Method, block: BlockRef, device_id: str) -> BlockUrl:
+        expires = int(time.time() + self.settings.url_lifetime_s)
+        signed = sign_block_url(self.url_key, method, block.block_id, device_id, expires)
+        return BlockUrl(block_id=block.block_id, size=block.size, url=signed.url)
+
+    def urls_expire_at(self) -> int:
+        return int(time.time() + self.settings.url_lifetime_s)
+
+    async def change(self, device_id: str | None,
+                     fn: Callable[[apsw.Connection, Journal], T]) -> T:
+        """Run a write transaction with a journal; after it commits, wake the streams of
+        everyone it concerns."""
+        holder: list[Journal] = []
+
+        def run(db: apsw.Connection) -> T:
+            journal = Journal(db, device_id)
+            holder.append(journal)
+            return fn(db, journal)
+
+        result = await self.meta.write(run)
+        self.notifier.publish(holder[0].published)
+        return result
+
+    def should_touch(self, device_id: str, now: float) -> bool:
+        if now - self._last_seen.get(device_id, 0.0) < LAST_SEEN_EVERY_S:
+            return False
+        self._last_seen[device_id] = now
+        return True
+
+
+def context_of(request: Request) -> ApiContext:
+    context: ApiContext = request.app.state.context
+    return context
+
+
+@dataclass(frozen=True)
+class Caller:
+    device: Device
+    user: User
+
+
+def bearer_token(request: Request) -> str:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise UnauthorizedError("this route needs a device token: "
+                                "Authorization: Bearer <token>")
+    return token.strip()
+
+
+async def authenticated(request: Request) -> Caller:
+    context = context_of(request)
+    token = bearer_token(request)
+    device, user = await context.meta.read(
+        lambda db: _device_and_user(db, token))
+    now = time.time()
+    context.device_limits.check(device.id, time.monotonic())
+    if context.should_touch(device.id, now):
+        await context.meta.write(lambda db: accounts.touch_device(db, device.id, now))
+    return Caller(device, user)
+
+
+def _device_and_user(db: apsw.Connection, token: str) -> tuple[Device, User]:
+    device = accounts.authenticate(db, token)
+    return device, accounts.user_by_id(db, device.user_id)
+
+
+CallerDep = Annotated[Caller, Depends(authenticated)]
+ContextDep = Annotated[ApiContext, Depends(context_of)]

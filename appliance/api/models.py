@@ -1,0 +1,307 @@
+"""Request and response bodies. They validate input and document the API in /openapi.json.
+
+Binary values (ciphertext, keys, proofs) travel as standard base64 strings; ids are
+lowercase hex. Every limit a client can hit is stated here or in appliance.meta.tree.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from appliance.errors import BadRequestError
+from appliance.meta.records import Change, Grant, Node
+from appliance.meta.tree import MAX_BLOCK_BYTES, MAX_BLOCKS_PER_NODE
+
+NODE_ID_PATTERN = r"^[0-9a-f]{32}$"
+BLOCK_ID_PATTERN = r"^[0-9a-f]{64}$"
+MAX_BATCH_OPERATIONS = 1000
+MAX_BATCH_BLOCKS = 1000
+Base64 = str
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def decode_b64(value: str, field: str) -> bytes:
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise BadRequestError(f"{field} is not valid base64") from None
+
+
+def encode_b64(value: bytes) -> str:
+    return base64.b64encode(value).decode("ascii")
+
+
+# --- accounts ------------------------------------------------------------------------------
+
+class EnrollChallenge(Strict):
+    code_id: str = Field(min_length=8, max_length=8, description="The code's first 8 "
+                         "characters (without dashes).")
+    nonce: str = Field(min_length=64, max_length=64, pattern=r"^[0-9a-f]{64}$",
+                       description="32 random bytes, hex, chosen by the device.")
+
+
+class EnrollProof(BaseModel):
+    appliance_id: str
+    api_version: str
+    proof: str = Field(description="hex HMAC proving the appliance knows the code and "
+                       "serves the certificate the device sees; see docs/enrollment.md")
+
+
+class EnrollRedeem(EnrollChallenge):
+    response: str = Field(min_length=64, max_length=64, pattern=r"^[0-9a-f]{64}$")
+    device_name: str = Field(min_length=1, max_length=64)
+
+
+class EnrollResult(BaseModel):
+    device_id: str
+    token: str = Field(description="The device's bearer token. Shown once; keep it 0600.")
+    user: str
+    appliance_id: str
+
+
+class Me(BaseModel):
+    user: str
+    device_id: str
+    device_name: str
+    root_id: str | None
+    has_key_bundle: bool
+    latest_cursor: int
+
+
+class KeyBundle(BaseModel):
+    public_key: Base64 | None
+    bundle: Base64 | None
+    version: int
+
+
+class KeyBundleUpdate(Strict):
+    public_key: Base64 = Field(max_length=256)
+    bundle: Base64 = Field(max_length=65536)
+    base_version: int = Field(ge=0)
+
+
+class PublicKey(BaseModel):
+    user: str
+    public_key: Base64
+
+
+# --- nodes ---------------------------------------------------------------------------------
+
+class BlockIn(Strict):
+    id: str = Field(pattern=BLOCK_ID_PATTERN)
+    size: int = Field(gt=0, le=MAX_BLOCK_BYTES)
+
+
+class NodeCreate(Strict):
+    id: str | None = Field(None, pattern=NODE_ID_PATTERN, description="Optional client-"
+                           "chosen id: repeating a create with the same id and content "
+                           "is answered with the same node (safe retries).")
+    parent: str | None = Field(pattern=NODE_ID_PATTERN, description="null for the root")
+    kind: Literal["file", "dir"]
+    metadata: Base64 = Field(max_length=3_000_000)
+    wrapped_key: Base64 = Field(max_length=2048)
+    size: int = Field(0, ge=0)
+    blocks: list[BlockIn] = Field(default_factory=list, max_length=MAX_BLOCKS_PER_NODE)
+
+
+class NodeUpdate(Strict):
+    base_version: int = Field(ge=1, description="The version this change is based on; a "
+                              "stale one gets 409 with current_version.")
+    parent: str | None = Field(None, pattern=NODE_ID_PATTERN,
+                               description="Present to move the node under this folder.")
+    metadata: Base64 = Field(max_length=3_000_000)
+    wrapped_key: Base64 = Field(max_length=2048)
+    size: int | None = Field(None, ge=0, description="Required with blocks.")
+    blocks: list[BlockIn] | None = Field(None, max_length=MAX_BLOCKS_PER_NODE,
+                                         description="Omit to keep the current blocks.")
+
+
+class VersionBody(Strict):
+    base_version: int = Field(ge=1)
+
+
+class NodeOut(BaseModel):
+    id: str
+    owner: str
+    parent: str | None
+    kind: Literal["file", "dir"]
+    version: int
+    status: Literal["uploading", "uploaded"]
+    deleted: bool
+    deleted_at: float | None
+    size: int
+    block_count: int
+    metadata: Base64
+    wrapped_key: Base64
+    created_at: float
+    updated_at: float
+    updated_by: str | None
+
+    @staticmethod
+    def of(node: Node) -> NodeOut:
+        return NodeOut(
+            id=node.id, owner=node.owner_name, parent=node.parent_id, kind=node.kind,
+            version=node.version, status=node.status, deleted=node.deleted,
+            deleted_at=node.deleted_at, size=node.size, block_count=node.block_count,
+            metadata=encode_b64(node.metadata), wrapped_key=encode_b64(node.wrapped_key),
+            created_at=node.created_at, updated_at=node.updated_at, updated_by=node.updated_by)
+
+
+class BlockUrl(BaseModel):
+    block_id: str
+    size: int
+    url: str = Field(description="Path and query, relative to the appliance's base URL.")
+
+
+class NodeWrite(BaseModel):
+    """A created or updated node, with upload URLs for the blocks the appliance lacks."""
+
+    node: NodeOut
+    upload: list[BlockUrl]
+    urls_expire_at: int | None
+
+
+class NodeDetail(BaseModel):
+    node: NodeOut
+    method: Literal["GET", "PUT"] | None = Field(description="GET: download URLs for the "
+                                                 "node's blocks in order; PUT: upload URLs "
+                                                 "for the blocks still missing")
+    blocks: list[BlockUrl]
+    urls_expire_at: int | None
+
+
+class NodeList(BaseModel):
+    nodes: list[NodeOut]
+    next_after: str | None
+
+
+class ChangeOut(BaseModel):
+    cursor: int
+    node_id: str
+    version: int
+    kind: str
+    at: float
+    device_id: str | None
+    node: NodeOut | None = Field(None, description="The node as it is now, if the caller "
+                                 "can still see it (null after an unshare, say).")
+
+    @staticmethod
+    def of(change: Change, node: Node | None = None) -> ChangeOut:
+        return ChangeOut(cursor=change.cursor, node_id=change.node_id,
+                         version=change.version, kind=change.kind, at=change.at,
+                         device_id=change.device_id,
+                         node=None if node is None else NodeOut.of(node))
+
+
+class NodeHistory(BaseModel):
+    node_id: str
+    changes: list[ChangeOut]
+
+
+class ChangesPage(BaseModel):
+    changes: list[ChangeOut]
+    cursor: int = Field(description="Pass this as ?cursor= next time.")
+    has_more: bool
+
+
+# --- sharing -------------------------------------------------------------------------------
+
+class GrantIn(Strict):
+    user: str = Field(min_length=1, max_length=32)
+    wrapped_key: Base64 = Field(max_length=2048)
+
+
+class ShareRequest(Strict):
+    grants: list[GrantIn] = Field(min_length=1, max_length=100)
+
+
+class GrantOut(BaseModel):
+    user: str
+    node_id: str
+    wrapped_key: Base64
+    granted_at: float
+
+    @staticmethod
+    def of(grant: Grant) -> GrantOut:
+        return GrantOut(user=grant.user_name, node_id=grant.node_id,
+                        wrapped_key=encode_b64(grant.wrapped_key), granted_at=grant.granted_at)
+
+
+class Grants(BaseModel):
+    grants: list[GrantOut]
+
+
+class SharedItem(BaseModel):
+    node: NodeOut
+    owner: str
+    wrapped_key: Base64 = Field(description="The node key wrapped for your public key.")
+    granted_at: float
+
+
+class SharedWithMe(BaseModel):
+    items: list[SharedItem]
+
+
+# --- batches -------------------------------------------------------------------------------
+
+class BatchCreate(NodeCreate):
+    op: Literal["create"]
+
+
+class BatchUpdate(NodeUpdate):
+    op: Literal["update"]
+    node_id: str = Field(pattern=NODE_ID_PATTERN)
+
+
+class BatchDelete(VersionBody):
+    op: Literal["delete"]
+    node_id: str = Field(pattern=NODE_ID_PATTERN)
+
+
+class BatchRequest(Strict):
+    operations: list[BatchCreate | BatchUpdate | BatchDelete] = Field(
+        min_length=1, max_length=MAX_BATCH_OPERATIONS,
+        description="Applied in order in one transaction; each succeeds or fails alone.")
+
+
+class ErrorInfo(BaseModel):
+    code: str
+    message: str
+
+
+class BatchResult(BaseModel):
+    ok: bool
+    result: NodeWrite | None = None
+    error: ErrorInfo | None = None
+
+
+class BatchResponse(BaseModel):
+    results: list[BatchResult]
+
+
+class BlockData(Strict):
+    id: str = Field(pattern=BLOCK_ID_PATTERN)
+    data: Base64 = Field(max_length=(MAX_BLOCK_BYTES * 4) // 3 + 8)
+
+
+class BlockBatch(Strict):
+    blocks: list[BlockData] = Field(min_length=1, max_length=MAX_BATCH_BLOCKS)
+
+
+class BlockStored(BaseModel):
+    block_id: str
+    ok: bool
+    completed_nodes: list[str] = Field(default_factory=list,
+                                       description="Nodes this block made `uploaded`.")
+    error: ErrorInfo | None = None
+
+
+class BlockBatchResult(BaseModel):
+    results: list[BlockStored]

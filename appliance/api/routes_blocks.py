@@ -1,0 +1,230 @@
+"""The data plane: PUT and GET of single blocks on pre-signed URLs, and the batch upload
+of small blocks with a device token.
+
+A stored block is durable in the block store before the database says so; the node that
+was waiting for its last block becomes `uploaded` in the same transaction that records the
+block, and the change is published. A crash in between leaves the block to be sent again
+(the upload is idempotent), never a node `uploaded` with a block missing.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from contextlib import AsyncExitStack
+
+import apsw
+import blake3
+import trio
+from fastapi import APIRouter, Request, Response
+
+from appliance.api.context import ApiContext, CallerDep, ContextDep, context_of
+from appliance.api.models import (
+    BlockBatch,
+    BlockBatchResult,
+    BlockStored,
+    ErrorInfo,
+    decode_b64,
+)
+from appliance.errors import (
+    BadRequestError,
+    BlockIdMismatchError,
+    CairnApplianceError,
+    ForbiddenError,
+    NotFoundError,
+    PayloadTooLargeError,
+    RequestError,
+)
+from appliance.meta import accounts, tree
+from appliance.meta.journal import Journal
+from appliance.meta.tree import MAX_BLOCK_BYTES
+from appliance.presign import BLOCK_PATH_PREFIX, UrlRefused, verify_block_url
+
+router = APIRouter(tags=["blocks"])
+_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+MAX_BATCH_BLOCK_BYTES = 64 * 1024
+BATCH_PARALLELISM = 16
+
+
+class RangeNotSatisfiable(RequestError):
+    code = "range_not_satisfiable"
+    http_status = 416
+
+
+def parse_range(header: str | None, length: int) -> tuple[int, int] | None:
+    """(start, end exclusive) for a single `bytes=` range; None for the whole block.
+    Raises RangeNotSatisfiable for a range outside the block or a malformed one."""
+    if header is None:
+        return None
+    match = _RANGE.match(header.strip())
+    if match is None or match.group(1) == match.group(2) == "":
+        raise RangeNotSatisfiable(f"unsupported Range {header[:60]!r}: use one "
+                                  "bytes=START-END range")
+    first, last = match.group(1), match.group(2)
+    if first == "":
+        start, end = max(0, length - int(last)), length
+    else:
+        start = int(first)
+        end = length if last == "" else min(length, int(last) + 1)
+    if start >= length or start >= end:
+        raise RangeNotSatisfiable(f"range {header[:60]!r} is outside the block "
+                                  f"({length} bytes)")
+    return start, end
+
+
+async def _check_url(request: Request, context: ApiContext, method: str, block_id: str,
+                     exp: str | None, dev: str | None, sig: str | None) -> str:
+    try:
+        verify_block_url(context.url_key, method, BLOCK_PATH_PREFIX + block_id, exp, dev,
+                         sig, time.time())
+    except UrlRefused as exc:
+        raise ForbiddenError(f"refused: {exc.reason}") from None
+    assert dev is not None
+    try:
+        device = await context.meta.read(lambda db: accounts.device_by_id(db, dev))
+    except NotFoundError:
+        raise ForbiddenError("refused: the URL's device does not exist") from None
+    if device.revoked_at is not None:
+        raise ForbiddenError("refused: the URL's device has been revoked")
+    context.device_limits.check(device.id, time.monotonic())
+    return device.id
+
+
+async def store_block(context: ApiContext, device_id: str, block_id: str,
+                      data: bytes) -> list[str]:
+    """Store a block (verifying its BLAKE3 id) and record it; returns the nodes it
+    completed. Idempotent: a block already stored is only verified."""
+    tree.check_block_id(block_id)
+    async with context.block_locks.hold(block_id):
+        stored = await context.meta.read(lambda db: tree.block_is_stored(db, block_id))
+        if stored:
+            digest = await trio.to_thread.run_sync(lambda: blake3.blake3(data).hexdigest())
+            if digest != block_id:
+                raise BlockIdMismatchError("the block's bytes do not hash to its id")
+        else:
+            await context.store.put(block_id, data)
+        completed = await context.change(device_id, lambda db, journal: tree.mark_block_stored(
+            db, block_id, len(data), journal))
+    return [node.id for node in completed]
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLargeError(f"a block has at most {limit} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise PayloadTooLargeError(f"a block has at most {limit} bytes")
+    return bytes(body)
+
+
+@router.put("/blocks/{block_id}", response_model=BlockStored,
+            openapi_extra={"requestBody": {"required": True, "content": {
+                "application/octet-stream": {"schema": {"type": "string",
+                                                        "format": "binary"}}}}})
+async def put_block(block_id: str, request: Request,
+                    exp: str | None = None, dev: str | None = None,
+                    sig: str | None = None) -> BlockStored:
+    """Upload one block to a pre-signed URL (from POST/PUT /files). The body is the
+    block's ciphertext; its BLAKE3 must be the id. Safe to repeat."""
+    context = context_of(request)
+    device_id = await _check_url(request, context, "PUT", block_id, exp, dev, sig)
+    data = await _read_body(request, MAX_BLOCK_BYTES)
+    if not data:
+        raise BadRequestError("a block cannot be empty")
+    completed = await store_block(context, device_id, block_id, data)
+    return BlockStored(block_id=block_id, ok=True, completed_nodes=completed)
+
+
+@router.get("/blocks/{block_id}", response_class=Response,
+            responses={200: {"content": {"application/octet-stream": {}}},
+                       206: {"content": {"application/octet-stream": {}},
+                             "description": "partial content (Range)"}})
+async def get_block(block_id: str, request: Request, exp: str | None = None,
+                    dev: str | None = None, sig: str | None = None) -> Response:
+    """Download one block from a pre-signed URL; supports a single `Range`."""
+    context = context_of(request)
+    await _check_url(request, context, "GET", block_id, exp, dev, sig)
+    data = await context.store.get(tree.check_block_id(block_id))
+    span = parse_range(request.headers.get("range"), len(data))
+    headers = {"Accept-Ranges": "bytes", "Cache-Control": "private, max-age=31536000, "
+               "immutable", "ETag": f'"{block_id}"'}
+    if span is None:
+        return Response(data, media_type="application/octet-stream", headers=headers)
+    start, end = span
+    headers["Content-Range"] = f"bytes {start}-{end - 1}/{len(data)}"
+    return Response(data[start:end], status_code=206, media_type="application/octet-stream",
+                    headers=headers)
+
+
+@router.post("/blocks", response_model=BlockBatchResult)
+async def put_blocks(body: BlockBatch, caller: CallerDep,
+                     context: ContextDep) -> BlockBatchResult:
+    """Upload many small blocks (each up to 64 KiB) in one request, with the device
+    token instead of URLs. Each must be awaited by one of the caller's uploading nodes
+    (or already stored); each succeeds or fails on its own. The blocks are written
+    concurrently and recorded in one transaction."""
+    errors: dict[str, ErrorInfo] = {}
+    blocks: dict[str, bytes] = {}
+    for item in body.blocks:
+        try:
+            data = decode_b64(item.data, f"block {item.id[:16]}")
+            if not 0 < len(data) <= MAX_BATCH_BLOCK_BYTES:
+                raise BadRequestError(f"batched blocks have 1 to {MAX_BATCH_BLOCK_BYTES} "
+                                      "bytes; send bigger ones to their URL")
+            blocks[item.id] = data
+        except RequestError as exc:
+            errors[item.id] = ErrorInfo(code=exc.code, message=exc.message)
+
+    def triage(db: apsw.Connection) -> dict[str, bool]:
+        """block id -> already stored, for the blocks the caller may send."""
+        allowed = {}
+        for block_id in blocks:
+            stored = tree.block_is_stored(db, block_id)
+            if stored or tree.user_awaits_block(db, caller.user.id, block_id):
+                allowed[block_id] = stored
+            else:
+                errors[block_id] = ErrorInfo(code="forbidden", message="no node of yours "
+                                             "is waiting for this block")
+        return allowed
+
+    completed: dict[str, list[str]] = {}
+    async with AsyncExitStack() as locks:
+        for block_id in sorted(blocks):
+            await locks.enter_async_context(context.block_locks.hold(block_id))
+        allowed = await context.meta.read(triage)
+        limiter = trio.CapacityLimiter(BATCH_PARALLELISM)
+        done: list[str] = []
+
+        async def put_one(block_id: str, stored: bool) -> None:
+            async with limiter:
+                try:
+                    if stored:
+                        if await trio.to_thread.run_sync(
+                                lambda: blake3.blake3(blocks[block_id]).hexdigest()) \
+                                != block_id:
+                            raise BlockIdMismatchError("the block's bytes do not hash to "
+                                                       "its id")
+                    else:
+                        await context.store.put(block_id, blocks[block_id])
+                    done.append(block_id)
+                except CairnApplianceError as exc:
+                    errors[block_id] = ErrorInfo(code=exc.code, message=exc.message)
+
+        async with trio.open_nursery() as nursery:
+            for block_id, stored in allowed.items():
+                nursery.start_soon(put_one, block_id, stored)
+
+        def record(db: apsw.Connection, journal: Journal) -> None:
+            for block_id in done:
+                nodes = tree.mark_block_stored(db, block_id, len(blocks[block_id]), journal)
+                completed[block_id] = [node.id for node in nodes]
+
+        if done:
+            await context.change(caller.device.id, record)
+    return BlockBatchResult(results=[
+        BlockStored(block_id=item.id, ok=item.id in completed,
+                    completed_nodes=completed.get(item.id, []), error=errors.get(item.id))
+        for item in body.blocks])

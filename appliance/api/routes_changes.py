@@ -1,0 +1,76 @@
+"""The changes feed (pull, by cursor) and the event stream (push of new cursors)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+import apsw
+from fastapi import APIRouter, Query
+from fastapi.responses import StreamingResponse
+
+from appliance.api.context import CallerDep, ContextDep
+from appliance.api.models import ChangeOut, ChangesPage
+from appliance.meta import journal, tree
+from appliance.meta.records import Node
+
+router = APIRouter(tags=["changes"])
+MAX_PAGE = 5000
+
+
+@router.get("/changes", response_model=ChangesPage)
+async def changes(caller: CallerDep, context: ContextDep,
+                  cursor: Annotated[int, Query(ge=0)] = 0,
+                  limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 1000) -> ChangesPage:
+    """Every change after `cursor` to nodes the caller can see (their tree and what is
+    shared with them), oldest first, each with the node as it is now. Read by index: the
+    cost follows the number of changes returned, not the size of the tree."""
+    user_id = caller.user.id
+
+    def read(db: apsw.Connection) -> ChangesPage:
+        page = journal.feed_page(db, user_id, cursor, limit + 1)
+        visible: dict[str, Node | None] = {}
+        entries = []
+        for change in page[:limit]:
+            if change.node_id not in visible:
+                node = tree.find_node(db, change.node_id)
+                visible[change.node_id] = node if node is not None and tree.can_read(
+                    db, user_id, node) else None
+            entries.append(ChangeOut.of(change, visible[change.node_id]))
+        return ChangesPage(changes=entries,
+                           cursor=entries[-1].cursor if entries else cursor,
+                           has_more=len(page) > limit)
+    return await context.meta.read(read)
+
+
+@router.get("/events", response_class=StreamingResponse,
+            responses={200: {"content": {"text/event-stream": {}},
+                             "description": "server-sent events"}})
+async def events(caller: CallerDep, context: ContextDep,
+                 cursor: Annotated[int | None, Query(ge=0)] = None,
+                 heartbeat: Annotated[float | None, Query(ge=0.5, le=300)] = None,
+                 ) -> StreamingResponse:
+    """A server-sent-events stream: `event: cursor` with `{"cursor": N}` whenever changes
+    the caller can see are committed (then pull GET /changes), and `event: heartbeat`
+    every `heartbeat` seconds (15 by default) so dead connections are noticed. Starts with
+    the newest cursor, or with nothing if `cursor` is already the newest."""
+    user_id = caller.user.id
+    interval = heartbeat or context.settings.heartbeat_s
+    latest = max(await context.meta.read(lambda db: journal.latest_cursor(db, user_id)),
+                 context.notifier.latest(user_id))
+
+    async def stream() -> AsyncIterator[str]:
+        sent = -1 if cursor is None else cursor
+        newest: int | None = latest
+        yield "retry: 1000\n\n"
+        while not context.notifier.closed:
+            if newest is not None and newest > sent:
+                yield f"event: cursor\nid: {newest}\ndata: {json.dumps({'cursor': newest})}\n\n"
+                sent = newest
+            newest = await context.notifier.wait_beyond(user_id, sent, interval)
+            if newest is None and not context.notifier.closed:
+                yield "event: heartbeat\ndata: {}\n\n"
+
+    return StreamingResponse(stream(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
