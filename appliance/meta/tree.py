@@ -53,7 +53,7 @@ class NodeContent:
 
     metadata: bytes
     wrapped_key: bytes
-    size: int
+    size: int                                   # -1 in an update without blocks: keep
     blocks: tuple[BlockRef, ...] | None = None  # None in an update: keep the blocks
 
     @property
@@ -336,7 +336,8 @@ def update_node(db: apsw.Connection, user: User, journal: Journal, node_id: str,
     new_parent = parent_id if move else node.parent_id
     keep_blocks = content is not None and content.blocks is None
     if content is not None and content.blocks is None:
-        content = replace(content, blocks=tuple(node_blocks(db, node.id)))
+        content = replace(content, blocks=tuple(node_blocks(db, node.id)),
+                          size=node.size if content.size < 0 else content.size)
     if content is not None and node.version == base_version + 1 \
             and node.updated_by == journal.device_id \
             and node.content_tag == content.tag(node.kind, new_parent):

@@ -1,0 +1,420 @@
+"""The appliance API end to end: a real `cairnd serve` on 127.0.0.1:0 and real httpx
+clients enrolled with one-time codes, as agents will use it."""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from api_helpers import (
+    Device,
+    add_user,
+    b64,
+    block,
+    create_file,
+    download,
+    enroll,
+    make_root,
+    new_code,
+    new_node_id,
+    upload,
+)
+from cairnd_helpers import MakeHome, RunningAppliance, serving
+
+from appliance.config import ApplianceConfig
+
+
+@pytest.fixture(scope="module")
+def appliance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[
+        tuple[ApplianceConfig, RunningAppliance]]:
+    from appliance.home import init_home
+
+    config = init_home(tmp_path_factory.mktemp("api") / "appliance", disks=4,
+                       data_shards=2, parity_shards=1, reserve_free_bytes=0,
+                       listen="127.0.0.1:0")
+    with serving(config.home) as server:
+        yield config, server
+        assert server.stop() == 0
+        assert "Traceback" not in server.stderr()
+
+
+@pytest.fixture(scope="module")
+def users(appliance: tuple[ApplianceConfig, RunningAppliance]) -> Iterator[dict[str, Device]]:
+    config, server = appliance
+    devices = {name: enroll(server.url, config.tls_certificate, add_user(config.home, name))
+               for name in ("alice", "bob")}
+    devices["alice2"] = enroll(server.url, config.tls_certificate,
+                               new_code(config.home, "alice"), "phone")
+    devices["roots"] = {name: make_root(devices[name])["id"]  # type: ignore[assignment]
+                        for name in ("alice", "bob")}
+    yield devices
+    for name in ("alice", "bob", "alice2"):
+        devices[name].close()
+
+
+def root_of(users: dict[str, Any], name: str) -> str:
+    return str(users["roots"][name])
+
+
+def mkdir(device: Device, parent: str) -> dict[str, Any]:
+    return dict(device.ok(device.post("/files", json={
+        "parent": parent, "kind": "dir", "metadata": b64(b"dir"),
+        "wrapped_key": b64(b"k")}), 201)["node"])
+
+
+def test_second_device_of_a_user_sees_the_same_tree(users: dict[str, Any]) -> None:
+    alice, phone = users["alice"], users["alice2"]
+    me, me2 = alice.ok(alice.get("/me")), phone.ok(phone.get("/me"))
+    assert me["user"] == me2["user"] == "alice"
+    assert me["device_id"] != me2["device_id"]
+    assert me2["root_id"] == root_of(users, "alice")
+    again = alice.post("/files", json={"parent": None, "kind": "dir",
+                                       "metadata": b64(b"x"), "wrapped_key": b64(b"k")})
+    assert again.status_code == 409
+    assert again.json()["error"]["root_id"] == root_of(users, "alice")
+
+
+def test_create_resumable_upload_download_and_dedup(users: dict[str, Any]) -> None:
+    alice = users["alice"]
+    blocks = [os.urandom(4 * 1024 * 1024), os.urandom(70_000), os.urandom(10)]
+    node_id = new_node_id()
+    created = create_file(alice, root_of(users, "alice"), blocks, node_id=node_id)
+    assert created["node"]["status"] == "uploading"
+    assert created["node"]["block_count"] == 3
+    assert {u["block_id"] for u in created["upload"]} == {block(b)["id"] for b in blocks}
+
+    upload(alice, created["upload"][:1], blocks)  # then the "agent" is interrupted
+    resumed = create_file(alice, root_of(users, "alice"), blocks, node_id=node_id)
+    assert resumed["node"]["version"] == 1
+    assert len(resumed["upload"]) == 2  # only what is still missing
+    detail = alice.ok(alice.get(f"/files/{node_id}"))
+    assert detail["method"] == "PUT" and len(detail["blocks"]) == 2
+
+    upload(alice, resumed["upload"], blocks)
+    assert alice.ok(alice.get(f"/files/{node_id}"))["node"]["status"] == "uploaded"
+    assert download(alice, node_id) == b"".join(blocks)
+
+    # The same content again is deduplicated: nothing to upload, uploaded at once.
+    copy = create_file(alice, root_of(users, "alice"), blocks)
+    assert copy["upload"] == [] and copy["node"]["status"] == "uploaded"
+
+    # Range on a block.
+    first = alice.ok(alice.get(f"/files/{node_id}"))["blocks"][0]
+    part = alice.client.get(first["url"], headers={"Range": "bytes=100-199"})
+    assert part.status_code == 206
+    assert part.content == blocks[0][100:200]
+    assert part.headers["content-range"] == f"bytes 100-199/{len(blocks[0])}"
+
+    # A repeated PUT of a stored block is fine (idempotent).
+    again = alice.client.put(created["upload"][0]["url"], content=next(
+        b for b in blocks if block(b)["id"] == created["upload"][0]["block_id"]))
+    assert again.status_code == 200
+
+
+def test_empty_file_is_uploaded_at_once(users: dict[str, Any]) -> None:
+    alice = users["alice"]
+    created = create_file(alice, root_of(users, "alice"), [])
+    assert created["node"]["status"] == "uploaded" and created["upload"] == []
+    assert download(alice, created["node"]["id"]) == b""
+
+
+def test_new_versions_conflicts_and_history(users: dict[str, Any]) -> None:
+    alice, phone = users["alice"], users["alice2"]
+    node = create_file(alice, root_of(users, "alice"), [b"version one"])
+    upload(alice, node["upload"], [b"version one"])
+    node_id = node["node"]["id"]
+
+    two = b"version two"
+    update = {"base_version": 1, "metadata": b64(b"meta2"), "wrapped_key": b64(b"wrapped"),
+              "size": len(two), "blocks": [block(two)]}
+    updated = alice.ok(alice.put(f"/files/{node_id}", json=update))
+    assert updated["node"]["version"] == 2 and updated["node"]["status"] == "uploading"
+    # The same device retrying the same update (its answer was lost) gets the same node.
+    retried = alice.ok(alice.put(f"/files/{node_id}", json=update))
+    assert retried["node"]["version"] == 2 and len(retried["upload"]) == 1
+    upload(alice, updated["upload"], [two])
+
+    # The phone edited version 1 meanwhile: refused, nothing overwritten.
+    stale = phone.put(f"/files/{node_id}", json={**update, "metadata": b64(b"phone")})
+    assert stale.status_code == 409
+    assert stale.json()["error"]["code"] == "conflict"
+    assert stale.json()["error"]["current_version"] == 2
+    assert download(alice, node_id) == two
+
+    # A metadata-only change (a rename) keeps the blocks.
+    renamed = phone.ok(phone.put(f"/files/{node_id}", json={
+        "base_version": 2, "metadata": b64(b"renamed"), "wrapped_key": b64(b"wrapped")}))
+    assert renamed["node"]["version"] == 3 and renamed["node"]["status"] == "uploaded"
+    assert download(phone, node_id) == two
+
+    history = alice.ok(alice.get(f"/files/{node_id}/changes"))["changes"]
+    assert [(c["version"], c["kind"]) for c in history] == [
+        (1, "created"), (1, "uploaded"), (2, "updated"), (2, "uploaded"), (3, "updated")]
+    assert history[-1]["device_id"] == phone.device_id
+    since = alice.ok(alice.get(f"/files/{node_id}/changes", params={"since_version": 2}))
+    assert [c["version"] for c in since["changes"]] == [3]
+
+
+def test_move_and_its_limits(users: dict[str, Any]) -> None:
+    alice = users["alice"]
+    a, b = mkdir(alice, root_of(users, "alice")), mkdir(alice, root_of(users, "alice"))
+    inner = mkdir(alice, a["id"])
+    file = create_file(alice, a["id"], [b"moving"])["node"]
+    moved = alice.ok(alice.put(f"/files/{file['id']}", json={
+        "base_version": 1, "parent": b["id"], "metadata": b64(b"m"),
+        "wrapped_key": b64(b"rewrapped for b")}))
+    assert moved["node"]["parent"] == b["id"] and moved["node"]["version"] == 2
+    in_b = alice.ok(alice.get(f"/files/{b['id']}/children"))["nodes"]
+    assert [n["id"] for n in in_b] == [file["id"]]
+    in_a = alice.ok(alice.get(f"/files/{a['id']}/children"))["nodes"]
+    assert [n["id"] for n in in_a] == [inner["id"]]
+
+    into_itself = alice.put(f"/files/{a['id']}", json={
+        "base_version": 1, "parent": inner["id"], "metadata": b64(b"m"),
+        "wrapped_key": b64(b"k")})
+    assert into_itself.status_code == 400
+    root_move = alice.put(f"/files/{root_of(users, 'alice')}", json={
+        "base_version": 1, "parent": a["id"], "metadata": b64(b"m"), "wrapped_key": b64(b"k")})
+    assert root_move.status_code == 400
+    under_file = alice.put(f"/files/{inner['id']}", json={
+        "base_version": 1, "parent": file["id"], "metadata": b64(b"m"),
+        "wrapped_key": b64(b"k")})
+    assert under_file.status_code == 400
+
+
+def test_delete_and_restore_a_folder(users: dict[str, Any]) -> None:
+    alice = users["alice"]
+    folder = mkdir(alice, root_of(users, "alice"))
+    data = os.urandom(100_000)
+    file = create_file(alice, folder["id"], [data])
+    upload(alice, file["upload"], [data])
+    file_id = file["node"]["id"]
+
+    stale = alice.delete(f"/files/{folder['id']}", params={"base_version": 7})
+    assert stale.status_code == 409
+    deleted = alice.ok(alice.delete(f"/files/{folder['id']}", params={"base_version": 1}))
+    assert deleted["deleted"] and deleted["version"] == 2
+    assert alice.ok(alice.get(f"/files/{file_id}"))["node"]["deleted"]
+    listing = alice.ok(alice.get(f"/files/{root_of(users, 'alice')}/children"))["nodes"]
+    assert folder["id"] not in {n["id"] for n in listing}
+    trash = alice.ok(alice.get("/trash"))["nodes"]
+    assert [n["id"] for n in trash][:1] == [folder["id"]]  # the file went along with it
+    assert file_id not in {n["id"] for n in trash}
+    # Deleted nodes cannot be changed, and nothing can be created inside them.
+    assert alice.put(f"/files/{file_id}", json={
+        "base_version": 2, "metadata": b64(b"x"), "wrapped_key": b64(b"k")}).status_code == 409
+    assert alice.post("/files", json={
+        "parent": folder["id"], "kind": "dir", "metadata": b64(b"x"),
+        "wrapped_key": b64(b"k")}).status_code == 409
+
+    restored = alice.ok(alice.post(f"/files/{folder['id']}/restore",
+                                   json={"base_version": 2}))
+    assert not restored["deleted"] and restored["version"] == 3
+    assert download(alice, file_id) == data
+    kinds = [c["kind"] for c in alice.ok(alice.get(f"/files/{file_id}/changes"))["changes"]]
+    assert kinds[-2:] == ["deleted", "restored"]
+
+
+def test_sharing_a_folder_covers_its_subtree_until_revoked(users: dict[str, Any]) -> None:
+    alice, bob = users["alice"], users["bob"]
+    shared = mkdir(alice, root_of(users, "alice"))
+    sub = mkdir(alice, shared["id"])
+    data = b"for bob's eyes"
+    file = create_file(alice, sub["id"], [data])
+    upload(alice, file["upload"], [data])
+    private = create_file(alice, root_of(users, "alice"), [b"private"])["node"]
+    file_id = file["node"]["id"]
+    bob_cursor = bob.ok(bob.get("/me"))["latest_cursor"]
+
+    assert bob.get(f"/files/{file_id}").status_code == 404
+    grants = alice.ok(alice.post(f"/files/{shared['id']}/share", json={
+        "grants": [{"user": "bob", "wrapped_key": b64(b"key for bob")}]}))["grants"]
+    assert [g["user"] for g in grants] == ["bob"]
+
+    items = bob.ok(bob.get("/shared-with-me"))["items"]
+    assert [(i["node"]["id"], i["owner"], i["wrapped_key"]) for i in items] == [
+        (shared["id"], "alice", b64(b"key for bob"))]
+    assert download(bob, file_id) == data  # two levels down
+    assert [n["id"] for n in bob.ok(bob.get(f"/files/{shared['id']}/children"))["nodes"]] \
+        == [sub["id"]]
+    assert bob.get(f"/files/{private['id']}").status_code == 404
+    # Read-only: bob cannot change what alice shared.
+    refused = bob.put(f"/files/{file_id}", json={
+        "base_version": 2, "metadata": b64(b"bob"), "wrapped_key": b64(b"k")})
+    assert refused.status_code == 403
+    feed = bob.ok(bob.get("/changes", params={"cursor": bob_cursor}))
+    assert [(c["node_id"], c["kind"]) for c in feed["changes"]] == [(shared["id"], "shared")]
+
+    # A change inside the shared folder reaches bob's feed too.
+    alice.ok(alice.put(f"/files/{file_id}", json={
+        "base_version": 1, "metadata": b64(b"renamed"), "wrapped_key": b64(b"wrapped")}))
+    feed = bob.ok(bob.get("/changes", params={"cursor": feed["cursor"]}))
+    assert [(c["node_id"], c["kind"]) for c in feed["changes"]] == [(file_id, "updated")]
+
+    urls = bob.ok(bob.get(f"/files/{file_id}"))["blocks"]
+    alice.client.delete(f"/files/{shared['id']}/share/bob").raise_for_status()
+    assert bob.get(f"/files/{file_id}").status_code == 404
+    assert bob.ok(bob.get("/shared-with-me"))["items"] == []
+    feed = bob.ok(bob.get("/changes", params={"cursor": feed["cursor"]}))
+    assert [(c["node_id"], c["kind"], c["node"]) for c in feed["changes"]] == [
+        (shared["id"], "unshared", None)]
+    # Unsharing twice, or with someone it was never shared with: 404.
+    assert alice.delete(f"/files/{shared['id']}/share/bob").status_code == 404
+    assert urls  # URLs issued before the revocation expire on their own (url_lifetime_s)
+
+
+def test_changes_feed_pages_in_order(users: dict[str, Any]) -> None:
+    alice, phone = users["alice"], users["alice2"]
+    start = phone.ok(phone.get("/me"))["latest_cursor"]
+    folder = mkdir(alice, root_of(users, "alice"))
+    ids = [create_file(alice, folder["id"], [])["node"]["id"] for _ in range(5)]
+    first = phone.ok(phone.get("/changes", params={"cursor": start, "limit": 4}))
+    assert first["has_more"] and len(first["changes"]) == 4
+    rest = phone.ok(phone.get("/changes", params={"cursor": first["cursor"], "limit": 100}))
+    assert not rest["has_more"]
+    seen = [c["node_id"] for c in first["changes"] + rest["changes"]]
+    assert seen == [folder["id"], *ids]
+    cursors = [c["cursor"] for c in first["changes"] + rest["changes"]]
+    assert cursors == sorted(cursors) and len(set(cursors)) == len(cursors)
+    empty = phone.ok(phone.get("/changes", params={"cursor": rest["cursor"]}))
+    assert empty == {"changes": [], "cursor": rest["cursor"], "has_more": False}
+
+
+def _read_events(device: Device, params: dict[str, Any], out: queue.Queue[tuple[str, str]],
+                 stop: threading.Event) -> None:
+    with device.client.stream("GET", "/events", params=params,
+                              timeout=httpx.Timeout(30, read=10)) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        event = ""
+        for line in response.iter_lines():
+            if stop.is_set():
+                return
+            if line.startswith("event: "):
+                event = line.removeprefix("event: ")
+            elif line.startswith("data: "):
+                out.put((event, line.removeprefix("data: ")))
+
+
+def test_event_stream_pushes_cursors_and_heartbeats(users: dict[str, Any]) -> None:
+    alice, phone = users["alice"], users["alice2"]
+    start = phone.ok(phone.get("/me"))["latest_cursor"]
+    events: queue.Queue[tuple[str, str]] = queue.Queue()
+    stop = threading.Event()
+    reader = threading.Thread(target=_read_events, daemon=True, args=(
+        phone, {"cursor": start, "heartbeat": 0.5}, events, stop))
+    reader.start()
+    try:
+        assert events.get(timeout=5) == ("heartbeat", "{}")  # nothing new yet
+        began = time.monotonic()
+        created = create_file(alice, root_of(users, "alice"), [])
+        while True:
+            kind, data = events.get(timeout=5)
+            if kind == "cursor":
+                break
+        latency = time.monotonic() - began
+        cursor = int(data.split(":")[1].strip(" }"))
+        feed = phone.ok(phone.get("/changes", params={"cursor": start}))
+        assert feed["cursor"] == cursor
+        assert feed["changes"][-1]["node_id"] == created["node"]["id"]
+        assert latency < 2.0
+    finally:
+        stop.set()
+        create_file(alice, root_of(users, "alice"), [])  # wake the reader so it ends
+        reader.join(timeout=15)
+
+
+def test_batches_of_nodes_and_small_blocks(users: dict[str, Any]) -> None:
+    alice = users["alice"]
+    folder = mkdir(alice, root_of(users, "alice"))
+    contents = [f"small file {i}".encode() for i in range(20)]
+    operations: list[dict[str, Any]] = [
+        {"op": "create", "parent": folder["id"], "kind": "file", "metadata": b64(b"m"),
+         "wrapped_key": b64(b"k"), "size": len(c), "blocks": [block(c)]} for c in contents]
+    operations.append({"op": "create", "parent": new_node_id(), "kind": "file",
+                       "metadata": b64(b"m"), "wrapped_key": b64(b"k")})
+    operations.append({"op": "delete", "node_id": folder["id"], "base_version": 99})
+    results = alice.ok(alice.post("/batch/files", json={"operations": operations}))["results"]
+    assert [r["ok"] for r in results] == [True] * 20 + [False, False]
+    assert results[20]["error"]["code"] == "not_found"
+    assert results[21]["error"]["code"] == "conflict"
+    assert all(len(r["result"]["upload"]) == 1 for r in results[:20])
+
+    sent = alice.ok(alice.post("/blocks", json={"blocks": [
+        {"id": block(c)["id"], "data": b64(c)} for c in contents]}))["results"]
+    assert all(r["ok"] and len(r["completed_nodes"]) == 1 for r in sent)
+    node_ids = [r["result"]["node"]["id"] for r in results[:20]]
+    assert [download(alice, n) for n in node_ids] == contents
+
+    # Blocks no node of the caller is waiting for are refused, one by one.
+    stray = alice.ok(alice.post("/blocks", json={"blocks": [
+        {"id": block(b"stray")["id"], "data": b64(b"stray")}]}))["results"]
+    assert stray[0]["ok"] is False and stray[0]["error"]["code"] == "forbidden"
+
+
+def test_key_bundle_and_public_keys(users: dict[str, Any]) -> None:
+    alice, phone, bob = users["alice"], users["alice2"], users["bob"]
+    assert alice.ok(alice.get("/me/key-bundle")) == {"public_key": None, "bundle": None,
+                                                    "version": 0}
+    assert bob.get("/users/alice/public-key").status_code == 404
+    alice.ok(alice.put("/me/key-bundle", json={
+        "public_key": b64(b"P" * 32), "bundle": b64(b"sealed"), "base_version": 0}))
+    assert phone.ok(phone.get("/me/key-bundle"))["bundle"] == b64(b"sealed")
+    assert bob.ok(bob.get("/users/alice/public-key"))["public_key"] == b64(b"P" * 32)
+    stale = phone.put("/me/key-bundle", json={
+        "public_key": b64(b"P" * 32), "bundle": b64(b"other"), "base_version": 0})
+    assert stale.status_code == 409
+    changed_key = phone.put("/me/key-bundle", json={
+        "public_key": b64(b"Q" * 32), "bundle": b64(b"other"), "base_version": 1})
+    assert changed_key.status_code == 409
+    rewrapped = phone.ok(phone.put("/me/key-bundle", json={
+        "public_key": b64(b"P" * 32), "bundle": b64(b"new passphrase"), "base_version": 1}))
+    assert rewrapped["version"] == 2
+
+
+def test_enrollment_codes_work_once(appliance: tuple[ApplianceConfig, RunningAppliance]
+                                    ) -> None:
+    config, server = appliance
+    code = new_code(config.home, "bob")
+    device = enroll(server.url, config.tls_certificate, code, "tablet")
+    device.close()
+    with pytest.raises(AssertionError, match="enrollment_refused"):
+        enroll(server.url, config.tls_certificate, code, "again")
+
+
+def test_garbage_collection_after_the_grace_period(appliance_home: MakeHome) -> None:
+    config = appliance_home(disks=4, data_shards=2, parity_shards=1)
+    text = config.config_path.read_text()
+    text = text.replace("grace_days = 7.0", "grace_days = 0.00002")  # ~1.7 s
+    text = text.replace("interval_hours = 1.0", "interval_hours = 0.0001")  # 0.36 s
+    config.config_path.write_text(text)
+    with serving(config.home) as server:
+        alice = enroll(server.url, config.tls_certificate, add_user(config.home, "alice"))
+        root = make_root(alice)["id"]
+        doomed, shared = os.urandom(100_000), os.urandom(100_000)
+        kept = create_file(alice, root, [shared])
+        upload(alice, kept["upload"], [shared])
+        gone = create_file(alice, root, [doomed, shared])
+        upload(alice, gone["upload"], [doomed, shared])
+        gone_id = gone["node"]["id"]
+        urls = alice.ok(alice.get(f"/files/{gone_id}"))["blocks"]
+        alice.ok(alice.delete(f"/files/{gone_id}", params={"base_version": 1}))
+
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if alice.client.get(urls[0]["url"]).status_code == 404:
+                break
+            time.sleep(0.2)
+        assert alice.client.get(urls[0]["url"]).status_code == 404  # reclaimed
+        restore = alice.post(f"/files/{gone_id}/restore", json={"base_version": 2})
+        assert restore.status_code in (404, 410)  # purged entirely, or blocks gone
+        # The block the kept file shares is still there.
+        assert download(alice, kept["node"]["id"]) == shared
+        assert "garbage collection" in server.stderr()
+        alice.close()
+        assert server.stop() == 0
