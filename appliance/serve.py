@@ -7,8 +7,10 @@ Theory of operation:
 2. Bind the listening socket here, not in hypercorn, so that a bind failure is a clear
    ListenError and `--listen HOST:0` tells us the port the kernel chose. Hypercorn takes the
    bound socket over through an `fd://N` bind.
-3. Open the block store and start, in one trio nursery, hypercorn's trio worker (TLS on) and
-   the maintenance task (background scrub and repair queue, rate-limited).
+3. Open the block store and the metadata database and start, in one trio nursery,
+   hypercorn's trio worker (TLS on), the maintenance task (background scrub and repair
+   queue, rate-limited), garbage collection, and the mDNS advertiser (only on the
+   interfaces of the listen address; nothing on loopback).
 4. Once hypercorn listens, print exactly one line on stdout —
    `cairnd: serving https://HOST:PORT (appliance ID, certificate sha256 FINGERPRINT)` —
    and write HOME/run/serve.json (url, port, pid, fingerprint) for scripts and tests.
@@ -42,6 +44,7 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 from hypercorn.typing import ASGIFramework
 
+from appliance.advertise import run_advertiser
 from appliance.api.context import ApiContext, ApiSettings
 from appliance.collect import run_gc_loop
 from appliance.config import ApplianceConfig, format_listen, load_config
@@ -261,6 +264,11 @@ async def run_appliance(config: ApplianceConfig, *, shutdown: trio.Event,
                 nursery.start_soon(_maintain, store, config)
                 nursery.start_soon(run_gc_loop, meta, store, context.block_locks,
                                    config.gc_grace_s, config.gc_interval_s)
+                if config.advertise:
+                    nursery.start_soon(run_advertiser, config.listen_host, port,
+                                       config.appliance_id, fingerprint)
+                else:
+                    log.info("not advertising on the LAN: [discovery] advertise = false")
                 info_path = write_serve_info(config.home, info)
                 log.info("appliance %s listening on %s", config.appliance_id, info.url)
                 task_status.started(info)

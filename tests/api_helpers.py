@@ -17,9 +17,9 @@ from typing import Any
 
 import blake3
 import httpx
+from cairnd_helpers import run_cairnd
 
 from appliance.credentials import EnrollmentCode, enrollment_proof, enrollment_response
-from cairnd_helpers import run_cairnd
 
 
 def b64(data: bytes) -> str:
