@@ -29,7 +29,7 @@ from appliance.api import (
     routes_sharing,
 )
 from appliance.api.bodylimit import BodyLimit, MiB
-from appliance.api.context import ApiContext, CallerDep
+from appliance.api.context import API_VERSION, ApiContext, CallerDep
 from appliance.errors import CairnApplianceError, RateLimitedError, RequestError
 from appliance.meta.tree import MAX_BLOCK_BYTES
 from appliance.storage.async_store import AsyncBlockStore
@@ -66,6 +66,7 @@ class Health(BaseModel):
     status: Literal["ok", "degraded"]
     appliance_id: str
     version: str
+    api_version: str
     disks: DiskCounts
 
 
@@ -173,6 +174,7 @@ def create_app(store: AsyncBlockStore, context: ApiContext) -> FastAPI:
             status="ok" if ok == len(statuses) else "degraded",
             appliance_id=context.appliance_id,
             version=cairn_version(),
+            api_version=API_VERSION,
             disks=DiskCounts(ok=ok, total=len(statuses)),
         )
 

@@ -31,8 +31,8 @@ API_VERSION = "1"
 @dataclass
 class ApiSettings:
     url_lifetime_s: float = 3600.0
-    rate_limit_per_s: float = 200.0
-    rate_limit_burst: float = 2000.0
+    rate_limit_per_s: float = 500.0
+    rate_limit_burst: float = 5000.0
     anonymous_rate_per_s: float = 2.0      # enrollment, per client address
     anonymous_burst: float = 20.0
     heartbeat_s: float = 15.0

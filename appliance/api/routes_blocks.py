@@ -37,6 +37,7 @@ from appliance.errors import (
 )
 from appliance.meta import accounts, tree
 from appliance.meta.journal import Journal
+from appliance.meta.records import Device
 from appliance.meta.tree import MAX_BLOCK_BYTES
 from appliance.presign import BLOCK_PATH_PREFIX, UrlRefused, verify_block_url
 
@@ -73,7 +74,7 @@ def parse_range(header: str | None, length: int) -> tuple[int, int] | None:
 
 
 async def _check_url(request: Request, context: ApiContext, method: str, block_id: str,
-                     exp: str | None, dev: str | None, sig: str | None) -> str:
+                     exp: str | None, dev: str | None, sig: str | None) -> Device:
     try:
         verify_block_url(context.url_key, method, BLOCK_PATH_PREFIX + block_id, exp, dev,
                          sig, time.time())
@@ -87,7 +88,7 @@ async def _check_url(request: Request, context: ApiContext, method: str, block_i
     if device.revoked_at is not None:
         raise ForbiddenError("refused: the URL's device has been revoked")
     context.device_limits.check(device.id, time.monotonic())
-    return device.id
+    return device
 
 
 async def store_block(context: ApiContext, device_id: str, block_id: str,
@@ -130,11 +131,11 @@ async def put_block(block_id: str, request: Request,
     """Upload one block to a pre-signed URL (from POST/PUT /files). The body is the
     block's ciphertext; its BLAKE3 must be the id. Safe to repeat."""
     context = context_of(request)
-    device_id = await _check_url(request, context, "PUT", block_id, exp, dev, sig)
+    device = await _check_url(request, context, "PUT", block_id, exp, dev, sig)
     data = await _read_body(request, MAX_BLOCK_BYTES)
     if not data:
         raise BadRequestError("a block cannot be empty")
-    completed = await store_block(context, device_id, block_id, data)
+    completed = await store_block(context, device.id, block_id, data)
     return BlockStored(block_id=block_id, ok=True, completed_nodes=completed)
 
 
@@ -144,9 +145,14 @@ async def put_block(block_id: str, request: Request,
                              "description": "partial content (Range)"}})
 async def get_block(block_id: str, request: Request, exp: str | None = None,
                     dev: str | None = None, sig: str | None = None) -> Response:
-    """Download one block from a pre-signed URL; supports a single `Range`."""
+    """Download one block from a pre-signed URL; supports a single `Range`. The URL's
+    device must still be able to read a node holding the block: an unshare or a purge
+    takes effect at once, not when the URL expires."""
     context = context_of(request)
-    await _check_url(request, context, "GET", block_id, exp, dev, sig)
+    device = await _check_url(request, context, "GET", block_id, exp, dev, sig)
+    if not await context.meta.read(
+            lambda db: tree.user_may_read_block(db, device.user_id, block_id)):
+        raise NotFoundError(f"no block {block_id[:16]}… that you can read")
     data = await context.store.get(tree.check_block_id(block_id))
     span = parse_range(request.headers.get("range"), len(data))
     headers = {"Accept-Ranges": "bytes", "Cache-Control": "private, max-age=31536000, "

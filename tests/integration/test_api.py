@@ -266,7 +266,8 @@ def test_sharing_a_folder_covers_its_subtree_until_revoked(users: dict[str, Any]
         (shared["id"], "unshared", None)]
     # Unsharing twice, or with someone it was never shared with: 404.
     assert alice.delete(f"/files/{shared['id']}/share/bob").status_code == 404
-    assert urls  # URLs issued before the revocation expire on their own (url_lifetime_s)
+    # URLs issued before the revocation stop working at once too.
+    assert bob.client.get(urls[0]["url"]).status_code == 404
 
 
 def test_changes_feed_pages_in_order(users: dict[str, Any]) -> None:
