@@ -116,8 +116,19 @@ async def _on_cairn_error(request: Request, exc: Exception) -> JSONResponse:
                           details=details)
 
 
+# FastAPI's answer when reading or decoding a JSON body raised something it did not expect:
+# our PayloadTooLargeError from BodyLimit (a chunked body over the limit), or a body that is
+# not UTF-8 or nests too deeply for the JSON parser.
+_BODY_NOT_PARSED = "There was an error parsing the body"
+
+
 async def _on_http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 400 and exc.detail == _BODY_NOT_PARSED:
+        if isinstance(exc.__cause__, CairnApplianceError):
+            return await _on_cairn_error(request, exc.__cause__)
+        return error_response(422, "invalid_request", "invalid request: the body is not "
+                              "valid JSON (not UTF-8, or nested too deeply)")
     message = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
     if exc.status_code == 404 and message == "Not Found":
         message = f"no such endpoint: {request.method} {request.url.path}"

@@ -17,6 +17,9 @@ from appliance.meta.records import Change, Grant, Node
 from appliance.meta.tree import MAX_BLOCK_BYTES, MAX_BLOCKS_PER_NODE
 
 NODE_ID_PATTERN = r"^[0-9a-f]{32}$"
+# SQLite integers are signed 64-bit: a bigger cursor, version or offset in a query parameter
+# would fail inside the query (500), so validation refuses it (422).
+MAX_SQL_INT = 2**63 - 1
 BLOCK_ID_PATTERN = r"^[0-9a-f]{64}$"
 MAX_BATCH_OPERATIONS = 1000
 MAX_BATCH_BLOCKS = 1000

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Query
 from fastapi.responses import StreamingResponse
 
 from appliance.api.context import CallerDep, ContextDep
-from appliance.api.models import ChangeOut, ChangesPage
+from appliance.api.models import MAX_SQL_INT, ChangeOut, ChangesPage
 from appliance.meta import journal, tree
 from appliance.meta.records import Node
 
@@ -21,7 +21,7 @@ MAX_PAGE = 5000
 
 @router.get("/changes", response_model=ChangesPage)
 async def changes(caller: CallerDep, context: ContextDep,
-                  cursor: Annotated[int, Query(ge=0)] = 0,
+                  cursor: Annotated[int, Query(ge=0, le=MAX_SQL_INT)] = 0,
                   limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 1000) -> ChangesPage:
     """Every change after `cursor` to nodes the caller can see (their tree and what is
     shared with them), oldest first, each with the node as it is now. Read by index: the
@@ -48,7 +48,7 @@ async def changes(caller: CallerDep, context: ContextDep,
             responses={200: {"content": {"text/event-stream": {}},
                              "description": "server-sent events"}})
 async def events(caller: CallerDep, context: ContextDep,
-                 cursor: Annotated[int | None, Query(ge=0)] = None,
+                 cursor: Annotated[int | None, Query(ge=0, le=MAX_SQL_INT)] = None,
                  heartbeat: Annotated[float | None, Query(ge=0.5, le=300)] = None,
                  ) -> StreamingResponse:
     """A server-sent-events stream: `event: cursor` with `{"cursor": N}` whenever changes

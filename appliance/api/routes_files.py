@@ -11,6 +11,7 @@ from fastapi import APIRouter, Query
 
 from appliance.api.context import ApiContext, Caller, CallerDep, ContextDep
 from appliance.api.models import (
+    MAX_SQL_INT,
     BatchCreate,
     BatchDelete,
     BatchRequest,
@@ -148,7 +149,7 @@ async def get_node(node_id: str, caller: CallerDep, context: ContextDep) -> Node
 
 @router.get("/files/{node_id}/presigned-url", response_model=NodeDetail)
 async def presigned_urls(node_id: str, caller: CallerDep, context: ContextDep,
-                         offset: Annotated[int, Query(ge=0)] = 0,
+                         offset: Annotated[int, Query(ge=0, le=MAX_SQL_INT)] = 0,
                          limit: Annotated[int, Query(ge=1, le=MAX_BLOCKS_PER_NODE)] = 1000,
                          ) -> NodeDetail:
     """Fresh pre-signed URLs for a window of the node's blocks (the seed's route); use it
@@ -173,7 +174,7 @@ async def list_children(node_id: str, caller: CallerDep, context: ContextDep,
 
 @router.get("/files/{node_id}/changes", response_model=NodeHistory)
 async def node_changes(node_id: str, caller: CallerDep, context: ContextDep,
-                       since_version: Annotated[int, Query(ge=0)] = 0,
+                       since_version: Annotated[int, Query(ge=0, le=MAX_SQL_INT)] = 0,
                        limit: Annotated[int, Query(ge=1, le=5000)] = 1000) -> NodeHistory:
     """The node's history after `since_version`: which version, what kind of change,
     when, and from which device."""
