@@ -7,7 +7,7 @@ VENV        := .venv
 PY          := $(VENV)/bin/python
 APPLIANCE   ?= ./var/appliance
 
-.PHONY: run test lint bench bootstrap clean-run
+.PHONY: run test lint bench bench-api bootstrap clean-run
 
 bootstrap:
 	@bash scripts/bootstrap.sh
@@ -29,6 +29,9 @@ lint: bootstrap
 
 bench: bootstrap
 	@$(PY) bench/blockstore.py
+
+bench-api: bootstrap
+	@$(PY) bench/api.py
 
 # Remove the embedded-defaults appliance made by `make run` (its blocks too).
 clean-run:
