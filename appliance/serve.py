@@ -173,8 +173,7 @@ def hypercorn_config(config: ApplianceConfig, sock: socket.socket) -> HypercornC
 def api_settings(config: ApplianceConfig) -> ApiSettings:
     return ApiSettings(url_lifetime_s=config.url_lifetime_s,
                        rate_limit_per_s=config.rate_limit_per_s,
-                       rate_limit_burst=config.rate_limit_burst,
-                       gc_grace_s=config.gc_grace_s)
+                       rate_limit_burst=config.rate_limit_burst)
 
 
 def ensure_url_key(home: Path) -> bytes:

@@ -36,7 +36,6 @@ class ApiSettings:
     anonymous_rate_per_s: float = 2.0      # enrollment, per client address
     anonymous_burst: float = 20.0
     heartbeat_s: float = 15.0
-    gc_grace_s: float = 7 * 24 * 3600.0
 
 
 @dataclass

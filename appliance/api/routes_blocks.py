@@ -91,6 +91,18 @@ async def _check_url(request: Request, context: ApiContext, method: str, block_i
     return device
 
 
+async def _store_or_verify(context: ApiContext, block_id: str, data: bytes,
+                           stored: bool) -> None:
+    """Put the block in the store (which checks its id), or, if it is stored already, only
+    check that these bytes are that block. Raises BlockIdMismatchError."""
+    if not stored:
+        await context.store.put(block_id, data)
+        return
+    digest = await trio.to_thread.run_sync(lambda: blake3.blake3(data).hexdigest())
+    if digest != block_id:
+        raise BlockIdMismatchError("the block's bytes do not hash to its id")
+
+
 async def store_block(context: ApiContext, device_id: str, block_id: str,
                       data: bytes) -> list[str]:
     """Store a block (verifying its BLAKE3 id) and record it; returns the nodes it
@@ -98,12 +110,7 @@ async def store_block(context: ApiContext, device_id: str, block_id: str,
     tree.check_block_id(block_id)
     async with context.block_locks.hold(block_id):
         stored = await context.meta.read(lambda db: tree.block_is_stored(db, block_id))
-        if stored:
-            digest = await trio.to_thread.run_sync(lambda: blake3.blake3(data).hexdigest())
-            if digest != block_id:
-                raise BlockIdMismatchError("the block's bytes do not hash to its id")
-        else:
-            await context.store.put(block_id, data)
+        await _store_or_verify(context, block_id, data, stored)
         completed = await context.change(device_id, lambda db, journal: tree.mark_block_stored(
             db, block_id, len(data), journal))
     return [node.id for node in completed]
@@ -207,14 +214,7 @@ async def put_blocks(body: BlockBatch, caller: CallerDep,
         async def put_one(block_id: str, stored: bool) -> None:
             async with limiter:
                 try:
-                    if stored:
-                        if await trio.to_thread.run_sync(
-                                lambda: blake3.blake3(blocks[block_id]).hexdigest()) \
-                                != block_id:
-                            raise BlockIdMismatchError("the block's bytes do not hash to "
-                                                       "its id")
-                    else:
-                        await context.store.put(block_id, blocks[block_id])
+                    await _store_or_verify(context, block_id, blocks[block_id], stored)
                     done.append(block_id)
                 except CairnApplianceError as exc:
                     errors[block_id] = ErrorInfo(code=exc.code, message=exc.message)

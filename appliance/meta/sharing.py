@@ -11,7 +11,13 @@ from appliance.errors import BadRequestError, NotFoundError
 from appliance.meta.accounts import user_by_name
 from appliance.meta.journal import Journal
 from appliance.meta.records import Grant, Node, User
-from appliance.meta.tree import MAX_WRAPPED_KEY_BYTES, _node, find_node, owned_node
+from appliance.meta.tree import (
+    MAX_WRAPPED_KEY_BYTES,
+    NODE_COLUMNS,
+    NODE_FROM,
+    node_from_row,
+    owned_node,
+)
 
 MAX_GRANTS_PER_REQUEST = 100
 
@@ -60,20 +66,15 @@ def grants_of(db: apsw.Connection, node_id: str) -> list[Grant]:
 
 def shared_with(db: apsw.Connection, user_id: int) -> list[tuple[Node, Grant]]:
     """Every live node granted to the user, with the grant (its wrapped key)."""
-    from appliance.meta.tree import _NODE_COLUMNS, _NODE_FROM
-
     rows = db.execute(
-        f"SELECT {_NODE_COLUMNS}, gu.name, g.wrapped_key, g.granted_at {_NODE_FROM} "
+        f"SELECT {NODE_COLUMNS}, gu.name, g.wrapped_key, g.granted_at {NODE_FROM} "
         "JOIN grants g ON g.node_id = n.id JOIN users gu ON gu.id = g.user_id "
         "WHERE g.user_id = ? AND n.deleted_at IS NULL ORDER BY g.granted_at",
         (user_id,)).fetchall()
     result = []
     for row in rows:
-        node = _node(row[:-3])
+        node = node_from_row(row[:-3])
         result.append((node, Grant(str(row[-3]), node.id, bytes(row[-2]),  # type: ignore[arg-type]
                                    float(row[-1]))))  # type: ignore[arg-type]
     return result
 
-
-def find_grant_node(db: apsw.Connection, node_id: str) -> Node | None:
-    return find_node(db, node_id)

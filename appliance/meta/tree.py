@@ -41,10 +41,10 @@ MAX_BLOCK_BYTES = 4 * 1024 * 1024 + 4096     # a 4 MiB plaintext block plus AEAD
 MAX_BLOCKS_PER_NODE = 12_800                 # 50 GiB in 4 MiB blocks, with room to spare
 MAX_METADATA_BYTES = 2 * 1024 * 1024         # block keys of a 50 GB file fit
 MAX_WRAPPED_KEY_BYTES = 1024
-_NODE_COLUMNS = ("n.id, n.owner_id, u.name, n.parent_id, n.kind, n.version, n.status, "
+NODE_COLUMNS = ("n.id, n.owner_id, u.name, n.parent_id, n.kind, n.version, n.status, "
                  "n.deleted_at, n.metadata, n.wrapped_key, n.size, n.block_count, "
                  "n.content_tag, n.created_at, n.updated_at, n.updated_by")
-_NODE_FROM = "FROM nodes n JOIN users u ON u.id = n.owner_id"
+NODE_FROM = "FROM nodes n JOIN users u ON u.id = n.owner_id"
 
 
 @dataclass(frozen=True)
@@ -103,14 +103,14 @@ def check_block_id(block_id: str) -> str:
 
 # --- reading -------------------------------------------------------------------------------
 
-def _node(row: tuple[object, ...]) -> Node:
+def node_from_row(row: tuple[object, ...]) -> Node:
     return Node(*row)  # type: ignore[arg-type]
 
 
 def find_node(db: apsw.Connection, node_id: str) -> Node | None:
-    row = db.execute(f"SELECT {_NODE_COLUMNS} {_NODE_FROM} WHERE n.id = ?",
+    row = db.execute(f"SELECT {NODE_COLUMNS} {NODE_FROM} WHERE n.id = ?",
                      (node_id,)).fetchone()
-    return None if row is None else _node(row)
+    return None if row is None else node_from_row(row)
 
 
 def can_read(db: apsw.Connection, user_id: int, node: Node) -> bool:
@@ -144,26 +144,26 @@ def owned_node(db: apsw.Connection, user_id: int, node_id: str) -> Node:
 
 
 def root_node(db: apsw.Connection, user_id: int) -> Node | None:
-    row = db.execute(f"SELECT {_NODE_COLUMNS} {_NODE_FROM} WHERE n.owner_id = ? AND "
+    row = db.execute(f"SELECT {NODE_COLUMNS} {NODE_FROM} WHERE n.owner_id = ? AND "
                      "n.parent_id IS NULL AND n.deleted_at IS NULL", (user_id,)).fetchone()
-    return None if row is None else _node(row)
+    return None if row is None else node_from_row(row)
 
 
 def children(db: apsw.Connection, parent_id: str, include_deleted: bool, after: str,
              limit: int) -> list[Node]:
     deleted = "" if include_deleted else "AND n.deleted_at IS NULL"
-    rows = db.execute(f"SELECT {_NODE_COLUMNS} {_NODE_FROM} WHERE n.parent_id = ? "
+    rows = db.execute(f"SELECT {NODE_COLUMNS} {NODE_FROM} WHERE n.parent_id = ? "
                       f"{deleted} AND n.id > ? ORDER BY n.id LIMIT ?",
                       (parent_id, after, limit)).fetchall()
-    return [_node(row) for row in rows]
+    return [node_from_row(row) for row in rows]
 
 
 def trash(db: apsw.Connection, user_id: int, limit: int) -> list[Node]:
     """Deleted nodes that were deleted themselves (not taken along with a folder)."""
-    rows = db.execute(f"SELECT {_NODE_COLUMNS} {_NODE_FROM} WHERE n.owner_id = ? AND "
+    rows = db.execute(f"SELECT {NODE_COLUMNS} {NODE_FROM} WHERE n.owner_id = ? AND "
                       "n.deleted_at IS NOT NULL AND n.deleted_root = n.id "
                       "ORDER BY n.deleted_at DESC LIMIT ?", (user_id, limit)).fetchall()
-    return [_node(row) for row in rows]
+    return [node_from_row(row) for row in rows]
 
 
 def node_blocks(db: apsw.Connection, node_id: str, offset: int = 0,
