@@ -1,12 +1,36 @@
-"""`cairn`, the agent's command line (click). Only the shell exists so far."""
+"""`cairn`, the agent's command line (click).
+
+Every command is a thin shell: parse arguments, run the operation under trio, print the
+result. Errors the agent raises on purpose (agent.errors) become one line on stderr and
+their exit code, never a traceback. Progress bars appear only when stderr is a terminal.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import json
+import os
+import socket
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from functools import partial
+from pathlib import Path
+from typing import Any, TypeVar
 
 import click
+import httpx
+import trio
 
-from agent.errors import CairnAgentError
+from agent import operations as ops
+from agent.client import Connection
+from agent.enroll import enroll, unlock_keys
+from agent.errors import CairnAgentError, NotEnrolledError, TransportError, UsageError
+from agent.home import AgentHome, default_home
+from agent.pipeline import first_error
+from agent.remote import RemoteNode, RemoteTree
+
+PASSPHRASE_ENV = "CAIRN_PASSPHRASE"
+T = TypeVar("T")
 
 
 class _Group(click.Group):
@@ -15,24 +39,299 @@ class _Group(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except BaseExceptionGroup as group:
+            error = first_error(group)
+            if isinstance(error, CairnAgentError):
+                _fail(ctx, error)
+            raise
         except CairnAgentError as exc:
-            click.echo(f"cairn: error: {exc.message}", err=True)
-            ctx.exit(exc.exit_code)
+            _fail(ctx, exc)
+        except httpx.HTTPError as exc:
+            _fail(ctx, TransportError(f"talking to the appliance failed: {exc}"))
+        except KeyboardInterrupt:
+            click.echo("cairn: interrupted", err=True)
+            ctx.exit(130)
+
+
+def _fail(ctx: click.Context, error: CairnAgentError) -> None:
+    click.echo(f"cairn: error: {error.message}", err=True)
+    ctx.exit(error.exit_code)
+
+
+def _run(function: Callable[..., Awaitable[T]], *args: Any) -> T:
+    return trio.run(partial(function, *args))
+
+
+def _home(ctx: click.Context) -> AgentHome:
+    return AgentHome(ctx.obj["home"])
+
+
+def _in_session(ctx: click.Context, work: Callable[[RemoteTree], Awaitable[T]]) -> T:
+    home = _home(ctx)
+
+    async def run() -> T:
+        async with ops.session(home) as tree:
+            return await work(tree)
+
+    return _run(run)
+
+
+def _size(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def _when(seconds: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(seconds))
 
 
 @click.group(cls=_Group, invoke_without_command=True,
              context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--home", type=click.Path(path_type=Path), default=None,
+              help="The agent's home (device credentials and keys). Default: $CAIRN_HOME, "
+                   "else ~/.cairn.")
 @click.version_option(package_name="cairn", prog_name="cairn")
 @click.pass_context
-def cli(ctx: click.Context) -> None:
-    """Cairn agent: sync folders with your Cairn appliance, end-to-end encrypted.
+def cli(ctx: click.Context, home: Path | None) -> None:
+    """Cairn agent: your files on your Cairn appliance, end-to-end encrypted.
 
-    The agent's commands are being built: join (enroll this device with a code from
-    `cairnd user add`), put, get, ls, rm, mv, share, unshare, shared, sync, mount and
-    status. This version has none of them yet; only --version and --help work.
+    Start with `cairn join CODE` (the code comes from `cairnd user add NAME` or
+    `cairnd user code NAME` on the appliance). Then put, get, ls, mkdir, rm, mv files;
+    share them with other users; `cairn status` shows where this device stands.
+
+    REMOTE arguments are paths from your root folder (/docs/a.txt) or id:<node id>, which
+    is how you name something another user shared with you (see `cairn shared`).
     """
+    ctx.ensure_object(dict)
+    ctx.obj["home"] = home if home is not None else default_home()
     if ctx.invoked_subcommand is None:
         click.echo(ctx.get_help())
+
+
+# --- joining ---------------------------------------------------------------------------
+
+def _passphrase(new: bool) -> str:
+    from_env = os.environ.get(PASSPHRASE_ENV)
+    if from_env is not None:
+        return from_env
+    if not sys.stdin.isatty():
+        raise UsageError(f"no passphrase: set {PASSPHRASE_ENV} or run in a terminal")
+    if new:
+        click.echo("This is your first device: choose a passphrase. It protects your keys "
+                   "on the appliance; every other device of yours will ask for it.", err=True)
+    return str(click.prompt("Passphrase", hide_input=True, confirmation_prompt=new,
+                            err=True))
+
+
+@cli.command()
+@click.argument("code")
+@click.option("--url", help="The appliance's address (https://HOST:PORT). Default: find it "
+                            "on the LAN by mDNS.")
+@click.option("--name", "device_name", default=socket.gethostname(), show_default=True,
+              help="This device's name, as the appliance lists it.")
+@click.pass_context
+def join(ctx: click.Context, code: str, url: str | None, device_name: str) -> None:
+    """Join this device to an appliance with a one-time CODE and get your keys.
+
+    The passphrase comes from $CAIRN_PASSPHRASE or a prompt: your first device chooses
+    it, later devices need the same one."""
+    home = _home(ctx)
+    if home.is_enrolled():
+        device = home.load_device()
+        raise UsageError(f"{home.path} already belongs to device {device.device_name} of "
+                         f"user {device.user}; use another --home to join again")
+    if (home.path / "device.json").exists():
+        raise UsageError("this device joined but has no keys yet: run `cairn unlock`")
+
+    async def run() -> tuple[str, str, bool]:
+        device = await enroll(home, code, url, device_name)
+        async with Connection(home, device) as connection:
+            _, created = await unlock_keys(connection, home, _passphrase)
+        return device.user, device.url, created
+
+    user, where, created = _run(run)
+    click.echo(f"joined {where} as device {device_name!r} of user {user}")
+    if created:
+        click.echo("made your keys; every other device of yours needs the same passphrase")
+
+
+@cli.command()
+@click.pass_context
+def unlock(ctx: click.Context) -> None:
+    """Fetch and open your keys again (after a wrong passphrase during join)."""
+    home = _home(ctx)
+    device = home.load_device()
+
+    async def run() -> None:
+        async with Connection(home, device) as connection:
+            await unlock_keys(connection, home, _passphrase)
+
+    _run(run)
+    click.echo(f"keys of user {device.user} unlocked on this device")
+
+
+# --- files -----------------------------------------------------------------------------
+
+@cli.command()
+@click.argument("local", type=click.Path(path_type=Path))
+@click.argument("remote")
+@click.pass_context
+def put(ctx: click.Context, local: Path, remote: str) -> None:
+    """Upload LOCAL (a file, or a folder with everything in it) to REMOTE.
+
+    Like cp -r: into REMOTE if it is a folder, else as REMOTE. Only blocks the appliance
+    lacks are sent, so an interrupted put run again resumes."""
+    stats = _in_session(ctx, lambda tree: ops.put(tree, local, remote))
+    for path in stats.skipped:
+        click.echo(f"cairn: skipped {path} (a symbolic link or special file)", err=True)
+    click.echo(f"uploaded {stats.files} file(s), {_size(stats.bytes)}: sent {stats.blocks_sent}"
+               f" of {stats.blocks} blocks ({stats.blocks - stats.blocks_sent} were on the "
+               "appliance already)")
+
+
+@cli.command()
+@click.argument("remote")
+@click.argument("local", type=click.Path(path_type=Path))
+@click.pass_context
+def get(ctx: click.Context, remote: str, local: Path) -> None:
+    """Download REMOTE (a file, or a folder with everything in it) to LOCAL.
+
+    Every block is verified before it is written; the file appears whole or not at all.
+    An interrupted get run again fetches only what is missing."""
+    stats = _in_session(ctx, lambda tree: ops.get(tree, remote, local))
+    click.echo(f"downloaded {stats.files} file(s), {_size(stats.bytes)}: fetched "
+               f"{stats.blocks_fetched} of {stats.blocks} blocks")
+
+
+@cli.command("ls")
+@click.argument("remote", default="/")
+@click.option("--json", "as_json", is_flag=True, help="One JSON list of entries.")
+@click.pass_context
+def list_command(ctx: click.Context, remote: str, as_json: bool) -> None:
+    """List a folder (default: your root), or show one file."""
+
+    async def work(tree: RemoteTree) -> list[RemoteNode]:
+        node = await ops.resolve(tree, remote)
+        entries = await tree.children(node) if node.is_dir else [node]
+        return sorted(entries, key=lambda n: (n.kind != "dir", n.name))
+
+    entries = _in_session(ctx, work)
+    if as_json:
+        click.echo(json.dumps([e.to_json() for e in entries], indent=2))
+        return
+    for entry in entries:
+        size = "-" if entry.is_dir else _size(entry.meta.size)
+        name = entry.name + ("/" if entry.is_dir else "")
+        note = "  (uploading)" if entry.status == "uploading" else ""
+        click.echo(f"{size:>10}  {_when(entry.meta.mtime_ns / 1e9)}  {name}{note}")
+
+
+@cli.command()
+@click.argument("remote")
+@click.option("-p", "--parents", is_flag=True, help="Make missing parent folders too; no "
+                                                   "error if the folder exists.")
+@click.pass_context
+def mkdir(ctx: click.Context, remote: str, parents: bool) -> None:
+    """Create the folder REMOTE."""
+    _in_session(ctx, lambda tree: ops.make_folders(tree, remote, parents=parents))
+
+
+@cli.command()
+@click.argument("remote")
+@click.option("-r", "--recursive", is_flag=True, help="Remove a folder and its contents.")
+@click.pass_context
+def rm(ctx: click.Context, remote: str, recursive: bool) -> None:
+    """Remove REMOTE. It stays in the appliance's trash for the grace period (7 days by
+    default), from where it can be restored."""
+    _in_session(ctx, lambda tree: ops.remove(tree, remote, recursive=recursive))
+
+
+@cli.command()
+@click.argument("source")
+@click.argument("destination")
+@click.pass_context
+def mv(ctx: click.Context, source: str, destination: str) -> None:
+    """Rename or move SOURCE to DESTINATION (into it, if it is a folder). Nothing is
+    re-uploaded: a move re-wraps one key."""
+    _in_session(ctx, lambda tree: ops.move(tree, source, destination))
+
+
+# --- sharing ---------------------------------------------------------------------------
+
+@cli.command()
+@click.argument("remote")
+@click.argument("users", nargs=-1, required=True)
+@click.pass_context
+def share(ctx: click.Context, remote: str, users: tuple[str, ...]) -> None:
+    """Let USERS read REMOTE (a folder: everything in it). They find it with
+    `cairn shared`. Each user's public key is pinned the first time it is used."""
+    node = _in_session(ctx, lambda tree: ops.share(tree, remote, list(users)))
+    click.echo(f"shared {node.name} (id:{node.id}) with {', '.join(users)}")
+
+
+@cli.command()
+@click.argument("remote")
+@click.argument("user")
+@click.pass_context
+def unshare(ctx: click.Context, remote: str, user: str) -> None:
+    """Stop sharing REMOTE with USER (effective at once for whatever they have not
+    downloaded yet)."""
+    node = _in_session(ctx, lambda tree: ops.unshare(tree, remote, user))
+    click.echo(f"{node.name} is no longer shared with {user}")
+
+
+@cli.command("shared")
+@click.option("--json", "as_json", is_flag=True, help="One JSON list of entries.")
+@click.pass_context
+def shared_command(ctx: click.Context, as_json: bool) -> None:
+    """What other users shared with you. Fetch an entry with `cairn get id:ID LOCAL`."""
+    entries = _in_session(ctx, ops.shared)
+    if as_json:
+        click.echo(json.dumps([e.to_json() for e in entries], indent=2))
+        return
+    for entry in entries:
+        kind = "folder" if entry.node.is_dir else _size(entry.node.meta.size)
+        click.echo(f"id:{entry.node.id}  {entry.owner:<12} {kind:>10}  {entry.node.name}")
+
+
+# --- status ----------------------------------------------------------------------------
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable.")
+@click.pass_context
+def status(ctx: click.Context, as_json: bool) -> None:
+    """This device, its appliance, and whether the appliance answers."""
+    home = _home(ctx)
+    device = home.load_device()
+    keys_present = (home.path / "keys").exists()
+
+    async def probe() -> tuple[dict[str, Any] | None, str | None]:
+        async with Connection(home, device) as connection:
+            try:
+                return await connection.call("GET", "/me"), None
+            except (TransportError, NotEnrolledError) as exc:
+                return None, exc.message
+
+    me, problem = _run(probe)
+    device = home.load_device()   # the address may have changed (rediscovered)
+    report = {"home": str(home.path), "user": device.user, "device": device.device_name,
+              "device_id": device.device_id, "appliance_id": device.appliance_id,
+              "url": device.url, "certificate_sha256": device.fingerprint,
+              "keys": keys_present, "reachable": me is not None, "problem": problem,
+              "root_id": me["root_id"] if me else None,
+              "latest_cursor": me["latest_cursor"] if me else None}
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    click.echo(f"device {device.device_name} ({device.device_id}) of user {device.user}")
+    click.echo(f"appliance {device.appliance_id} at {device.url}: "
+               + ("reachable" if me else f"NOT reachable — {problem}"))
+    if not keys_present:
+        click.echo("keys: missing — run `cairn unlock`")
 
 
 def main() -> None:

@@ -1,10 +1,26 @@
 """Every error the agent raises on purpose, in one tree.
 
     CairnAgentError                base; carries an exit code for the command line
+    ├── UsageError                 a command asked for something that cannot be (exit 2)
+    ├── NotEnrolledError           this home has no device credentials: run `cairn join`
+    ├── EnrollmentError            joining failed: bad code, refused, no appliance vouched
+    ├── WrongPassphraseError       the key bundle does not open with this passphrase
+    ├── KeyPinError                another user's public key changed since first use
+    ├── IntegrityError             ciphertext, metadata or a block that fails its check:
+    │                              tampered with, corrupted, or moved between nodes
+    ├── LocalFileError             a local file cannot be read or written
+    │   ├── DiskFullError          no space left for a download
+    │   └── FileChangedError       a file changed while it was being uploaded
+    ├── TransportError             the appliance cannot be reached (after retries and,
+    │                              if enabled, an mDNS search for its new address)
+    └── ApiError                   the appliance refused a request; carries status and code
+        ├── RemoteNotFoundError    404: no such node, or one you may not see
+        ├── ForbiddenError         403: read-only (shared with you), or a refused URL
+        └── RemoteConflictError    409: someone changed the node meanwhile
 
-Nothing raises anything more specific yet: subclasses (enrollment, connection, conflict,
-crypto errors) arrive with the commands that raise them. The command line prints `message`
-on one line and exits with `exit_code`, never a traceback.
+Errors are translated once at each boundary: httpx exceptions and HTTP error bodies in
+`agent.client`, OS errors in the transfer pipeline. The command line prints `message` on one
+line and exits with `exit_code`, never a traceback.
 """
 
 from __future__ import annotations
@@ -19,3 +35,81 @@ class CairnAgentError(Exception):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+
+
+class UsageError(CairnAgentError):
+    code = "usage"
+    exit_code = 2
+
+
+class NotEnrolledError(CairnAgentError):
+    code = "not_enrolled"
+    exit_code = 3
+
+
+class EnrollmentError(CairnAgentError):
+    code = "enrollment"
+    exit_code = 3
+
+
+class WrongPassphraseError(CairnAgentError):
+    code = "wrong_passphrase"
+    exit_code = 3
+
+
+class KeyPinError(CairnAgentError):
+    code = "key_pin"
+    exit_code = 5
+
+
+class IntegrityError(CairnAgentError):
+    code = "integrity"
+    exit_code = 5
+
+
+class LocalFileError(CairnAgentError):
+    code = "local_file"
+    exit_code = 6
+
+
+class DiskFullError(LocalFileError):
+    code = "disk_full"
+
+
+class FileChangedError(LocalFileError):
+    code = "file_changed"
+
+
+class TransportError(CairnAgentError):
+    code = "unreachable"
+    exit_code = 4
+
+
+class ApiError(CairnAgentError):
+    """The appliance answered with an error. `status` is the HTTP status, `api_code` the
+    error body's code, `details` its extra fields (e.g. `current_version`)."""
+
+    code = "api"
+    exit_code = 7
+
+    def __init__(self, message: str, *, status: int = 0, api_code: str = "",
+                 details: dict[str, object] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.api_code = api_code
+        self.details = details or {}
+
+
+class RemoteNotFoundError(ApiError):
+    code = "not_found"
+    exit_code = 8
+
+
+class ForbiddenError(ApiError):
+    code = "forbidden"
+    exit_code = 9
+
+
+class RemoteConflictError(ApiError):
+    code = "conflict"
+    exit_code = 10

@@ -1,0 +1,226 @@
+"""Downloading a file node to a local path, verified, atomically, resumably.
+
+1. GET /files/{id} gives download URLs in block order. Each must name the block the node's
+   (authenticated) metadata lists at that position; otherwise the appliance is serving
+   another node's blocks and we stop.
+2. Blocks land in a temporary file beside the target, `.NAME.<node>-v<version>.cairn-part`,
+   written at their offsets by several workers. Each block is checked — BLAKE3 of the
+   ciphertext against its id, the AEAD tag, BLAKE3 of the plaintext against the metadata —
+   before a byte of it is written. A block that occurs several times is fetched once.
+3. Resumption: if the temporary file exists (an interrupted get of the same version), or the
+   target already holds some of the blocks (an older copy of the file), regions whose plain
+   hash matches the metadata are kept or copied instead of fetched.
+4. Done: fsync, set mode and mtime, rename over the target, fsync the folder. A crash leaves
+   the old file intact and, at worst, a temporary file the next get resumes from.
+"""
+
+from __future__ import annotations
+
+import errno
+import hmac
+import os
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from agent.crypto.blocks import BlockRef, decrypt_block, plain_hash_of
+from agent.errors import (
+    DiskFullError,
+    ForbiddenError,
+    IntegrityError,
+    LocalFileError,
+    RemoteNotFoundError,
+)
+from agent.pipeline import DEFAULT_PARALLEL, run_jobs
+from agent.progress import Progress
+from agent.remote import RemoteNode, RemoteTree
+
+PART_SUFFIX = ".cairn-part"
+
+
+@dataclass
+class DownloadStats:
+    files: int = 0
+    bytes: int = 0
+    blocks: int = 0
+    blocks_fetched: int = 0
+    folders: int = 0
+
+    def add(self, other: DownloadStats) -> None:
+        self.files += other.files
+        self.bytes += other.bytes
+        self.blocks += other.blocks
+        self.blocks_fetched += other.blocks_fetched
+        self.folders += other.folders
+
+
+@dataclass(frozen=True)
+class BlockJob:
+    ref: BlockRef
+    offsets: tuple[int, ...]
+    url: str
+
+
+def partial_path(target: Path, node: RemoteNode) -> Path:
+    return target.with_name(f".{target.name}.{node.id[:12]}-v{node.version}{PART_SUFFIX}")
+
+
+def plan_blocks(node: RemoteNode, urls: list[dict[str, Any]]) -> list[BlockJob]:
+    """One job per distinct block, with every offset it fills. Raises IntegrityError if
+    the appliance's list is not the metadata's."""
+    refs = node.meta.blocks
+    if len(urls) != len(refs):
+        raise IntegrityError(f"the appliance lists {len(urls)} blocks for {node.name}, its "
+                             f"metadata {len(refs)}: tampered with")
+    offsets: dict[bytes, list[int]] = defaultdict(list)
+    first: dict[bytes, tuple[BlockRef, str]] = {}
+    position = 0
+    for ref, entry in zip(refs, urls, strict=True):
+        if entry["block_id"] != ref.id_hex:
+            raise IntegrityError(f"the appliance serves other blocks for {node.name} than "
+                                 "its metadata lists: tampered with")
+        offsets[ref.block_id].append(position)
+        first.setdefault(ref.block_id, (ref, entry["url"]))
+        position += ref.plain_size
+    return [BlockJob(ref, tuple(offsets[block_id]), url)
+            for block_id, (ref, url) in first.items()]
+
+
+def _region_matches(fd: int, ref: BlockRef, offset: int) -> bytes | None:
+    """The plaintext at OFFSET of FD if it is exactly REF's block."""
+    try:
+        data = os.pread(fd, ref.plain_size, offset)
+    except OSError:
+        return None
+    if len(data) == ref.plain_size and hmac.compare_digest(plain_hash_of(data),
+                                                           ref.plain_hash):
+        return data
+    return None
+
+
+def _open_existing(path: Path) -> int | None:
+    """A descriptor on the file at PATH if one is there (a source of blocks we have)."""
+    return os.open(path, os.O_RDONLY) if os.path.isfile(path) else None
+
+
+def _write_error(path: Path, exc: OSError) -> LocalFileError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DiskFullError(f"no space left to write {path}; free some and run get "
+                             "again (it resumes where it stopped)")
+    return LocalFileError(f"cannot write {path}: {exc.strerror or exc}")
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
+
+
+async def download_file(tree: RemoteTree, node: RemoteNode, target: Path, *,
+                        show_progress: bool | None = None,
+                        parallel: int = DEFAULT_PARALLEL) -> DownloadStats:
+    if node.is_dir:
+        raise LocalFileError(f"{node.name} is a folder")
+    detail = await tree.fetch(node.id)
+    if detail["node"]["version"] != node.version:
+        node = await tree.open(detail["node"])   # changed since it was listed
+    if node.deleted:
+        raise RemoteNotFoundError(f"{node.name} was deleted")
+    if detail["method"] != "GET" and node.meta.blocks:
+        raise LocalFileError(f"{node.name} is still being uploaded by another device; try "
+                             "again when it is complete")
+    jobs = plan_blocks(node, detail["blocks"])
+    part = partial_path(target, node)
+    try:
+        resuming = part.exists()
+        fd = os.open(part, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise _write_error(part, exc) from None
+    stats = DownloadStats(files=1, bytes=node.meta.size, blocks=len(node.meta.blocks))
+    progress = Progress(node.meta.size, target.name, enabled=show_progress)
+    try:
+        try:
+            os.ftruncate(fd, node.meta.size)
+        except OSError as exc:
+            raise _write_error(part, exc) from None
+        stats.blocks_fetched = await _fetch(tree, node, jobs, fd, part, target, resuming,
+                                            progress, parallel)
+        _finish(fd, part, target, node)
+    finally:
+        progress.close()
+        os.close(fd)
+    return stats
+
+
+async def _fetch(tree: RemoteTree, node: RemoteNode, jobs: list[BlockJob], fd: int,
+                 part: Path, target: Path, resuming: bool, progress: Progress,
+                 parallel: int) -> int:
+    connection = tree.connection
+    try:
+        old_fd: int | None = _open_existing(target)
+    except OSError:
+        old_fd = None
+    fresh_urls: dict[str, str] = {}
+
+    def obtain(job: BlockJob) -> tuple[bytes, bool]:
+        """The block's plaintext and whether it came over the network."""
+        for source, offsets in ((fd if resuming else None, job.offsets),
+                                (old_fd, job.offsets)):
+            if source is None:
+                continue
+            for offset in offsets:
+                data = _region_matches(source, job.ref, offset)
+                if data is not None:
+                    return data, False
+        try:
+            ciphertext = connection.get_block(fresh_urls.get(job.ref.id_hex, job.url))
+        except ForbiddenError:   # expired during a long download, or access revoked
+            detail = trio.from_thread.run(tree.fetch, node.id)
+            fresh_urls.update({e["block_id"]: e["url"] for e in detail["blocks"]})
+            ciphertext = connection.get_block(fresh_urls[job.ref.id_hex])
+        return decrypt_block(job.ref, ciphertext), True
+
+    def place(job: BlockJob) -> tuple[int, bool]:
+        plaintext, fetched = obtain(job)
+        try:
+            for offset in job.offsets:
+                _pwrite_all(fd, plaintext, offset)
+        except OSError as exc:
+            raise _write_error(part, exc) from None
+        return len(plaintext) * len(job.offsets), fetched
+
+    fetched_count = 0
+
+    def done(job: BlockJob, result: tuple[int, bool]) -> None:
+        nonlocal fetched_count
+        progress.advance(result[0])
+        fetched_count += result[1]
+
+    try:
+        await run_jobs(jobs, place, parallel=parallel, done=done)
+    finally:
+        if old_fd is not None:
+            os.close(old_fd)
+    return fetched_count
+
+
+def _finish(fd: int, part: Path, target: Path, node: RemoteNode) -> None:
+    try:
+        os.fsync(fd)
+        os.fchmod(fd, node.meta.mode & 0o7777)
+        os.utime(fd, ns=(node.meta.mtime_ns, node.meta.mtime_ns))
+        os.replace(part, target)
+        dir_fd = os.open(target.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as exc:
+        raise _write_error(target, exc) from None
+
+
+

@@ -1,0 +1,296 @@
+"""What the commands do, on top of the remote tree and the transfer pipeline (no printing:
+the command line formats the results)."""
+
+from __future__ import annotations
+
+import base64
+import os
+import stat
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from agent.client import Connection
+from agent.crypto.grants import wrap_for_user
+from agent.crypto.nodes import NodeMeta, check_name, new_node_key, seal_metadata, wrap_key
+from agent.download import DownloadStats, download_file
+from agent.errors import (
+    ForbiddenError,
+    LocalFileError,
+    RemoteConflictError,
+    RemoteNotFoundError,
+    UsageError,
+)
+from agent.home import AgentHome
+from agent.remote import ID_PREFIX, RemoteNode, RemoteTree, Target
+from agent.upload import UploadStats, upload_file
+
+
+@asynccontextmanager
+async def session(home: AgentHome) -> AsyncIterator[RemoteTree]:
+    device = home.load_device()
+    keys = home.load_keys()
+    async with Connection(home, device) as connection:
+        yield RemoteTree(connection, keys, home)
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _not_shared(remote: str) -> RemoteNotFoundError:
+    return RemoteNotFoundError(f"{remote}: no such file or folder, or not shared with you")
+
+
+async def resolve(tree: RemoteTree, remote: str) -> RemoteNode:
+    try:
+        return await tree.resolve(remote)
+    except RemoteNotFoundError as exc:
+        if remote.startswith(ID_PREFIX):
+            raise _not_shared(remote) from None
+        raise RemoteNotFoundError(exc.message) from None
+
+
+# --- folders ---------------------------------------------------------------------------
+
+async def make_folder(tree: RemoteTree, target: Target) -> RemoteNode:
+    """Create folder TARGET (or return it if a folder of that name is there)."""
+    if target.existing is not None:
+        if not target.existing.is_dir:
+            raise UsageError(f"a file named {target.name!r} is already there")
+        return target.existing
+    node_id = os.urandom(16).hex()
+    node_key = new_node_key()
+    meta = NodeMeta(name=check_name(target.name), kind="dir")
+    answer = await tree.connection.call("POST", "/files", json={
+        "id": node_id, "parent": target.parent.id, "kind": "dir",
+        "metadata": _b64(seal_metadata(node_key, node_id, meta)),
+        "wrapped_key": _b64(wrap_key(target.parent.key, node_key, node_id,
+                                     target.parent.id))})
+    return await tree.open(answer["node"])
+
+
+async def make_folders(tree: RemoteTree, remote: str, *, parents: bool) -> RemoteNode:
+    """mkdir (-p): the folder REMOTE, creating missing parents if PARENTS."""
+    if remote.startswith(ID_PREFIX):
+        raise UsageError("mkdir takes a path, not an id")
+    parts = [p for p in remote.split("/") if p not in ("", ".")]
+    if not parts:
+        raise UsageError("the root folder already exists")
+    folder = await tree.root()
+    for depth, part in enumerate(parts):
+        existing = await tree.child(folder, check_name(part))
+        last = depth == len(parts) - 1
+        if existing is not None and last and not parents:
+            raise UsageError(f"/{'/'.join(parts)} already exists")
+        if existing is None and not last and not parents:
+            raise RemoteNotFoundError(f"no such folder: /{'/'.join(parts[:depth + 1])} "
+                                      "(use -p to create parents)")
+        folder = await make_folder(tree, Target(folder, part, existing))
+    return folder
+
+
+# --- put -------------------------------------------------------------------------------
+
+async def put(tree: RemoteTree, local: Path, remote: str, *,
+              show_progress: bool | None = None) -> UploadStats:
+    """Upload LOCAL (a file, or a folder recursively) to REMOTE, like `cp -r`: into REMOTE
+    if it is an existing folder (or ends with /), else as REMOTE."""
+    try:
+        info = os.lstat(local)
+    except OSError as exc:
+        raise LocalFileError(f"cannot read {local}: {exc.strerror}") from None
+    if stat.S_ISLNK(info.st_mode):
+        raise UsageError(f"{local} is a symbolic link; give the file it points to")
+    if not (stat.S_ISREG(info.st_mode) or stat.S_ISDIR(info.st_mode)):
+        raise UsageError(f"{local} is not a regular file or folder")
+    target = await _put_target(tree, local, remote)
+    if stat.S_ISREG(info.st_mode):
+        return await upload_file(tree, local, target, show_progress=show_progress)
+    return await _put_folder(tree, local, target, show_progress)
+
+
+async def _put_target(tree: RemoteTree, local: Path, remote: str) -> Target:
+    name = check_name(_local_name(local))
+    if remote.endswith("/") or remote in ("", "/") or remote.startswith(ID_PREFIX):
+        folder = await resolve(tree, remote or "/")
+        if folder.is_dir:
+            return Target(folder, name, await tree.child(folder, name))
+        if not remote.startswith(ID_PREFIX):
+            raise UsageError(f"{remote} is a file, not a folder")
+        return await tree.target(remote)
+    target = await tree.target(remote)
+    if target.existing is not None and target.existing.is_dir:
+        return Target(target.existing, name, await tree.child(target.existing, name))
+    return target
+
+
+async def _put_folder(tree: RemoteTree, local: Path, target: Target,
+                      show_progress: bool | None) -> UploadStats:
+    stats = UploadStats()
+    folder = await make_folder(tree, target)
+    stats.folders += 1
+    existing = {c.name: c for c in await tree.children(folder)}
+    try:
+        entries = sorted(os.scandir(local), key=lambda e: e.name)
+    except OSError as exc:
+        raise LocalFileError(f"cannot list {local}: {exc.strerror}") from None
+    for entry in entries:
+        path = Path(entry.path)
+        child = Target(folder, check_name(entry.name), existing.get(entry.name))
+        if entry.is_symlink() or not (entry.is_file() or entry.is_dir()):
+            stats.skipped.append(str(path))
+        elif entry.is_dir():
+            stats.add(await _put_folder(tree, path, child, show_progress))
+        else:
+            stats.add(await upload_file(tree, path, child, show_progress=show_progress))
+    return stats
+
+
+def _is_dir(path: Path) -> bool:
+    return os.path.isdir(path)
+
+
+def _local_name(path: Path) -> str:
+    return os.path.basename(os.path.abspath(path)) or "root"
+
+
+# --- get -------------------------------------------------------------------------------
+
+async def get(tree: RemoteTree, remote: str, local: Path, *,
+              show_progress: bool | None = None) -> DownloadStats:
+    """Download REMOTE (a file, or a folder recursively) to LOCAL, like `cp -r`."""
+    node = await resolve(tree, remote)
+    if node.parent is None and node.owner == tree.user and _is_dir(local):
+        destination = local   # the whole tree into an existing folder
+    else:
+        destination = local / node.name if _is_dir(local) else local
+    if not _is_dir(destination.parent):
+        raise LocalFileError(f"no such local folder: {destination.parent}")
+    if node.is_dir:
+        return await _get_folder(tree, node, destination, show_progress)
+    return await download_file(tree, node, destination, show_progress=show_progress)
+
+
+async def _get_folder(tree: RemoteTree, folder: RemoteNode, local: Path,
+                      show_progress: bool | None) -> DownloadStats:
+    stats = DownloadStats(folders=1)
+    try:
+        os.makedirs(local, exist_ok=True)
+    except OSError as exc:
+        raise LocalFileError(f"cannot create {local}: {exc.strerror}") from None
+    for child in await tree.children(folder):
+        path = local / child.name
+        if child.is_dir:
+            stats.add(await _get_folder(tree, child, path, show_progress))
+        else:
+            stats.add(await download_file(tree, child, path, show_progress=show_progress))
+    return stats
+
+
+# --- rm, mv ----------------------------------------------------------------------------
+
+async def remove(tree: RemoteTree, remote: str, *, recursive: bool) -> RemoteNode:
+    node = await resolve(tree, remote)
+    if node.parent is None:
+        raise UsageError("the root folder cannot be removed")
+    if node.is_dir and not recursive:
+        raise UsageError(f"{remote} is a folder; use rm -r to remove it and everything "
+                         "in it")
+    await _owned_call(tree, "DELETE", f"/files/{node.id}", remote,
+                      params={"base_version": node.version})
+    return node
+
+
+async def move(tree: RemoteTree, source: str, destination: str) -> RemoteNode:
+    node = await resolve(tree, source)
+    if node.parent is None:
+        raise UsageError("the root folder cannot be moved")
+    if destination.startswith(ID_PREFIX) or destination.endswith("/"):
+        folder = await resolve(tree, destination)
+        target = Target(folder, node.name, await tree.child(folder, node.name))
+    else:
+        target = await tree.target(destination)
+        if target.existing is not None and target.existing.is_dir \
+                and target.existing.id != node.id:
+            folder = target.existing
+            target = Target(folder, node.name, await tree.child(folder, node.name))
+    if not target.parent.is_dir:
+        raise UsageError("the destination is not a folder")
+    if target.existing is not None:
+        if target.existing.id == node.id:
+            return node
+        raise UsageError(f"{target.name!r} already exists there; remove it first")
+    meta = replace(node.meta, name=check_name(target.name))
+    body: dict[str, Any] = {
+        "base_version": node.version,
+        "metadata": _b64(seal_metadata(node.key, node.id, meta)),
+        "wrapped_key": _b64(wrap_key(target.parent.key, node.key, node.id,
+                                     target.parent.id))}
+    if target.parent.id != node.parent:
+        body["parent"] = target.parent.id
+    answer = await _owned_call(tree, "PUT", f"/files/{node.id}", source, json=body)
+    return await tree.open(answer["node"])
+
+
+async def _owned_call(tree: RemoteTree, method: str, path: str, remote: str,
+                      **kwargs: Any) -> Any:
+    try:
+        return await tree.connection.call(method, path, **kwargs)
+    except ForbiddenError:
+        raise ForbiddenError(f"{remote} is shared with you read-only; you cannot change "
+                             "it", status=403, api_code="forbidden") from None
+    except RemoteConflictError:
+        raise RemoteConflictError(f"{remote} changed on another device meanwhile; look "
+                                  "again and retry", status=409, api_code="conflict") from None
+
+
+# --- sharing ---------------------------------------------------------------------------
+
+async def share(tree: RemoteTree, remote: str, users: list[str]) -> RemoteNode:
+    node = await resolve(tree, remote)
+    if node.owner != tree.user:
+        raise ForbiddenError(f"{remote} belongs to {node.owner}; only they can share it",
+                             status=403, api_code="forbidden")
+    if node.parent is None:
+        raise UsageError("share a folder or file, not your whole root folder")
+    grants = []
+    for user in users:
+        if user == tree.user:
+            raise UsageError("you cannot share with yourself")
+        try:
+            public_key = await tree.owner_public_key(user)
+        except RemoteNotFoundError:
+            raise RemoteNotFoundError(f"user {user!r} does not exist or has no device "
+                                      "yet") from None
+        grants.append({"user": user, "wrapped_key": _b64(wrap_for_user(
+            tree.keys.private_key, public_key, node.key, node_id=node.id, owner=tree.user,
+            recipient=user))})
+    await _owned_call(tree, "POST", f"/files/{node.id}/share", remote,
+                      json={"grants": grants})
+    return node
+
+
+async def unshare(tree: RemoteTree, remote: str, user: str) -> RemoteNode:
+    node = await resolve(tree, remote)
+    try:
+        await _owned_call(tree, "DELETE", f"/files/{node.id}/share/{user}", remote)
+    except RemoteNotFoundError:
+        raise RemoteNotFoundError(f"{remote} is not shared with {user}") from None
+    return node
+
+
+@dataclass
+class SharedEntry:
+    node: RemoteNode
+    owner: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.node.to_json(), "owner": self.owner}
+
+
+async def shared(tree: RemoteTree) -> list[SharedEntry]:
+    return [SharedEntry(node, owner) for node, owner in await tree.shared_with_me()]

@@ -1,0 +1,231 @@
+"""Uploading a local file as a node: scan, announce, send what is missing.
+
+1. Scan (worker threads, several blocks at once): cut the file into 4 MiB blocks, encrypt
+   each (convergent, crypto/blocks.py) and keep only its reference (id, key, hashes); the
+   ciphertext is dropped, so memory does not grow with the file.
+2. Announce: create the node (client-chosen id, so a retried request is recognised) or give
+   the existing one a new version. The appliance answers upload URLs for the blocks it does
+   not hold: deduplication and resumption are the same mechanism. An interrupted upload
+   leaves an `uploading` node under the name, which the next `put` updates.
+3. Send: re-read and re-encrypt only the missing blocks and PUT them, several in flight. A
+   block whose id differs from the scan means the file changed under us: stop and say so.
+   Expired URLs (a long upload) are refreshed once from GET /files/{id}.
+4. A re-put of an unchanged file (same blocks, size, mtime and mode) changes nothing.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from agent.crypto.blocks import BLOCK_SIZE, BlockRef, encrypt_block
+from agent.crypto.nodes import NodeMeta, new_node_key, seal_metadata, wrap_key
+from agent.errors import FileChangedError, ForbiddenError, LocalFileError, UsageError
+from agent.pipeline import DEFAULT_PARALLEL, run_jobs
+from agent.progress import Progress
+from agent.remote import RemoteNode, RemoteTree, Target
+
+MAX_SEND_ROUNDS = 3
+
+
+@dataclass
+class UploadStats:
+    files: int = 0
+    bytes: int = 0
+    blocks: int = 0
+    blocks_sent: int = 0
+    unchanged: int = 0
+    folders: int = 0
+    node_ids: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+    def add(self, other: UploadStats) -> None:
+        self.files += other.files
+        self.bytes += other.bytes
+        self.blocks += other.blocks
+        self.blocks_sent += other.blocks_sent
+        self.unchanged += other.unchanged
+        self.folders += other.folders
+        self.node_ids += other.node_ids
+        self.skipped += other.skipped
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _local_error(path: Path, exc: OSError) -> LocalFileError:
+    return LocalFileError(f"cannot read {path}: {exc.strerror or exc}")
+
+
+def _fingerprint(st: os.stat_result) -> tuple[int, int, int]:
+    return (st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+def _read_block(fd: int, index: int, path: Path) -> bytes:
+    try:
+        data = os.pread(fd, BLOCK_SIZE, index * BLOCK_SIZE)
+    except OSError as exc:
+        raise _local_error(path, exc) from None
+    return data
+
+
+def block_count(size: int) -> int:
+    return (size + BLOCK_SIZE - 1) // BLOCK_SIZE
+
+
+async def scan_file(fd: int, path: Path, size: int, content_secret: bytes,
+                    progress: Progress, parallel: int) -> list[BlockRef]:
+    refs: list[BlockRef | None] = [None] * block_count(size)
+
+    def scan(index: int) -> BlockRef:
+        data = _read_block(fd, index, path)
+        expected = min(BLOCK_SIZE, size - index * BLOCK_SIZE)
+        if len(data) != expected:
+            raise FileChangedError(f"{path} changed while it was being read; try again")
+        return encrypt_block(content_secret, data)[0]
+
+    def done(index: int, ref: BlockRef) -> None:
+        refs[index] = ref
+        progress.advance(ref.plain_size)
+
+    await run_jobs(range(len(refs)), scan, parallel=parallel, done=done)
+    return [ref for ref in refs if ref is not None]
+
+
+def _payload(node_id: str, node_key: bytes, parent_key: bytes, parent_id: str,
+             meta: NodeMeta) -> dict[str, Any]:
+    return {"metadata": _b64(seal_metadata(node_key, node_id, meta)),
+            "wrapped_key": _b64(wrap_key(parent_key, node_key, node_id, parent_id)),
+            "size": meta.size,
+            "blocks": [{"id": r.id_hex, "size": r.cipher_size} for r in meta.blocks]}
+
+
+async def announce(tree: RemoteTree, target: Target, meta: NodeMeta) -> dict[str, Any]:
+    """Create the node or version the existing one; the appliance's NodeWrite answer."""
+    parent = target.parent
+    existing = target.existing
+    if existing is None:
+        node_id = os.urandom(16).hex()
+        body = _payload(node_id, new_node_key(), parent.key, parent.id, meta)
+        answer: dict[str, Any] = await tree.connection.call(
+            "POST", "/files", json={"id": node_id, "parent": parent.id, "kind": meta.kind,
+                                    **body})
+        return answer
+    body = _payload(existing.id, existing.key, parent.key, parent.id, meta)
+    answer = await tree.connection.call("PUT", f"/files/{existing.id}",
+                                        json={"base_version": existing.version, **body})
+    return answer
+
+
+def _unchanged(existing: RemoteNode | None, meta: NodeMeta) -> bool:
+    return (existing is not None and existing.status == "uploaded" and not existing.deleted
+            and existing.meta.blocks == meta.blocks and existing.meta.size == meta.size
+            and existing.meta.mtime_ns == meta.mtime_ns and existing.meta.mode == meta.mode)
+
+
+async def upload_file(tree: RemoteTree, path: Path, target: Target, *,
+                      show_progress: bool | None = None,
+                      parallel: int = DEFAULT_PARALLEL) -> UploadStats:
+    """Upload PATH as TARGET. Progress bars (hashing, then sending) on a terminal."""
+    if target.existing is not None and target.existing.is_dir:
+        raise UsageError(f"a folder named {target.name!r} is already there")
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as exc:
+        raise _local_error(path, exc) from None
+    try:
+        before = os.fstat(fd)
+        if not stat.S_ISREG(before.st_mode):
+            raise UsageError(f"{path} is not a regular file")
+        secret = tree.keys.content_secret
+        progress = Progress(before.st_size, f"hashing {path.name}", enabled=show_progress)
+        try:
+            refs = await scan_file(fd, path, before.st_size, secret, progress, parallel)
+        finally:
+            progress.close()
+        if _fingerprint(os.fstat(fd)) != _fingerprint(before):
+            raise FileChangedError(f"{path} changed while it was being read; try again "
+                                   "once it is complete")
+        meta = NodeMeta(name=target.name, kind="file", size=before.st_size,
+                        mtime_ns=before.st_mtime_ns, mode=stat.S_IMODE(before.st_mode),
+                        blocks=tuple(refs))
+        stats = UploadStats(files=1, bytes=before.st_size, blocks=len(refs))
+        if _unchanged(target.existing, meta):
+            assert target.existing is not None
+            stats.unchanged = 1
+            stats.node_ids.append(target.existing.id)
+            return stats
+        answer = await announce(tree, target, meta)
+        node_id = answer["node"]["id"]
+        stats.node_ids.append(node_id)
+        first_index: dict[str, int] = {}
+        for index, ref in enumerate(refs):
+            first_index.setdefault(ref.id_hex, index)
+        urls = answer["upload"]
+        for _ in range(MAX_SEND_ROUNDS):
+            if not urls:
+                break
+            progress = Progress(sum(int(e["size"]) for e in urls), f"sending {path.name}",
+                                enabled=show_progress)
+            try:
+                stats.blocks_sent += await _send(tree, fd, path, first_index, urls,
+                                                 progress, parallel, node_id)
+            finally:
+                progress.close()
+            detail = await tree.fetch(node_id)
+            urls = detail["blocks"] if detail["method"] == "PUT" else []
+        if _fingerprint(os.fstat(fd)) != _fingerprint(before):
+            raise FileChangedError(f"{path} changed while it was being uploaded; run put "
+                                   "again once it is complete")
+        if urls:
+            raise LocalFileError(f"{path}: the appliance still lacks {len(urls)} blocks "
+                                 "after several rounds; run put again")
+        return stats
+    finally:
+        os.close(fd)
+
+
+async def _send(tree: RemoteTree, fd: int, path: Path, first_index: dict[str, int],
+                urls: list[dict[str, Any]], progress: Progress, parallel: int,
+                node_id: str) -> int:
+    secret = tree.keys.content_secret
+    connection = tree.connection
+    refreshed: dict[str, str] = {}
+
+    def send(entry: dict[str, Any]) -> int:
+        block_id = entry["block_id"]
+        index = first_index.get(block_id)
+        if index is None:
+            raise LocalFileError(f"the appliance asked for block {block_id[:16]}, which "
+                                 f"is not in {path}")
+        ref, ciphertext = encrypt_block(secret, _read_block(fd, index, path))
+        if ref.id_hex != block_id:
+            raise FileChangedError(f"{path} changed while it was being uploaded; run put "
+                                   "again once it is complete")
+        try:
+            connection.put_block(refreshed.get(block_id, entry["url"]), ciphertext)
+        except ForbiddenError:   # the URL expired during a long upload: one fresh try
+            refreshed.update(_fresh_urls(node_id))
+            connection.put_block(refreshed[block_id], ciphertext)
+        return len(ciphertext)
+
+    def _fresh_urls(node: str) -> dict[str, str]:
+        detail = trio.from_thread.run(tree.fetch, node)
+        return {e["block_id"]: e["url"] for e in detail["blocks"]}
+
+    sent = 0
+
+    def done(entry: dict[str, Any], cipher_size: int) -> None:
+        nonlocal sent
+        sent += 1
+        progress.advance(cipher_size)
+
+    await run_jobs(urls, send, parallel=parallel, done=done)
+    return sent
