@@ -6,6 +6,7 @@ breaks as soon as a second conftest.py exists).
 
 from __future__ import annotations
 
+import os
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +17,10 @@ from cairnd_helpers import MakeHome, run_cairnd
 
 from appliance.config import ApplianceConfig
 from appliance.home import init_home
+
+# An agent started by any test must never look for its appliance on the machine's real LAN;
+# namespace tests turn discovery back on for the agents they run inside their namespaces.
+os.environ["CAIRN_DISCOVERY"] = "off"
 
 
 @pytest.fixture
