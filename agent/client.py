@@ -4,10 +4,13 @@ Two httpx clients share one pinned TLS context (the certificate recorded at join
 else is trusted):
 
 - `call` (httpx.AsyncClient under trio) for the JSON control plane;
-- `put_block` / `get_block` (httpx.Client, blocking) for block bodies, run in worker threads
-  by the transfer pipeline. The stdlib's blocking SSL sockets decrypt in C with the GIL
-  released, several times faster per byte than an async TLS stream in Python, and the
-  threads that hash and encrypt a block can send it without handing bytes back to the loop.
+- `put_block` / `get_block` (httpcore's blocking connection pool) for block bodies, run in
+  worker threads by the transfer pipeline. The stdlib's blocking SSL sockets decrypt in C
+  with the GIL released, several times faster per byte than an async TLS stream in Python,
+  and the threads that hash and encrypt a block can send it without handing bytes back to
+  the loop. httpcore rather than httpx.Client here: an httpx Response and its stream refer to
+  each other, so every 4 MiB body lived until the cyclic garbage collector ran — hundreds of
+  MiB of RSS on a long transfer. httpcore's responses are freed when dropped.
 
 Failures are translated here, once: HTTP error bodies become ApiError subclasses, and
 transient failures (connection refused or reset, timeouts, 429, 502-504) are retried with
@@ -18,6 +21,7 @@ is the pinned one, remembers the new address and carries on (`rediscover`).
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import ssl
@@ -26,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import httpcore
 import httpx
 import trio
 
@@ -43,6 +48,9 @@ from agent.home import AgentHome, DeviceRecord
 log = logging.getLogger(__name__)
 
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
+BLOCK_TRANSPORT_ERRORS = (httpcore.NetworkError, httpcore.TimeoutException,
+                          httpcore.RemoteProtocolError)
+BLOCK_TIMEOUTS = {"connect": 10.0, "read": 60.0, "write": 60.0, "pool": 300.0}
 T = TypeVar("T")
 
 
@@ -69,14 +77,18 @@ def pinned_ssl_context(certificate_pem: str) -> ssl.SSLContext:
 
 
 def error_from_response(response: httpx.Response) -> ApiError | NotEnrolledError:
+    return error_from_status(response.status_code, response.content)
+
+
+def error_from_status(status: int, content: bytes) -> ApiError | NotEnrolledError:
     """The agent error for an HTTP error answer (body `{"error": {"code", "message"}}`)."""
     try:
-        body = response.json().get("error", {})
+        body = json.loads(content).get("error", {})
         api_code, message = str(body.get("code", "")), str(body.get("message", ""))
         details = {k: v for k, v in body.items() if k not in ("code", "message")}
     except (ValueError, AttributeError):
-        api_code, message, details = "", response.text[:200], {}
-    status = response.status_code
+        api_code, message = "", content[:200].decode("utf-8", "replace")
+        details = {}
     if status == 401:
         return NotEnrolledError("the appliance no longer accepts this device (revoked, or "
                                 "joined elsewhere); run `cairn join` with a new code")
@@ -88,9 +100,14 @@ def error_from_response(response: httpx.Response) -> ApiError | NotEnrolledError
                 details=details)
 
 
-def _retry_after(response: httpx.Response) -> float | None:
+def _retry_after(response: httpx.Response | httpcore.Response) -> float | None:
+    if isinstance(response, httpx.Response):
+        value = response.headers.get("retry-after", "")
+    else:
+        value = next((v.decode() for k, v in response.headers
+                      if k.lower() == b"retry-after"), "")
     try:
-        return float(response.headers.get("retry-after", ""))
+        return float(value)
     except ValueError:
         return None
 
@@ -108,10 +125,9 @@ class Connection:
         timeout = httpx.Timeout(60.0, connect=10.0)
         self._async = httpx.AsyncClient(base_url=device.url, verify=self._context,
                                         headers=headers, timeout=timeout)
-        limits = httpx.Limits(max_connections=block_connections,
-                              max_keepalive_connections=block_connections)
-        self._blocks = httpx.Client(base_url=device.url, verify=self._context,
-                                    timeout=timeout, limits=limits)
+        self._blocks = httpcore.ConnectionPool(ssl_context=self._context,
+                                               max_connections=block_connections,
+                                               keepalive_expiry=30.0)
         self._rediscovery_lock = trio.Lock()
         self.blocks_sent = 0
         self.blocks_received = 0
@@ -196,41 +212,46 @@ class Connection:
         log.warning("the appliance moved from %s to %s", self.device.url, url)
         self.device = self.device.with_url(url)
         self._async.base_url = httpx.URL(url)
-        self._blocks.base_url = httpx.URL(url)
         self.home.save_device(self.device)
 
     # --- the data plane (blocking: call from worker threads) ------------------------
 
     def put_block(self, url: str, data: bytes) -> list[str]:
         """PUT a block to its pre-signed URL; the nodes it completed."""
-        response = self._block_request("PUT", url, content=data)
+        answer = self._block_request("PUT", url, data)
         self.blocks_sent += 1
-        return list(response.json().get("completed_nodes", []))
+        return list(json.loads(answer).get("completed_nodes", []))
 
     def get_block(self, url: str) -> bytes:
-        response = self._block_request("GET", url)
+        data = self._block_request("GET", url, None)
         self.blocks_received += 1
-        return response.content
+        return data
 
-    def _block_request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+    def _block_request(self, method: str, url: str, content: bytes | None) -> bytes:
+        """The body of a successful answer to METHOD on a pre-signed URL (relative to the
+        appliance's current address)."""
+        headers = [(b"Content-Length", str(len(content or b"")).encode())] \
+            if method == "PUT" else []
         for attempt in range(self.retry.attempts):
             url_before = self.device.url
             try:
-                response = self._blocks.request(method, url, **kwargs)
-            except httpx.TransportError as exc:
+                response = self._blocks.request(
+                    method, url_before + url, headers=headers, content=content,
+                    extensions={"timeout": BLOCK_TIMEOUTS})
+            except BLOCK_TRANSPORT_ERRORS as exc:
                 if attempt + 1 >= self.retry.attempts:
                     raise self._unreachable(exc) from None
-                if isinstance(exc, httpx.ConnectError) and attempt >= 1:
+                if isinstance(exc, httpcore.ConnectError) and attempt >= 1:
                     trio.from_thread.run(self.rediscover, url_before)
                 if self.device.url == url_before:
                     time.sleep(self.retry.delay(attempt))
                 continue
-            if response.status_code in RETRY_STATUSES and attempt + 1 < self.retry.attempts:
+            if response.status in RETRY_STATUSES and attempt + 1 < self.retry.attempts:
                 time.sleep(self.retry.delay(attempt, _retry_after(response)))
                 continue
-            if response.status_code >= 400:
-                raise error_from_response(response)
-            return response
+            if response.status >= 400:
+                raise error_from_status(response.status, response.content)
+            return response.content
         raise AssertionError("unreachable")
 
 
