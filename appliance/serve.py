@@ -5,10 +5,11 @@ Theory of operation:
 1. Load the config; make the TLS certificate if the home has none ("made at first start");
    take an exclusive lock on HOME/run/serve.lock, so one home has one server.
 2. Bind the listening socket here, not in hypercorn, so that a bind failure is a clear
-   ListenError and `--listen HOST:0` tells us the port the kernel chose. Hypercorn takes the
-   bound socket over through an `fd://N` bind.
+   ListenError and `--listen HOST:0` tells us the port the kernel chose. `serve_https`
+   (appliance/https.py) serves it: hypercorn's trio worker with TLS streams of our own
+   that hand over whole bodies in large chunks instead of 16 KiB records.
 3. Open the block store and the metadata database and start, in one trio nursery,
-   hypercorn's trio worker (TLS on), the maintenance task (background scrub and repair
+   the HTTPS server, the maintenance task (background scrub and repair
    queue, rate-limited), garbage collection, and the mDNS advertiser (only on the
    interfaces of the listen address; nothing on loopback).
 4. Once hypercorn listens, print exactly one line on stdout —
@@ -41,7 +42,6 @@ from typing import Any, cast
 
 import trio
 from hypercorn.config import Config as HypercornConfig
-from hypercorn.trio import serve as hypercorn_serve
 from hypercorn.typing import ASGIFramework
 
 from appliance.advertise import run_advertiser
@@ -49,6 +49,7 @@ from appliance.api.context import ApiContext, ApiSettings
 from appliance.collect import run_gc_loop
 from appliance.config import ApplianceConfig, format_listen, load_config
 from appliance.errors import ConfigError, ListenError
+from appliance.https import serve_https
 from appliance.meta.database import Metadata
 from appliance.server import create_app
 from appliance.storage.async_store import AsyncBlockStore
@@ -156,10 +157,9 @@ def serve_lock(home: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def hypercorn_config(config: ApplianceConfig, sock: socket.socket) -> HypercornConfig:
-    """Hypercorn settings; takes ownership of `sock` (it is detached here)."""
+def hypercorn_config(config: ApplianceConfig) -> HypercornConfig:
+    """Hypercorn settings (the socket is handed to serve_https, not bound by hypercorn)."""
     hc = HypercornConfig()
-    hc.bind = [f"fd://{sock.detach()}"]
     hc.certfile = str(config.tls_certificate)
     hc.keyfile = str(config.tls_key)
     hc.backlog = LISTEN_BACKLOG
@@ -233,7 +233,7 @@ async def run_appliance(config: ApplianceConfig, *, shutdown: trio.Event,
     with serve_lock(config.home):
         sock = bind_listening_socket(config.listen_host, config.listen_port)
         port = int(sock.getsockname()[1])
-        hc = hypercorn_config(config, sock)
+        hc = hypercorn_config(config)
         store = AsyncBlockStore(BlockStore(config.store, RepairQueue(config.database)))
         meta = Metadata(config.database)
         context = ApiContext(
@@ -255,8 +255,8 @@ async def run_appliance(config: ApplianceConfig, *, shutdown: trio.Event,
                     context.notifier.close()  # end event streams: they would hold us up
 
                 async def serve_http(task_status: trio.TaskStatus[list[str]]) -> None:
-                    await hypercorn_serve(app, hc, shutdown_trigger=stop_requested,
-                                          task_status=task_status)
+                    await serve_https(app, hc, sock, shutdown_trigger=stop_requested,
+                                      task_status=task_status)
                     nursery.cancel_scope.cancel()  # hypercorn is done: stop maintenance
 
                 await nursery.start(serve_http)
