@@ -117,15 +117,19 @@ async def store_block(context: ApiContext, device_id: str, block_id: str,
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
+    """The whole body, joined once at the end: growing a bytearray and then copying it
+    to bytes went over a 4 MiB block ~3 times (CPU on the event loop, page faults)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLargeError(f"a block has at most {limit} bytes")
-    body = bytearray()
+    chunks: list[bytes] = []
+    size = 0
     async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > limit:
             raise PayloadTooLargeError(f"a block has at most {limit} bytes")
-    return bytes(body)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 @router.put("/blocks/{block_id}", response_model=BlockStored,
