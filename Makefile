@@ -7,7 +7,7 @@ VENV        := .venv
 PY          := $(VENV)/bin/python
 APPLIANCE   ?= ./var/appliance
 
-.PHONY: run test lint bench bench-api bootstrap clean-run
+.PHONY: run test lint bench bench-api bench-transfer bootstrap clean-run
 
 bootstrap:
 	@bash scripts/bootstrap.sh
@@ -32,6 +32,9 @@ bench: bootstrap
 
 bench-api: bootstrap
 	@$(PY) bench/api.py
+
+bench-transfer: bootstrap
+	@$(PY) bench/transfer.py
 
 # Remove the embedded-defaults appliance made by `make run` (its blocks too).
 clean-run:
