@@ -14,9 +14,9 @@ else is trusted):
 
 Failures are translated here, once: HTTP error bodies become ApiError subclasses, and
 transient failures (connection refused or reset, timeouts, 429, 502-504) are retried with
-exponential backoff and jitter. When the remembered address refuses connections, the agent
-looks for its appliance (by appliance id) on the LAN with mDNS, checks the certificate there
-is the pinned one, remembers the new address and carries on (`rediscover`).
+exponential backoff and jitter. When the remembered address refuses or ignores connections
+twice, the agent looks for its appliance (by appliance id) on the LAN with mDNS, checks the
+certificate there is the pinned one, remembers the new address and carries on (`rediscover`).
 """
 
 from __future__ import annotations
@@ -168,7 +168,9 @@ class Connection:
         if attempt + 1 >= self.retry.attempts:
             raise self._unreachable(exc) from None
         log.debug("request to %s failed (%s); retrying", url_before, exc)
-        if isinstance(exc, httpx.ConnectError) and attempt >= 1:
+        # A moved appliance's old address refuses (ConnectError) or, while the LAN still
+        # maps it to the old machine, silently drops connections (ConnectTimeout).
+        if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout) and attempt >= 1:
             await self.rediscover(url_before)
         if self.device.url == url_before:
             await trio.sleep(self.retry.delay(attempt))
@@ -241,7 +243,8 @@ class Connection:
             except BLOCK_TRANSPORT_ERRORS as exc:
                 if attempt + 1 >= self.retry.attempts:
                     raise self._unreachable(exc) from None
-                if isinstance(exc, httpcore.ConnectError) and attempt >= 1:
+                if isinstance(exc, httpcore.ConnectError | httpcore.ConnectTimeout) \
+                        and attempt >= 1:
                     trio.from_thread.run(self.rediscover, url_before)
                 if self.device.url == url_before:
                     time.sleep(self.retry.delay(attempt))

@@ -55,14 +55,16 @@ async def find_appliances(seconds: float = BROWSE_SECONDS, *,
     if not interfaces:
         raise TransportError("no network interface to look for the appliance on "
                              "(only loopback); give its address with --url")
+
+    def wanted(found: list[DiscoveredAppliance]) -> list[DiscoveredAppliance]:
+        return [a for a in found if appliance_id in (None, a.appliance_id)]
+
     try:
-        found = await browse(seconds, interfaces, limit=1 if appliance_id else None)
+        found = wanted(await browse(seconds, interfaces, limit=1 if appliance_id else None))
         if appliance_id is not None and not found:
-            # limit=1 stops at the first appliance: another one may have answered first.
-            found = await browse(seconds, interfaces)
+            # limit=1 stops at the first appliance to answer, which may be another one.
+            found = wanted(await browse(seconds, interfaces))
     except (OSError, RuntimeError) as exc:
         raise TransportError(f"cannot search the LAN by mDNS: {exc}") from None
-    if appliance_id is not None:
-        found = [a for a in found if a.appliance_id == appliance_id]
     log.debug("mDNS found %s", [a.urls for a in found])
     return found
