@@ -98,23 +98,30 @@ WIRES = (
 )
 
 
+Wire = tuple[str, str, str, str]
+
+
 @contextmanager
-def lan() -> Iterator[Lan]:
+def lan(wires: Sequence[Wire] = WIRES) -> Iterator[Lan]:
+    """The LAN of the module docstring, or the one WIRES describe: (bridge, host, interface,
+    address) each. Keep host names short: HOST + the bridge's last character names the
+    bridge's port, and interface names have at most 15 characters."""
     suffix = secrets.token_hex(3)
     built = Lan(bridge_netns=f"cairn-br-{suffix}")
     made: list[str] = []
+    host_names = list(dict.fromkeys(host for _, host, _, _ in wires))
     try:
-        for netns in [built.bridge_netns, *(f"cairn-{h}-{suffix}" for h in "abc")]:
+        for netns in [built.bridge_netns, *(f"cairn-{h}-{suffix}" for h in host_names)]:
             ip("netns", "add", netns)
             made.append(netns)
             _quiet(netns)
             ip("link", "set", "lo", "up", netns=netns)
-        for bridge in ("br0", "br1"):
+        for bridge in dict.fromkeys(bridge for bridge, _, _, _ in wires):
             ip("link", "add", bridge, "type", "bridge", "mcast_snooping", "0",
                netns=built.bridge_netns)
             ip("link", "set", bridge, "up", netns=built.bridge_netns)
         addresses: dict[str, dict[str, str]] = {}
-        for bridge, host, interface, address in WIRES:
+        for bridge, host, interface, address in wires:
             host_netns, port = f"cairn-{host}-{suffix}", f"{host}{bridge[-1]}"
             ip("link", "add", port, "type", "veth", "peer", "name", interface,
                "netns", host_netns, netns=built.bridge_netns)
@@ -129,6 +136,11 @@ def lan() -> Iterator[Lan]:
         for netns in reversed(made):  # deleting a namespace deletes its links too
             subprocess.run(["ip", "netns", "delete", netns], capture_output=True, timeout=10,
                            check=False)
+
+
+def in_netns(netns: str, *command: str | Path) -> list[str]:
+    """COMMAND run inside NETNS (`ip netns exec` execs it: a Popen's pid is the command's)."""
+    return ["ip", "netns", "exec", netns, *map(str, command)]
 
 
 def spawn_in(netns: str, *args: str) -> subprocess.Popen[str]:
