@@ -1,0 +1,267 @@
+"""The `cairn` agent's file commands end to end: the real CLI as a subprocess against a real
+`cairnd serve` on 127.0.0.1 — put/get round trips (byte for byte; a folder tree with
+mtimes to the nanosecond and modes), ls, mkdir, rm and mv."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+from subprocess import CompletedProcess
+from typing import Any
+
+import apsw
+import pytest
+from agent_helpers import agent_env, cairn_ok, joined, run_cairn
+from api_helpers import add_user
+from cairnd_helpers import RunningAppliance, serving
+
+from agent.crypto.blocks import BLOCK_SIZE
+from agent.errors import RemoteNotFoundError, UsageError
+from appliance.config import ApplianceConfig
+from appliance.home import init_home
+
+MiB = 1024 * 1024
+PUT_LINE = re.compile(r"^uploaded (\d+) file\(s\), .*: sent (\d+) of (\d+) blocks "
+                      r"\((\d+) were on the appliance already\)$")
+GET_LINE = re.compile(r"^downloaded (\d+) file\(s\), .*: fetched (\d+) of (\d+) blocks$")
+
+
+@pytest.fixture(scope="module")
+def appliance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[
+        tuple[ApplianceConfig, RunningAppliance]]:
+    config = init_home(tmp_path_factory.mktemp("agent-files") / "appliance",
+                       reserve_free_bytes=0, listen="127.0.0.1:0")
+    with serving(config.home) as server:
+        yield config, server
+        assert server.stop() == 0
+        assert "Traceback" not in server.stderr()
+
+
+@pytest.fixture(scope="module")
+def alice(appliance: tuple[ApplianceConfig, RunningAppliance],
+          tmp_path_factory: pytest.TempPathFactory) -> Path:
+    config, server = appliance
+    return joined(tmp_path_factory.mktemp("alice") / "home", server.url,
+                  add_user(config.home, "alice"))
+
+
+def put_summary(output: str) -> tuple[int, int, int, int]:
+    """(files, blocks sent, blocks, blocks already there) from put's summary line."""
+    match = PUT_LINE.match(output.strip().splitlines()[-1])
+    assert match is not None, output
+    files, sent, total, present = map(int, match.groups())
+    return files, sent, total, present
+
+
+def get_summary(output: str) -> tuple[int, int, int]:
+    """(files, blocks fetched, blocks) from get's summary line."""
+    match = GET_LINE.match(output.strip().splitlines()[-1])
+    assert match is not None, output
+    files, fetched, total = map(int, match.groups())
+    return files, fetched, total
+
+
+def fails(result: CompletedProcess[str], exit_code: int, *words: str) -> str:
+    """Assert RESULT is one `cairn: error:` line with EXIT_CODE mentioning WORDS."""
+    assert result.returncode == exit_code, (result.returncode, result.stderr)
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("cairn: error: "), result.stderr
+    for word in words:
+        assert word.lower() in lines[0].lower(), (word, lines[0])
+    return lines[0]
+
+
+def ls_json(home: Path, remote: str = "/") -> list[dict[str, Any]]:
+    entries: list[dict[str, Any]] = json.loads(cairn_ok(home, "ls", "--json", remote))
+    return entries
+
+
+def write_random(path: Path, size: int) -> Path:
+    with path.open("wb") as out:
+        left = size
+        while left:
+            chunk = min(left, 8 * MiB)
+            out.write(os.urandom(chunk))
+            left -= chunk
+    return path
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(8 * MiB):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def database_rows(config: ApplianceConfig, sql: str, *params: object) -> list[Any]:
+    """Rows from the running appliance's database (read-only; WAL readers see commits)."""
+    with contextlib.closing(apsw.Connection(str(config.database),
+                                            flags=apsw.SQLITE_OPEN_READONLY)) as db:
+        db.setbusytimeout(10_000)
+        return list(db.execute(sql, params))
+
+
+# --- put and get -------------------------------------------------------------------------
+
+SIZES = {"empty": 0, "one-byte": 1, "4MiB": BLOCK_SIZE, "4MiB+1": BLOCK_SIZE + 1}
+
+
+def test_file_round_trips_at_block_boundaries(alice: Path, tmp_path: Path) -> None:
+    """Each file put on its own, the folder got back in one go; sizes around a block."""
+    cairn_ok(alice, "mkdir", "/sizes")
+    originals = {}
+    for name, size in SIZES.items():
+        originals[name] = write_random(tmp_path / name, size)
+        blocks = (size + BLOCK_SIZE - 1) // BLOCK_SIZE
+        assert put_summary(cairn_ok(alice, "put", originals[name], f"/sizes/{name}")) == \
+            (1, blocks, blocks, 0)
+
+    back = tmp_path / "back"
+    assert get_summary(cairn_ok(alice, "get", "/sizes", back)) == (4, 4, 4)
+    for name, original in originals.items():
+        copy = back / name
+        assert copy.read_bytes() == original.read_bytes(), name
+        assert copy.stat().st_mtime_ns == original.stat().st_mtime_ns, name
+    listing = ls_json(alice, "/sizes")
+    assert sorted((e["name"], e["kind"], e["size"]) for e in listing) == \
+        sorted((name, "file", size) for name, size in SIZES.items())
+
+
+def test_100_mb_round_trip(alice: Path, tmp_path: Path) -> None:
+    original = write_random(tmp_path / "big.bin", 100 * MiB)
+    blocks = 25
+    assert put_summary(cairn_ok(alice, "put", original, "/big.bin")) == \
+        (1, blocks, blocks, 0)
+    copy = tmp_path / "big-copy.bin"
+    assert get_summary(cairn_ok(alice, "get", "/big.bin", copy)) == (1, blocks, blocks)
+    assert copy.stat().st_size == original.stat().st_size
+    assert sha256_of(copy) == sha256_of(original)
+    assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".cairn-part")]
+
+
+def make_tree(root: Path) -> dict[str, tuple[int, int]]:
+    """A folder tree with nested and empty folders, an executable, an empty file and odd
+    mtimes; {relative path of each file: (mtime_ns, mode)}."""
+    files = {
+        "a.txt": (1_000, 0o644, 1_600_000_000_123_456_789),
+        "run.sh": (300, 0o755, 1_500_000_000_000_000_001),
+        "sub/b.bin": (200_000, 0o640, 1_700_000_000_999_999_999),
+        "sub/deeper/c.txt": (0, 0o644, 1_234_567_890_000_000_007),
+        "sub/deeper/secret": (77, 0o600, 1_650_000_000_500_000_000),
+    }
+    (root / "empty").mkdir(parents=True)
+    (root / "sub" / "deeper" / "also-empty").mkdir(parents=True)
+    expected = {}
+    for relative, (size, mode, mtime_ns) in files.items():
+        path = write_random(root / relative, size)
+        path.chmod(mode)
+        os.utime(path, ns=(mtime_ns, mtime_ns))
+        expected[relative] = (mtime_ns, mode)
+    return expected
+
+
+def snapshot(root: Path) -> dict[str, tuple[str, bytes, int, int]]:
+    """Every entry under ROOT: kind, content, mtime_ns and permission bits (files only)."""
+    entries = {}
+    for path in sorted(root.rglob("*")):
+        relative = str(path.relative_to(root))
+        info = path.lstat()
+        if stat.S_ISDIR(info.st_mode):
+            entries[relative] = ("dir", b"", 0, 0)
+        else:
+            assert stat.S_ISREG(info.st_mode), path
+            entries[relative] = ("file", path.read_bytes(), info.st_mtime_ns,
+                                 stat.S_IMODE(info.st_mode))
+    return entries
+
+
+def test_folder_tree_round_trip(alice: Path, tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    expected = make_tree(tree)
+    files, sent, total, _ = put_summary(cairn_ok(alice, "put", tree, "/"))
+    assert files == 5 and sent == total == 4   # the empty file has no block
+
+    back = tmp_path / "back"
+    assert get_summary(cairn_ok(alice, "get", "/tree", back)) == (5, 4, 4)
+    assert snapshot(back) == snapshot(tree)
+    assert (back / "empty").is_dir() and not any((back / "empty").iterdir())
+    assert os.access(back / "run.sh", os.X_OK)
+    for relative, (mtime_ns, mode) in expected.items():
+        info = (back / relative).stat()
+        assert (info.st_mtime_ns, stat.S_IMODE(info.st_mode)) == (mtime_ns, mode), relative
+
+    listing = ls_json(alice, "/tree")
+    assert [(e["name"], e["kind"]) for e in listing] == [
+        ("empty", "dir"), ("sub", "dir"), ("a.txt", "file"), ("run.sh", "file")]
+    by_name = {e["name"]: e for e in listing}
+    assert by_name["a.txt"]["size"] == 1_000 and by_name["run.sh"]["size"] == 300
+    assert by_name["a.txt"]["mtime_ns"] == 1_600_000_000_123_456_789
+    assert by_name["a.txt"]["mtime"] == pytest.approx(1_600_000_000.123456789)
+    assert by_name["run.sh"]["mode"] == 0o755
+    assert [e["name"] for e in ls_json(alice, "/tree/sub/deeper")] == \
+        ["also-empty", "c.txt", "secret"]
+
+    plain = run_cairn(alice, "ls", "/tree", env=agent_env(TZ="UTC"))
+    assert plain.returncode == 0, plain.stderr
+    text = plain.stdout.splitlines()
+    assert [line.split()[-1] for line in text] == ["empty/", "sub/", "a.txt", "run.sh"]
+    assert text[2].split() == ["1000", "B", "2020-09-13", "12:26", "a.txt"]
+
+    again = put_summary(cairn_ok(alice, "put", tree, "/"))
+    assert again == (5, 0, 4, 4)   # nothing changed: nothing sent
+
+
+# --- mkdir, rm, mv -----------------------------------------------------------------------
+
+def test_mkdir_and_rm(alice: Path, tmp_path: Path) -> None:
+    fails(run_cairn(alice, "mkdir", "/m/x/y"), RemoteNotFoundError.exit_code, "-p")
+    cairn_ok(alice, "mkdir", "-p", "/m/x/y")
+    cairn_ok(alice, "mkdir", "-p", "/m/x/y")   # exists already: fine with -p
+    fails(run_cairn(alice, "mkdir", "/m/x"), UsageError.exit_code, "already exists")
+    assert [(e["name"], e["kind"]) for e in ls_json(alice, "/m/x")] == [("y", "dir")]
+
+    cairn_ok(alice, "put", write_random(tmp_path / "f.bin", 10), "/m/x/y/f.bin")
+    fails(run_cairn(alice, "rm", "/m/x"), UsageError.exit_code, "rm -r")
+    cairn_ok(alice, "rm", "/m/x/y/f.bin")
+    assert ls_json(alice, "/m/x/y") == []
+    cairn_ok(alice, "rm", "-r", "/m")
+    fails(run_cairn(alice, "ls", "/m/x"), RemoteNotFoundError.exit_code, "/m")
+
+
+def test_mv_renames_and_moves_without_sending_blocks(
+        appliance: tuple[ApplianceConfig, RunningAppliance], alice: Path,
+        tmp_path: Path) -> None:
+    config, _ = appliance
+    original = write_random(tmp_path / "orig.bin", BLOCK_SIZE + 12_345)
+    cairn_ok(alice, "mkdir", "-p", "/mv/dest")
+    assert put_summary(cairn_ok(alice, "put", original, "/mv/orig.bin")) == (1, 2, 2, 0)
+    [before] = ls_json(alice, "/mv/orig.bin")
+    blocks_before = database_rows(config, "SELECT block_id FROM node_blocks WHERE "
+                                          "node_id = ? ORDER BY position", before["id"])
+    stored_before = database_rows(config, "SELECT count(*) FROM blocks")
+
+    cairn_ok(alice, "mv", "/mv/orig.bin", "/mv/renamed.bin")      # a rename
+    cairn_ok(alice, "mv", "/mv/renamed.bin", "/mv/dest")            # into a folder
+    assert [e["name"] for e in ls_json(alice, "/mv")] == ["dest"]
+    [after] = ls_json(alice, "/mv/dest")
+    assert after["name"] == "renamed.bin"
+    assert after["id"] == before["id"] and after["version"] == before["version"] + 2
+    assert (after["size"], after["mtime_ns"]) == (before["size"], before["mtime_ns"])
+    # A move re-wraps one key: the block list and the stored blocks are untouched.
+    assert database_rows(config, "SELECT block_id FROM node_blocks WHERE node_id = ? "
+                                 "ORDER BY position", after["id"]) == blocks_before
+    assert database_rows(config, "SELECT count(*) FROM blocks") == stored_before
+
+    copy = tmp_path / "copy.bin"
+    assert get_summary(cairn_ok(alice, "get", "/mv/dest/renamed.bin", copy)) == (1, 2, 2)
+    assert copy.read_bytes() == original.read_bytes()
+    # The same content under another name: every block is on the appliance already.
+    assert put_summary(cairn_ok(alice, "put", original, "/mv/again.bin")) == (1, 0, 2, 2)
