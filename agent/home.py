@@ -109,8 +109,13 @@ class AgentHome:
         try:
             return UserKeys.from_bytes((self.path / KEYS_FILE).read_bytes())
         except FileNotFoundError:
+            # Joined but without keys (a wrong passphrase): join again is refused, so say
+            # what works.
+            remedy = ("run `cairn unlock` with your passphrase"
+                      if (self.path / DEVICE_FILE).exists()
+                      else "run `cairn join CODE` to finish joining")
             raise NotEnrolledError(f"this device has no keys ({self.path / KEYS_FILE}); "
-                                   "run `cairn join CODE` to finish joining") from None
+                                   f"{remedy}") from None
 
     def save_keys(self, keys: UserKeys) -> None:
         self.ensure()
