@@ -48,9 +48,13 @@ from agent.home import AgentHome, DeviceRecord
 log = logging.getLogger(__name__)
 
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
+# 503s that waiting will not fix: the block's data is lost for now (too few healthy shards)
+# or gone. Retrying them only delays the error the user needs to see.
+PERMANENT_API_CODES = frozenset({"block_unrecoverable", "block_not_found"})
 BLOCK_TRANSPORT_ERRORS = (httpcore.NetworkError, httpcore.TimeoutException,
                           httpcore.RemoteProtocolError)
-BLOCK_TIMEOUTS = {"connect": 10.0, "read": 60.0, "write": 60.0, "pool": 300.0}
+CONNECT_TIMEOUT_S = 5.0   # a LAN connects in milliseconds; a moved appliance must not stall
+BLOCK_TIMEOUTS = {"connect": CONNECT_TIMEOUT_S, "read": 60.0, "write": 60.0, "pool": 300.0}
 T = TypeVar("T")
 
 
@@ -100,6 +104,16 @@ def error_from_status(status: int, content: bytes) -> ApiError | NotEnrolledErro
                 details=details)
 
 
+def _transient(status: int, content: bytes) -> bool:
+    """Whether an error answer may go away if we wait and retry."""
+    if status not in RETRY_STATUSES:
+        return False
+    if status == 503 and content:
+        error = error_from_status(status, content)
+        return not (isinstance(error, ApiError) and error.api_code in PERMANENT_API_CODES)
+    return True
+
+
 def _retry_after(response: httpx.Response | httpcore.Response) -> float | None:
     if isinstance(response, httpx.Response):
         value = response.headers.get("retry-after", "")
@@ -122,7 +136,7 @@ class Connection:
         self.retry = retry or RetryPolicy()
         self._context = pinned_ssl_context(device.certificate)
         headers = {"Authorization": f"Bearer {device.token}"}
-        timeout = httpx.Timeout(60.0, connect=10.0)
+        timeout = httpx.Timeout(60.0, connect=CONNECT_TIMEOUT_S)
         self._async = httpx.AsyncClient(base_url=device.url, verify=self._context,
                                         headers=headers, timeout=timeout)
         self._blocks = httpcore.ConnectionPool(ssl_context=self._context,
@@ -155,7 +169,8 @@ class Connection:
             except httpx.TransportError as exc:
                 await self._after_transport_error(exc, attempt, url_before)
                 continue
-            if response.status_code in RETRY_STATUSES and attempt + 1 < self.retry.attempts:
+            if _transient(response.status_code, response.content) \
+                    and attempt + 1 < self.retry.attempts:
                 await trio.sleep(self.retry.delay(attempt, _retry_after(response)))
                 continue
             if response.status_code >= 400:
@@ -249,7 +264,8 @@ class Connection:
                 if self.device.url == url_before:
                     time.sleep(self.retry.delay(attempt))
                 continue
-            if response.status in RETRY_STATUSES and attempt + 1 < self.retry.attempts:
+            if _transient(response.status, response.content) \
+                    and attempt + 1 < self.retry.attempts:
                 time.sleep(self.retry.delay(attempt, _retry_after(response)))
                 continue
             if response.status >= 400:

@@ -15,9 +15,12 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+from typing import TYPE_CHECKING
 
 from agent.errors import TransportError
-from appliance.advertise import DiscoveredAppliance, browse, local_interface_addresses
+
+if TYPE_CHECKING:
+    from appliance.advertise import DiscoveredAppliance
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +51,9 @@ async def find_appliances(seconds: float = BROWSE_SECONDS, *,
                           appliance_id: str | None = None) -> list[DiscoveredAppliance]:
     """Appliances answering on this machine's LAN interfaces within SECONDS (only the one
     with APPLIANCE_ID, if given; then we stop at the first answer)."""
+    # zeroconf costs ~0.1 s to import: only commands that search the LAN pay for it.
+    from appliance.advertise import browse, local_interface_addresses
+
     if not discovery_enabled():
         raise TransportError(f"mDNS discovery is off ({DISCOVERY_ENV}=off); "
                              "give the appliance's address with --url")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import os
 import stat
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
@@ -55,15 +56,18 @@ async def resolve(tree: RemoteTree, remote: str) -> RemoteNode:
 
 # --- folders ---------------------------------------------------------------------------
 
-async def make_folder(tree: RemoteTree, target: Target) -> RemoteNode:
-    """Create folder TARGET (or return it if a folder of that name is there)."""
+async def make_folder(tree: RemoteTree, target: Target, *, mtime_ns: int | None = None,
+                      mode: int = 0o755) -> RemoteNode:
+    """Create folder TARGET (or return it if a folder of that name is there), with the
+    given modification time (default: now) and mode."""
     if target.existing is not None:
         if not target.existing.is_dir:
             raise UsageError(f"a file named {target.name!r} is already there")
         return target.existing
     node_id = os.urandom(16).hex()
     node_key = new_node_key()
-    meta = NodeMeta(name=check_name(target.name), kind="dir")
+    meta = NodeMeta(name=check_name(target.name), kind="dir", mode=mode,
+                    mtime_ns=time.time_ns() if mtime_ns is None else mtime_ns)
     answer = await tree.connection.call("POST", "/files", json={
         "id": node_id, "parent": target.parent.id, "kind": "dir",
         "metadata": _b64(seal_metadata(node_key, node_id, meta)),
@@ -130,7 +134,9 @@ async def _put_target(tree: RemoteTree, local: Path, remote: str) -> Target:
 async def _put_folder(tree: RemoteTree, local: Path, target: Target,
                       show_progress: bool | None) -> UploadStats:
     stats = UploadStats()
-    folder = await make_folder(tree, target)
+    info = os.stat(local)
+    folder = await make_folder(tree, target, mtime_ns=info.st_mtime_ns,
+                               mode=stat.S_IMODE(info.st_mode))
     stats.folders += 1
     existing = {c.name: c for c in await tree.children(folder)}
     try:
@@ -187,7 +193,20 @@ async def _get_folder(tree: RemoteTree, folder: RemoteNode, local: Path,
             stats.add(await _get_folder(tree, child, path, show_progress))
         else:
             stats.add(await download_file(tree, child, path, show_progress=show_progress))
+    _set_folder_times(local, folder)
     return stats
+
+
+def _set_folder_times(local: Path, folder: RemoteNode) -> None:
+    """Give a downloaded folder its mode and mtime, once its entries are written (writing
+    them changes the mtime). A mode without owner access would lock us out: left alone."""
+    try:
+        if folder.meta.mode & 0o700 == 0o700:
+            os.chmod(local, folder.meta.mode & 0o7777)
+        if folder.meta.mtime_ns:
+            os.utime(local, ns=(folder.meta.mtime_ns, folder.meta.mtime_ns))
+    except OSError as exc:
+        raise LocalFileError(f"cannot set the time of {local}: {exc.strerror}") from None
 
 
 # --- rm, mv ----------------------------------------------------------------------------
