@@ -5,17 +5,24 @@ while it is being uploaded (in process, with the send step wrapped to change it)
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from subprocess import CompletedProcess
-from typing import Any
 
 import pytest
-from agent_helpers import PASSPHRASE, agent_env, cairn_ok, join, joined, run_cairn
+from agent_helpers import (
+    PASSPHRASE,
+    agent_env,
+    cairn_ok,
+    fails,
+    join,
+    joined,
+    ls_json,
+    run_cairn,
+    served_appliance,
+)
 from api_helpers import add_user, new_code
 from cairnd_helpers import RunningAppliance, serving
 from click.testing import CliRunner
@@ -49,13 +56,9 @@ class Users:
 @pytest.fixture(scope="module")
 def appliance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         tuple[ApplianceConfig, RunningAppliance]]:
-    config = init_home(tmp_path_factory.mktemp("agent-errors") / "appliance", disks=4,
-                       data_shards=2, parity_shards=1, reserve_free_bytes=0,
-                       listen="127.0.0.1:0")
-    with serving(config.home) as server:
-        yield config, server
-        assert server.stop() == 0
-        assert "Traceback" not in server.stderr()
+    with served_appliance(tmp_path_factory.mktemp("agent-errors") / "appliance",
+                          disks=4, data_shards=2, parity_shards=1) as served:
+        yield served
 
 
 @pytest.fixture(scope="module")
@@ -65,22 +68,6 @@ def users(appliance: tuple[ApplianceConfig, RunningAppliance],
     return Users(**{name: joined(tmp_path_factory.mktemp(name) / "home", server.url,
                                  add_user(config.home, name))
                     for name in ("alice", "bob")})
-
-
-def fails(result: CompletedProcess[str], exit_code: int, *words: str) -> str:
-    """Assert RESULT is one `cairn: error:` line with EXIT_CODE mentioning WORDS."""
-    assert result.returncode == exit_code, (result.returncode, result.stderr)
-    assert "Traceback" not in result.stderr, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("cairn: error: "), result.stderr
-    for word in words:
-        assert word.lower() in lines[0].lower(), (word, lines[0])
-    return lines[0]
-
-
-def ls_json(home: Path, remote: str = "/") -> list[dict[str, Any]]:
-    entries: list[dict[str, Any]] = json.loads(cairn_ok(home, "ls", "--json", remote))
-    return entries
 
 
 def test_appliance_unreachable(tmp_path: Path) -> None:

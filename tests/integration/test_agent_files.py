@@ -6,25 +6,22 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import re
 import stat
 from collections.abc import Iterator
 from pathlib import Path
-from subprocess import CompletedProcess
 from typing import Any
 
 import apsw
 import pytest
-from agent_helpers import agent_env, cairn_ok, joined, run_cairn
+from agent_helpers import agent_env, cairn_ok, fails, joined, ls_json, run_cairn, served_appliance
 from api_helpers import add_user
-from cairnd_helpers import RunningAppliance, serving
+from cairnd_helpers import RunningAppliance
 
 from agent.crypto.blocks import BLOCK_SIZE
 from agent.errors import RemoteNotFoundError, UsageError
 from appliance.config import ApplianceConfig
-from appliance.home import init_home
 
 MiB = 1024 * 1024
 PUT_LINE = re.compile(r"^uploaded (\d+) file\(s\), .*: sent (\d+) of (\d+) blocks "
@@ -35,12 +32,8 @@ GET_LINE = re.compile(r"^downloaded (\d+) file\(s\), .*: fetched (\d+) of (\d+) 
 @pytest.fixture(scope="module")
 def appliance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         tuple[ApplianceConfig, RunningAppliance]]:
-    config = init_home(tmp_path_factory.mktemp("agent-files") / "appliance",
-                       reserve_free_bytes=0, listen="127.0.0.1:0")
-    with serving(config.home) as server:
-        yield config, server
-        assert server.stop() == 0
-        assert "Traceback" not in server.stderr()
+    with served_appliance(tmp_path_factory.mktemp("agent-files") / "appliance") as served:
+        yield served
 
 
 @pytest.fixture(scope="module")
@@ -65,22 +58,6 @@ def get_summary(output: str) -> tuple[int, int, int]:
     assert match is not None, output
     files, fetched, total = map(int, match.groups())
     return files, fetched, total
-
-
-def fails(result: CompletedProcess[str], exit_code: int, *words: str) -> str:
-    """Assert RESULT is one `cairn: error:` line with EXIT_CODE mentioning WORDS."""
-    assert result.returncode == exit_code, (result.returncode, result.stderr)
-    assert "Traceback" not in result.stderr, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("cairn: error: "), result.stderr
-    for word in words:
-        assert word.lower() in lines[0].lower(), (word, lines[0])
-    return lines[0]
-
-
-def ls_json(home: Path, remote: str = "/") -> list[dict[str, Any]]:
-    entries: list[dict[str, Any]] = json.loads(cairn_ok(home, "ls", "--json", remote))
-    return entries
 
 
 def write_random(path: Path, size: int) -> Path:

@@ -11,18 +11,16 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from subprocess import CompletedProcess
 from typing import Any
 
 import apsw
 import pytest
-from agent_helpers import cairn_ok, joined, run_cairn
+from agent_helpers import cairn_ok, fails, joined, ls_json, run_cairn, served_appliance
 from api_helpers import add_user
-from cairnd_helpers import RunningAppliance, serving
+from cairnd_helpers import RunningAppliance
 
 from agent.errors import ForbiddenError, KeyPinError, RemoteNotFoundError
 from appliance.config import ApplianceConfig
-from appliance.home import init_home
 
 SHARED_LINE = re.compile(r"^shared (?P<name>.+) \(id:(?P<id>[0-9a-f]{32})\) with (?P<who>.+)$")
 
@@ -44,13 +42,9 @@ class SharedFolder:
 @pytest.fixture(scope="module")
 def appliance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         tuple[ApplianceConfig, RunningAppliance]]:
-    config = init_home(tmp_path_factory.mktemp("agent-sharing") / "appliance", disks=4,
-                       data_shards=2, parity_shards=1, reserve_free_bytes=0,
-                       listen="127.0.0.1:0")
-    with serving(config.home) as server:
-        yield config, server
-        assert server.stop() == 0
-        assert "Traceback" not in server.stderr()
+    with served_appliance(tmp_path_factory.mktemp("agent-sharing") / "appliance",
+                          disks=4, data_shards=2, parity_shards=1) as served:
+        yield served
 
 
 @pytest.fixture(scope="module")
@@ -61,22 +55,6 @@ def users(appliance: tuple[ApplianceConfig, RunningAppliance],
                           add_user(config.home, name))
              for name in ("alice", "bob", "carol")}
     return Users(**homes)
-
-
-def fails(result: CompletedProcess[str], exit_code: int, *words: str) -> str:
-    """Assert RESULT is one `cairn: error:` line with EXIT_CODE mentioning WORDS."""
-    assert result.returncode == exit_code, (result.returncode, result.stderr)
-    assert "Traceback" not in result.stderr, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("cairn: error: "), result.stderr
-    for word in words:
-        assert word.lower() in lines[0].lower(), (word, lines[0])
-    return lines[0]
-
-
-def ls_json(home: Path, remote: str = "/") -> list[dict[str, Any]]:
-    entries: list[dict[str, Any]] = json.loads(cairn_ok(home, "ls", "--json", remote))
-    return entries
 
 
 def shared_json(home: Path) -> list[dict[str, Any]]:

@@ -13,19 +13,17 @@ import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from subprocess import CompletedProcess
 from typing import Any
 
 import apsw
 import pytest
-from agent_helpers import cairn_ok, joined, run_cairn
+from agent_helpers import cairn_ok, fails, joined, run_cairn, served_appliance
 from api_helpers import add_user
-from cairnd_helpers import RunningAppliance, serving
+from cairnd_helpers import RunningAppliance
 
 from agent.crypto.blocks import BLOCK_SIZE
 from agent.errors import ApiError, IntegrityError
 from appliance.config import ApplianceConfig
-from appliance.home import init_home
 from appliance.storage.shard_format import HEADER_SIZE
 
 PARITY = 2
@@ -34,13 +32,9 @@ PARITY = 2
 @pytest.fixture(scope="module")
 def appliance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         tuple[ApplianceConfig, RunningAppliance]]:
-    config = init_home(tmp_path_factory.mktemp("agent-tamper") / "appliance", disks=6,
-                       data_shards=4, parity_shards=PARITY, reserve_free_bytes=0,
-                       listen="127.0.0.1:0")
-    with serving(config.home) as server:
-        yield config, server
-        assert server.stop() == 0
-        assert "Traceback" not in server.stderr()
+    with served_appliance(tmp_path_factory.mktemp("agent-tamper") / "appliance",
+                          disks=6, data_shards=4, parity_shards=PARITY) as served:
+        yield served
 
 
 @pytest.fixture(scope="module")
@@ -49,17 +43,6 @@ def alice(appliance: tuple[ApplianceConfig, RunningAppliance],
     config, server = appliance
     return joined(tmp_path_factory.mktemp("alice") / "home", server.url,
                   add_user(config.home, "alice"))
-
-
-def fails(result: CompletedProcess[str], exit_code: int, *words: str) -> str:
-    """Assert RESULT is one `cairn: error:` line with EXIT_CODE mentioning WORDS."""
-    assert result.returncode == exit_code, (result.returncode, result.stderr)
-    assert "Traceback" not in result.stderr, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("cairn: error: "), result.stderr
-    for word in words:
-        assert word.lower() in lines[0].lower(), (word, lines[0])
-    return lines[0]
 
 
 def node_id(home: Path, remote: str) -> str:
