@@ -52,6 +52,7 @@ from appliance.errors import ConfigError, ListenError
 from appliance.https import serve_https
 from appliance.meta.database import Metadata
 from appliance.server import create_app
+from appliance.storage import allocator
 from appliance.storage.async_store import AsyncBlockStore
 from appliance.storage.blockstore import BlockStore
 from appliance.storage.maintenance import run_maintenance
@@ -309,6 +310,7 @@ def serve(home: Path, listen_override: tuple[str, int] | None = None) -> None:
     if listen_override is not None:
         config = config.with_listen(*listen_override)
     configure_logging()
+    allocator.tune()  # before any thread starts: the arena cap applies to new arenas only
     try:
         trio.run(partial(serve_until_signalled, config))
     except BaseExceptionGroup as group:

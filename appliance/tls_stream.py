@@ -20,7 +20,8 @@ interaction with it is atomic. Bytes the SSLObject produces go to the outgoing B
 only a holder of `_send_lock` moves them from the BIO to the socket, looping until the BIO
 is empty: BIO order is wire order, whoever sends.
 
-- send_all: encrypt all the data into the BIO, then flush under the lock.
+- send_all: encrypt the data into the BIO and flush it under the lock, SEND_SLICE bytes
+  at a time (so a 4 MiB answer is never held twice more as ciphertext).
 - receive_some: decrypt every complete record buffered (stopping at `max_bytes`); a read
   can also produce bytes to send — a TLS 1.3 KeyUpdate answer, an alert, a refusal to
   renegotiate — which are flushed when the lock is free. When it is not, its holder is
@@ -53,6 +54,7 @@ import trio
 
 TRANSPORT_RECEIVE = 256 * 1024   # bytes asked of the socket per read (trio's default: 64 KiB)
 DEFAULT_RECEIVE = 256 * 1024     # plaintext bytes per receive_some when not told
+SEND_SLICE = 256 * 1024          # plaintext encrypted and sent at a time by send_all
 
 
 class TLSServerStream(trio.abc.Stream):
@@ -196,13 +198,17 @@ class TLSServerStream(trio.abc.Stream):
             if not self._handshake_done:
                 await self.do_handshake()
             view = memoryview(data)
-            try:
-                while view:  # a MemoryBIO never refuses a write: one call takes it all
-                    view = view[self._ssl.write(view):]
-            except ssl.SSLError as exc:
-                self._break(exc)
-                raise trio.BrokenResourceError(f"TLS error: {exc}") from exc
-            await self._flush()
+            while view:
+                # A slice at a time: the ciphertext of a whole 4 MiB block would sit in the
+                # BIO and again in the bytes read out of it (memory per download in flight).
+                piece, view = view[:SEND_SLICE], view[SEND_SLICE:]
+                try:
+                    while piece:  # a MemoryBIO never refuses a write: one call takes it all
+                        piece = piece[self._ssl.write(piece):]
+                except ssl.SSLError as exc:
+                    self._break(exc)
+                    raise trio.BrokenResourceError(f"TLS error: {exc}") from exc
+                await self._flush()
         finally:
             self._sending = False
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Annotated, TypeVar
 
 import apsw
+import trio
 from fastapi import Depends, Request
 
 from appliance.api.locks import KeyedLocks
@@ -25,6 +26,7 @@ from appliance.storage.async_store import AsyncBlockStore
 
 T = TypeVar("T")
 LAST_SEEN_EVERY_S = 60.0
+BLOCK_TRANSFERS = 4
 API_VERSION = "1"
 
 
@@ -48,6 +50,13 @@ class ApiContext:
     settings: ApiSettings
     notifier: ChangeNotifier = field(default_factory=ChangeNotifier)
     block_locks: KeyedLocks = field(default_factory=KeyedLocks)
+    # Block-sized store work (the put or get of one block on its URL) at once: each holds
+    # ~10-20 MiB of buffers (block, shards, pyeclib's copies) while it runs; beyond a few
+    # the two cores gain nothing, and the appliance's peak RSS grew with the clients'
+    # concurrency. Bodies and answers still stream outside it, so a slow client never
+    # holds a slot.
+    block_transfers: trio.CapacityLimiter = field(
+        default_factory=lambda: trio.CapacityLimiter(BLOCK_TRANSFERS))
     _last_seen: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -17,6 +17,7 @@ import apsw
 import blake3
 import trio
 from fastapi import APIRouter, Request, Response
+from starlette.types import Receive, Scope, Send
 
 from appliance.api.context import ApiContext, CallerDep, ContextDep, context_of
 from appliance.api.models import (
@@ -45,6 +46,24 @@ router = APIRouter(tags=["blocks"])
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 MAX_BATCH_BLOCK_BYTES = 64 * 1024
 BATCH_PARALLELISM = 16
+RESPONSE_SLICE = 1024 * 1024
+
+
+class BlockResponse(Response):
+    """A block sent RESPONSE_SLICE bytes per ASGI message, with its Content-Length.
+
+    Starlette sends a body in one message, and h11 then joins it into a new bytes object
+    with its framing: one more 4 MiB copy per download in flight, in memory until sent.
+    In slices, each copy is one slice."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code,
+                    "headers": self.raw_headers})
+        body = bytes(self.body)
+        for start in range(0, max(len(body), 1), RESPONSE_SLICE):
+            await send({"type": "http.response.body",
+                        "body": body[start:start + RESPONSE_SLICE],
+                        "more_body": start + RESPONSE_SLICE < len(body)})
 
 
 class RangeNotSatisfiable(RequestError):
@@ -110,7 +129,8 @@ async def store_block(context: ApiContext, device_id: str, block_id: str,
     tree.check_block_id(block_id)
     async with context.block_locks.hold(block_id):
         stored = await context.meta.read(lambda db: tree.block_is_stored(db, block_id))
-        await _store_or_verify(context, block_id, data, stored)
+        async with context.block_transfers:
+            await _store_or_verify(context, block_id, data, stored)
         completed = await context.change(device_id, lambda db, journal: tree.mark_block_stored(
             db, block_id, len(data), journal))
     return [node.id for node in completed]
@@ -164,15 +184,16 @@ async def get_block(block_id: str, request: Request, exp: str | None = None,
     if not await context.meta.read(
             lambda db: tree.user_may_read_block(db, device.user_id, block_id)):
         raise NotFoundError(f"no block {block_id[:16]}… that you can read")
-    data = await context.store.get(tree.check_block_id(block_id))
+    async with context.block_transfers:
+        data = await context.store.get(tree.check_block_id(block_id))
     span = parse_range(request.headers.get("range"), len(data))
     headers = {"Accept-Ranges": "bytes", "Cache-Control": "private, max-age=31536000, "
                "immutable", "ETag": f'"{block_id}"'}
     if span is None:
-        return Response(data, media_type="application/octet-stream", headers=headers)
+        return BlockResponse(data, media_type="application/octet-stream", headers=headers)
     start, end = span
     headers["Content-Range"] = f"bytes {start}-{end - 1}/{len(data)}"
-    return Response(data[start:end], status_code=206, media_type="application/octet-stream",
+    return BlockResponse(data[start:end], status_code=206, media_type="application/octet-stream",
                     headers=headers)
 
 
