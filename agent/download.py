@@ -34,11 +34,14 @@ from agent.errors import (
     LocalFileError,
     RemoteNotFoundError,
 )
-from agent.pipeline import DEFAULT_PARALLEL, run_jobs
+from agent.pipeline import run_jobs
 from agent.progress import Progress
 from agent.remote import RemoteNode, RemoteTree
 
 PART_SUFFIX = ".cairn-part"
+# Blocks in flight. A download waits mostly on the appliance's reads, so more in flight than
+# an upload's 4 pays: 1 GiB took ~16 s with 4 and ~12 s with 6 (8: no faster, more memory).
+DOWNLOAD_PARALLEL = 6
 
 
 @dataclass
@@ -122,7 +125,7 @@ def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
 
 async def download_file(tree: RemoteTree, node: RemoteNode, target: Path, *,
                         show_progress: bool | None = None,
-                        parallel: int = DEFAULT_PARALLEL) -> DownloadStats:
+                        parallel: int = DOWNLOAD_PARALLEL) -> DownloadStats:
     if node.is_dir:
         raise LocalFileError(f"{node.name} is a folder")
     detail = await tree.fetch(node.id)
