@@ -8,8 +8,11 @@ enrolls one device the way an agent does, creates its root folder, and measures:
   URLs, --concurrency in flight, as a ratio to the block store's own put speed measured in
   the same run (`BlockStore.put` in a process of its own, on a fresh store of the same
   layout on the same filesystem, as many blocks of the same kind, same concurrency; once
-  before and once after the upload), and beside the same PUTs to a bare ASGI app under the
-  appliance's own hypercorn settings and certificate (the HTTPS stack's ceiling);
+  before and once after the upload), and to dd write x 4/6 (issue 4), and beside the same
+  PUTs to a bare ASGI app on the appliance's own HTTPS serving (the stack's ceiling);
+- block download throughput: every uploaded block GET from its URL, as a ratio to dd write;
+- with --compare-clients, httpx.AsyncClient under trio against httpx.Client in worker
+  threads for block PUT and GET (bench/api_clients.py), for the agent's choice;
 - batched node creations per second: POST /batch/files with 1,000 creates per request,
   while growing the tree to --nodes nodes (folders of 999 files, ten per top folder);
 - incremental GET /changes latency at tree sizes 1k, 10k and 100k nodes: create one node,
@@ -26,6 +29,7 @@ requests/s per device, would otherwise be what the create figures measure).
 
     .venv/bin/python bench/api.py [--size-mib 1024] [--nodes 100000] [--concurrency 8]
     .venv/bin/python bench/api.py --quick       # 256 MiB, 10,000 nodes: a sanity check
+    .venv/bin/python bench/api.py --transfer-only [--compare-clients]   # blocks only
 
 See docs/benchmarks.md for the figures measured on the project's machines.
 """
@@ -51,6 +55,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -62,15 +67,19 @@ for folder in (PROJECT, BENCH, PROJECT / "tests"):
 
 import apsw  # noqa: E402
 import httpx  # noqa: E402
+from api_clients import KINDS as CLIENT_KINDS  # noqa: E402
+from api_clients import ClientRun, Transfer, format_runs  # noqa: E402
 from api_helpers import add_user, enroll, pinned_context  # noqa: E402
 from blockstore import (  # noqa: E402
     BLOCK_SIZE,
     MIB,
     Blocks,
+    CacheDropper,
     Run,
     current_rss_mib,
     machine_info,
     make_store,
+    measure_dd,
     parallel,
     peak_rss_mib,
 )
@@ -95,6 +104,8 @@ BARE_SERVER = "--bare-asgi-server"   # internal: run the bare ASGI app (see bare
 
 # Targets of the API issue.
 TARGET_UPLOAD = 0.8                  # x block store put
+CLIENT_IN_FLIGHT = (4, 8)            # --compare-clients
+TARGET_TRANSFER = 0.8                # upload x (dd write x 4/6), download x dd write (issue 4)
 TARGET_CHANGES_FLAT = 1.5            # latency at the largest tree / at the smallest, at most
 
 
@@ -294,26 +305,29 @@ def store_put(blocks: Blocks, folder: Path, concurrency: int, timeout: float) ->
 
 
 def _store_put_child(folder: str, count: int, concurrency: int,
-                     timeout: float) -> tuple[int, float, bool]:
-    run = store_put(Blocks(count, BLOCK_SIZE), Path(folder), concurrency, timeout)
-    return run.done, run.seconds, run.timed_out
+                     timeout: float) -> tuple[int, float, bool, float]:
+    blocks = Blocks(count, BLOCK_SIZE)
+    cpu_before = own_cpu_seconds()
+    run = store_put(blocks, Path(folder), concurrency, timeout)
+    return run.done, run.seconds, run.timed_out, own_cpu_seconds() - cpu_before
 
 
-def store_put_in_child(folder: Path, count: int, concurrency: int, timeout: float) -> Run:
+def store_put_in_child(folder: Path, count: int, concurrency: int,
+                       timeout: float) -> tuple[Run, float]:
     """store_put of `count` fresh random blocks in a new process, as the appliance's store
     runs in its own: the malloc tuning a BlockStore applies (appliance/storage/allocator.py:
-    freed block buffers stay in the process) then stays out of this one, the client's."""
+    freed block buffers stay in the process) then stays out of this one, the client's.
+    Returns the run and the CPU seconds per GB the put took (building blocks included)."""
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(1, mp_context=context) as pool:
-        done, seconds, timed_out = pool.submit(_store_put_child, str(folder), count,
-                                               concurrency, timeout).result()
-    return Run(done, seconds, timed_out)
+        done, seconds, timed_out, cpu = pool.submit(_store_put_child, str(folder), count,
+                                                    concurrency, timeout).result()
+    return Run(done, seconds, timed_out), cpu / max(done * BLOCK_SIZE / 1e9, 1e-9)
 
 
-def api_upload(appliance: Appliance, root: str, blocks: Blocks, concurrency: int,
-               timeout: float) -> tuple[Run, float]:
-    """Create one file of every block, PUT each block to its pre-signed URL; returns the
-    upload run and the seconds the create took."""
+def create_file(appliance: Appliance, root: str, blocks: Blocks) -> tuple[str, list[str], float]:
+    """POST /files of one file of every block; (node id, upload URLs in block order,
+    seconds the create took)."""
     with appliance.client() as client:
         body = create_body(root, "file")
         body.update(size=blocks.count * blocks.size,
@@ -321,28 +335,68 @@ def api_upload(appliance: Appliance, root: str, blocks: Blocks, concurrency: int
         started = time.perf_counter()
         written = expect(client.post("/files", json=body), 201)
         create_seconds = time.perf_counter() - started
-        urls = {entry["block_id"]: entry["url"] for entry in written["upload"]}
-        if len(urls) != blocks.count:
-            raise BenchError(f"POST /files answered {len(urls)} upload URLs for "
-                             f"{blocks.count} new blocks")
-        node_id = written["node"]["id"]
-        pool = ClientPool(appliance, concurrency)
-        try:
-            def put(index: int) -> None:
-                response = pool.get().put(urls[blocks.ids[index]], content=blocks.make(index),
-                                          headers={"Content-Type": "application/octet-stream"})
-                stored = expect(response, 200)
-                if not stored["ok"]:
-                    raise BenchError(f"PUT block {index}: {stored}")
+    urls = {entry["block_id"]: entry["url"] for entry in written["upload"]}
+    if len(urls) != blocks.count:
+        raise BenchError(f"POST /files answered {len(urls)} upload URLs for "
+                         f"{blocks.count} new blocks")
+    return written["node"]["id"], [urls[block_id] for block_id in blocks.ids], create_seconds
 
-            run = parallel(put, blocks.count, concurrency, timeout)
-        finally:
-            pool.close()
-        if not run.timed_out:
-            status = expect(client.get(f"/files/{node_id}"), 200)["node"]["status"]
-            if status != "uploaded":
-                raise BenchError(f"every block was PUT but the file is {status!r}")
-    return run, create_seconds
+
+def check_uploaded(appliance: Appliance, node_id: str) -> None:
+    with appliance.client() as client:
+        status = expect(client.get(f"/files/{node_id}"), 200)["node"]["status"]
+    if status != "uploaded":
+        raise BenchError(f"every block was PUT but the file is {status!r}")
+
+
+def api_upload(appliance: Appliance, root: str, blocks: Blocks, concurrency: int,
+               timeout: float) -> tuple[Run, float, str]:
+    """Create one file of every block, PUT each block to its pre-signed URL; returns the
+    upload run, the seconds the create took and the file's node id."""
+    node_id, urls, create_seconds = create_file(appliance, root, blocks)
+    pool = ClientPool(appliance, concurrency)
+    try:
+        def put(index: int) -> None:
+            response = pool.get().put(urls[index], content=blocks.make(index),
+                                      headers={"Content-Type": "application/octet-stream"})
+            stored = expect(response, 200)
+            if not stored["ok"]:
+                raise BenchError(f"PUT block {index}: {stored}")
+
+        run = parallel(put, blocks.count, concurrency, timeout)
+    finally:
+        pool.close()
+    if not run.timed_out:
+        check_uploaded(appliance, node_id)
+    return run, create_seconds, node_id
+
+
+def download_urls(appliance: Appliance, node_id: str, count: int) -> list[str]:
+    """The file's download URLs in block order (GET /files/{id})."""
+    with appliance.client() as client:
+        detail = expect(client.get(f"/files/{node_id}"), 200)
+    urls = [entry["url"] for entry in detail["blocks"]]
+    if detail["method"] != "GET" or len(urls) != count:
+        raise BenchError(f"GET /files/{node_id} answered {len(urls)} {detail['method']} "
+                         f"URLs for {count} blocks")
+    return urls
+
+
+def api_download(appliance: Appliance, urls: list[str], blocks: Blocks, concurrency: int,
+                 timeout: float) -> Run:
+    """GET every block from its pre-signed URL, `concurrency` in flight, one keep-alive
+    connection per thread; each answer is checked (length and the index in its head)."""
+    pool = ClientPool(appliance, concurrency)
+    try:
+        def get(index: int) -> None:
+            response = pool.get().get(urls[index])
+            if response.status_code != 200:
+                expect(response, 200)
+            blocks.check(index, response.content)
+
+        return parallel(get, len(urls), concurrency, timeout)
+    finally:
+        pool.close()
 
 
 # -- the HTTP stack's own ceiling ----------------------------------------------------------
@@ -353,13 +407,15 @@ def bare_server_main(home: Path) -> None:
     with the appliance's own hypercorn settings and certificate, on 127.0.0.1:0; print
     the port. What the HTTPS stack allows before the appliance does any work."""
     import trio
-    from hypercorn.trio import serve as hypercorn_serve
 
+    from appliance.https import serve_https
     from appliance.serve import bind_listening_socket, hypercorn_config
+    from appliance.storage import allocator
 
+    allocator.tune()  # as BlockStore does in the appliance: no page faults per buffer
     sock = bind_listening_socket("127.0.0.1", 0)
     port = int(sock.getsockname()[1])
-    hc = hypercorn_config(load_config(home), sock)
+    hc = hypercorn_config(load_config(home))
     answer = b'{"ok":true}'
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
@@ -370,12 +426,13 @@ def bare_server_main(home: Path) -> None:
                 await send({"type": f"lifespan.{kind}.complete"})
                 if kind == "shutdown":
                     return
-        body = bytearray()
+        chunks = []
         while True:
             message = await receive()
-            body += message.get("body", b"")
+            chunks.append(message.get("body", b""))
             if not message.get("more_body"):
                 break
+        b"".join(chunks)  # the body, as the block route has it
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"application/json"),
                                 (b"content-length", str(len(answer)).encode())]})
@@ -383,7 +440,8 @@ def bare_server_main(home: Path) -> None:
 
     async def run() -> None:
         async with trio.open_nursery() as nursery:
-            await nursery.start(hypercorn_serve, app, hc)
+            await nursery.start(partial(serve_https, app, hc, sock,
+                                        shutdown_trigger=trio.sleep_forever))
             print(f"port {port}", flush=True)
 
     trio.run(run)
@@ -587,6 +645,7 @@ class Results:
     notes: list[str] = field(default_factory=list)
     rss_mib: dict[str, float] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    client_table: str = ""
 
     def mark_rss(self, phase: str) -> None:
         self.rss_mib[phase] = current_rss_mib()
@@ -605,33 +664,46 @@ def cpu_per_gb(server: Appliance, run_upload: Callable[[], Run]) -> tuple[Run, f
             (own_cpu_seconds() - own_before) / gb)
 
 
-def upload_phase(res: Results, args: argparse.Namespace, run_dir: Path,
-                 appliance: Appliance, root: str) -> None:
-    """Store put, API upload, bare-stack upload, store put again."""
+def transfer_phase(res: Results, args: argparse.Namespace, run_dir: Path,
+                   appliance: Appliance, root: str) -> None:
+    """dd write, store put, API upload, API download, bare-stack upload, store put again."""
     count, conc, timeout = max(1, args.size_mib * MIB // BLOCK_SIZE), args.concurrency, \
         args.phase_timeout
+    say(f"dd write: {count * 4} MiB, conv=fdatasync ...")
+    dd_write, _ = measure_dd(run_dir, count * 4, CacheDropper(), timeout)
+    say(f"  {dd_write:,.0f} MB/s")
     say(f"generating ids of {count} distinct 4 MiB blocks ...")
     blocks = Blocks(count, BLOCK_SIZE)
 
     say(f"store put (before): {count} blocks, {conc} in flight, fresh store, own process ...")
-    before = mbs(store_put_in_child(run_dir / "store-before", count, conc, timeout))
-    say(f"  {before:,.0f} MB/s")
+    before_run, store_cpu = store_put_in_child(run_dir / "store-before", count, conc, timeout)
+    before = mbs(before_run)
+    say(f"  {before:,.0f} MB/s, {store_cpu:.1f} s CPU per GB")
     res.mark_rss("after_store_put")
 
     say(f"API upload: {count} blocks PUT to pre-signed URLs, {conc} in flight ...")
-    create_s: list[float] = []
+    made: list[tuple[float, str]] = []
 
     def upload_via_api() -> Run:
-        run, seconds = api_upload(appliance, root, blocks, conc, timeout)
-        create_s.append(seconds)
+        run, seconds, node_id = api_upload(appliance, root, blocks, conc, timeout)
+        made.append((seconds, node_id))
         return run
 
     upload, upload_server_cpu, upload_own_cpu = cpu_per_gb(appliance, upload_via_api)
-    say(f"  {mbs(upload):,.0f} MB/s")
+    say(f"  {mbs(upload):,.0f} MB/s; appliance peak RSS {appliance.peak_rss_mib():.0f} MiB")
     if upload.timed_out:
         res.notes.append(f"upload stopped at the {timeout:.0f} s limit after "
                          f"{upload.done} blocks")
     res.mark_rss("after_upload")
+    create_seconds, node_id = made[0]
+
+    say(f"API download: {count} blocks GET from pre-signed URLs, {conc} in flight ...")
+    urls = download_urls(appliance, node_id, count)
+    download, download_server_cpu, download_own_cpu = cpu_per_gb(
+        appliance, lambda: api_download(appliance, urls, blocks, conc, timeout))
+    say(f"  {mbs(download):,.0f} MB/s; appliance peak RSS {appliance.peak_rss_mib():.0f} MiB")
+    res.mark_rss("after_download")
+    res.extra["appliance_peak_rss_after_transfer_mib"] = round(appliance.peak_rss_mib(), 1)
 
     say(f"bare ASGI app, same hypercorn/TLS: {count} PUTs, {conc} in flight ...")
     with bare_server(run_dir / "home", appliance.certificate) as bare:
@@ -641,33 +713,77 @@ def upload_phase(res: Results, args: argparse.Namespace, run_dir: Path,
     res.mark_rss("after_bare_upload")
 
     say(f"store put (after): {count} blocks, {conc} in flight, fresh store, own process ...")
-    after = mbs(store_put_in_child(run_dir / "store-after", count, conc, timeout))
+    after = mbs(store_put_in_child(run_dir / "store-after", count, conc, timeout)[0])
     say(f"  {after:,.0f} MB/s")
     res.mark_rss("after_store_put_again")
 
     store = (before + after) / 2
-    res.figures.append(Figure(
-        f"store put 4 MiB blocks (x{conc})", store, "MB/s",
-        note=f"BlockStore.put in a process of its own on a fresh {DISKS}-disk store, "
-             f"before/after the upload: {before:,.0f} / {after:,.0f} MB/s"))
-    res.figures.append(Figure(
-        f"API upload 4 MiB blocks, HTTPS (x{conc})", mbs(upload), "MB/s", store,
-        "MB/s store put", TARGET_UPLOAD,
-        note=f"{upload.done} PUTs to pre-signed URLs in {upload.seconds:.2f} s, one "
-             f"keep-alive connection each; the POST /files of the {count}-block file took "
-             f"{create_s[0] * 1000:.0f} ms (not counted); {mbs(upload) / mbs(stack):.2f} x "
-             f"the bare ASGI app's figure; CPU per GB: appliance {upload_server_cpu:.1f} s, "
-             f"bench client {upload_own_cpu:.1f} s"))
-    res.figures.append(Figure(
-        f"bare ASGI app, same HTTPS stack (x{conc})", mbs(stack), "MB/s", store,
-        "MB/s store put",
-        note=f"{stack.done} PUTs of the same blocks in {stack.seconds:.2f} s to an app that "
-             "only reads the body, under the appliance's hypercorn settings and "
-             "certificate: the ceiling the HTTPS stack sets for an upload; CPU per GB: "
-             f"server {stack_server_cpu:.1f} s, bench client {stack_own_cpu:.1f} s"))
-    res.extra["upload_cpu_s_per_gb"] = {
-        "appliance": round(upload_server_cpu, 2), "client": round(upload_own_cpu, 2),
-        "bare_server": round(stack_server_cpu, 2), "bare_client": round(stack_own_cpu, 2)}
+    upload_note = (f"{upload.done} PUTs to pre-signed URLs in {upload.seconds:.2f} s, one "
+                   f"keep-alive connection each; the POST /files of the {count}-block file "
+                   f"took {create_seconds * 1000:.0f} ms (not counted); "
+                   f"{mbs(upload) / mbs(stack):.2f} x the bare ASGI app's figure; CPU per "
+                   f"GB: appliance {upload_server_cpu:.1f} s, bench client "
+                   f"{upload_own_cpu:.1f} s")
+    res.figures += [
+        Figure("dd write (conv=fdatasync)", dd_write, "MB/s",
+               note=f"{count * 4} MiB in 4 MiB writes, in the run's folder"),
+        Figure(f"store put 4 MiB blocks (x{conc})", store, "MB/s",
+               note=f"BlockStore.put in a process of its own on a fresh {DISKS}-disk store, "
+                    f"before/after the upload: {before:,.0f} / {after:,.0f} MB/s; CPU per "
+                    f"GB (before) {store_cpu:.1f} s"),
+        Figure(f"API upload 4 MiB blocks, HTTPS (x{conc})", mbs(upload), "MB/s", store,
+               "MB/s store put", TARGET_UPLOAD, note=upload_note),
+        Figure(f"API upload vs dd (x{conc})", mbs(upload), "MB/s",
+               dd_write * DATA_SHARDS / (DATA_SHARDS + PARITY_SHARDS),
+               "MB/s dd write x 4/6", TARGET_TRANSFER,
+               note="the same upload, judged against the disk (issue 4)"),
+        Figure(f"API download 4 MiB blocks, HTTPS (x{conc})", mbs(download), "MB/s",
+               dd_write, "MB/s dd write", TARGET_TRANSFER,
+               note=f"{download.done} GETs of the uploaded blocks in {download.seconds:.2f} "
+                    "s, each checked; CPU per GB: appliance "
+                    f"{download_server_cpu:.1f} s, bench client {download_own_cpu:.1f} s"),
+        Figure(f"bare ASGI app, same HTTPS stack (x{conc})", mbs(stack), "MB/s", store,
+               "MB/s store put",
+               note=f"{stack.done} PUTs of the same blocks in {stack.seconds:.2f} s to an app "
+                    "that only reads the body, under the appliance's own HTTPS serving "
+                    "(appliance.https): the ceiling the stack sets for an upload; CPU per "
+                    f"GB: server {stack_server_cpu:.1f} s, bench client "
+                    f"{stack_own_cpu:.1f} s"),
+    ]
+    res.extra["transfer_cpu_s_per_gb"] = {
+        "appliance_upload": round(upload_server_cpu, 2), "client_upload": round(upload_own_cpu, 2),
+        "appliance_download": round(download_server_cpu, 2),
+        "client_download": round(download_own_cpu, 2),
+        "bare_server": round(stack_server_cpu, 2), "bare_client": round(stack_own_cpu, 2),
+        "store_put": round(store_cpu, 2)}
+
+
+def clients_phase(res: Results, args: argparse.Namespace, appliance: Appliance,
+                  root: str) -> None:
+    """httpx.AsyncClient under trio against httpx.Client in worker threads, PUT then GET
+    of a fresh file, at 4 and 8 in flight (bench/api_clients.py)."""
+    count = max(1, args.clients_size_mib * MIB // BLOCK_SIZE)
+    runs: list[ClientRun] = []
+    for in_flight in CLIENT_IN_FLIGHT:
+        for kind in CLIENT_KINDS:
+            say(f"client {kind}, {in_flight} in flight: {count} PUTs, then {count} GETs ...")
+            blocks = Blocks(count, BLOCK_SIZE)
+            node_id, urls, _ = create_file(appliance, root, blocks)
+            transfer = Transfer(appliance.url, pinned_context(appliance.certificate), blocks,
+                                args.phase_timeout)
+            put = transfer.run(kind, "PUT", urls, in_flight)
+            if put.blocks == count:
+                check_uploaded(appliance, node_id)
+                get = transfer.run(kind, "GET", download_urls(appliance, node_id, count),
+                                   in_flight)
+                runs += [put, get]
+                say(f"  PUT {put.mb_s:,.0f} MB/s, GET {get.mb_s:,.0f} MB/s")
+            else:
+                res.notes.append(f"client {kind} x{in_flight}: PUTs stopped at the "
+                                 f"{args.phase_timeout:.0f} s limit")
+    res.extra["clients"] = [run.to_json() for run in runs]
+    res.client_table = format_runs(runs)
+    res.mark_rss("after_clients")
 
 
 def tree_phase(res: Results, args: argparse.Namespace, run_dir: Path, client: httpx.Client,
@@ -774,9 +890,12 @@ def bench(args: argparse.Namespace, run_dir: Path) -> Results:
         try:
             root = create(client, None, "dir")
             say(f"  {server.url}, appliance pid {appliance.pid}")
-            upload_phase(res, args, run_dir, appliance, root)
-            nodes = tree_phase(res, args, run_dir, client, root)
-            creates_phase(res, args, appliance, client, root, nodes)
+            transfer_phase(res, args, run_dir, appliance, root)
+            if args.compare_clients:
+                clients_phase(res, args, appliance, root)
+            if not args.transfer_only:
+                nodes = tree_phase(res, args, run_dir, client, root)
+                creates_phase(res, args, appliance, client, root, nodes)
             server_peak = appliance.peak_rss_mib()
         except BaseException:
             tail = server.stderr().strip().splitlines()[-20:]
@@ -814,6 +933,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, default=PROJECT / "bench" / "out" / "api.json",
                         help="also write the results here (default bench/out/api.json)")
     parser.add_argument("--keep", action="store_true", help="keep the run's folder")
+    parser.add_argument("--compare-clients", action="store_true",
+                        help="also compare httpx.AsyncClient (trio) with httpx.Client in "
+                             "worker threads for block PUT and GET, 4 and 8 in flight")
+    parser.add_argument("--clients-size-mib", type=int, default=512,
+                        help="data per client run of --compare-clients (default 512)")
+    parser.add_argument("--transfer-only", action="store_true",
+                        help="only dd, store put, block upload and download (no tree, no "
+                             "creates)")
     args = parser.parse_args(argv)
     if args.quick:
         args.size_mib, args.nodes, args.creates = 256, 10_000, 500
@@ -851,6 +978,10 @@ def main(argv: list[str] | None = None) -> int:
     for f in figures:
         if f.note:
             say(f"  {f.name}: {f.note}")
+    if result.client_table:
+        say("")
+        say(result.client_table)
+        say("")
     say("  RSS (MiB) by phase: " + ", ".join(f"{k} {v:.0f}" for k, v in result.rss_mib.items()))
     for note in result.notes:
         say(f"  note: {note}")
