@@ -28,6 +28,20 @@ DISCOVERY_ENV = "CAIRN_DISCOVERY"
 BROWSE_SECONDS = 3.0
 
 
+async def browse(seconds: float, interfaces: list[str], *,
+                 limit: int | None = None) -> list[DiscoveredAppliance]:
+    # zeroconf costs ~0.1 s to import: only commands that search the LAN pay for it.
+    from appliance import advertise
+
+    return await advertise.browse(seconds, interfaces, limit=limit)
+
+
+def local_interface_addresses() -> list[str]:
+    from appliance import advertise
+
+    return advertise.local_interface_addresses()
+
+
 def discovery_enabled() -> bool:
     return os.environ.get(DISCOVERY_ENV, "on").strip().lower() not in ("off", "0", "no",
                                                                        "false")
@@ -51,9 +65,6 @@ async def find_appliances(seconds: float = BROWSE_SECONDS, *,
                           appliance_id: str | None = None) -> list[DiscoveredAppliance]:
     """Appliances answering on this machine's LAN interfaces within SECONDS (only the one
     with APPLIANCE_ID, if given; then we stop at the first answer)."""
-    # zeroconf costs ~0.1 s to import: only commands that search the LAN pay for it.
-    from appliance.advertise import browse, local_interface_addresses
-
     if not discovery_enabled():
         raise TransportError(f"mDNS discovery is off ({DISCOVERY_ENV}=off); "
                              "give the appliance's address with --url")
