@@ -37,7 +37,6 @@ import os
 import re
 import shutil
 import signal
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -55,6 +54,7 @@ for folder in (PROJECT, BENCH, PROJECT / "tests"):
     if str(folder) not in sys.path:
         sys.path.insert(0, str(folder))
 
+import apsw  # noqa: E402
 import blake3  # noqa: E402
 from agent_helpers import PASSPHRASE, agent_env  # noqa: E402
 from api_helpers import add_user  # noqa: E402
@@ -181,11 +181,13 @@ class Appliance:
 
     def stored_blocks(self) -> int:
         """Blocks the appliance records as durable in its store (its own count, read-only)."""
-        connection = sqlite3.connect(f"file:{self.database}?mode=ro", uri=True, timeout=30)
+        connection = apsw.Connection(str(self.database), flags=apsw.SQLITE_OPEN_READONLY)
         try:
+            connection.set_busy_timeout(30_000)
             row = connection.execute("SELECT count(*) FROM blocks WHERE stored = 1").fetchone()
         finally:
             connection.close()
+        assert row is not None
         return int(row[0])
 
 
