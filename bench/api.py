@@ -54,7 +54,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -84,6 +84,7 @@ from blockstore import (  # noqa: E402
     peak_rss_mib,
 )
 from cairnd_helpers import RunningAppliance, serving  # noqa: E402
+from report import Figure, format_table, say  # noqa: E402
 
 from appliance.config import load_config, write_config  # noqa: E402
 from appliance.home import init_home  # noqa: E402
@@ -223,67 +224,9 @@ class ClientPool:
 # -- report -------------------------------------------------------------------------------
 
 
-@dataclass
-class Figure:
-    name: str
-    value: float
-    unit: str
-    limit: float | None = None       # what the value is compared with
-    limit_name: str = ""
-    target: float | None = None      # minimum ratio (maximum if at_most)
-    at_most: bool = False
-    note: str = ""
-
-    @property
-    def ratio(self) -> float | None:
-        return self.value / self.limit if self.limit else None
-
-    @property
-    def verdict(self) -> str:
-        if self.target is None:
-            return "info"
-        if self.ratio is None:
-            return "MISS"
-        met = self.ratio <= self.target if self.at_most else self.ratio >= self.target
-        return "PASS" if met else "MISS"
-
-    def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["ratio"] = None if self.ratio is None else round(self.ratio, 3)
-        data["verdict"] = self.verdict
-        data["value"] = round(self.value, 2)
-        if self.limit is not None:
-            data["limit"] = round(self.limit, 2)
-        return data
-
-
-def _number(value: float, unit: str) -> str:
-    if value >= 100:
-        return f"{value:,.0f} {unit}"
-    return f"{value:.1f} {unit}" if value >= 10 else f"{value:.2f} {unit}"
-
-
-def format_table(figures: list[Figure]) -> str:
-    rows = [("figure", "value", "limit", "ratio", "target", "result")]
-    for f in figures:
-        limit = f"{_number(f.limit, f.limit_name)}" if f.limit is not None else "-"
-        ratio = f"{f.ratio:.2f}" if f.ratio is not None else "-"
-        target = "-" if f.target is None else f"{'<=' if f.at_most else '>='} {f.target:g}"
-        rows.append((f.name, _number(f.value, f.unit), limit, ratio, target, f.verdict))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip()
-             for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
 def own_cpu_seconds() -> float:
     times = os.times()
     return times.user + times.system
-
-
-def say(text: str) -> None:
-    print(text, flush=True)
 
 
 # -- block upload -------------------------------------------------------------------------

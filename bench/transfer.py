@@ -44,7 +44,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +60,7 @@ from agent_helpers import PASSPHRASE, agent_env  # noqa: E402
 from api_helpers import add_user  # noqa: E402
 from blockstore import CacheDropper, machine_info, run_dd  # noqa: E402
 from cairnd_helpers import RunningAppliance, serving  # noqa: E402
+from report import Figure, format_table, say  # noqa: E402
 
 from appliance.config import write_config  # noqa: E402
 from appliance.home import init_home  # noqa: E402
@@ -84,10 +85,6 @@ TARGET_RSS_FLAT = 1.2     # peak RSS at the largest size / at the smallest, at m
 
 class BenchError(Exception):
     pass
-
-
-def say(text: str) -> None:
-    print(text, flush=True)
 
 
 # -- processes ----------------------------------------------------------------------------
@@ -262,65 +259,6 @@ def needed_bytes(size: int, profile: bool) -> int:
 
 
 # -- report -------------------------------------------------------------------------------
-
-
-@dataclass
-class Figure:
-    name: str
-    value: float
-    unit: str
-    limit: float | None = None
-    limit_name: str = ""
-    target: float | None = None       # a ratio to the limit, or the value itself if no limit
-    at_most: bool = False
-    note: str = ""
-
-    @property
-    def ratio(self) -> float | None:
-        return self.value / self.limit if self.limit else None
-
-    @property
-    def verdict(self) -> str:
-        if self.target is None:
-            return "info"
-        measured = self.ratio if self.limit is not None else self.value
-        if measured is None:
-            return "MISS"
-        met = measured <= self.target if self.at_most else measured >= self.target
-        return "PASS" if met else "MISS"
-
-    def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
-        data.update(value=round(self.value, 2), verdict=self.verdict,
-                    ratio=None if self.ratio is None else round(self.ratio, 3))
-        if self.limit is not None:
-            data["limit"] = round(self.limit, 2)
-        return data
-
-
-def _number(value: float, unit: str) -> str:
-    if value >= 100:
-        return f"{value:,.0f} {unit}"
-    return f"{value:.1f} {unit}" if value >= 10 else f"{value:.2f} {unit}"
-
-
-def format_table(figures: list[Figure]) -> str:
-    rows = [("figure", "value", "limit", "ratio", "target", "result")]
-    for f in figures:
-        limit = _number(f.limit, f.limit_name) if f.limit is not None else "-"
-        ratio = f"{f.ratio:.2f}" if f.ratio is not None else "-"
-        if f.target is None:
-            target = "-"
-        else:
-            target = f"{'<=' if f.at_most else '>='} {f.target:g}"
-            if f.limit is None:
-                target += f" {f.unit}"
-        rows.append((f.name, _number(f.value, f.unit), limit, ratio, target, f.verdict))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip()
-             for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
 
 
 # -- where the agent's time goes (py-spy) -------------------------------------------------
