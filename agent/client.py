@@ -26,9 +26,8 @@ import logging
 import random
 import ssl
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import httpcore
 import httpx
@@ -55,7 +54,6 @@ BLOCK_TRANSPORT_ERRORS = (httpcore.NetworkError, httpcore.TimeoutException,
                           httpcore.RemoteProtocolError)
 CONNECT_TIMEOUT_S = 5.0   # a LAN connects in milliseconds; a moved appliance must not stall
 BLOCK_TIMEOUTS = {"connect": CONNECT_TIMEOUT_S, "read": 60.0, "write": 60.0, "pool": 300.0}
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -143,8 +141,6 @@ class Connection:
                                                max_connections=block_connections,
                                                keepalive_expiry=30.0)
         self._rediscovery_lock = trio.Lock()
-        self.blocks_sent = 0
-        self.blocks_received = 0
 
     async def __aenter__(self) -> Connection:
         return self
@@ -236,13 +232,10 @@ class Connection:
     def put_block(self, url: str, data: bytes) -> list[str]:
         """PUT a block to its pre-signed URL; the nodes it completed."""
         answer = self._block_request("PUT", url, data)
-        self.blocks_sent += 1
         return list(json.loads(answer).get("completed_nodes", []))
 
     def get_block(self, url: str) -> bytes:
-        data = self._block_request("GET", url, None)
-        self.blocks_received += 1
-        return data
+        return self._block_request("GET", url, None)
 
     def _block_request(self, method: str, url: str, content: bytes | None) -> bytes:
         """The body of a successful answer to METHOD on a pre-signed URL (relative to the
@@ -277,8 +270,3 @@ class Connection:
 def _describe(exc: Exception) -> str:
     text = str(exc) or type(exc).__name__
     return text.splitlines()[0][:200]
-
-
-async def run_in_thread(function: Callable[..., T], *args: Any) -> T:
-    """FUNCTION(*ARGS) in a worker thread; cancellable only between blocks."""
-    return await trio.to_thread.run_sync(function, *args)

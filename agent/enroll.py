@@ -31,7 +31,6 @@ from agent.crypto.keys import UserKeys, open_bundle, seal_bundle
 from agent.crypto.nodes import NodeMeta, new_node_key, seal_metadata, wrap_key
 from agent.discovery import find_appliances
 from agent.errors import (
-    ApiError,
     EnrollmentError,
     IntegrityError,
     RemoteConflictError,
@@ -196,8 +195,6 @@ async def ensure_root(connection: Connection, keys: UserKeys) -> str:
         root_id = exc.details.get("root_id")
         if root_id:
             return str(root_id)
-        raise
-    except ApiError:
         raise
     return node_id
 

@@ -9,7 +9,7 @@ import stat
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -301,11 +301,10 @@ async def unshare(tree: RemoteTree, remote: str, user: str) -> RemoteNode:
     return node
 
 
-@dataclass
+@dataclass(frozen=True)
 class SharedEntry:
     node: RemoteNode
     owner: str
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {**self.node.to_json(), "owner": self.owner}

@@ -24,15 +24,6 @@ class Progress:
         if self._bar is not None:
             self._bar.update(nbytes)
 
-    def describe(self, label: str) -> None:
-        if self._bar is not None:
-            self._bar.set_description(label, refresh=False)
-
-    def add_total(self, nbytes: int) -> None:
-        if self._bar is not None and self._bar.total is not None:
-            self._bar.total += nbytes
-            self._bar.refresh()
-
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()

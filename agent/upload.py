@@ -40,9 +40,7 @@ class UploadStats:
     bytes: int = 0
     blocks: int = 0
     blocks_sent: int = 0
-    unchanged: int = 0
     folders: int = 0
-    node_ids: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
 
     def add(self, other: UploadStats) -> None:
@@ -50,9 +48,7 @@ class UploadStats:
         self.bytes += other.bytes
         self.blocks += other.blocks
         self.blocks_sent += other.blocks_sent
-        self.unchanged += other.unchanged
         self.folders += other.folders
-        self.node_ids += other.node_ids
         self.skipped += other.skipped
 
 
@@ -158,13 +154,9 @@ async def upload_file(tree: RemoteTree, path: Path, target: Target, *,
                         blocks=tuple(refs))
         stats = UploadStats(files=1, bytes=before.st_size, blocks=len(refs))
         if _unchanged(target.existing, meta):
-            assert target.existing is not None
-            stats.unchanged = 1
-            stats.node_ids.append(target.existing.id)
             return stats
         answer = await announce(tree, target, meta)
         node_id = answer["node"]["id"]
-        stats.node_ids.append(node_id)
         first_index: dict[str, int] = {}
         for index, ref in enumerate(refs):
             first_index.setdefault(ref.id_hex, index)
