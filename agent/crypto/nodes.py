@@ -5,7 +5,9 @@ Every node (file or folder) has its own random 32-byte node key.
 Sealed metadata:  0x01 ‖ nonce (12) ‖ AES-256-GCM(node key, plaintext) ‖ tag (16)
     associated data: "cairn-meta-v1" ‖ node id (16 bytes) ‖ kind ("file" or "dir")
     plaintext:       length of H (4, big-endian) ‖ H ‖ block table
-    H:               UTF-8 JSON {"name", "size", "mtime_ns", "mode"}
+    H:               UTF-8 JSON {"name", "size", "mtime_ns", "mode"[, "device"]} — device:
+                     the name of the device that wrote this version (conflicted copies are
+                     named after it); optional, absent in older metadata
     block table:     per block, in file order: plain size (4) ‖ block id (32) ‖ key (32)
                      ‖ plain hash (32) — see blocks.py; empty for folders and empty files
 
@@ -48,6 +50,7 @@ class NodeMeta:
     mtime_ns: int = 0
     mode: int = 0o644
     blocks: tuple[BlockRef, ...] = field(default=())
+    device: str = ""
 
 
 def check_name(name: str) -> str:
@@ -70,9 +73,11 @@ def _meta_ad(node_id: str, kind: NodeKind) -> bytes:
 
 def seal_metadata(node_key: bytes, node_id: str, meta: NodeMeta) -> bytes:
     check_name(meta.name)
-    header = json.dumps({"name": meta.name, "size": meta.size, "mtime_ns": meta.mtime_ns,
-                         "mode": meta.mode}, ensure_ascii=False).encode("utf-8",
-                                                                        "surrogateescape")
+    fields: dict[str, object] = {"name": meta.name, "size": meta.size,
+                                 "mtime_ns": meta.mtime_ns, "mode": meta.mode}
+    if meta.device:
+        fields["device"] = meta.device
+    header = json.dumps(fields, ensure_ascii=False).encode("utf-8", "surrogateescape")
     plaintext = struct.pack(">I", len(header)) + header + pack_refs(list(meta.blocks))
     return bytes([FORMAT_VERSION]) + seal(node_key, plaintext, _meta_ad(node_id, meta.kind))
 
@@ -90,7 +95,7 @@ def open_metadata(node_key: bytes, node_id: str, kind: NodeKind, sealed: bytes) 
         blocks = tuple(unpack_refs(plain[4 + header_size:]))
         meta = NodeMeta(name=str(header["name"]), kind=kind, size=int(header["size"]),
                         mtime_ns=int(header["mtime_ns"]), mode=int(header["mode"]) & 0o7777,
-                        blocks=blocks)
+                        blocks=blocks, device=str(header.get("device", ""))[:64])
     except (struct.error, ValueError, KeyError, TypeError):
         raise IntegrityError(f"metadata of node {node_id} is malformed") from None
     try:

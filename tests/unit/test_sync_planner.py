@@ -1,0 +1,189 @@
+"""The sync planner's rules, one scenario each (pure: three trees in, actions out)."""
+
+from __future__ import annotations
+
+from agent.sync.model import (
+    Adopt,
+    BaseEntry,
+    DeleteLocal,
+    DeleteRemote,
+    Download,
+    Forget,
+    HashLocal,
+    KeepBoth,
+    LocalEntry,
+    MakeLocalDir,
+    MakeRemoteDir,
+    MoveLocal,
+    MoveRemote,
+    RemoteEntry,
+    RenameLocalAside,
+    Stat,
+    Upload,
+)
+from agent.sync.planner import plan
+
+ROOT = "r" * 32
+
+
+def nid(name: str) -> str:
+    return (name.encode().hex() + "0" * 32)[:32]
+
+
+def lf(path: str, inode: int, size: int = 1, mtime: int = 1, content: str | None = None,
+       stable: bool = True) -> LocalEntry:
+    return LocalEntry(path, "file", Stat(size, mtime, 0o644, inode), content, stable)
+
+
+def ld(path: str, inode: int) -> LocalEntry:
+    return LocalEntry(path, "dir", Stat(0, 0, 0o755, inode))
+
+
+def rf(name: str, path: str, version: int = 1, content: str = "c1", parent: str = ROOT,
+       uploaded: bool = True) -> RemoteEntry:
+    return RemoteEntry(nid(name), parent, path, "file", version, 1, 1, 0o644, content,
+                       uploaded)
+
+
+def rd(name: str, path: str, version: int = 1, parent: str = ROOT) -> RemoteEntry:
+    return RemoteEntry(nid(name), parent, path, "dir", version, 0, 0, 0o755, "")
+
+
+def bf(name: str, path: str, inode: int, version: int = 1, content: str = "c1",
+       size: int = 1, mtime: int = 1) -> BaseEntry:
+    return BaseEntry(nid(name), path, "file", version, content,
+                     Stat(size, mtime, 0o644, inode))
+
+
+def bd(name: str, path: str, inode: int, version: int = 1) -> BaseEntry:
+    return BaseEntry(nid(name), path, "dir", version, "", Stat(0, 0, 0o755, inode))
+
+
+def trees(local: list[LocalEntry], remote: list[RemoteEntry], base: list[BaseEntry]
+          ) -> tuple[dict[str, LocalEntry], dict[str, RemoteEntry], dict[str, BaseEntry]]:
+    return ({e.path: e for e in local}, {e.node_id: e for e in remote},
+            {e.node_id: e for e in base})
+
+
+def test_in_sync_plans_nothing() -> None:
+    result = plan(*trees([lf("a", 1)], [rf("a", "a")], [bf("a", "a", 1)]))
+    assert result.empty
+
+
+def test_one_sided_changes_flow_to_the_other_side() -> None:
+    assert plan(*trees([lf("new", 5)], [], [])).actions == (Upload("new", None, None, 1),)
+    assert plan(*trees([], [rf("n", "n")], [])).actions == (Download(nid("n"), "n", None, 1),)
+    edited = lf("a", 1, size=2)
+    assert plan(*trees([edited], [rf("a", "a")], [bf("a", "a", 1)])).actions == (
+        Upload("a", nid("a"), 1, 2),)
+    assert plan(*trees([lf("a", 1)], [rf("a", "a", version=2, content="c2")],
+                       [bf("a", "a", 1)])).actions == (
+        Download(nid("a"), "a", Stat(1, 1, 0o644, 1), 1),)
+
+
+def test_deletes_flow_and_only_unchanged_files_are_deleted_locally() -> None:
+    assert plan(*trees([], [rf("a", "a")], [bf("a", "a", 1)])).actions == (
+        DeleteRemote(nid("a"), "a", 1),)
+    assert plan(*trees([lf("a", 1)], [], [bf("a", "a", 1)])).actions == (
+        DeleteLocal("a", Stat(1, 1, 0o644, 1)),)
+    assert plan(*trees([], [], [bf("a", "a", 1)])).actions == (Forget(nid("a")),)
+
+
+def test_edit_beats_delete_both_ways() -> None:
+    # edited here, deleted there: uploaded again as a new node
+    result = plan(*trees([lf("a", 1, size=9)], [], [bf("a", "a", 1)]))
+    assert result.actions == (Forget(nid("a")), Upload("a", None, None, 9))
+    # deleted here, edited there: downloaded again
+    result = plan(*trees([], [rf("a", "a", version=2, content="c2")], [bf("a", "a", 1)]))
+    assert result.actions == (Forget(nid("a")), Download(nid("a"), "a", None, 1))
+
+
+def test_both_edited_needs_hashes_then_keeps_both_or_merges() -> None:
+    local = lf("a", 1, size=3)
+    remote = rf("a", "a", version=2, content="theirs")
+    assert plan(*trees([local], [remote], [bf("a", "a", 1)])).actions == (HashLocal(("a",)),)
+    mine = lf("a", 1, size=3, content="mine")
+    assert plan(*trees([mine], [remote], [bf("a", "a", 1)])).actions == (
+        KeepBoth(nid("a"), "a"),)
+    same = lf("a", 1, size=3, content="theirs")
+    assert plan(*trees([same], [remote], [bf("a", "a", 1)])).actions == (
+        Adopt(nid("a"), "a", same.stat),)
+
+
+def test_unsynced_items_with_one_name_merge_or_step_aside() -> None:
+    remote = rf("x", "x", content="theirs")
+    assert plan(*trees([lf("x", 4)], [remote], [])).actions == (HashLocal(("x",)),)
+    identical = lf("x", 4, content="theirs")
+    assert plan(*trees([identical], [remote], [])).actions == (
+        Adopt(nid("x"), "x", identical.stat),)
+    assert plan(*trees([lf("x", 4, content="mine")], [remote], [])).actions == (
+        RenameLocalAside("x"),)
+    # a folder here, a file there
+    assert plan(*trees([ld("x", 4)], [remote], [])).actions == (RenameLocalAside("x"),)
+
+
+def test_moves_are_moves_and_a_folder_takes_its_content_along() -> None:
+    base = [bd("d", "d", 10), bf("f", "d/f", 11)]
+    moved_here = [ld("e", 10), lf("e/f", 11)]
+    remote = [rd("d", "d"), rf("f", "d/f", parent=nid("d"))]
+    assert plan(*trees(moved_here, remote, base)).actions == (MoveRemote(nid("d"), "e"),)
+    moved_there = [rd("d", "e"), rf("f", "e/f", parent=nid("d"))]
+    assert plan(*trees([ld("d", 10), lf("d/f", 11)], moved_there, base)).actions == (
+        MoveLocal(nid("d"), "d", "e"),)
+
+
+def test_move_into_a_new_local_folder_creates_it_first() -> None:
+    local = [ld("new", 20), lf("new/f", 11)]
+    result = plan(*trees(local, [rf("f", "f")], [bf("f", "f", 11)]))
+    assert result.actions == (MakeRemoteDir("new"), MoveRemote(nid("f"), "new/f"))
+
+
+def test_both_moved_the_remote_side_wins() -> None:
+    result = plan(*trees([lf("mine", 1)], [rf("a", "theirs")], [bf("a", "a", 1)]))
+    assert result.actions == (MoveLocal(nid("a"), "mine", "theirs"),)
+
+
+def test_remote_deleted_folder_keeps_what_changed_here() -> None:
+    base = [bd("d", "d", 10), bf("old", "d/old", 11)]
+    local = [ld("d", 10), lf("d/old", 11), lf("d/new", 12)]
+    result = plan(*trees(local, [], base))
+    assert result.actions == (Forget(nid("d")), MakeRemoteDir("d"),
+                              Upload("d/new", None, None, 1),
+                              DeleteLocal("d/old", Stat(1, 1, 0o644, 11)))
+    # nothing changed in it here: the folder goes, with what is in it
+    result = plan(*trees([ld("d", 10), lf("d/old", 11)], [], base))
+    assert result.actions == (DeleteLocal("d", None),)
+
+
+def test_local_deleted_folder_keeps_what_arrived_there() -> None:
+    base = [bd("d", "d", 10), bf("old", "d/old", 11)]
+    remote = [rd("d", "d"), rf("old", "d/old", parent=nid("d")),
+              rf("new", "d/new", parent=nid("d"))]
+    result = plan(*trees([], remote, base))
+    assert result.actions == (MakeLocalDir(nid("d"), "d"),
+                              Download(nid("new"), "d/new", None, 1),
+                              DeleteRemote(nid("old"), "d/old", 1))
+    remote = [rd("d", "d"), rf("old", "d/old", parent=nid("d"))]
+    result = plan(*trees([], remote, base))
+    assert result.actions == (DeleteRemote(nid("d"), "d", 1, 1),)
+    assert result.remote_deletions == 1
+
+
+def test_files_being_written_or_uploaded_wait() -> None:
+    result = plan(*trees([lf("a", 1, stable=False)], [], []))
+    assert result.empty and result.waiting == ("a",)
+    result = plan(*trees([], [rf("b", "b", uploaded=False)], []))
+    assert result.empty and result.waiting == ("b",)
+
+
+def test_a_name_clash_on_the_appliance_is_renamed() -> None:
+    clash = RemoteEntry(nid("b"), ROOT, "x (conflicted copy)", "file", 1, 1, 1, 0o644, "c",
+                        name_clash=True)
+    result = plan(*trees([], [rf("a", "x"), clash], []))
+    assert result.actions == (MoveRemote(nid("b"), "x (conflicted copy)"),)
+
+
+def test_remote_name_reused_by_another_node_replaces_an_unchanged_local_file() -> None:
+    result = plan(*trees([lf("a", 1)], [rf("other", "a", content="c9")], [bf("a", "a", 1)]))
+    assert result.actions == (Forget(nid("a")),
+                              Download(nid("other"), "a", Stat(1, 1, 0o644, 1), 1))
