@@ -8,6 +8,7 @@ their exit code, never a traceback. Progress bars appear only when stderr is a t
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import sys
@@ -22,12 +23,28 @@ import httpx
 import trio
 
 from agent import operations as ops
+from agent import trash as trash_ops
 from agent.client import Connection
 from agent.enroll import enroll, unlock_keys
-from agent.errors import CairnAgentError, NotEnrolledError, TransportError, UsageError
+from agent.errors import (
+    CairnAgentError,
+    NotEnrolledError,
+    SyncPausedError,
+    TransportError,
+    UsageError,
+)
 from agent.home import AgentHome, default_home
 from agent.pipeline import first_error
 from agent.remote import RemoteNode, RemoteTree
+from agent.sync.engine import (
+    MASS_DELETE_MIN,
+    MASS_DELETE_SHARE,
+    SyncEngine,
+    SyncOptions,
+    describe,
+    open_folder,
+)
+from agent.sync.state import DB_FILE, SyncDb
 
 PASSPHRASE_ENV = "CAIRN_PASSPHRASE"
 T = TypeVar("T")
@@ -101,7 +118,8 @@ def cli(ctx: click.Context, home: Path | None) -> None:
 
     Start with `cairn join CODE` (the code comes from `cairnd user add NAME` or
     `cairnd user code NAME` on the appliance). Then put, get, ls, mkdir, rm, mv files;
-    share them with other users; `cairn status` shows where this device stands.
+    share them with other users; `cairn trash` and `cairn restore` bring back what was
+    deleted on any device; `cairn status` shows where this device stands.
 
     REMOTE arguments are paths from your root folder (/docs/a.txt) or id:<node id>, which
     is how you name something another user shared with you (see `cairn shared`).
@@ -246,7 +264,7 @@ def mkdir(ctx: click.Context, remote: str, parents: bool) -> None:
 @click.pass_context
 def rm(ctx: click.Context, remote: str, recursive: bool) -> None:
     """Remove REMOTE. It stays in the appliance's trash for the grace period (7 days by
-    default), from where it can be restored."""
+    default), from where it can be restored (`cairn trash`, `cairn restore`)."""
     _in_session(ctx, lambda tree: ops.remove(tree, remote, recursive=recursive))
 
 
@@ -258,6 +276,54 @@ def mv(ctx: click.Context, source: str, destination: str) -> None:
     """Rename or move SOURCE to DESTINATION (into it, if it is a folder). Nothing is
     re-uploaded: a move re-wraps one key."""
     _in_session(ctx, lambda tree: ops.move(tree, source, destination))
+
+
+# --- trash -----------------------------------------------------------------------------
+
+@cli.command("trash")
+@click.option("--all", "expand", is_flag=True,
+              help="Also list each item a deleted folder took along.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON list of entries, newest "
+                                                      "first.")
+@click.pass_context
+def trash_command(ctx: click.Context, expand: bool, as_json: bool) -> None:
+    """What was deleted, on any device, newest first: when (local time), file or folder,
+    size, and the path it had.
+
+    A folder deleted with everything in it is one line, with the number of items it took
+    along (--all lists them too). The appliance keeps deleted items for its grace period
+    (7 days by default); bring one back with `cairn restore PATH`."""
+    entries = _in_session(ctx, lambda tree: trash_ops.trash(tree, expand=expand))
+    if as_json:
+        click.echo(json.dumps([e.to_json() for e in entries], indent=2))
+        return
+    if not entries:
+        click.echo("the trash is empty")
+    for entry in entries:
+        kind = "folder" if entry.kind == "dir" else "file"
+        inside = f"  (and {entry.items_inside} inside)" if entry.items_inside else ""
+        went = f"  (with {entry.deleted_with})" if entry.deleted_with else ""
+        click.echo(f"{_when(entry.deleted_at)}  {kind:<6} {_size(entry.size):>10}  "
+                   f"{entry.path}{inside}{went}")
+    if len([e for e in entries if e.deleted_with is None]) >= trash_ops.TRASH_PAGE:
+        click.echo(f"cairn: the appliance lists the newest {trash_ops.TRASH_PAGE} "
+                   "deletions only; older ones can still be restored by path", err=True)
+
+
+@cli.command()
+@click.argument("path")
+@click.pass_context
+def restore(ctx: click.Context, path: str) -> None:
+    """Bring back PATH, deleted on any device within the grace period (7 days by default).
+
+    PATH is the path it had, as `cairn trash` shows it (or id:<node id>). If several
+    deleted items had that path, the most recently deleted comes back. Its folders come
+    back first if they were deleted too, and a folder comes back with everything its
+    deletion took along. If a live item now has the same name, both are kept and you are
+    told (syncing devices give one a conflicted-copy name)."""
+    result = _in_session(ctx, lambda tree: trash_ops.restore(tree, path))
+    for line in result.lines():
+        click.echo(line)
 
 
 # --- sharing ---------------------------------------------------------------------------
@@ -317,13 +383,15 @@ def status(ctx: click.Context, as_json: bool) -> None:
                 return None, exc.message
 
     me, problem = _run(probe)
+    folders = _sync_folders(home)
     device = home.load_device()   # the address may have changed (rediscovered)
     report = {"home": str(home.path), "user": device.user, "device": device.device_name,
               "device_id": device.device_id, "appliance_id": device.appliance_id,
               "url": device.url, "certificate_sha256": device.fingerprint,
               "keys": keys_present, "reachable": me is not None, "problem": problem,
               "root_id": me["root_id"] if me else None,
-              "latest_cursor": me["latest_cursor"] if me else None}
+              "latest_cursor": me["latest_cursor"] if me else None,
+              "sync": _sync_records(home)}
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
@@ -332,6 +400,108 @@ def status(ctx: click.Context, as_json: bool) -> None:
                + ("reachable" if me else f"NOT reachable — {problem}"))
     if not keys_present:
         click.echo("keys: missing — run `cairn unlock`")
+    for line in folders:
+        click.echo(line)
+
+
+# --- sync ----------------------------------------------------------------------------
+
+@cli.command()
+@click.argument("directory", metavar="DIR", type=click.Path(path_type=Path))
+@click.option("--remote", "remote_path", default="/", show_default=True,
+              help="The folder on the appliance to keep DIR in step with (created if "
+                   "missing). A DIR keeps the folder it was first synced with.")
+@click.option("--allow-mass-delete", is_flag=True,
+              help="Go ahead when DIR is empty or many files were deleted at once (by "
+                   "default the agent pauses: an unmounted drive looks like that too).")
+@click.option("--mass-delete-share", type=click.FloatRange(0.0, 1.0),
+              default=MASS_DELETE_SHARE, show_default=True,
+              help="Pause when one pass would delete more than this share of the synced "
+                   f"files on the appliance (and at least {MASS_DELETE_MIN}).")
+@click.option("--once", is_flag=True, help="Sync until nothing is left to do, then exit.")
+@click.option("-v", "--verbose", is_flag=True, help="Log every step.")
+@click.option("-q", "--quiet", is_flag=True, help="Log only warnings and errors.")
+@click.pass_context
+def sync(ctx: click.Context, directory: Path, remote_path: str, allow_mass_delete: bool,
+         mass_delete_share: float, once: bool, verbose: bool, quiet: bool) -> None:
+    """Keep DIR and a folder on the appliance identical, both ways, until stopped.
+
+    Changes here are picked up at once (inotify, plus a full rescan every few minutes);
+    changes from other devices arrive through the appliance's event stream. Edits made
+    while the appliance is away are kept and sent when it is back. When both sides
+    changed a file, the last writer keeps the name and the other version is kept beside
+    it as `NAME (conflicted copy from DEVICE DATE TIME).EXT`; an edit beats a delete.
+    Deletions arriving from elsewhere can be undone with `cairn restore`. Items others
+    shared with you appear under `Shared with me/OWNER/`, read-only.
+
+    Skipped: symbolic links and special files (never followed), editor temporaries, and
+    what DIR/.cairnignore lists (gitignore syntax). `cairn status` shows each folder's
+    state.
+    """
+    logging.basicConfig(level=logging.DEBUG if verbose else
+                        logging.WARNING if quiet else logging.INFO,
+                        format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "httpcore", "watchfiles", "hypercorn"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    home = _home(ctx)
+    options = SyncOptions(allow_mass_delete=allow_mass_delete,
+                          mass_delete_share=mass_delete_share, once=once)
+    local_dir = Path(os.path.abspath(directory))
+
+    async def run() -> None:
+        async with ops.session(home) as tree:
+            db = SyncDb.of_home(home.path)
+            try:
+                folder = await open_folder(tree, db, local_dir, remote_path)
+                engine = SyncEngine(tree, db, folder, options)
+                click.echo(f"syncing {local_dir} with {folder.remote_path} as "
+                           f"{tree.connection.device.device_name}", err=True)
+                await engine.run()
+                if once:
+                    outcome = engine.last_outcome
+                    click.echo(f"{outcome.uploaded} uploaded, {outcome.downloaded} "
+                               f"downloaded, {len(outcome.conflicts)} conflicts, "
+                               f"{len(outcome.failed)} skipped", err=True)
+                    record = db.folder(str(local_dir))
+                    if record is not None and record.state == "paused":
+                        raise SyncPausedError(record.detail)
+            finally:
+                db.close()
+
+    _run(run)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _sync_records(home: AgentHome) -> list[dict[str, Any]]:
+    if not (home.path / DB_FILE).exists():
+        return []
+    db = SyncDb.of_home(home.path)
+    try:
+        return [{"dir": r.local_dir, "remote": r.remote_path,
+                 "state": r.state if r.pid and _process_alive(r.pid) else "not running",
+                 "detail": r.detail, "pending": r.pending, "conflicts": r.conflicts,
+                 "updated_at": r.updated_at} for r in db.folders()]
+    finally:
+        db.close()
+
+
+def _sync_folders(home: AgentHome) -> list[str]:
+    if not (home.path / DB_FILE).exists():
+        return []
+    db = SyncDb.of_home(home.path)
+    try:
+        return ["sync " + describe(r, _process_alive) for r in db.folders()]
+    finally:
+        db.close()
 
 
 def main() -> None:

@@ -26,6 +26,7 @@ import logging
 import random
 import ssl
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -173,6 +174,30 @@ class Connection:
                 raise error_from_response(response)
             return response.json() if response.content else None
         raise AssertionError("unreachable")  # the last attempt raises or returns
+
+    async def follow_events(self, cursor: int, heartbeat_s: float,
+                            on_cursor: Callable[[int], None]) -> None:
+        """Hold GET /events open and call ON_CURSOR with each new cursor the appliance
+        announces, until the stream ends. Raises TransportError when it breaks or goes
+        silent for three heartbeats (the caller falls back to polling)."""
+        timeout = httpx.Timeout(heartbeat_s * 3, connect=CONNECT_TIMEOUT_S)
+        params = {"cursor": cursor, "heartbeat": heartbeat_s}
+        try:
+            async with self._async.stream("GET", "/events", params=params,
+                                          timeout=timeout) as response:
+                if response.status_code >= 400:
+                    await response.aread()
+                    raise error_from_response(response)
+                event = ""
+                async for line in response.aiter_lines():
+                    if line.startswith("event:"):
+                        event = line[6:].strip()
+                    elif line.startswith("data:") and event == "cursor":
+                        on_cursor(int(json.loads(line[5:])["cursor"]))
+                    elif not line:
+                        event = ""
+        except httpx.TransportError as exc:
+            raise self._unreachable(exc) from None
 
     async def _after_transport_error(self, exc: httpx.TransportError, attempt: int,
                                      url_before: str) -> None:

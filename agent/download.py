@@ -20,6 +20,7 @@ import errno
 import hmac
 import os
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,8 @@ class DownloadStats:
     blocks: int = 0
     blocks_fetched: int = 0
     folders: int = 0
+    node: RemoteNode | None = None     # the version written (a newer one than asked, if
+                                       # it changed meanwhile)
 
     def add(self, other: DownloadStats) -> None:
         self.files += other.files
@@ -125,7 +128,11 @@ def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
 
 async def download_file(tree: RemoteTree, node: RemoteNode, target: Path, *,
                         show_progress: bool | None = None,
-                        parallel: int = DOWNLOAD_PARALLEL) -> DownloadStats:
+                        parallel: int = DOWNLOAD_PARALLEL,
+                        guard: Callable[[], None] | None = None) -> DownloadStats:
+    """Download NODE to TARGET. GUARD, if given, runs just before the rename into place
+    and may raise to keep the target as it is (the sync engine checks that the local file
+    did not change meanwhile); the temporary file is then removed."""
     if node.is_dir:
         raise LocalFileError(f"{node.name} is a folder")
     detail = await tree.fetch(node.id)
@@ -143,7 +150,8 @@ async def download_file(tree: RemoteTree, node: RemoteNode, target: Path, *,
         fd = os.open(part, os.O_RDWR | os.O_CREAT, 0o600)
     except OSError as exc:
         raise _write_error(part, exc) from None
-    stats = DownloadStats(files=1, bytes=node.meta.size, blocks=len(node.meta.blocks))
+    stats = DownloadStats(files=1, bytes=node.meta.size, blocks=len(node.meta.blocks),
+                          node=node)
     progress = Progress(node.meta.size, target.name, enabled=show_progress)
     try:
         try:
@@ -152,7 +160,7 @@ async def download_file(tree: RemoteTree, node: RemoteNode, target: Path, *,
             raise _write_error(part, exc) from None
         stats.blocks_fetched = await _fetch(tree, node, jobs, fd, part, target, resuming,
                                             progress, parallel)
-        _finish(fd, part, target, node)
+        _finish(fd, part, target, node, guard)
     finally:
         progress.close()
         os.close(fd)
@@ -211,11 +219,18 @@ async def _fetch(tree: RemoteTree, node: RemoteNode, jobs: list[BlockJob], fd: i
     return fetched_count
 
 
-def _finish(fd: int, part: Path, target: Path, node: RemoteNode) -> None:
+def _finish(fd: int, part: Path, target: Path, node: RemoteNode,
+            guard: Callable[[], None] | None) -> None:
     try:
         os.fsync(fd)
         os.fchmod(fd, node.meta.mode & 0o7777)
         os.utime(fd, ns=(node.meta.mtime_ns, node.meta.mtime_ns))
+        if guard is not None:
+            try:
+                guard()
+            except BaseException:
+                os.unlink(part)
+                raise
         os.replace(part, target)
         dir_fd = os.open(target.parent, os.O_RDONLY)
         try:

@@ -113,3 +113,10 @@ class ForbiddenError(ApiError):
 class RemoteConflictError(ApiError):
     code = "conflict"
     exit_code = 10
+
+
+class SyncPausedError(CairnAgentError):
+    """`cairn sync --once` stopped at a safety check (a vanished or emptied folder, a
+    mass deletion): nothing was deleted."""
+    code = "sync_paused"
+    exit_code = 11

@@ -42,6 +42,9 @@ class UploadStats:
     blocks_sent: int = 0
     folders: int = 0
     skipped: list[str] = field(default_factory=list)
+    node: dict[str, Any] | None = None       # the node as written (None: unchanged)
+    refs: tuple[BlockRef, ...] = ()
+    source: os.stat_result | None = None     # the file as it was read
 
     def add(self, other: UploadStats) -> None:
         self.files += other.files
@@ -128,8 +131,9 @@ def _unchanged(existing: RemoteNode | None, meta: NodeMeta) -> bool:
 
 async def upload_file(tree: RemoteTree, path: Path, target: Target, *,
                       show_progress: bool | None = None,
-                      parallel: int = DEFAULT_PARALLEL) -> UploadStats:
-    """Upload PATH as TARGET. Progress bars (hashing, then sending) on a terminal."""
+                      parallel: int = DEFAULT_PARALLEL, device: str = "") -> UploadStats:
+    """Upload PATH as TARGET. Progress bars (hashing, then sending) on a terminal. DEVICE
+    (this device's name) goes into the metadata, for naming conflicted copies."""
     if target.existing is not None and target.existing.is_dir:
         raise UsageError(f"a folder named {target.name!r} is already there")
     try:
@@ -151,12 +155,14 @@ async def upload_file(tree: RemoteTree, path: Path, target: Target, *,
                                    "once it is complete")
         meta = NodeMeta(name=target.name, kind="file", size=before.st_size,
                         mtime_ns=before.st_mtime_ns, mode=stat.S_IMODE(before.st_mode),
-                        blocks=tuple(refs))
-        stats = UploadStats(files=1, bytes=before.st_size, blocks=len(refs))
+                        blocks=tuple(refs), device=device)
+        stats = UploadStats(files=1, bytes=before.st_size, blocks=len(refs),
+                            refs=tuple(refs), source=before)
         if _unchanged(target.existing, meta):
             return stats
         answer = await announce(tree, target, meta)
         node_id = answer["node"]["id"]
+        stats.node = answer["node"]
         first_index: dict[str, int] = {}
         for index, ref in enumerate(refs):
             first_index.setdefault(ref.id_hex, index)
@@ -172,6 +178,7 @@ async def upload_file(tree: RemoteTree, path: Path, target: Target, *,
             finally:
                 progress.close()
             detail = await tree.fetch(node_id)
+            stats.node = detail["node"]
             urls = detail["blocks"] if detail["method"] == "PUT" else []
         if _fingerprint(os.fstat(fd)) != _fingerprint(before):
             raise FileChangedError(f"{path} changed while it was being uploaded; run put "

@@ -298,6 +298,20 @@ class BlockBatch(Strict):
     blocks: list[BlockData] = Field(min_length=1, max_length=MAX_BATCH_BLOCKS)
 
 
+class BlockReadRequest(Strict):
+    ids: list[str] = Field(min_length=1, max_length=MAX_BATCH_BLOCKS)
+
+
+class BlockRead(BaseModel):
+    id: str
+    data: Base64 | None = None
+    error: ErrorInfo | None = None
+
+
+class BlockReadResult(BaseModel):
+    blocks: list[BlockRead]
+
+
 class BlockStored(BaseModel):
     block_id: str
     ok: bool

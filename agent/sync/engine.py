@@ -1,0 +1,350 @@
+"""The sync engine: what wakes a sync round, and the round itself.
+
+Wake-ups come from
+- the local watcher (inotify through watchfiles, debounced), plus a full rescan every
+  RESCAN_S as a safety net;
+- the appliance's event stream, which announces new cursors while the folder is active;
+  when the stream is down, or after QUIET_S without remote changes, the changes feed is
+  polled instead, with backoff (POLL_S doubling up to POLL_MAX_S);
+- timers: a file still being written settles, a retry after a failure or while offline.
+
+A round pulls the changes feed into the mirror, scans DIR, and runs planner phases
+(plan → execute → rescan) until the plan is empty. Local edits never wait for the
+appliance: they are in the local tree, and the diff against the base *is* the queue, kept
+across restarts. Safety stops (nothing is deleted while paused):
+- DIR missing or unreadable, or suddenly empty while files were synced (an unmounted
+  drive): paused until it is back;
+- a plan deleting more than MASS_DELETE_SHARE of the synced files (and at least
+  MASS_DELETE_MIN) on the appliance: paused until restarted with --allow-mass-delete;
+- a full local disk: downloads pause (uploads go on) and are retried every DISK_RETRY_S.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import trio
+from agent.sync.ignore import IgnoreRules
+from agent.sync.watch import watch_changes
+
+from agent.crypto.nodes import check_name
+from agent.download import PART_SUFFIX
+from agent.errors import CairnAgentError, LocalFileError, TransportError, UsageError
+from agent.remote import RemoteTree, Target
+from agent.sync.executor import Executor, Outcome
+from agent.sync.mirror import Mirror
+from agent.sync.model import LocalEntry
+from agent.sync.names import is_conflicted_copy
+from agent.sync.planner import Plan, plan
+from agent.sync.scan import LocalScan, scan_tree
+from agent.sync.state import FolderRecord, SyncDb
+
+log = logging.getLogger("cairn.sync")
+
+RESCAN_S = 300.0
+QUIET_S = 600.0
+POLL_S = 2.0
+POLL_MAX_S = 60.0
+HEARTBEAT_S = 15.0
+RETRY_S = 1.0
+RETRY_MAX_S = 30.0
+DISK_RETRY_S = 30.0
+MAX_PHASES = 60
+MASS_DELETE_SHARE = 0.5
+MASS_DELETE_MIN = 10
+
+
+@dataclass(frozen=True)
+class SyncOptions:
+    allow_mass_delete: bool = False
+    mass_delete_share: float = MASS_DELETE_SHARE
+    mass_delete_min: int = MASS_DELETE_MIN
+    once: bool = False            # one round, then return (tests, scripts)
+
+
+class Paused(CairnAgentError):
+    code = "paused"
+
+
+async def open_folder(tree: RemoteTree, db: SyncDb, local_dir: Path, remote_path: str
+                      ) -> FolderRecord:
+    """The folder's record, registering it on first use (and creating the remote folder
+    if needed). A folder keeps the remote folder it was first synced with."""
+    key = str(local_dir)
+    record = db.folder(key)
+    wanted = "/" + "/".join(p for p in remote_path.split("/") if p not in ("", "."))
+    if record is not None:
+        if record.remote_path != wanted:
+            raise UsageError(f"{local_dir} is already synced with {record.remote_path}, "
+                             f"not {wanted}")
+        return record
+    if not _is_dir(local_dir):
+        try:
+            os.makedirs(local_dir)
+        except OSError as exc:
+            raise LocalFileError(f"cannot create {local_dir}: {exc.strerror}") from None
+    for other in db.folders():
+        if _overlaps(other.local_dir, key):
+            raise UsageError(f"{local_dir} overlaps {other.local_dir}, which is already "
+                             "synced; pick a folder outside it")
+    folder = await tree.root()
+    for part in (p for p in wanted.split("/") if p):
+        existing = await tree.child(folder, check_name(part))
+        if existing is not None and not existing.is_dir:
+            raise UsageError(f"{wanted} is a file on the appliance, not a folder")
+        if existing is None:
+            from agent.operations import make_folder
+            existing = await make_folder(tree, Target(folder, part, None))
+        folder = existing
+    return db.add_folder(key, folder.id, wanted)
+
+
+def _is_dir(path: Path) -> bool:
+    return os.path.isdir(path)
+
+
+def _overlaps(a: str, b: str) -> bool:
+    return a == b or a.startswith(b.rstrip("/") + "/") or b.startswith(a.rstrip("/") + "/")
+
+
+class SyncEngine:
+    def __init__(self, tree: RemoteTree, db: SyncDb, folder: FolderRecord,
+                 options: SyncOptions) -> None:
+        self.tree = tree
+        self.db = db
+        self.folder = folder
+        self.root = Path(folder.local_dir)
+        self.options = options
+        self.mirror = Mirror(tree, db, folder)
+        self.device_name = tree.connection.device.device_name
+        self._wake = trio.Event()
+        self._next_wake_at = math.inf
+        self._downloads_paused_until = 0.0
+        self._cleaned_parts = False
+        self.last_outcome = Outcome()
+        self.rounds = 0
+
+    # --- wake-ups -----------------------------------------------------------------------
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def wake_in(self, seconds: float) -> None:
+        self._next_wake_at = min(self._next_wake_at, trio.current_time() + seconds)
+
+    async def run(self) -> None:
+        if self.options.once:
+            await self.sync_round()
+            return
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._watch_local)
+            nursery.start_soon(self._follow_remote)
+            nursery.start_soon(self._rescan_now_and_then)
+            await self._loop()
+
+    async def _loop(self) -> None:
+        retry = RETRY_S
+        self.wake()
+        while True:
+            with trio.move_on_at(self._next_wake_at):
+                await self._wake.wait()
+            self._wake = trio.Event()
+            self._next_wake_at = math.inf
+            try:
+                await self.sync_round()
+                retry = RETRY_S
+            except TransportError as exc:
+                self._status("offline", exc.message)
+                log.warning("offline: %s (retrying in %.0f s; local changes are kept)",
+                            exc.message, retry)
+                self.wake_in(retry)
+                retry = min(retry * 2, RETRY_MAX_S)
+
+    async def _watch_local(self) -> None:
+        while True:
+            if _is_dir(self.root):
+                async for _ in watch_changes(self.root, lambda: IgnoreRules.load(self.root)):
+                    self.wake()
+            await trio.sleep(2)      # the folder vanished (or the watcher stopped): retry
+            self.wake()
+
+    async def _rescan_now_and_then(self) -> None:
+        while True:
+            await trio.sleep(RESCAN_S)
+            self.wake()
+
+    async def _follow_remote(self) -> None:
+        """The event stream while the folder is active; polling with backoff when the
+        stream is down or after QUIET_S without a remote change."""
+        poll = POLL_S
+        while True:
+            with trio.move_on_after(QUIET_S) as quiet:
+                try:
+                    await self.tree.connection.follow_events(
+                        self.mirror.cursor, HEARTBEAT_S, partial(self._on_cursor, quiet))
+                except CairnAgentError as exc:
+                    log.debug("event stream down: %s", exc.message)
+            # Poll (each wake-up pulls the feed); back to the stream once something moved.
+            cursor_before = self.mirror.cursor
+            await trio.sleep(poll)
+            self.wake()
+            await trio.sleep(0.5)
+            busy = self.mirror.cursor != cursor_before
+            poll = POLL_S if busy else min(poll * 2, POLL_MAX_S)
+            while not busy and quiet.cancelled_caught and poll < POLL_MAX_S:
+                await trio.sleep(poll)      # quiet: keep polling, ever more slowly
+                self.wake()
+                await trio.sleep(0.5)
+                busy = self.mirror.cursor != cursor_before
+                poll = POLL_S if busy else min(poll * 2, POLL_MAX_S)
+
+    def _on_cursor(self, quiet: trio.CancelScope, cursor: int) -> None:
+        if cursor > self.mirror.cursor:
+            quiet.deadline = trio.current_time() + QUIET_S
+            self.wake()
+
+    # --- a round ------------------------------------------------------------------------
+
+    async def sync_round(self) -> Outcome:
+        """Bring both sides together as far as possible now. Raises TransportError when
+        the appliance cannot be reached (local state is untouched)."""
+        self.rounds += 1
+        total = Outcome()
+        try:
+            for _ in range(MAX_PHASES):
+                await self.mirror.refresh()
+                rules = IgnoreRules.load(self.root)
+                scan = self._scan(rules)
+                base = self.db.base_entries(self.folder.id)
+                remote = self.mirror.entries(base)
+                current = plan(scan.entries, remote, base)
+                self._check_safety(scan, current, len(base))
+                if current.waiting and scan.settles_in_s is not None:
+                    self.wake_in(scan.settles_in_s + 0.02)
+                if current.empty:
+                    self._idle(scan, current)
+                    return total
+                self._status("syncing", f"{_count_transfers(current)} files",
+                             pending=len(current.actions) + len(current.waiting))
+                outcome = await self._execute(current)
+                _merge(total, outcome)
+                if outcome.done == 0:
+                    self.wake_in(RETRY_S * 5)
+                    self._status("error", "; ".join(m for _, m in outcome.failed[:3]),
+                                 pending=len(current.actions))
+                    return total
+            log.warning("still changing after %d passes; continuing shortly", MAX_PHASES)
+            self.wake_in(RETRY_S)
+            return total
+        except Paused as exc:
+            self._status("paused", exc.message)
+            return total
+        finally:
+            self.last_outcome = total
+
+    def _scan(self, rules: IgnoreRules) -> LocalScan:
+        if not _is_dir(self.root):
+            raise Paused(f"{self.root} is missing (an unmounted drive?); waiting for it — "
+                         "nothing is deleted meanwhile")
+        cached = self.db.cached_contents(self.folder.id)
+        try:
+            return scan_tree(self.root, rules, cached, time.time_ns())
+        except LocalFileError as exc:
+            raise Paused(exc.message + "; waiting") from None
+
+    def _check_safety(self, scan: LocalScan, current: Plan, synced: int) -> None:
+        if self.options.allow_mass_delete:
+            return
+        files = sum(1 for e in self.db.base_entries(self.folder.id).values()
+                    if e.kind == "file")
+        if not scan.entries and synced:
+            self.wake_in(5)
+            raise Paused(f"{self.root} is empty but {synced} items were synced (an "
+                         "unmounted drive?); nothing is deleted. If you emptied it on "
+                         "purpose, run `cairn sync --allow-mass-delete`")
+        deletions = current.remote_deletions
+        if deletions >= self.options.mass_delete_min \
+                and deletions > self.options.mass_delete_share * files:
+            raise Paused(f"{deletions} of {files} files were deleted here at once; to "
+                         "delete them on every device run `cairn sync "
+                         "--allow-mass-delete`, or put them back")
+
+    async def _execute(self, current: Plan) -> Outcome:
+        now = trio.current_time()
+        executor = Executor(self.tree, self.db, self.folder, self.mirror, self.root,
+                            self.device_name,
+                            downloads_allowed=now >= self._downloads_paused_until)
+        outcome = await executor.run(current)
+        if outcome.disk_full:
+            self._downloads_paused_until = now + DISK_RETRY_S
+            self.wake_in(DISK_RETRY_S)
+            log.warning("the disk is full: downloads paused (nothing is deleted); retrying "
+                        "in %.0f s", DISK_RETRY_S)
+        return outcome
+
+    def _idle(self, scan: LocalScan, current: Plan) -> None:
+        conflicts = sum(1 for path in scan.entries if is_conflicted_copy(path))
+        if trio.current_time() < self._downloads_paused_until:
+            self._status("paused", "downloads paused: the disk is full",
+                         pending=len(current.waiting), conflicts=conflicts)
+        elif current.waiting:
+            self._status("syncing", f"waiting for {len(current.waiting)} files to settle",
+                         pending=len(current.waiting), conflicts=conflicts)
+        else:
+            self._status("idle", "", conflicts=conflicts)
+        self.db.prune_cache(self.folder.id, set(scan.entries))
+        if not self._cleaned_parts and not current.waiting:
+            self._cleaned_parts = True
+            _remove_stale_parts(self.root, scan.entries)
+
+    def _status(self, state: str, detail: str = "", pending: int = 0,
+                conflicts: int = 0) -> None:
+        self.db.set_status(self.folder.id, state, detail, pending, conflicts)
+
+
+def _count_transfers(current: Plan) -> int:
+    from agent.sync.model import Download, KeepBoth, Upload
+    return sum(1 for a in current.actions if isinstance(a, Upload | Download | KeepBoth))
+
+
+def _merge(total: Outcome, outcome: Outcome) -> None:
+    total.done += outcome.done
+    total.failed += outcome.failed
+    total.conflicts += outcome.conflicts
+    total.disk_full = total.disk_full or outcome.disk_full
+    total.uploaded += outcome.uploaded
+    total.downloaded += outcome.downloaded
+
+
+def _remove_stale_parts(root: Path, entries: dict[str, LocalEntry]) -> None:
+    """Temporary download files left by a killed agent, once nothing needs them."""
+    folders = [""] + [p for p, e in entries.items() if e.kind == "dir"]
+    for folder in folders:
+        try:
+            names = os.listdir(root / folder if folder else root)
+        except OSError:
+            continue
+        for name in names:
+            if name.endswith(PART_SUFFIX):
+                try:
+                    os.unlink((root / folder if folder else root) / name)
+                    log.info("removed a stale temporary file %s", name)
+                except OSError:
+                    pass
+
+
+def describe(record: FolderRecord, alive: Callable[[int], bool]) -> str:
+    """One line of `cairn status` for a synced folder."""
+    if record.pid is None or not alive(record.pid):
+        state = "not running"
+    else:
+        state = record.state + (f": {record.detail}" if record.detail else "")
+    conflicts = f", {record.conflicts} conflicted copies" if record.conflicts else ""
+    return f"{record.local_dir} <-> {record.remote_path}: {state}{conflicts}"

@@ -1,0 +1,256 @@
+"""The agent's sync database (apsw, WAL): per synced folder, the three trees and its status.
+
+`HOME/sync.db`, 0600 — it holds names and node keys (the remote tree is kept decrypted so
+the planner and a restarted agent need no round trips), so it is as private as `keys`.
+
+Tables, each keyed by the folder's row id:
+- folders: local DIR, remote folder id, changes-feed cursor, status for `cairn status`;
+- remote:  the mirror of the appliance's nodes under the remote folder (the root included);
+- base:    the merge base, one row per synced node;
+- local:   the last scan's content ids, by path and stat (a cache: unchanged files are not
+           hashed again).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import apsw
+
+from agent.errors import LocalFileError
+from agent.sync.model import BaseEntry, Kind, Stat, is_within
+
+DB_FILE = "sync.db"
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS folders (
+    id INTEGER PRIMARY KEY, local_dir TEXT NOT NULL UNIQUE, remote_root TEXT NOT NULL,
+    remote_path TEXT NOT NULL, cursor INTEGER NOT NULL DEFAULT 0,
+    listed INTEGER NOT NULL DEFAULT 0, state TEXT NOT NULL DEFAULT 'starting',
+    detail TEXT NOT NULL DEFAULT '', pending INTEGER NOT NULL DEFAULT 0,
+    conflicts INTEGER NOT NULL DEFAULT 0, pid INTEGER, updated_at REAL);
+CREATE TABLE IF NOT EXISTS remote (
+    folder INTEGER NOT NULL, node_id TEXT NOT NULL, parent_id TEXT, name TEXT NOT NULL,
+    kind TEXT NOT NULL, version INTEGER NOT NULL, uploaded INTEGER NOT NULL,
+    size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, mode INTEGER NOT NULL,
+    content TEXT NOT NULL, device TEXT NOT NULL, created_at REAL NOT NULL,
+    updated_at REAL NOT NULL, key BLOB NOT NULL, meta BLOB NOT NULL,
+    PRIMARY KEY (folder, node_id));
+CREATE INDEX IF NOT EXISTS remote_by_parent ON remote (folder, parent_id);
+CREATE TABLE IF NOT EXISTS base (
+    folder INTEGER NOT NULL, node_id TEXT NOT NULL, path TEXT NOT NULL, kind TEXT NOT NULL,
+    version INTEGER NOT NULL, content TEXT NOT NULL, size INTEGER, mtime_ns INTEGER,
+    mode INTEGER, inode INTEGER, PRIMARY KEY (folder, node_id));
+CREATE INDEX IF NOT EXISTS base_by_path ON base (folder, path);
+CREATE TABLE IF NOT EXISTS local (
+    folder INTEGER NOT NULL, path TEXT NOT NULL, size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL, mode INTEGER NOT NULL, inode INTEGER NOT NULL,
+    content TEXT NOT NULL, PRIMARY KEY (folder, path));
+"""
+
+
+@dataclass(frozen=True)
+class FolderRecord:
+    id: int
+    local_dir: str
+    remote_root: str
+    remote_path: str
+    cursor: int
+    listed: bool
+    state: str
+    detail: str
+    pending: int
+    conflicts: int
+    pid: int | None
+    updated_at: float | None
+
+
+@dataclass(frozen=True)
+class RemoteRow:
+    node_id: str
+    parent_id: str | None
+    name: str
+    kind: Kind
+    version: int
+    uploaded: bool
+    size: int
+    mtime_ns: int
+    mode: int
+    content: str
+    device: str
+    created_at: float
+    updated_at: float
+    key: bytes
+    meta: bytes      # the sealed metadata as the appliance serves it (opened with key)
+
+
+REMOTE_COLUMNS = ("node_id, parent_id, name, kind, version, uploaded, size, mtime_ns, mode, "
+                  "content, device, created_at, updated_at, key, meta")
+
+
+def _remote_row(row: tuple[Any, ...]) -> RemoteRow:
+    values = list(row)
+    values[5] = bool(values[5])
+    return RemoteRow(*values)
+
+
+def _base_row(row: tuple[Any, ...]) -> BaseEntry:
+    node_id, path, kind, version, content, size, mtime_ns, mode, inode = row
+    stat = None if size is None else Stat(size, mtime_ns, mode, inode)
+    return BaseEntry(node_id, path, kind, version, content, stat)
+
+
+class SyncDb:
+    def __init__(self, path: Path) -> None:
+        try:
+            if not path.exists():
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+            os.chmod(path, 0o600)
+            self.db = apsw.Connection(str(path))
+        except (OSError, apsw.Error) as exc:
+            raise LocalFileError(f"cannot open the sync database {path}: {exc}") from None
+        self.db.setbusytimeout(5000)
+        self.db.execute("PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;")
+        self.db.execute(SCHEMA)
+
+    @classmethod
+    def of_home(cls, home: Path) -> SyncDb:
+        return cls(home / DB_FILE)
+
+    def close(self) -> None:
+        self.db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        with self.db:
+            yield
+
+    # --- folders -----------------------------------------------------------------------
+
+    def folder(self, local_dir: str) -> FolderRecord | None:
+        row = self.db.execute("SELECT * FROM folders WHERE local_dir = ?",
+                              (local_dir,)).fetchone()
+        return None if row is None else FolderRecord(*row)
+
+    def folders(self) -> list[FolderRecord]:
+        return [FolderRecord(*row) for row in
+                self.db.execute("SELECT * FROM folders ORDER BY local_dir")]
+
+    def add_folder(self, local_dir: str, remote_root: str, remote_path: str) -> FolderRecord:
+        self.db.execute("INSERT INTO folders (local_dir, remote_root, remote_path) "
+                        "VALUES (?, ?, ?)", (local_dir, remote_root, remote_path))
+        found = self.folder(local_dir)
+        assert found is not None
+        return found
+
+    def set_cursor(self, folder: int, cursor: int, listed: bool = True) -> None:
+        self.db.execute("UPDATE folders SET cursor = ?, listed = ? WHERE id = ?",
+                        (cursor, int(listed), folder))
+
+    def set_status(self, folder: int, state: str, detail: str = "", pending: int = 0,
+                   conflicts: int = 0) -> None:
+        self.db.execute("UPDATE folders SET state = ?, detail = ?, pending = ?, "
+                        "conflicts = ?, pid = ?, updated_at = ? WHERE id = ?",
+                        (state, detail, pending, conflicts, os.getpid(), time.time(), folder))
+
+    # --- the remote mirror --------------------------------------------------------------
+
+    def remote_rows(self, folder: int) -> list[RemoteRow]:
+        return [_remote_row(row) for row in self.db.execute(
+            f"SELECT {REMOTE_COLUMNS} FROM remote WHERE folder = ?", (folder,))]
+
+    def remote_row(self, folder: int, node_id: str) -> RemoteRow | None:
+        row = self.db.execute(f"SELECT {REMOTE_COLUMNS} FROM remote WHERE folder = ? AND "
+                              "node_id = ?", (folder, node_id)).fetchone()
+        return None if row is None else _remote_row(row)
+
+    def put_remote(self, folder: int, row: RemoteRow) -> None:
+        self.db.execute(f"INSERT OR REPLACE INTO remote (folder, {REMOTE_COLUMNS}) VALUES "
+                        "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (folder, row.node_id, row.parent_id, row.name, row.kind, row.version,
+                         int(row.uploaded), row.size, row.mtime_ns, row.mode, row.content,
+                         row.device, row.created_at, row.updated_at, row.key, row.meta))
+
+    def drop_remote_subtree(self, folder: int, node_id: str) -> None:
+        self.db.execute(
+            "WITH RECURSIVE down(id) AS (SELECT ? UNION ALL SELECT r.node_id FROM remote r "
+            "JOIN down ON r.parent_id = down.id WHERE r.folder = ?) "
+            "DELETE FROM remote WHERE folder = ? AND node_id IN (SELECT id FROM down)",
+            (node_id, folder, folder))
+
+    def clear_remote(self, folder: int) -> None:
+        self.db.execute("DELETE FROM remote WHERE folder = ?", (folder,))
+
+    # --- the base -----------------------------------------------------------------------
+
+    def base_entries(self, folder: int) -> dict[str, BaseEntry]:
+        return {entry.node_id: entry for entry in (_base_row(row) for row in self.db.execute(
+            "SELECT node_id, path, kind, version, content, size, mtime_ns, mode, inode "
+            "FROM base WHERE folder = ?", (folder,)))}
+
+    def base_at(self, folder: int, path: str) -> BaseEntry | None:
+        row = self.db.execute("SELECT node_id, path, kind, version, content, size, mtime_ns,"
+                              " mode, inode FROM base WHERE folder = ? AND path = ?",
+                              (folder, path)).fetchone()
+        return None if row is None else _base_row(row)
+
+    def base_of(self, folder: int, node_id: str) -> BaseEntry | None:
+        row = self.db.execute("SELECT node_id, path, kind, version, content, size, mtime_ns,"
+                              " mode, inode FROM base WHERE folder = ? AND node_id = ?",
+                              (folder, node_id)).fetchone()
+        return None if row is None else _base_row(row)
+
+    def put_base(self, folder: int, entry: BaseEntry) -> None:
+        stat = entry.stat
+        self.db.execute("DELETE FROM base WHERE folder = ? AND path = ? AND node_id != ?",
+                        (folder, entry.path, entry.node_id))
+        self.db.execute(
+            "INSERT OR REPLACE INTO base (folder, node_id, path, kind, version, content, size,"
+            " mtime_ns, mode, inode) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (folder, entry.node_id, entry.path, entry.kind, entry.version, entry.content,
+             None if stat is None else stat.size, None if stat is None else stat.mtime_ns,
+             None if stat is None else stat.mode, None if stat is None else stat.inode))
+
+    def forget_base(self, folder: int, node_id: str) -> None:
+        self.db.execute("DELETE FROM base WHERE folder = ? AND node_id = ?", (folder, node_id))
+
+    def forget_base_under(self, folder: int, path: str) -> None:
+        self.db.execute("DELETE FROM base WHERE folder = ? AND (path = ? OR "
+                        "substr(path, 1, ?) = ?)", (folder, path, len(path) + 1, path + "/"))
+
+    def move_base(self, folder: int, old: str, new: str) -> None:
+        """Re-path a moved node and everything under it."""
+        rows = self.db.execute("SELECT node_id, path FROM base WHERE folder = ? AND (path = ?"
+                               " OR substr(path, 1, ?) = ?)",
+                               (folder, old, len(old) + 1, old + "/")).fetchall()
+        for node_id, path in rows:
+            assert is_within(str(path), old)
+            self.db.execute("UPDATE base SET path = ? WHERE folder = ? AND node_id = ?",
+                            (new + str(path)[len(old):], folder, node_id))
+
+    # --- the local content cache --------------------------------------------------------
+
+    def cached_contents(self, folder: int) -> dict[str, tuple[Stat, str]]:
+        return {str(path): (Stat(size, mtime_ns, mode, inode), str(content))
+                for path, size, mtime_ns, mode, inode, content in self.db.execute(
+                    "SELECT path, size, mtime_ns, mode, inode, content FROM local "
+                    "WHERE folder = ?", (folder,))}
+
+    def cache_content(self, folder: int, path: str, stat: Stat, content: str) -> None:
+        self.db.execute("INSERT OR REPLACE INTO local (folder, path, size, mtime_ns, mode, "
+                        "inode, content) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        (folder, path, stat.size, stat.mtime_ns, stat.mode, stat.inode,
+                         content))
+
+    def prune_cache(self, folder: int, keep: set[str]) -> None:
+        for (path,) in self.db.execute("SELECT path FROM local WHERE folder = ?",
+                                       (folder,)).fetchall():
+            if path not in keep:
+                self.db.execute("DELETE FROM local WHERE folder = ? AND path = ?",
+                                (folder, path))

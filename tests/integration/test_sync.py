@@ -1,0 +1,233 @@
+"""`cairn sync` end to end: a real appliance on 127.0.0.1 and two or three real agents
+(`cairn sync DIR` subprocesses, each with its own home and folder), changing files the way
+users do and checking every folder ends up identical — and that nothing anyone wrote is
+lost: offline edits, concurrent edits (conflicted copies), edit against delete, the
+appliance restarting mid-sync, an agent killed mid-download."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import stat
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from agent_helpers import run_cairn, served_appliance
+from api_helpers import add_user
+from cairnd_helpers import RunningAppliance, serving
+from sync_helpers import (
+    Device,
+    make_device,
+    part_files,
+    stop_all,
+    wait_converged,
+    wait_for,
+    write,
+)
+
+from appliance.config import ApplianceConfig
+from appliance.home import init_home
+
+COPY = "conflicted copy from"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.fixture
+def appliance(tmp_path: Path) -> Iterator[tuple[ApplianceConfig, RunningAppliance]]:
+    with served_appliance(tmp_path / "appliance") as served:
+        add_user(served[0].home, "alice")
+        yield served
+
+
+@pytest.fixture
+def devices(tmp_path: Path, appliance: tuple[ApplianceConfig, RunningAppliance]
+            ) -> Iterator[list[Device]]:
+    config, server = appliance
+    trio_of = [make_device(tmp_path, config.home, server.url, "alice", name)
+               for name in ("laptop", "desktop", "tablet")]
+    yield trio_of
+    stop_all(*trio_of)
+
+
+def copies(tree: dict[str, bytes | None]) -> dict[str, bytes | None]:
+    return {path: data for path, data in tree.items() if COPY in path}
+
+
+def test_changes_on_one_device_reach_the_others(devices: list[Device]) -> None:
+    laptop, desktop, tablet = devices
+    for device in devices:
+        device.start()
+    write(laptop.folder / "notes.txt", "first")
+    write(laptop.folder / "docs/report.md", "# report")
+    (laptop.folder / "empty").mkdir()
+    script = laptop.folder / "run.sh"
+    write(script, "#!/bin/sh\necho hi\n")
+    os.chmod(script, 0o755)
+    os.utime(script, ns=(1_600_000_000_123_456_789, 1_600_000_000_123_456_789))
+    tree = wait_converged(*devices)
+    assert tree["notes.txt"] == b"first" and tree["docs/report.md"] == b"# report"
+    assert tree["empty"] is None
+    for device in (desktop, tablet):
+        info = os.stat(device.folder / "run.sh")
+        assert stat.S_IMODE(info.st_mode) == 0o755
+        assert info.st_mtime_ns == 1_600_000_000_123_456_789
+
+    write(desktop.folder / "notes.txt", "edited on the desktop")            # edit
+    assert wait_converged(*devices)["notes.txt"] == b"edited on the desktop"
+    os.rename(tablet.folder / "notes.txt", tablet.folder / "renamed.txt")   # rename
+    os.rename(tablet.folder / "docs", tablet.folder / "papers")            # move a folder
+    tree = wait_converged(*devices)
+    assert "notes.txt" not in tree and tree["renamed.txt"] == b"edited on the desktop"
+    assert tree["papers/report.md"] == b"# report" and "docs" not in tree
+    os.rename(laptop.folder / "renamed.txt", laptop.folder / "papers/renamed.txt")
+    tree = wait_converged(*devices)
+    assert tree["papers/renamed.txt"] == b"edited on the desktop"
+    os.unlink(desktop.folder / "papers/renamed.txt")                         # delete
+    os.rmdir(desktop.folder / "empty")
+    tree = wait_converged(*devices)
+    assert "papers/renamed.txt" not in tree and "empty" not in tree
+    assert not copies(tree)
+    # a rename is a move on the appliance (the node keeps its id), not a new upload
+    assert "uploaded renamed.txt" not in tablet.log_text()
+    assert "moved" in tablet.log_text()
+
+
+def test_offline_edits_are_sent_when_the_device_is_back(devices: list[Device]) -> None:
+    laptop, desktop, _ = devices
+    laptop.start()
+    desktop.start()
+    write(laptop.folder / "a.txt", "v1")
+    wait_converged(laptop, desktop)
+    desktop.stop()
+    write(desktop.folder / "a.txt", "written offline")
+    write(desktop.folder / "offline/new.txt", "also offline")
+    time.sleep(0.5)
+    assert (laptop.folder / "a.txt").read_bytes() == b"v1"
+    desktop.start()
+    tree = wait_converged(laptop, desktop)
+    assert tree["a.txt"] == b"written offline" and tree["offline/new.txt"] == b"also offline"
+
+
+def test_concurrent_edits_keep_both_versions(devices: list[Device]) -> None:
+    laptop, desktop, tablet = devices
+    for device in devices:
+        device.start()
+    write(laptop.folder / "plan.txt", "base")
+    wait_converged(*devices)
+    laptop.stop()
+    desktop.stop()
+    write(laptop.folder / "plan.txt", "laptop's version")
+    write(desktop.folder / "plan.txt", "desktop's version")
+    laptop.start()
+    wait_for(lambda: (tablet.folder / "plan.txt").read_bytes() == b"laptop's version",
+             what="the laptop's edit to arrive")
+    desktop.start()                   # the last writer: keeps the name
+    tree = wait_converged(*devices)
+    assert tree["plan.txt"] == b"desktop's version"
+    kept = copies(tree)
+    assert list(kept.values()) == [b"laptop's version"], sorted(tree)
+    (name,) = kept
+    assert name.startswith("plan (conflicted copy from laptop ") and name.endswith(").txt")
+
+
+def test_an_edit_beats_a_delete(devices: list[Device]) -> None:
+    laptop, desktop, _ = devices
+    laptop.start()
+    desktop.start()
+    write(laptop.folder / "keep.txt", "original")
+    write(laptop.folder / "gone.txt", "original")
+    wait_converged(laptop, desktop)
+    laptop.stop()
+    desktop.stop()
+    write(laptop.folder / "keep.txt", "edited while the other device deleted it")
+    os.unlink(desktop.folder / "keep.txt")
+    os.unlink(laptop.folder / "gone.txt")          # deleted here, edited there
+    write(desktop.folder / "gone.txt", "edited while the other device deleted it")
+    desktop.start()
+    time.sleep(1)
+    laptop.start()
+    tree = wait_converged(laptop, desktop)
+    assert tree["keep.txt"] == b"edited while the other device deleted it"
+    assert tree["gone.txt"] == b"edited while the other device deleted it"
+
+
+def test_two_devices_creating_one_name_keep_both(devices: list[Device]) -> None:
+    laptop, desktop, _ = devices
+    write(laptop.folder / "todo.txt", "laptop's list")
+    write(desktop.folder / "todo.txt", "desktop's list")
+    write(laptop.folder / "same.txt", "identical")
+    write(desktop.folder / "same.txt", "identical")
+    laptop.start()
+    desktop.start()
+    tree = wait_converged(laptop, desktop)
+    assert sorted(data for path, data in tree.items() if path.startswith("todo")) == [
+        b"desktop's list", b"laptop's list"]
+    assert tree["same.txt"] == b"identical"
+    assert not any(path.startswith("same (") for path in tree)   # merged by content
+
+
+def test_the_appliance_restarting_mid_sync(tmp_path: Path) -> None:
+    config = init_home(tmp_path / "appliance", reserve_free_bytes=0)
+    add_user(config.home, "alice")
+    listen = ("--listen", f"127.0.0.1:{free_port()}")   # the same address after a restart
+    with serving(config.home, *listen) as server:
+        laptop = make_device(tmp_path, config.home, server.url, "alice", "laptop")
+        desktop = make_device(tmp_path, config.home, server.url, "alice", "desktop")
+        try:
+            laptop.start()
+            desktop.start()
+            write(laptop.folder / "before.txt", "before")
+            wait_converged(laptop, desktop)
+            assert server.stop() == 0
+            write(laptop.folder / "during.txt", "written while the appliance was down")
+            write(desktop.folder / "before.txt", "edited while it was down")
+            wait_for(lambda: "offline" in laptop.log_text(), what="the laptop going offline")
+            with serving(config.home, *listen) as again:
+                assert again.url == server.url
+                tree = wait_converged(laptop, desktop, timeout=60)
+                assert tree["during.txt"] == b"written while the appliance was down"
+                assert tree["before.txt"] == b"edited while it was down"
+                stop_all(laptop, desktop)
+                assert again.stop() == 0
+        finally:
+            stop_all(laptop, desktop)
+
+
+def test_an_agent_killed_mid_download_leaves_no_partial_file(devices: list[Device]) -> None:
+    laptop, desktop, _ = devices
+    big = os.urandom(1024 * 1024) * 96       # 96 MiB: 24 blocks
+    write(laptop.folder / "big.bin", big)
+    laptop.start()
+    wait_for(lambda: "uploaded big.bin" in laptop.log_text(), timeout=120,
+             what="the upload")
+    desktop.start()
+    wait_for(lambda: part_files(desktop.folder), timeout=60, every=0.01,
+             what="the download to start")
+    desktop.stop(signal.SIGKILL)
+    assert not (desktop.folder / "big.bin").exists()   # never a partial file under the name
+    desktop.start()
+    tree = wait_converged(laptop, desktop, timeout=120)
+    assert tree["big.bin"] == big
+    assert part_files(desktop.folder) == []
+
+
+def test_status_shows_each_synced_folder(devices: list[Device]) -> None:
+    laptop = devices[0]
+    laptop.start()
+    write(laptop.folder / "x.txt", "x")
+    wait_for(lambda: "uploaded x.txt" in laptop.log_text(), what="the upload")
+
+    def idle() -> bool:
+        out = run_cairn(laptop.home, "status").stdout
+        return f"sync {laptop.folder} <-> /: idle" in out
+    wait_for(idle, what="status to say idle")
+    laptop.stop()
+    assert "not running" in run_cairn(laptop.home, "status").stdout
