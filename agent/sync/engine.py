@@ -31,20 +31,20 @@ from functools import partial
 from pathlib import Path
 
 import trio
-from agent.sync.ignore import IgnoreRules
-from agent.sync.watch import watch_changes
 
 from agent.crypto.nodes import check_name
 from agent.download import PART_SUFFIX
 from agent.errors import CairnAgentError, LocalFileError, TransportError, UsageError
 from agent.remote import RemoteTree, Target
 from agent.sync.executor import Executor, Outcome
+from agent.sync.ignore import IgnoreRules
 from agent.sync.mirror import Mirror
 from agent.sync.model import LocalEntry
 from agent.sync.names import is_conflicted_copy
 from agent.sync.planner import Plan, plan
 from agent.sync.scan import LocalScan, scan_tree
 from agent.sync.state import FolderRecord, SyncDb
+from agent.sync.watch import watch_changes
 
 log = logging.getLogger("cairn.sync")
 
@@ -67,6 +67,7 @@ class SyncOptions:
     mass_delete_share: float = MASS_DELETE_SHARE
     mass_delete_min: int = MASS_DELETE_MIN
     once: bool = False            # one round, then return (tests, scripts)
+    disk_retry_s: float = float(os.environ.get("CAIRN_SYNC_DISK_RETRY_S", DISK_RETRY_S))
 
 
 class Paused(CairnAgentError):
@@ -156,7 +157,8 @@ class SyncEngine:
             with trio.move_on_at(self._next_wake_at):
                 await self._wake.wait()
             self._wake = trio.Event()
-            self._next_wake_at = math.inf
+            if trio.current_time() >= self._next_wake_at:
+                self._next_wake_at = math.inf     # that timer fired; later ones stay
             try:
                 await self.sync_round()
                 retry = RETRY_S
@@ -226,6 +228,8 @@ class SyncEngine:
                 remote = self.mirror.entries(base)
                 current = plan(scan.entries, remote, base)
                 self._check_safety(scan, current, len(base))
+                if trio.current_time() < self._downloads_paused_until:
+                    current = _without_downloads(current)
                 if current.waiting and scan.settles_in_s is not None:
                     self.wake_in(scan.settles_in_s + 0.02)
                 if current.empty:
@@ -283,15 +287,17 @@ class SyncEngine:
                             downloads_allowed=now >= self._downloads_paused_until)
         outcome = await executor.run(current)
         if outcome.disk_full:
-            self._downloads_paused_until = now + DISK_RETRY_S
-            self.wake_in(DISK_RETRY_S)
+            retry = self.options.disk_retry_s
+            self._downloads_paused_until = now + retry
+            self.wake_in(retry)
             log.warning("the disk is full: downloads paused (nothing is deleted); retrying "
-                        "in %.0f s", DISK_RETRY_S)
+                        "in %.0f s", retry)
         return outcome
 
     def _idle(self, scan: LocalScan, current: Plan) -> None:
         conflicts = sum(1 for path in scan.entries if is_conflicted_copy(path))
         if trio.current_time() < self._downloads_paused_until:
+            self.wake_in(self._downloads_paused_until - trio.current_time())
             self._status("paused", "downloads paused: the disk is full",
                          pending=len(current.waiting), conflicts=conflicts)
         elif current.waiting:
@@ -307,6 +313,15 @@ class SyncEngine:
     def _status(self, state: str, detail: str = "", pending: int = 0,
                 conflicts: int = 0) -> None:
         self.db.set_status(self.folder.id, state, detail, pending, conflicts)
+
+
+def _without_downloads(current: Plan) -> Plan:
+    """The plan minus what writes remote content here (the disk is full)."""
+    from agent.sync.model import Download, KeepBoth, MakeLocalDir
+    held = [a for a in current.actions if isinstance(a, Download | KeepBoth | MakeLocalDir)]
+    return Plan(tuple(a for a in current.actions if a not in held),
+                current.waiting + tuple(getattr(a, "path", "") for a in held),
+                current.remote_deletions)
 
 
 def _count_transfers(current: Plan) -> int:
