@@ -17,10 +17,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent.sync.ignore import IgnoreRules
-
 from agent.crypto.blocks import BLOCK_SIZE, plain_hash_of
 from agent.errors import LocalFileError
+from agent.sync.ignore import IgnoreRules
 from agent.sync.model import LocalEntry, Stat, content_id
 
 log = logging.getLogger(__name__)
