@@ -3,6 +3,7 @@ clients enrolled with one-time codes, as agents will use it."""
 
 from __future__ import annotations
 
+import base64
 import os
 import queue
 import threading
@@ -356,6 +357,16 @@ def test_batches_of_nodes_and_small_blocks(users: dict[str, Any]) -> None:
     stray = alice.ok(alice.post("/blocks", json={"blocks": [
         {"id": block(b"stray")["id"], "data": b64(b"stray")}]}))["results"]
     assert stray[0]["ok"] is False and stray[0]["error"]["code"] == "forbidden"
+
+    # ... and read back in one request: alice can, bob cannot (not shared with him).
+    ids = [block(c)["id"] for c in contents]
+    read = alice.ok(alice.post("/blocks/read", json={"ids": [*ids, "0" * 64, "bad"]}))
+    assert [base64.b64decode(b["data"]) for b in read["blocks"][:20]] == contents
+    assert [b["error"]["code"] for b in read["blocks"][20:]] == ["not_found", "not_found"]
+    bob = users["bob"]
+    refused = bob.ok(bob.post("/blocks/read", json={"ids": ids[:3]}))["blocks"]
+    assert [b["data"] for b in refused] == [None] * 3
+    assert bob.post("/blocks/read", json={"ids": []}).status_code == 422
 
 
 def test_key_bundle_and_public_keys(users: dict[str, Any]) -> None:
