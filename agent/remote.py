@@ -99,6 +99,10 @@ class RemoteTree:
                           created_at=float(raw["created_at"]),
                           updated_at=float(raw["updated_at"]), key=key, meta=meta)
 
+    def forget_shares(self) -> None:
+        """Ask the appliance again next time: grants come and go while an agent runs."""
+        self._grants = None
+
     def remember_key(self, node_id: str, key: bytes) -> None:
         """A key found elsewhere (the sync mirror), so no walk up is needed for it."""
         self._keys[node_id] = key

@@ -43,6 +43,7 @@ from agent.sync.model import LocalEntry
 from agent.sync.names import is_conflicted_copy
 from agent.sync.planner import Plan, plan
 from agent.sync.scan import LocalScan, scan_tree
+from agent.sync.shared import SHARED_FOLDER, SharedMirror
 from agent.sync.state import FolderRecord, SyncDb
 from agent.sync.watch import watch_changes
 
@@ -125,6 +126,8 @@ class SyncEngine:
         self.options = options
         self.mirror = Mirror(tree, db, folder)
         self.device_name = tree.connection.device.device_name
+        self.shared = SharedMirror(tree, db, folder.id, self.root, self.device_name)
+        self._shares_seen = -1
         self._wake = trio.Event()
         self._next_wake_at = math.inf
         self._downloads_paused_until = 0.0
@@ -180,6 +183,7 @@ class SyncEngine:
     async def _rescan_now_and_then(self) -> None:
         while True:
             await trio.sleep(RESCAN_S)
+            self._shares_seen = -1          # list the shares again too
             self.wake()
 
     async def _follow_remote(self) -> None:
@@ -233,6 +237,8 @@ class SyncEngine:
                 if current.waiting and scan.settles_in_s is not None:
                     self.wake_in(scan.settles_in_s + 0.02)
                 if current.empty:
+                    if await self._sync_shared():
+                        continue            # edits moved out of Shared with me: sync them
                     self._idle(scan, current)
                     return total
                 self._status("syncing", f"{_count_transfers(current)} files",
@@ -253,13 +259,19 @@ class SyncEngine:
         finally:
             self.last_outcome = total
 
+    async def _sync_shared(self) -> int:
+        refresh = self._shares_seen != self.mirror.foreign_changes
+        self._shares_seen = self.mirror.foreign_changes
+        return await self.shared.sync(refresh)
+
     def _scan(self, rules: IgnoreRules) -> LocalScan:
         if not _is_dir(self.root):
             raise Paused(f"{self.root} is missing (an unmounted drive?); waiting for it — "
                          "nothing is deleted meanwhile")
         cached = self.db.cached_contents(self.folder.id)
         try:
-            return scan_tree(self.root, rules, cached, time.time_ns())
+            return scan_tree(self.root, rules, cached, time.time_ns(),
+                             reserved=frozenset({SHARED_FOLDER}))
         except LocalFileError as exc:
             raise Paused(exc.message + "; waiting") from None
 

@@ -211,7 +211,7 @@ class Executor:
         await upload_small(self.tree, [item for _, item in items], self.device_name)
         with self.db.transaction():
             self._record_uploads(items, outcome)
-        log.info("uploaded %d small files in a batch", sum(
+        log.debug("uploaded %d small files in a batch", sum(
             1 for _, i in items if i.error is None))
 
     def _record_uploads(self, items: list[tuple[Upload, SmallUpload]],
@@ -228,6 +228,7 @@ class Executor:
                 version, node_id = int(item.node["version"]), str(item.node["id"])
             self._record(BaseEntry(node_id, action.path, "file", version,
                                    content_of_refs(item.refs), stat_of(item.source)))
+            log.info("uploaded %s", action.path)
             outcome.uploaded += 1
             outcome.done += 1
 
@@ -246,7 +247,7 @@ class Executor:
         await download_small(self.tree, [item for _, item in items])
         with self.db.transaction():
             self._record_downloads(items, outcome)
-        log.info("downloaded %d small files in a batch", sum(
+        log.debug("downloaded %d small files in a batch", sum(
             1 for _, i in items if i.written is not None))
 
     def _record_downloads(self, items: list[tuple[Download, SmallDownload]],
@@ -259,6 +260,7 @@ class Executor:
             self._record(BaseEntry(item.node.id, action.path, "file", item.node.version,
                                    content_of_refs(item.node.meta.blocks),
                                    stat_of(item.written)))
+            log.info("downloaded %s", action.path)
             outcome.downloaded += 1
             outcome.done += 1
 

@@ -94,6 +94,7 @@ class Mirror:
         self.root_id = folder.remote_root
         self.cursor = folder.cursor
         self.listed = folder.listed
+        self.foreign_changes = 0      # changes to what others shared with us (or unshares)
 
     async def refresh(self) -> int:
         """Bring the mirror up to date; the number of changes applied."""
@@ -165,6 +166,8 @@ class Mirror:
 
     async def _apply(self, change: dict[str, Any]) -> None:
         raw = change.get("node")
+        if raw is None or raw["owner"] != self.tree.user:
+            self.foreign_changes += 1
         if raw is None or raw["deleted"]:
             self.db.drop_remote_subtree(self.folder.id, change["node_id"])
             return

@@ -40,9 +40,11 @@ def stat_of(info: os.stat_result) -> Stat:
 
 
 def scan_tree(root: Path, rules: IgnoreRules, cached: Mapping[str, tuple[Stat, str]],
-              now_ns: int, stable_s: float = STABLE_S) -> LocalScan:
-    """Everything under ROOT worth syncing. Raises LocalFileError if ROOT itself cannot be
-    read (the caller pauses: a vanished or unmounted folder must not look empty)."""
+              now_ns: int, stable_s: float = STABLE_S,
+              reserved: frozenset[str] = frozenset()) -> LocalScan:
+    """Everything under ROOT worth syncing, except the top-level names in RESERVED.
+    Raises LocalFileError if ROOT itself cannot be read (the caller pauses: a vanished or
+    unmounted folder must not look empty)."""
     result = LocalScan()
     window_ns = int(stable_s * 1e9)
     pending = [""]
@@ -57,6 +59,8 @@ def scan_tree(root: Path, rules: IgnoreRules, cached: Mapping[str, tuple[Stat, s
             result.unreadable.append(folder)
             continue
         for item in items:
+            if not folder and item.name in reserved:
+                continue
             path = f"{folder}/{item.name}" if folder else item.name
             try:
                 info = item.stat(follow_symlinks=False)

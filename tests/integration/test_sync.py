@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from agent_helpers import run_cairn, served_appliance
+from agent_helpers import ls_json, run_cairn, served_appliance
 from api_helpers import add_user
 from cairnd_helpers import RunningAppliance, serving
 from sync_helpers import (
@@ -231,3 +231,43 @@ def test_status_shows_each_synced_folder(devices: list[Device]) -> None:
     wait_for(idle, what="status to say idle")
     laptop.stop()
     assert "not running" in run_cairn(laptop.home, "status").stdout
+
+
+def test_what_others_share_appears_read_only(
+        tmp_path: Path, appliance: tuple[ApplianceConfig, RunningAppliance]) -> None:
+    config, server = appliance
+    alice = make_device(tmp_path, config.home, server.url, "alice", "alice-laptop")
+    bob = make_device(tmp_path, config.home, server.url, "bob", "bob-laptop",
+                      code=add_user(config.home, "bob"))
+    shared = bob.folder / "Shared with me" / "alice" / "project"
+    try:
+        write(alice.folder / "project/plan.txt", "alice's plan")
+        write(alice.folder / "private.txt", "not shared")
+        alice.start()
+        wait_for(lambda: "uploaded project/plan.txt" in alice.log_text(), what="the upload")
+        assert run_cairn(alice.home, "share", "/project", "bob").returncode == 0
+        bob.start()
+        wait_for(lambda: (shared / "plan.txt").exists(), what="the share to arrive")
+        assert (shared / "plan.txt").read_bytes() == b"alice's plan"
+        assert not (bob.folder / "private.txt").exists()
+
+        write(alice.folder / "project/plan.txt", "alice's plan, revised")   # kept current
+        wait_for(lambda: (shared / "plan.txt").read_bytes() == b"alice's plan, revised",
+                 what="the revision")
+
+        write(shared / "plan.txt", "bob tried to edit")       # read-only: moved out
+        def moved_out() -> bool:
+            return any(COPY in p.name and p.read_bytes() == b"bob tried to edit"
+                       for p in bob.folder.iterdir() if p.is_file())
+        wait_for(moved_out, what="bob's edit to become a copy in his own files")
+        wait_for(lambda: (shared / "plan.txt").read_bytes() == b"alice's plan, revised",
+                 what="the original back")
+        assert "shared with you read-only" in bob.log_text()
+        assert (alice.folder / "project/plan.txt").read_bytes() == b"alice's plan, revised"
+        wait_for(lambda: any(COPY in e["name"] for e in ls_json(bob.home)),
+                 what="bob's copy to sync to his own tree")
+
+        assert run_cairn(alice.home, "unshare", "/project", "bob").returncode == 0
+        wait_for(lambda: not (shared / "plan.txt").exists(), what="the unshare")
+    finally:
+        stop_all(alice, bob)
