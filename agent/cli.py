@@ -301,8 +301,9 @@ def trash_command(ctx: click.Context, expand: bool, as_json: bool) -> None:
         click.echo("the trash is empty")
     for entry in entries:
         kind = "folder" if entry.kind == "dir" else "file"
-        inside = f"  (and {entry.items_inside} inside)" if entry.items_inside else ""
-        went = f"  (with {entry.deleted_with})" if entry.deleted_with else ""
+        count = entry.items_inside
+        inside = f"  (and {count} item{'s' if count != 1 else ''} inside)" if count else ""
+        went = f"  (deleted with {entry.deleted_with})" if entry.deleted_with else ""
         click.echo(f"{_when(entry.deleted_at)}  {kind:<6} {_size(entry.size):>10}  "
                    f"{entry.path}{inside}{went}")
     if len([e for e in entries if e.deleted_with is None]) >= trash_ops.TRASH_PAGE:

@@ -193,8 +193,8 @@ async def test_file_changed_while_uploading(users: Users, tmp_path: Path) -> Non
     assert (tmp_path / "back.bin").read_bytes() == path.read_bytes()
 
 
-COMMANDS = ["join", "unlock", "put", "get", "ls", "mkdir", "rm", "mv", "share", "unshare",
-            "shared", "status"]
+COMMANDS = ["join", "unlock", "put", "get", "ls", "mkdir", "rm", "mv", "trash", "restore",
+            "share", "unshare", "shared", "status"]
 
 
 def test_help_of_every_command(tmp_path: Path) -> None:
