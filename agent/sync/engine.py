@@ -35,11 +35,12 @@ import trio
 from agent.crypto.nodes import check_name
 from agent.download import PART_SUFFIX
 from agent.errors import CairnAgentError, LocalFileError, TransportError, UsageError
+from agent.operations import make_folder
 from agent.remote import RemoteTree, Target
 from agent.sync.executor import Executor, Outcome
 from agent.sync.ignore import IgnoreRules
 from agent.sync.mirror import Mirror
-from agent.sync.model import LocalEntry
+from agent.sync.model import Download, KeepBoth, LocalEntry, MakeLocalDir, Upload
 from agent.sync.names import is_conflicted_copy
 from agent.sync.planner import Plan, plan
 from agent.sync.scan import LocalScan, scan_tree
@@ -102,7 +103,6 @@ async def open_folder(tree: RemoteTree, db: SyncDb, local_dir: Path, remote_path
         if existing is not None and not existing.is_dir:
             raise UsageError(f"{wanted} is a file on the appliance, not a folder")
         if existing is None:
-            from agent.operations import make_folder
             existing = await make_folder(tree, Target(folder, part, None))
         folder = existing
     return db.add_folder(key, folder.id, wanted)
@@ -132,6 +132,7 @@ class SyncEngine:
         self._next_wake_at = math.inf
         self._downloads_paused_until = 0.0
         self._cleaned_parts = False
+        self._local_activity = 0
         self.last_outcome = Outcome()
         self.rounds = 0
 
@@ -176,6 +177,7 @@ class SyncEngine:
         while True:
             if _is_dir(self.root):
                 async for _ in watch_changes(self.root, lambda: IgnoreRules.load(self.root)):
+                    self._local_activity += 1
                     self.wake()
             await trio.sleep(2)      # the folder vanished (or the watcher stopped): retry
             self.wake()
@@ -187,34 +189,46 @@ class SyncEngine:
             self.wake()
 
     async def _follow_remote(self) -> None:
-        """The event stream while the folder is active; polling with backoff when the
-        stream is down or after QUIET_S without a remote change."""
-        poll = POLL_S
+        """Hold the event stream while the folder is active; poll the feed with backoff
+        when the stream is down or after QUIET_S without a change on either side."""
+        failures = 0
         while True:
-            with trio.move_on_after(QUIET_S) as quiet:
-                try:
-                    await self.tree.connection.follow_events(
-                        self.mirror.cursor, HEARTBEAT_S, partial(self._on_cursor, quiet))
-                except CairnAgentError as exc:
-                    log.debug("event stream down: %s", exc.message)
-            # Poll (each wake-up pulls the feed); back to the stream once something moved.
-            cursor_before = self.mirror.cursor
-            await trio.sleep(poll)
-            self.wake()
-            await trio.sleep(0.5)
-            busy = self.mirror.cursor != cursor_before
-            poll = POLL_S if busy else min(poll * 2, POLL_MAX_S)
-            while not busy and quiet.cancelled_caught and poll < POLL_MAX_S:
-                await trio.sleep(poll)      # quiet: keep polling, ever more slowly
-                self.wake()
-                await trio.sleep(0.5)
-                busy = self.mirror.cursor != cursor_before
-                poll = POLL_S if busy else min(poll * 2, POLL_MAX_S)
+            quiet = await self._hold_stream()
+            failures = 0 if quiet else failures + 1
+            await self._poll(until_active=quiet,
+                             first_s=min(POLL_S * 2 ** (failures - 1), POLL_MAX_S)
+                             if failures else POLL_S)
+
+    async def _hold_stream(self) -> bool:
+        """True when the stream was closed for being quiet, False when it broke."""
+        with trio.move_on_after(QUIET_S) as quiet:
+            try:
+                await self.tree.connection.follow_events(
+                    self.mirror.cursor, HEARTBEAT_S, partial(self._on_cursor, quiet))
+            except CairnAgentError as exc:
+                log.debug("event stream down: %s", exc.message)
+            return False
+        log.debug("quiet for %.0f s: polling instead of holding the stream", QUIET_S)
+        return True
 
     def _on_cursor(self, quiet: trio.CancelScope, cursor: int) -> None:
         if cursor > self.mirror.cursor:
             quiet.deadline = trio.current_time() + QUIET_S
             self.wake()
+
+    async def _poll(self, until_active: bool, first_s: float) -> None:
+        """Wake rounds (each pulls the feed) at growing intervals; once, or — when the
+        folder went quiet — until something changes on either side."""
+        interval = first_s
+        while True:
+            cursor, activity = self.mirror.cursor, self._local_activity
+            await trio.sleep(interval)
+            self.wake()
+            await trio.sleep(0.5)            # the round's pull
+            if not until_active or self.mirror.cursor != cursor \
+                    or self._local_activity != activity:
+                return
+            interval = min(interval * 2, POLL_MAX_S)
 
     # --- a round ------------------------------------------------------------------------
 
@@ -229,7 +243,7 @@ class SyncEngine:
                 rules = IgnoreRules.load(self.root)
                 scan = self._scan(rules)
                 base = self.db.base_entries(self.folder.id)
-                remote = self.mirror.entries(base)
+                remote = self.mirror.entries()
                 current = plan(scan.entries, remote, base)
                 self._check_safety(scan, current, len(base))
                 if trio.current_time() < self._downloads_paused_until:
@@ -329,7 +343,6 @@ class SyncEngine:
 
 def _without_downloads(current: Plan) -> Plan:
     """The plan minus what writes remote content here (the disk is full)."""
-    from agent.sync.model import Download, KeepBoth, MakeLocalDir
     held = [a for a in current.actions if isinstance(a, Download | KeepBoth | MakeLocalDir)]
     return Plan(tuple(a for a in current.actions if a not in held),
                 current.waiting + tuple(getattr(a, "path", "") for a in held),
@@ -337,7 +350,6 @@ def _without_downloads(current: Plan) -> Plan:
 
 
 def _count_transfers(current: Plan) -> int:
-    from agent.sync.model import Download, KeepBoth, Upload
     return sum(1 for a in current.actions if isinstance(a, Upload | Download | KeepBoth))
 
 

@@ -485,6 +485,7 @@ class Executor:
         self.mirror.absorb(answer)
         with self.db.transaction():
             self.db.forget_base_under(self.folder.id, action.path)
+            self.db.forget_base(self.folder.id, action.node_id)
         log.info("deleted %s on the appliance (restorable: cairn restore)", action.path)
 
     async def _delete_local(self, action: DeleteLocal, outcome: Outcome) -> None:

@@ -9,7 +9,9 @@ or restored) is listed with everything in it.
 
 `remote_view` turns the rows into the planner's RemoteEntry map: a path for every node,
 and — where two nodes share a name in one folder (made on two devices at once) — a
-conflicted-copy name for the newer one, which the planner then makes real.
+conflicted-copy name for the newer ones (by creation time, then id: every device picks the
+same), which the planner then makes real, or deletes if it is a file identical to the
+older one.
 """
 
 from __future__ import annotations
@@ -17,13 +19,12 @@ from __future__ import annotations
 import base64
 import logging
 from collections import defaultdict
-from collections.abc import Mapping
 from typing import Any
 
 from agent.crypto.nodes import NodeKind, NodeMeta, open_metadata, unwrap_key
 from agent.errors import CairnAgentError, IntegrityError, RemoteNotFoundError
 from agent.remote import RemoteNode, RemoteTree
-from agent.sync.model import BaseEntry, RemoteEntry, content_of_refs
+from agent.sync.model import RemoteEntry, content_of_refs
 from agent.sync.names import unique_copy_name
 from agent.sync.state import FolderRecord, RemoteRow, SyncDb
 
@@ -47,8 +48,7 @@ def open_row(row: RemoteRow) -> NodeMeta:
     return open_metadata(row.key, row.node_id, row.kind, row.meta)
 
 
-def remote_view(rows: list[RemoteRow], root_id: str, base: Mapping[str, BaseEntry]
-                ) -> dict[str, RemoteEntry]:
+def remote_view(rows: list[RemoteRow], root_id: str) -> dict[str, RemoteEntry]:
     """node id -> RemoteEntry with its path under the synced folder (the root excluded)."""
     children: dict[str, list[RemoteRow]] = defaultdict(list)
     for row in rows:
@@ -64,10 +64,10 @@ def remote_view(rows: list[RemoteRow], root_id: str, base: Mapping[str, BaseEntr
         taken = set(by_name)
         for name, group in by_name.items():
             path = f"{folder_path}/{name}" if folder_path else name
-            group.sort(key=lambda r: (base.get(r.node_id) is None
-                                      or base[r.node_id].path != path, r.created_at,
-                                      r.node_id))
+            group.sort(key=lambda r: (r.created_at, r.node_id))   # the same on every device
+            winner = group[0]
             for index, row in enumerate(group):
+                duplicate = False
                 if index == 0:
                     entry_path, clash = path, False
                 else:
@@ -75,12 +75,14 @@ def remote_view(rows: list[RemoteRow], root_id: str, base: Mapping[str, BaseEntr
                     taken.add(copy)
                     entry_path, clash = (f"{folder_path}/{copy}" if folder_path else copy,
                                          True)
+                    duplicate = (row.kind == winner.kind == "file" and row.uploaded
+                                 and winner.uploaded and row.content == winner.content)
                 view[row.node_id] = RemoteEntry(
                     node_id=row.node_id, parent_id=folder_id, path=entry_path,
                     kind=row.kind, version=row.version, size=row.size,
                     mtime_ns=row.mtime_ns, mode=row.mode, content=row.content,
                     uploaded=row.uploaded, device=row.device, updated_at=row.updated_at,
-                    name_clash=clash)
+                    name_clash=clash, clash_duplicate=duplicate)
                 if row.kind == "dir":
                     pending.append((row.node_id, entry_path))
     return view
@@ -219,8 +221,8 @@ class Mirror:
         self.db.put_remote(folder, opened)
         return opened
 
-    def entries(self, base: Mapping[str, BaseEntry]) -> dict[str, RemoteEntry]:
-        return remote_view(self.db.remote_rows(self.folder.id), self.root_id, base)
+    def entries(self) -> dict[str, RemoteEntry]:
+        return remote_view(self.db.remote_rows(self.folder.id), self.root_id)
 
     def node(self, node_id: str) -> RemoteNode:
         """A mirrored node as the transfer code wants it (key and metadata opened)."""

@@ -83,6 +83,7 @@ class RemoteEntry:
     device: str = ""               # who wrote this version (from the metadata)
     updated_at: float = 0.0
     name_clash: bool = False       # shares its name with an older node: path is a copy name
+    clash_duplicate: bool = False  # ... and is a file with the very content of that node
 
 
 @dataclass(frozen=True)

@@ -124,6 +124,8 @@ def _moves(trees: _Trees) -> list[Action]:
     for entry in trees.base.values():
         here = trees.matched.get(entry.node_id)
         there = trees.remote.get(entry.node_id)
+        if there is not None and there.name_clash:
+            continue                      # renamed (or deleted) below, on both sides
         local_moved = here is not None and here.path != entry.path
         remote_moved = there is not None and there.path != entry.path
         if remote_moved and here is not None:
@@ -142,7 +144,7 @@ def _moves(trees: _Trees) -> list[Action]:
             records.append(Forget(entry.node_id))
     for node in trees.remote.values():
         if node.name_clash:
-            candidates.append((node.path, MoveRemote(node.node_id, node.path)))
+            candidates += _clash(trees, node)
     moved_from = [path for path, _ in candidates]
     actions: list[Action] = list(records)
     for path, action in sorted(candidates, key=lambda c: path_key(c[0])):
@@ -152,6 +154,18 @@ def _moves(trees: _Trees) -> list[Action]:
             actions += _remote_parents(trees, action.to_path)
         actions.append(action)
     return actions
+
+
+def _clash(trees: _Trees, node: RemoteEntry) -> list[tuple[str, Action]]:
+    """A node sharing its name with an older one: an identical file is deleted (the older
+    one stands for it); anything else takes its conflicted-copy name on both sides."""
+    if node.clash_duplicate:
+        return [(node.path, DeleteRemote(node.node_id, node.path, node.version))]
+    moves: list[tuple[str, Action]] = [(node.path, MoveRemote(node.node_id, node.path))]
+    here = trees.matched.get(node.node_id)
+    if here is not None and here.path != node.path:
+        moves.append((here.path, MoveLocal(node.node_id, here.path, node.path)))
+    return moves
 
 
 def _remote_parents(trees: _Trees, path: str) -> list[Action]:

@@ -208,7 +208,7 @@ def test_a_download_never_replaces_a_file_changed_meanwhile(
                 from agent.sync.ignore import IgnoreRules
                 scan = engine._scan(IgnoreRules.load(desktop.folder))
                 base = db.base_entries(folder.id)
-                current = plan(scan.entries, engine.mirror.entries(base), base)
+                current = plan(scan.entries, engine.mirror.entries(), base)
                 assert [type(a) for a in current.actions] == [Download]
                 # the user saves the file while the download is on its way
                 write(desktop.folder / "f00.txt", "the desktop's edit, meanwhile")

@@ -187,3 +187,18 @@ def test_remote_name_reused_by_another_node_replaces_an_unchanged_local_file() -
     result = plan(*trees([lf("a", 1)], [rf("other", "a", content="c9")], [bf("a", "a", 1)]))
     assert result.actions == (Forget(nid("a")),
                               Download(nid("other"), "a", Stat(1, 1, 0o644, 1), 1))
+
+
+def test_an_identical_file_under_a_taken_name_is_deleted_not_copied() -> None:
+    twin = RemoteEntry(nid("b"), ROOT, "x (conflicted copy)", "file", 1, 1, 1, 0o644, "c1",
+                       name_clash=True, clash_duplicate=True)
+    result = plan(*trees([lf("x", 7)], [rf("a", "x"), twin], [bf("b", "x", 7)]))
+    assert result.actions == (DeleteRemote(nid("b"), "x (conflicted copy)", 1),)
+
+
+def test_a_clash_renames_the_local_file_too() -> None:
+    clash = RemoteEntry(nid("b"), ROOT, "x (copy)", "file", 1, 1, 1, 0o644, "c2",
+                        name_clash=True)
+    result = plan(*trees([lf("x", 7)], [rf("a", "x"), clash], [bf("b", "x", 7)]))
+    assert result.actions == (MoveLocal(nid("b"), "x", "x (copy)"),
+                              MoveRemote(nid("b"), "x (copy)"))
