@@ -43,7 +43,7 @@ from agent.sync.mirror import Mirror
 from agent.sync.model import Download, KeepBoth, LocalEntry, MakeLocalDir, Upload
 from agent.sync.names import is_conflicted_copy
 from agent.sync.planner import Plan, plan
-from agent.sync.scan import LocalScan, scan_tree
+from agent.sync.scan import LocalScan, is_dir, scan_tree
 from agent.sync.shared import SHARED_FOLDER, SharedMirror
 from agent.sync.state import FolderRecord, SyncDb
 from agent.sync.watch import watch_changes
@@ -88,7 +88,7 @@ async def open_folder(tree: RemoteTree, db: SyncDb, local_dir: Path, remote_path
             raise UsageError(f"{local_dir} is already synced with {record.remote_path}, "
                              f"not {wanted}")
         return record
-    if not _is_dir(local_dir):
+    if not is_dir(local_dir):
         try:
             os.makedirs(local_dir)
         except OSError as exc:
@@ -106,10 +106,6 @@ async def open_folder(tree: RemoteTree, db: SyncDb, local_dir: Path, remote_path
             existing = await make_folder(tree, Target(folder, part, None))
         folder = existing
     return db.add_folder(key, folder.id, wanted)
-
-
-def _is_dir(path: Path) -> bool:
-    return os.path.isdir(path)
 
 
 def _overlaps(a: str, b: str) -> bool:
@@ -175,7 +171,7 @@ class SyncEngine:
 
     async def _watch_local(self) -> None:
         while True:
-            if _is_dir(self.root):
+            if is_dir(self.root):
                 async for _ in watch_changes(self.root, lambda: IgnoreRules.load(self.root)):
                     self._local_activity += 1
                     self.wake()
@@ -279,7 +275,7 @@ class SyncEngine:
         return await self.shared.sync(refresh)
 
     def _scan(self, rules: IgnoreRules) -> LocalScan:
-        if not _is_dir(self.root):
+        if not is_dir(self.root):
             raise Paused(f"{self.root} is missing (an unmounted drive?); waiting for it — "
                          "nothing is deleted meanwhile")
         cached = self.db.cached_contents(self.folder.id)

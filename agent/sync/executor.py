@@ -60,7 +60,6 @@ from agent.sync.model import (
     MoveLocal,
     MoveRemote,
     RenameLocalAside,
-    Stat,
     Upload,
     content_of_refs,
     name_of,
@@ -68,7 +67,7 @@ from agent.sync.model import (
 )
 from agent.sync.names import unique_copy_name
 from agent.sync.planner import Plan
-from agent.sync.scan import hash_file, stat_of
+from agent.sync.scan import hash_file, is_dir, lstat_or_none, stat_of
 from agent.sync.state import FolderRecord, SyncDb
 from agent.upload import upload_file
 
@@ -97,21 +96,10 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-def _is_dir(path: Path) -> bool:
-    return os.path.isdir(path)
-
-
-def _lstat(path: Path) -> Stat | None:
-    try:
-        return stat_of(os.lstat(path))
-    except FileNotFoundError:
-        return None
-
-
 def _unchanged_guard(target: Path, action: Download) -> Callable[[], None]:
     """Raises FileChangedError if TARGET no longer looks as the plan saw it."""
     def check() -> None:
-        if _lstat(target) != action.expect:
+        if lstat_or_none(target) != action.expect:
             raise FileChangedError(f"{action.path} changed while it was being downloaded; "
                                    "kept as it is")
     return check
@@ -444,7 +432,7 @@ class Executor:
         if row is None or entry is None:
             raise SkipAction("the node is gone")
         os.makedirs(destination.parent, exist_ok=True)
-        if _lstat(destination) is not None:
+        if lstat_or_none(destination) is not None:
             self._set_aside(action.to_path)
         os.rename(source, destination)
         same = entry.kind == "dir" or row.content == entry.content
@@ -472,8 +460,8 @@ class Executor:
         if row is None:
             raise SkipAction("the folder is gone")
         target = self.local(action.path)
-        found = _lstat(target)
-        if found is not None and not _is_dir(target):
+        found = lstat_or_none(target)
+        if found is not None and not is_dir(target):
             self._set_aside(action.path)
         os.makedirs(target, exist_ok=True)
         self._record(BaseEntry(row.node_id, action.path, "dir", row.version, row.content,
@@ -491,7 +479,7 @@ class Executor:
     async def _delete_local(self, action: DeleteLocal, outcome: Outcome) -> None:
         target = self.local(action.path)
         if action.expect is not None:
-            if _lstat(target) != action.expect:
+            if lstat_or_none(target) != action.expect:
                 raise SkipAction(f"{action.path} changed here; kept")
             os.unlink(target)
             self.db.forget_base_under(self.folder.id, action.path)
@@ -510,7 +498,7 @@ class Executor:
                 entry = self.db.base_at(self.folder.id, file_path)
                 full = Path(folder) / name
                 if name.endswith(PART_SUFFIX) or (
-                        entry is not None and entry.stat == _lstat(full)):
+                        entry is not None and entry.stat == lstat_or_none(full)):
                     os.unlink(full)
                     self.db.forget_base_under(self.folder.id, file_path)
             try:

@@ -39,6 +39,18 @@ def stat_of(info: os.stat_result) -> Stat:
     return Stat(info.st_size, info.st_mtime_ns, stat.S_IMODE(info.st_mode), info.st_ino)
 
 
+def lstat_or_none(path: Path) -> Stat | None:
+    """What is at PATH now (a link is not followed), or None."""
+    try:
+        return stat_of(os.lstat(path))
+    except FileNotFoundError:
+        return None
+
+
+def is_dir(path: Path) -> bool:
+    return os.path.isdir(path)
+
+
 def scan_tree(root: Path, rules: IgnoreRules, cached: Mapping[str, tuple[Stat, str]],
               now_ns: int, stable_s: float = STABLE_S,
               reserved: frozenset[str] = frozenset()) -> LocalScan:

@@ -27,7 +27,7 @@ from agent.remote import RemoteNode, RemoteTree
 from agent.sync.ignore import IgnoreRules
 from agent.sync.model import Stat, name_of, parent_of
 from agent.sync.names import unique_copy_name
-from agent.sync.scan import scan_tree, stat_of
+from agent.sync.scan import is_dir, lstat_or_none, scan_tree, stat_of
 from agent.sync.state import SyncDb
 
 log = logging.getLogger("cairn.sync")
@@ -47,17 +47,6 @@ class Written:
     node_id: str
     version: int
     stat: Stat
-
-
-def _is_dir(path: Path) -> bool:
-    return os.path.isdir(path)
-
-
-def _lstat(path: Path) -> Stat | None:
-    try:
-        return stat_of(os.lstat(path))
-    except FileNotFoundError:
-        return None
 
 
 async def list_shared(tree: RemoteTree) -> dict[str, RemoteNode]:
@@ -118,7 +107,7 @@ class SharedMirror:
         to something not ours came through the feed). The number of files changed here."""
         if refresh or self.remote is None:
             self.remote = await list_shared(self.tree)
-        if not self.remote and not _is_dir(self.root / SHARED_FOLDER):
+        if not self.remote and not is_dir(self.root / SHARED_FOLDER):
             return 0
         changed = self._move_out_local_changes()
         changed += await self._download(self.remote)
@@ -127,7 +116,7 @@ class SharedMirror:
 
     def _local_files(self) -> dict[str, Stat]:
         top = self.root / SHARED_FOLDER
-        if not _is_dir(top):
+        if not is_dir(top):
             return {}
         scan = scan_tree(top, IgnoreRules.from_text(""), {}, time.time_ns(), 0.0)
         return {f"{SHARED_FOLDER}/{path}": entry.stat for path, entry in scan.entries.items()
@@ -163,14 +152,14 @@ class SharedMirror:
                 os.makedirs(target, exist_ok=True)
                 continue
             known = written.get(path)
-            current = _lstat(target)
+            current = lstat_or_none(target)
             if known is not None and known.version == node.version and current == known.stat:
                 continue
             if current is not None and (known is None or current != known.stat):
                 continue   # changed meanwhile: moved out on the next pass first
 
             def unchanged(target: Path = target, expected: Stat | None = current) -> None:
-                if _lstat(target) != expected:
+                if lstat_or_none(target) != expected:
                     raise FileChangedError(f"{target} changed meanwhile")
 
             try:
@@ -191,19 +180,19 @@ class SharedMirror:
             if path in remote:
                 continue
             target = self.root / path
-            if _lstat(target) == known.stat:
+            if lstat_or_none(target) == known.stat:
                 os.unlink(target)
                 log.info("removed %s (no longer shared with you)", path)
                 removed += 1
             self._drop(path)
         top = self.root / SHARED_FOLDER
-        if _is_dir(top):
+        if is_dir(top):
             keep = {parent_of(p) for p in remote} | set(remote)
             for folder, _dirs, _files in os.walk(top, topdown=False):
                 relative = os.path.relpath(folder, self.root)
                 if relative not in keep and not any(k.startswith(relative + "/") for k in keep):
                     with contextlib.suppress(OSError):
                         os.rmdir(folder)
-            if not remote and _is_dir(top) and not os.listdir(top):
+            if not remote and is_dir(top) and not os.listdir(top):
                 shutil.rmtree(top, ignore_errors=True)
         return removed

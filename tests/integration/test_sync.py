@@ -23,6 +23,7 @@ from sync_helpers import (
     make_device,
     part_files,
     stop_all,
+    tree_of,
     wait_converged,
     wait_for,
     write,
@@ -271,3 +272,28 @@ def test_what_others_share_appears_read_only(
         wait_for(lambda: not (shared / "plan.txt").exists(), what="the unshare")
     finally:
         stop_all(alice, bob)
+
+
+def test_links_special_files_and_ignored_paths_stay_local(
+        tmp_path: Path, devices: list[Device]) -> None:
+    laptop, desktop, _ = devices
+    secret = tmp_path / "outside.txt"
+    secret.write_text("outside the synced folder")
+    os.symlink(secret, laptop.folder / "link-out.txt")          # never followed
+    os.symlink("/", laptop.folder / "root-link")
+    os.mkfifo(laptop.folder / "a-fifo")
+    write(laptop.folder / ".cairnignore", "build/\n*.log\n!keep.log\n")
+    write(laptop.folder / "build/out.o", "object")
+    write(laptop.folder / "debug.log", "noise")
+    write(laptop.folder / "keep.log", "wanted")
+    write(laptop.folder / "notes.txt.swp", "vim swap")
+    write(laptop.folder / "real.txt", "real")
+    laptop.start()
+    desktop.start()
+    wait_for(lambda: (desktop.folder / "real.txt").exists(), what="the sync")
+    wait_for(lambda: (desktop.folder / "keep.log").exists(), what="the sync")
+    tree = tree_of(desktop.folder)
+    assert sorted(tree) == [".cairnignore", "keep.log", "real.txt"]
+    names = {entry["name"] for entry in ls_json(laptop.home)}
+    assert names == {".cairnignore", "keep.log", "real.txt"}
+    assert secret.read_text() == "outside the synced folder"
