@@ -34,7 +34,13 @@ import trio
 
 from agent.crypto.nodes import check_name
 from agent.download import PART_SUFFIX
-from agent.errors import CairnAgentError, LocalFileError, TransportError, UsageError
+from agent.errors import (
+    CairnAgentError,
+    LocalFileError,
+    RemoteNotFoundError,
+    TransportError,
+    UsageError,
+)
 from agent.operations import make_folder
 from agent.remote import RemoteTree, Target
 from agent.sync.executor import Executor, Outcome
@@ -168,6 +174,11 @@ class SyncEngine:
                             exc.message, retry)
                 self.wake_in(retry)
                 retry = min(retry * 2, RETRY_MAX_S)
+            except CairnAgentError as exc:      # the appliance refused something: retry
+                self._status("error", exc.message)
+                log.error("%s (retrying in %.0f s)", exc.message, retry * 5)
+                self.wake_in(retry * 5)
+                retry = min(retry * 2, RETRY_MAX_S)
 
     async def _watch_local(self) -> None:
         while True:
@@ -235,7 +246,7 @@ class SyncEngine:
         total = Outcome()
         try:
             for _ in range(MAX_PHASES):
-                await self.mirror.refresh()
+                await self._refresh_remote()
                 rules = IgnoreRules.load(self.root)
                 scan = self._scan(rules)
                 base = self.db.base_entries(self.folder.id)
@@ -268,6 +279,22 @@ class SyncEngine:
             return total
         finally:
             self.last_outcome = total
+
+    async def _refresh_remote(self) -> None:
+        """Pull the feed. A deleted remote folder pauses the sync (deleting everything
+        here would be the mirror image of a mass deletion); it resumes once restored."""
+        gone = Paused(f"the remote folder {self.folder.remote_path} was deleted; nothing is "
+                      f"deleted here. Restore it (cairn restore {self.folder.remote_path}) "
+                      f"or sync {self.root} elsewhere")
+        try:
+            await self.mirror.refresh()
+        except RemoteNotFoundError:
+            self.wake_in(RETRY_MAX_S)
+            raise gone from None
+        if self.db.remote_row(self.folder.id, self.folder.remote_root) is None:
+            self.mirror.listed = False       # list it again once it is back
+            self.wake_in(RETRY_MAX_S)
+            raise gone
 
     async def _sync_shared(self) -> int:
         refresh = self._shares_seen != self.mirror.foreign_changes

@@ -225,3 +225,21 @@ def test_a_download_never_replaces_a_file_changed_meanwhile(
     tree = wait_converged(laptop, desktop)
     assert sorted(data for data in tree.values() if data) == [
         b"the desktop's edit, meanwhile", b"the laptop's edit"]
+
+
+def test_a_deleted_remote_folder_pauses_and_resumes_when_restored(
+        pair: tuple[Device, Device]) -> None:
+    laptop, desktop = pair
+    write(laptop.folder / "a.txt", "a")
+    write(laptop.folder / "sub/b.txt", "b")
+    laptop.start("--remote", "/work")
+    wait_for(lambda: "uploaded sub/b.txt" in laptop.log_text(), what="the upload")
+    assert run_cairn(desktop.home, "rm", "-r", "/work").returncode == 0
+    wait_for(lambda: paused_because(laptop, "/work was deleted"), what="the pause")
+    assert sorted(tree_of(laptop.folder)) == ["a.txt", "sub", "sub/b.txt"]
+    assert run_cairn(desktop.home, "restore", "/work").returncode == 0
+    wait_for(lambda: status_of(laptop).get("state") == "idle", what="the resume")
+    write(laptop.folder / "c.txt", "after")
+    wait_for(lambda: "c.txt" in {e["name"] for e in ls_json(desktop.home, "/work")},
+             what="syncing again")
+    assert sorted(tree_of(laptop.folder)) == ["a.txt", "c.txt", "sub", "sub/b.txt"]
