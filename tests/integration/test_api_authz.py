@@ -22,6 +22,7 @@ write at the end of a case cannot disturb another case.
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 from collections.abc import Callable, Iterator
@@ -53,8 +54,8 @@ from appliance.home import init_home
 from appliance.server import create_app
 
 Place = Literal["shared", "private", "missing"]
-Access = Literal["public", "enroll", "signed GET", "signed PUT", "account", "node read",
-                 "node owner", "batch", "block batch"]
+Access = Literal["public", "enroll", "signed GET", "signed PUT", "block read", "account",
+                 "node read", "node owner", "batch", "block batch"]
 USERS = ("alice", "bob", "carol")
 
 
@@ -235,6 +236,11 @@ def _wrong_response(ask: Ask) -> Req:
         "device_name": "intruder"})
 
 
+def private_block(ask: Ask) -> str:
+    detail = ask.world.alice.ok(ask.world.alice.get(f"/files/{ask.targets.file['private']}"))
+    return str(detail["blocks"][0]["block_id"])
+
+
 def _batch(ask: Ask) -> Req:
     return Req("POST", "/batch/files", json={"operations": [
         {"op": "create", **_new_child(ask)},
@@ -294,6 +300,8 @@ ROUTES: dict[tuple[str, str], Route] = {
     ("POST", "/blocks"): Route("block batch", lambda a: Req("POST", "/blocks", json={
         "blocks": [{"id": a.targets.pending_block[0],
                     "data": b64(a.targets.pending_block[1])}]})),
+    ("POST", "/blocks/read"): Route("block read", lambda a: Req("POST", "/blocks/read", json={
+        "ids": [block(a.targets.file_data)["id"], private_block(a)]})),
     # The signed-URL checks make their own requests (check_signed_get, check_signed_put).
     ("GET", "/blocks/{block_id}"): Route("signed GET", fixed("GET", "/blocks/")),
     ("PUT", "/blocks/{block_id}"): Route("signed PUT", fixed("PUT", "/blocks/")),
@@ -409,6 +417,21 @@ def check_block_batch(world: World, route: Route) -> None:
     assert result["ok"] and len(result["completed_nodes"]) == 1, result
 
 
+def check_block_read(world: World, route: Route) -> None:
+    """A block comes back only to a user who can read a node holding it: alice gets both,
+    bob the one in the folder shared with him, carol neither — each refused on its own."""
+    targets = fresh_targets(world)
+    req = route.build(Ask(world, targets, world.alice, "shared"))
+    check_tokens(world, req)
+    for who, readable in (("alice", [True, True]), ("bob", [True, False]),
+                          ("carol", [False, False])):
+        blocks = world.device(who).ok(send(world.device(who).client, req))["blocks"]
+        assert [b["data"] is not None for b in blocks] == readable, (who, blocks)
+        assert all(b["error"]["code"] == "not_found" for b in blocks if b["data"] is None)
+    assert base64.b64decode(world.alice.ok(send(world.alice.client, req))["blocks"][0][
+        "data"]) == targets.file_data
+
+
 def check_account_route(world: World, route: Route) -> None:
     targets = fresh_targets(world)
     check_tokens(world, route.build(Ask(world, targets, world.alice, "shared")))
@@ -457,6 +480,8 @@ def test_route_refuses_what_it_must(world: World, key: tuple[str, str]) -> None:
         check_node_route(world, route)
     elif route.access == "batch":
         check_batch_route(world, route)
+    elif route.access == "block read":
+        check_block_read(world, route)
     else:
         check_block_batch(world, route)
 
