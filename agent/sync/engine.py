@@ -337,7 +337,7 @@ class SyncEngine:
         outcome = await executor.run(current)
         if outcome.disk_full:
             retry = self.options.disk_retry_s
-            self._downloads_paused_until = now + retry
+            self._downloads_paused_until = trio.current_time() + retry
             self.wake_in(retry)
             log.warning("the disk is full: downloads paused (nothing is deleted); retrying "
                         "in %.0f s", retry)

@@ -138,7 +138,7 @@ def test_a_full_disk_pauses_downloads_and_deletes_nothing(
         desktop.process = subprocess.Popen(
             [*_cairn(), "--home", str(desktop.home), "sync", str(desktop.folder), "-v"],
             stdout=open(desktop.log, "ab"), stderr=subprocess.STDOUT,  # noqa: SIM115
-            stdin=subprocess.DEVNULL, env=agent_env(CAIRN_SYNC_DISK_RETRY_S="2"))
+            stdin=subprocess.DEVNULL, env=agent_env(CAIRN_SYNC_DISK_RETRY_S="4"))
         wait_for(lambda: paused_because(desktop, "disk is full"), timeout=60,
                  what="downloads to pause")
         assert (desktop.folder / "notes.txt").read_bytes() == b"fits"
