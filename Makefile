@@ -7,7 +7,7 @@ VENV        := .venv
 PY          := $(VENV)/bin/python
 APPLIANCE   ?= ./var/appliance
 
-.PHONY: run test lint bench bench-api bench-transfer bootstrap clean-run
+.PHONY: run test lint bench bench-api bench-transfer bench-sync bootstrap clean-run
 
 bootstrap:
 	@bash scripts/bootstrap.sh
@@ -35,6 +35,9 @@ bench-api: bootstrap
 
 bench-transfer: bootstrap
 	@$(PY) bench/transfer.py
+
+bench-sync: bootstrap
+	@$(PY) bench/sync.py
 
 # Remove the embedded-defaults appliance made by `make run` (its blocks too).
 clean-run:
