@@ -17,10 +17,12 @@ import base64
 import errno
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+import trio
 
 from agent.crypto.blocks import BlockRef, decrypt_block, encrypt_block
 from agent.crypto.nodes import NodeMeta, new_node_key, seal_metadata, wrap_key
@@ -32,13 +34,15 @@ from agent.errors import (
     IntegrityError,
     LocalFileError,
 )
-from agent.pipeline import run_jobs
+from agent.pipeline import first_error, run_jobs
 from agent.remote import RemoteNode, RemoteTree
 
 SMALL_FILE = 48 * 1024          # one block whose ciphertext fits POST /blocks (64 KiB)
 BATCH_FILES = 500
 BATCH_BYTES = 8 * 1024 * 1024   # of block data per request (the routes take 16 MiB)
+BATCHES_AT_ONCE = 3
 WORKERS = 4
+T = TypeVar("T")
 
 
 def _b64(data: bytes) -> str:
@@ -106,7 +110,9 @@ def _unchanged(item: SmallUpload) -> bool:
 
 
 async def upload_small(tree: RemoteTree, items: list[SmallUpload], device: str) -> None:
-    """Upload ITEMS (each SMALL_FILE bytes or less); results are set on each item."""
+    """Upload ITEMS (each SMALL_FILE bytes or less); results are set on each item.
+    Batches overlap (BATCHES_AT_ONCE): one is read and encrypted while another is on the
+    wire, and only their ciphertexts are in memory."""
     secret = tree.keys.content_secret
 
     def prepare(item: SmallUpload) -> None:
@@ -115,10 +121,31 @@ async def upload_small(tree: RemoteTree, items: list[SmallUpload], device: str) 
         except CairnAgentError as exc:
             item.error = exc.message
 
-    await run_jobs(items, prepare, parallel=WORKERS)
-    ready = [i for i in items if i.error is None and not _unchanged(i)]
-    for start in range(0, len(ready), BATCH_FILES):
-        await _send_batch(tree, ready[start:start + BATCH_FILES], device)
+    async def one_batch(batch: list[SmallUpload]) -> None:
+        await run_jobs(batch, prepare, parallel=WORKERS)
+        ready = [i for i in batch if i.error is None and not _unchanged(i)]
+        if ready:
+            await _send_batch(tree, ready, device)
+        for item in batch:
+            item._cipher = b""
+
+    await _in_batches(items, one_batch)
+
+
+async def _in_batches(items: list[T], work: Callable[[list[T]], Awaitable[None]]) -> None:
+    """WORK on BATCH_FILES items at a time, BATCHES_AT_ONCE batches in flight."""
+    limiter = trio.CapacityLimiter(BATCHES_AT_ONCE)
+
+    async def limited(batch: list[T]) -> None:
+        async with limiter:
+            await work(batch)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            for start in range(0, len(items), BATCH_FILES):
+                nursery.start_soon(limited, items[start:start + BATCH_FILES])
+    except BaseExceptionGroup as group:
+        raise first_error(group) from None
 
 
 async def _send_batch(tree: RemoteTree, items: list[SmallUpload], device: str) -> None:
@@ -169,24 +196,26 @@ class SmallDownload:
 
 async def download_small(tree: RemoteTree, items: list[SmallDownload]) -> None:
     """Fetch ITEMS' blocks in batches and write each file; results set on each item."""
-    wanted = list(dict.fromkeys(item.node.meta.blocks[0].id_hex for item in items
-                                if item.node.meta.blocks))
-    blocks: dict[str, bytes] = {}
-    for start in range(0, len(wanted), BATCH_FILES):
-        answer = await tree.connection.call("POST", "/blocks/read", json={
-            "ids": wanted[start:start + BATCH_FILES]})
-        for entry in answer["blocks"]:
-            if entry.get("data") is not None:
-                blocks[entry["id"]] = base64.b64decode(entry["data"])
 
-    def write(item: SmallDownload) -> None:
-        try:
-            item.written = _write_file(item, blocks)
-        except CairnAgentError as exc:
-            item.error = exc.message
-            item.disk_full = isinstance(exc, DiskFullError)
+    async def one_batch(batch: list[SmallDownload]) -> None:
+        wanted = list(dict.fromkeys(item.node.meta.blocks[0].id_hex for item in batch
+                                    if item.node.meta.blocks))
+        blocks: dict[str, bytes] = {}
+        if wanted:
+            answer = await tree.connection.call("POST", "/blocks/read", json={"ids": wanted})
+            blocks = {entry["id"]: base64.b64decode(entry["data"])
+                      for entry in answer["blocks"] if entry.get("data") is not None}
 
-    await run_jobs(items, write, parallel=WORKERS)
+        def write(item: SmallDownload) -> None:
+            try:
+                item.written = _write_file(item, blocks)
+            except CairnAgentError as exc:
+                item.error = exc.message
+                item.disk_full = isinstance(exc, DiskFullError)
+
+        await run_jobs(batch, write, parallel=WORKERS)
+
+    await _in_batches(items, one_batch)
     for folder in {item.target.parent for item in items if item.written is not None}:
         _fsync_folder(folder)
 

@@ -46,7 +46,7 @@ from agent.remote import RemoteTree, Target
 from agent.sync.executor import Executor, Outcome
 from agent.sync.ignore import IgnoreRules
 from agent.sync.mirror import Mirror
-from agent.sync.model import Download, KeepBoth, LocalEntry, MakeLocalDir, Upload
+from agent.sync.model import BaseEntry, Download, KeepBoth, LocalEntry, MakeLocalDir, Upload
 from agent.sync.names import is_conflicted_copy
 from agent.sync.planner import Plan, plan
 from agent.sync.scan import LocalScan, is_dir, scan_tree
@@ -252,7 +252,7 @@ class SyncEngine:
                 base = self.db.base_entries(self.folder.id)
                 remote = self.mirror.entries()
                 current = plan(scan.entries, remote, base)
-                self._check_safety(scan, current, len(base))
+                self._check_safety(scan, current, base)
                 if trio.current_time() < self._downloads_paused_until:
                     current = _without_downloads(current)
                 if current.waiting and scan.settles_in_s is not None:
@@ -312,11 +312,12 @@ class SyncEngine:
         except LocalFileError as exc:
             raise Paused(exc.message + "; waiting") from None
 
-    def _check_safety(self, scan: LocalScan, current: Plan, synced: int) -> None:
+    def _check_safety(self, scan: LocalScan, current: Plan,
+                      base: dict[str, BaseEntry]) -> None:
         if self.options.allow_mass_delete:
             return
-        files = sum(1 for e in self.db.base_entries(self.folder.id).values()
-                    if e.kind == "file")
+        synced = len(base)
+        files = sum(1 for e in base.values() if e.kind == "file")
         if not scan.entries and synced:
             self.wake_in(5)
             raise Paused(f"{self.root} is empty but {synced} items were synced (an "

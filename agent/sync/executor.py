@@ -105,6 +105,21 @@ def _unchanged_guard(target: Path, action: Download) -> Callable[[], None]:
     return check
 
 
+def _run_of(actions: list[Action], start: int, kind: type[MakeRemoteDir]
+            ) -> list[MakeRemoteDir]:
+    """The consecutive actions of KIND from START on."""
+    run: list[MakeRemoteDir] = []
+    for action in actions[start:]:
+        if not isinstance(action, kind):
+            break
+        run.append(action)
+    return run
+
+
+def _id_and_key(node: RemoteNode) -> tuple[str, bytes]:
+    return node.id, node.key
+
+
 def action_path(action: Action) -> str:
     if isinstance(action, HashLocal):
         return ", ".join(action.paths[:3])
@@ -138,6 +153,11 @@ class Executor:
         actions = list(plan.actions)
         index = 0
         while index < len(actions):
+            folders = _run_of(actions, index, MakeRemoteDir)
+            if len(folders) > 1:
+                await self._make_remote_dirs(folders, outcome)
+                index += len(folders)
+                continue
             if isinstance(actions[index], TRANSFER_ACTIONS):
                 end = index
                 while end < len(actions) and isinstance(actions[end], TRANSFER_ACTIONS):
@@ -171,6 +191,47 @@ class Executor:
         async with trio.open_nursery() as nursery:
             for action in actions:
                 nursery.start_soon(one, action)
+
+    async def _make_remote_dirs(self, actions: list[MakeRemoteDir], outcome: Outcome) -> None:
+        """Many new folders in one request per thousand: ids and keys are chosen here, so
+        a folder and what goes in it can be created in the same batch."""
+        made: dict[str, tuple[str, bytes]] = {}
+        operations: list[dict[str, Any]] = []
+        planned: list[tuple[MakeRemoteDir, os.stat_result]] = []
+        for action in actions:
+            try:
+                parent_id, parent_key = made.get(parent_of(action.path)) or _id_and_key(
+                    self._folder_node(action.path))
+                info = os.lstat(self.local(action.path))
+            except (CairnAgentError, OSError) as exc:
+                outcome.failed.append((action.path, str(exc)))
+                continue
+            if not stat.S_ISDIR(info.st_mode):
+                continue
+            node_id, key = os.urandom(16).hex(), new_node_key()
+            meta = NodeMeta(name=name_of(action.path), kind="dir", mtime_ns=info.st_mtime_ns,
+                            mode=stat.S_IMODE(info.st_mode), device=self.device_name)
+            operations.append({
+                "op": "create", "id": node_id, "parent": parent_id, "kind": "dir",
+                "metadata": _b64(seal_metadata(key, node_id, meta)),
+                "wrapped_key": _b64(wrap_key(parent_key, key, node_id, parent_id))})
+            made[action.path] = (node_id, key)
+            planned.append((action, info))
+        for start in range(0, len(operations), 1000):
+            answer = await self.tree.connection.call("POST", "/batch/files", json={
+                "operations": operations[start:start + 1000]})
+            with self.db.transaction():
+                for (action, info), result in zip(planned[start:start + 1000],
+                                                  answer["results"], strict=True):
+                    if not result["ok"]:
+                        outcome.failed.append((action.path, result["error"]["message"]))
+                        continue
+                    row = self.mirror.absorb(result["result"]["node"])
+                    if row is None:
+                        continue
+                    self._record(BaseEntry(row.node_id, action.path, "dir", row.version,
+                                           row.content, stat_of(info)))
+                    outcome.done += 1
 
     async def _guarded(self, work: Awaitable[None]) -> None:
         """A whole batch; per-file failures are recorded inside, a refused request skips

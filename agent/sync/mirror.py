@@ -97,6 +97,7 @@ class Mirror:
         self.cursor = folder.cursor
         self.listed = folder.listed
         self.foreign_changes = 0      # changes to what others shared with us (or unshares)
+        self._view: tuple[int, dict[str, RemoteEntry]] | None = None
 
     async def refresh(self) -> int:
         """Bring the mirror up to date; the number of changes applied."""
@@ -222,7 +223,11 @@ class Mirror:
         return opened
 
     def entries(self) -> dict[str, RemoteEntry]:
-        return remote_view(self.db.remote_rows(self.folder.id), self.root_id)
+        """The remote view (cached until the mirror changes: do not modify)."""
+        if self._view is None or self._view[0] != self.db.remote_revision:
+            self._view = (self.db.remote_revision,
+                          remote_view(self.db.remote_rows(self.folder.id), self.root_id))
+        return self._view[1]
 
     def node(self, node_id: str) -> RemoteNode:
         """A mirrored node as the transfer code wants it (key and metadata opened)."""

@@ -116,6 +116,11 @@ class SyncDb:
         except (OSError, apsw.Error) as exc:
             raise LocalFileError(f"cannot open the sync database {path}: {exc}") from None
         self.db.setbusytimeout(5000)
+        # Writes bump these, so whole-tree reads are served from memory until something
+        # changed (a round reads both trees in every phase).
+        self.remote_revision = 0
+        self.base_revision = 0
+        self._base_cache: tuple[int, int, dict[str, BaseEntry]] | None = None
         self.db.execute("PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;")
         self.db.execute(SCHEMA)
 
@@ -171,6 +176,7 @@ class SyncDb:
         return None if row is None else _remote_row(row)
 
     def put_remote(self, folder: int, row: RemoteRow) -> None:
+        self.remote_revision += 1
         self.db.execute(f"INSERT OR REPLACE INTO remote (folder, {REMOTE_COLUMNS}) VALUES "
                         "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         (folder, row.node_id, row.parent_id, row.name, row.kind, row.version,
@@ -178,6 +184,7 @@ class SyncDb:
                          row.device, row.created_at, row.updated_at, row.key, row.meta))
 
     def drop_remote_subtree(self, folder: int, node_id: str) -> None:
+        self.remote_revision += 1
         self.db.execute(
             "WITH RECURSIVE down(id) AS (SELECT ? UNION ALL SELECT r.node_id FROM remote r "
             "JOIN down ON r.parent_id = down.id WHERE r.folder = ?) "
@@ -185,11 +192,21 @@ class SyncDb:
             (node_id, folder, folder))
 
     def clear_remote(self, folder: int) -> None:
+        self.remote_revision += 1
         self.db.execute("DELETE FROM remote WHERE folder = ?", (folder,))
 
     # --- the base -----------------------------------------------------------------------
 
     def base_entries(self, folder: int) -> dict[str, BaseEntry]:
+        """The base by node id (shared and cached: do not modify)."""
+        cached = self._base_cache
+        if cached is not None and cached[:2] == (folder, self.base_revision):
+            return cached[2]
+        entries = self._read_base(folder)
+        self._base_cache = (folder, self.base_revision, entries)
+        return entries
+
+    def _read_base(self, folder: int) -> dict[str, BaseEntry]:
         return {entry.node_id: entry for entry in (_base_row(row) for row in self.db.execute(
             "SELECT node_id, path, kind, version, content, size, mtime_ns, mode, inode "
             "FROM base WHERE folder = ?", (folder,)))}
@@ -207,6 +224,7 @@ class SyncDb:
         return None if row is None else _base_row(row)
 
     def put_base(self, folder: int, entry: BaseEntry) -> None:
+        self.base_revision += 1
         stat = entry.stat
         self.db.execute("DELETE FROM base WHERE folder = ? AND path = ? AND node_id != ?",
                         (folder, entry.path, entry.node_id))
@@ -218,14 +236,17 @@ class SyncDb:
              None if stat is None else stat.mode, None if stat is None else stat.inode))
 
     def forget_base(self, folder: int, node_id: str) -> None:
+        self.base_revision += 1
         self.db.execute("DELETE FROM base WHERE folder = ? AND node_id = ?", (folder, node_id))
 
     def forget_base_under(self, folder: int, path: str) -> None:
+        self.base_revision += 1
         self.db.execute("DELETE FROM base WHERE folder = ? AND (path = ? OR "
                         "substr(path, 1, ?) = ?)", (folder, path, len(path) + 1, path + "/"))
 
     def move_base(self, folder: int, old: str, new: str) -> None:
         """Re-path a moved node and everything under it."""
+        self.base_revision += 1
         rows = self.db.execute("SELECT node_id, path FROM base WHERE folder = ? AND (path = ?"
                                " OR substr(path, 1, ?) = ?)",
                                (folder, old, len(old) + 1, old + "/")).fetchall()
