@@ -44,15 +44,15 @@ from agent.errors import (
 from agent.operations import make_folder
 from agent.remote import RemoteTree, Target
 from agent.sync.executor import Executor, Outcome
-from agent.sync.ignore import IgnoreRules
+from agent.sync.ignore import IGNORE_FILE, IgnoreRules
 from agent.sync.mirror import Mirror
 from agent.sync.model import BaseEntry, Download, KeepBoth, LocalEntry, MakeLocalDir, Upload
 from agent.sync.names import is_conflicted_copy
 from agent.sync.planner import Plan, plan
-from agent.sync.scan import LocalScan, is_dir, scan_tree
+from agent.sync.scan import MAX_DIRTY, LocalScan, is_dir, rescan_paths, scan_tree
 from agent.sync.shared import SHARED_FOLDER, SharedMirror
 from agent.sync.state import FolderRecord, SyncDb
-from agent.sync.watch import watch_changes
+from agent.sync.watch import ROOT_GONE, watch_changes
 
 log = logging.getLogger("cairn.sync")
 
@@ -135,6 +135,8 @@ class SyncEngine:
         self._downloads_paused_until = 0.0
         self._cleaned_parts = False
         self._local_activity = 0
+        self._last_scan: LocalScan | None = None
+        self._dirty: set[str] | None = None     # None: walk everything next time
         self.last_outcome = Outcome()
         self.rounds = 0
 
@@ -183,9 +185,12 @@ class SyncEngine:
     async def _watch_local(self) -> None:
         while True:
             if is_dir(self.root):
-                async for _ in watch_changes(self.root, lambda: IgnoreRules.load(self.root)):
+                async for paths in watch_changes(self.root,
+                                                 lambda: IgnoreRules.load(self.root)):
                     self._local_activity += 1
+                    self._mark(paths)
                     self.wake()
+            self._dirty = None
             await trio.sleep(2)      # the folder vanished (or the watcher stopped): retry
             self.wake()
 
@@ -193,6 +198,7 @@ class SyncEngine:
         while True:
             await trio.sleep(RESCAN_S)
             self._shares_seen = -1          # list the shares again too
+            self._dirty = None              # and walk the whole folder
             self.wake()
 
     async def _follow_remote(self) -> None:
@@ -259,6 +265,7 @@ class SyncEngine:
                     self.wake_in(scan.settles_in_s + 0.02)
                 if current.empty:
                     if await self._sync_shared():
+                        self._dirty = None
                         continue            # edits moved out of Shared with me: sync them
                     self._idle(scan, current)
                     return total
@@ -266,6 +273,7 @@ class SyncEngine:
                              pending=len(current.actions) + len(current.waiting))
                 outcome = await self._execute(current)
                 _merge(total, outcome)
+                self._mark(set(outcome.touched), everything=outcome.reshuffled)
                 if outcome.done == 0:
                     self.wake_in(RETRY_S * 5)
                     self._status("error", "; ".join(m for _, m in outcome.failed[:3]),
@@ -301,16 +309,45 @@ class SyncEngine:
         self._shares_seen = self.mirror.foreign_changes
         return await self.shared.sync(refresh)
 
+    def _mark(self, paths: set[str], everything: bool = False) -> None:
+        """Paths to look at again in the next scan; a whole walk when that is simpler."""
+        if self._dirty is None:
+            return
+        if everything or ROOT_GONE in paths or IGNORE_FILE in paths \
+                or len(self._dirty) + len(paths) > MAX_DIRTY:
+            self._dirty = None
+        else:
+            self._dirty |= paths
+
     def _scan(self, rules: IgnoreRules) -> LocalScan:
+        """The local tree: a whole walk at first, now and then, and whenever in doubt;
+        otherwise the last scan with the paths the watcher and the executor touched
+        looked at again (a change costs what it touched, not the folder's size)."""
         if not is_dir(self.root):
+            self._dirty = None
             raise Paused(f"{self.root} is missing (an unmounted drive?); waiting for it — "
                          "nothing is deleted meanwhile")
-        cached = self.db.cached_contents(self.folder.id)
+        reserved = frozenset({SHARED_FOLDER})
         try:
-            return scan_tree(self.root, rules, cached, time.time_ns(),
-                             reserved=frozenset({SHARED_FOLDER}))
+            if self._dirty is None or self._last_scan is None:
+                scan = scan_tree(self.root, rules, self.db.cached_contents(self.folder.id),
+                                 time.time_ns(), reserved=reserved)
+                scan.complete = True
+            else:
+                scan = rescan_paths(self.root, rules, self._last_scan.entries, self._dirty,
+                                    partial(self.db.cached_content, self.folder.id),
+                                    time.time_ns(), reserved=reserved)
+                if scan.vanished:
+                    scan = scan_tree(self.root, rules,
+                                     self.db.cached_contents(self.folder.id),
+                                     time.time_ns(), reserved=reserved)
+                    scan.complete = True
         except LocalFileError as exc:
+            self._dirty = None
             raise Paused(exc.message + "; waiting") from None
+        self._last_scan = scan
+        self._dirty = {path for path, entry in scan.entries.items() if not entry.stable}
+        return scan
 
     def _check_safety(self, scan: LocalScan, current: Plan,
                       base: dict[str, BaseEntry]) -> None:
@@ -355,7 +392,8 @@ class SyncEngine:
                          pending=len(current.waiting), conflicts=conflicts)
         else:
             self._status("idle", "", conflicts=conflicts)
-        self.db.prune_cache(self.folder.id, set(scan.entries))
+        if scan.complete:
+            self.db.prune_cache(self.folder.id, set(scan.entries))
         if not self._cleaned_parts and not current.waiting:
             self._cleaned_parts = True
             _remove_stale_parts(self.root, scan.entries)

@@ -90,6 +90,8 @@ class Outcome:
     disk_full: bool = False
     uploaded: int = 0
     downloaded: int = 0
+    touched: list[str] = field(default_factory=list)   # local paths the plan may have changed
+    reshuffled: bool = False       # something was renamed aside: look at everything again
 
 
 def _b64(data: bytes) -> str:
@@ -120,6 +122,17 @@ def _id_and_key(node: RemoteNode) -> tuple[str, bytes]:
     return node.id, node.key
 
 
+def local_paths(action: Action) -> tuple[str, ...]:
+    """The local paths ACTION may change (for the next, incremental, scan)."""
+    if isinstance(action, HashLocal):
+        return action.paths
+    if isinstance(action, MoveLocal):
+        return (action.from_path, action.to_path)
+    if isinstance(action, Forget | MoveRemote | MakeRemoteDir | DeleteRemote):
+        return ()
+    return (action.path,)
+
+
 def action_path(action: Action) -> str:
     if isinstance(action, HashLocal):
         return ", ".join(action.paths[:3])
@@ -142,6 +155,7 @@ class Executor:
         self.root = root
         self.device_name = device_name
         self.downloads_allowed = downloads_allowed
+        self.reshuffled = False
 
     def local(self, path: str) -> Path:
         return self.root / path if path else self.root
@@ -167,6 +181,8 @@ class Executor:
             else:
                 await self._one(actions[index], outcome)
                 index += 1
+        outcome.touched = [path for action in actions for path in local_paths(action)]
+        outcome.reshuffled = self.reshuffled
         return outcome
 
     async def _transfers(self, actions: list[Action], outcome: Outcome) -> None:
@@ -375,6 +391,7 @@ class Executor:
         copy = unique_copy_name(name_of(path), self.device_name, time.time(), taken)
         new_path = f"{parent_of(path)}/{copy}" if parent_of(path) else copy
         os.rename(self.local(path), self.local(new_path))
+        self.reshuffled = True
         log.warning("conflict: %s exists on both sides with different content; this "
                     "device's version is kept as %s", path, new_path)
         return new_path

@@ -13,14 +13,14 @@ from __future__ import annotations
 import logging
 import os
 import stat
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.crypto.blocks import BLOCK_SIZE, plain_hash_of
 from agent.errors import LocalFileError
 from agent.sync.ignore import IgnoreRules
-from agent.sync.model import LocalEntry, Stat, content_id
+from agent.sync.model import LocalEntry, Stat, content_id, is_within, parent_of
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,9 @@ class LocalScan:
     skipped: list[str] = field(default_factory=list)     # symlinks and special files
     unreadable: list[str] = field(default_factory=list)
     settles_in_s: float | None = None     # when the first unstable file becomes stable
+    complete: bool = False                # a whole walk (not an update of the last one)
+    vanished: bool = False                # an update found a known path gone: it may have
+                                          # moved anywhere, so walk everything
 
 
 def stat_of(info: os.stat_result) -> Stat:
@@ -51,6 +54,10 @@ def is_dir(path: Path) -> bool:
     return os.path.isdir(path)
 
 
+CachedContent = Callable[[str], "tuple[Stat, str] | None"]
+MAX_DIRTY = 256      # more changed paths than this: a full walk is cheaper
+
+
 def scan_tree(root: Path, rules: IgnoreRules, cached: Mapping[str, tuple[Stat, str]],
               now_ns: int, stable_s: float = STABLE_S,
               reserved: frozenset[str] = frozenset()) -> LocalScan:
@@ -58,8 +65,72 @@ def scan_tree(root: Path, rules: IgnoreRules, cached: Mapping[str, tuple[Stat, s
     Raises LocalFileError if ROOT itself cannot be read (the caller pauses: a vanished or
     unmounted folder must not look empty)."""
     result = LocalScan()
+    _walk(root, "", rules, cached.get, now_ns, int(stable_s * 1e9), reserved, result)
+    return result
+
+
+def rescan_paths(root: Path, rules: IgnoreRules, previous: Mapping[str, LocalEntry],
+                 dirty: set[str], cached: CachedContent, now_ns: int,
+                 stable_s: float = STABLE_S, reserved: frozenset[str] = frozenset()
+                 ) -> LocalScan:
+    """PREVIOUS with the DIRTY paths (what the watcher and the executor touched) looked at
+    again: each path, and for a folder everything under it. A path whose folder is not
+    known yet is taken from the nearest known folder up. The caller keeps files that are
+    still settling among the dirty paths, and walks everything now and then anyway (the
+    watcher's events are hints: a queue overflow loses them). When a known path is gone
+    the result says `vanished`: it may have been renamed to a path whose event is still
+    to come, and only a whole walk tells a move from a delete."""
+    result = LocalScan(entries=dict(previous))
     window_ns = int(stable_s * 1e9)
-    pending = [""]
+    done: list[str] = []
+
+    def look(path: str) -> None:
+        while path and parent_of(path) and parent_of(path) not in result.entries:
+            path = parent_of(path)
+        if not path or any(is_within(path, d) for d in done):
+            return
+        done.append(path)
+        _forget(result.entries, path)
+        if path.partition("/")[0] in reserved:
+            return
+        try:
+            info = os.lstat(root / path)
+        except OSError:
+            result.vanished = result.vanished or path in previous
+            return
+        if stat.S_ISDIR(info.st_mode):
+            if not rules.ignores(path, True):
+                result.entries[path] = LocalEntry(path, "dir", stat_of(info))
+                _walk(root, path, rules, cached, now_ns, window_ns, reserved, result)
+        elif stat.S_ISREG(info.st_mode) and not rules.ignores(path, False):
+            _add_file(result, path, stat_of(info), info.st_ctime_ns, cached, now_ns,
+                      window_ns)
+
+    for path in sorted(dirty, key=lambda p: p.count("/")):
+        look(path)
+    # A rename's two events may come in different batches: an inode now seen at a new
+    # path is looked for at its old one too, so a move never looks like a copy.
+    by_inode = {entry.stat.inode: path for path, entry in previous.items()}
+    for path, entry in list(result.entries.items()):
+        if previous.get(path) is entry:
+            continue
+        elsewhere = by_inode.get(entry.stat.inode)
+        if elsewhere is not None and elsewhere != path and elsewhere in result.entries:
+            look(elsewhere)
+    return result
+
+
+def _forget(entries: dict[str, LocalEntry], path: str) -> None:
+    entry = entries.pop(path, None)
+    if entry is not None and entry.kind == "dir":
+        prefix = path + "/"
+        for other in [p for p in entries if p.startswith(prefix)]:
+            del entries[other]
+
+
+def _walk(root: Path, top: str, rules: IgnoreRules, cached: CachedContent, now_ns: int,
+          window_ns: int, reserved: frozenset[str], result: LocalScan) -> None:
+    pending = [top]
     while pending:
         folder = pending.pop()
         try:
@@ -90,12 +161,11 @@ def scan_tree(root: Path, rules: IgnoreRules, cached: Mapping[str, tuple[Stat, s
                           window_ns)
             elif not rules.ignores(path, False):
                 result.skipped.append(path)
-    return result
 
 
 def _add_file(result: LocalScan, path: str, file_stat: Stat, ctime_ns: int,
-              cached: Mapping[str, tuple[Stat, str]], now_ns: int, window_ns: int) -> None:
-    known = cached.get(path)
+              cached: CachedContent, now_ns: int, window_ns: int) -> None:
+    known = cached(path)
     content = known[1] if known is not None and known[0] == file_stat else None
     age_ns = now_ns - max(ctime_ns, file_stat.mtime_ns)
     stable = age_ns >= window_ns

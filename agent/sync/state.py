@@ -263,6 +263,11 @@ class SyncDb:
                     "SELECT path, size, mtime_ns, mode, inode, content FROM local "
                     "WHERE folder = ?", (folder,))}
 
+    def cached_content(self, folder: int, path: str) -> tuple[Stat, str] | None:
+        row = self.db.execute("SELECT size, mtime_ns, mode, inode, content FROM local WHERE "
+                              "folder = ? AND path = ?", (folder, path)).fetchone()
+        return None if row is None else (Stat(*row[:4]), str(row[4]))
+
     def cache_content(self, folder: int, path: str, stat: Stat, content: str) -> None:
         self.db.execute("INSERT OR REPLACE INTO local (folder, path, size, mtime_ns, mode, "
                         "inode, content) VALUES (?, ?, ?, ?, ?, ?, ?)",
