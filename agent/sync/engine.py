@@ -136,6 +136,7 @@ class SyncEngine:
         self._cleaned_parts = False
         self._local_activity = 0
         self._last_scan: LocalScan | None = None
+        self._settled: tuple[int, int] | None = None   # trees' revisions at the last idle
         self._dirty: set[str] | None = None     # None: walk everything next time
         self.last_outcome = Outcome()
         self.rounds = 0
@@ -254,7 +255,10 @@ class SyncEngine:
             for _ in range(MAX_PHASES):
                 await self._refresh_remote()
                 rules = IgnoreRules.load(self.root)
+                before = self._last_scan
                 scan = self._scan(rules)
+                if self._nothing_new(before, scan):
+                    return total
                 base = self.db.base_entries(self.folder.id)
                 remote = self.mirror.entries()
                 current = plan(scan.entries, remote, base)
@@ -268,6 +272,8 @@ class SyncEngine:
                         self._dirty = None
                         continue            # edits moved out of Shared with me: sync them
                     self._idle(scan, current)
+                    if not current.waiting:
+                        self._settled = (self.db.remote_revision, self.db.base_revision)
                     return total
                 self._status("syncing", f"{_count_transfers(current)} files",
                              pending=len(current.actions) + len(current.waiting))
@@ -275,6 +281,7 @@ class SyncEngine:
                 _merge(total, outcome)
                 self._mark(set(outcome.touched), everything=outcome.reshuffled)
                 if outcome.done == 0:
+                    self._settled = None
                     self.wake_in(RETRY_S * 5)
                     self._status("error", "; ".join(m for _, m in outcome.failed[:3]),
                                  pending=len(current.actions))
@@ -283,8 +290,12 @@ class SyncEngine:
             self.wake_in(RETRY_S)
             return total
         except Paused as exc:
+            self._settled = None
             self._status("paused", exc.message)
             return total
+        except BaseException:
+            self._settled = None
+            raise
         finally:
             self.last_outcome = total
 
@@ -308,6 +319,15 @@ class SyncEngine:
         refresh = self._shares_seen != self.mirror.foreign_changes
         self._shares_seen = self.mirror.foreign_changes
         return await self.shared.sync(refresh)
+
+    def _nothing_new(self, before: LocalScan | None, scan: LocalScan) -> bool:
+        """Whether this round would only confirm the last one's empty plan: neither tree
+        changed since (our own change coming back through the feed, the watcher reporting
+        a file we just wrote). Planning is what costs with many files."""
+        return (self._settled == (self.db.remote_revision, self.db.base_revision)
+                and before is not None and scan.entries == before.entries
+                and trio.current_time() >= self._downloads_paused_until
+                and self.mirror.foreign_changes == self._shares_seen)
 
     def _mark(self, paths: set[str], everything: bool = False) -> None:
         """Paths to look at again in the next scan; a whole walk when that is simpler."""

@@ -176,6 +176,8 @@ class SyncDb:
         return None if row is None else _remote_row(row)
 
     def put_remote(self, folder: int, row: RemoteRow) -> None:
+        if self.remote_row(folder, row.node_id) == row:
+            return                    # our own write coming back through the feed
         self.remote_revision += 1
         self.db.execute(f"INSERT OR REPLACE INTO remote (folder, {REMOTE_COLUMNS}) VALUES "
                         "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
