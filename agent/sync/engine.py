@@ -46,7 +46,15 @@ from agent.remote import RemoteTree, Target
 from agent.sync.executor import Executor, Outcome
 from agent.sync.ignore import IGNORE_FILE, IgnoreRules
 from agent.sync.mirror import Mirror
-from agent.sync.model import BaseEntry, Download, KeepBoth, LocalEntry, MakeLocalDir, Upload
+from agent.sync.model import (
+    BaseEntry,
+    Download,
+    KeepBoth,
+    LocalEntry,
+    MakeLocalDir,
+    Upload,
+    is_within,
+)
 from agent.sync.names import is_conflicted_copy
 from agent.sync.planner import Plan, plan
 from agent.sync.scan import MAX_DIRTY, LocalScan, is_dir, rescan_paths, scan_tree
@@ -137,6 +145,7 @@ class SyncEngine:
         self._local_activity = 0
         self._last_scan: LocalScan | None = None
         self._settled: tuple[int, int] | None = None   # trees' revisions at the last idle
+        self._shared_touched = False     # the watcher saw a change in Shared with me
         self._dirty: set[str] | None = None     # None: walk everything next time
         self.last_outcome = Outcome()
         self.rounds = 0
@@ -316,6 +325,7 @@ class SyncEngine:
             raise gone
 
     async def _sync_shared(self) -> int:
+        self._shared_touched = False
         refresh = self._shares_seen != self.mirror.foreign_changes
         self._shares_seen = self.mirror.foreign_changes
         return await self.shared.sync(refresh)
@@ -327,10 +337,13 @@ class SyncEngine:
         return (self._settled == (self.db.remote_revision, self.db.base_revision)
                 and before is not None and scan.entries == before.entries
                 and trio.current_time() >= self._downloads_paused_until
-                and self.mirror.foreign_changes == self._shares_seen)
+                and self.mirror.foreign_changes == self._shares_seen
+                and not self._shared_touched)
 
     def _mark(self, paths: set[str], everything: bool = False) -> None:
         """Paths to look at again in the next scan; a whole walk when that is simpler."""
+        if any(is_within(path, SHARED_FOLDER) for path in paths):
+            self._shared_touched = True
         if self._dirty is None:
             return
         if everything or ROOT_GONE in paths or IGNORE_FILE in paths \

@@ -58,6 +58,14 @@ def devices(tmp_path: Path, appliance: tuple[ApplianceConfig, RunningAppliance]
     stop_all(*trio_of)
 
 
+def read_or_none(path: Path) -> bytes | None:
+    """The file's bytes, or None while it is not there (being replaced)."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
+
+
 def copies(tree: dict[str, bytes | None]) -> dict[str, bytes | None]:
     return {path: data for path, data in tree.items() if COPY in path}
 
@@ -128,7 +136,7 @@ def test_concurrent_edits_keep_both_versions(devices: list[Device]) -> None:
     write(laptop.folder / "plan.txt", "laptop's version")
     write(desktop.folder / "plan.txt", "desktop's version")
     laptop.start()
-    wait_for(lambda: (tablet.folder / "plan.txt").read_bytes() == b"laptop's version",
+    wait_for(lambda: read_or_none(tablet.folder / "plan.txt") == b"laptop's version",
              what="the laptop's edit to arrive")
     desktop.start()                   # the last writer: keeps the name
     tree = wait_converged(*devices)
@@ -253,15 +261,15 @@ def test_what_others_share_appears_read_only(
         assert not (bob.folder / "private.txt").exists()
 
         write(alice.folder / "project/plan.txt", "alice's plan, revised")   # kept current
-        wait_for(lambda: (shared / "plan.txt").read_bytes() == b"alice's plan, revised",
+        wait_for(lambda: read_or_none(shared / "plan.txt") == b"alice's plan, revised",
                  what="the revision")
 
         write(shared / "plan.txt", "bob tried to edit")       # read-only: moved out
         def moved_out() -> bool:
-            return any(COPY in p.name and p.read_bytes() == b"bob tried to edit"
+            return any(COPY in p.name and read_or_none(p) == b"bob tried to edit"
                        for p in bob.folder.iterdir() if p.is_file())
         wait_for(moved_out, what="bob's edit to become a copy in his own files")
-        wait_for(lambda: (shared / "plan.txt").read_bytes() == b"alice's plan, revised",
+        wait_for(lambda: read_or_none(shared / "plan.txt") == b"alice's plan, revised",
                  what="the original back")
         assert "shared with you read-only" in bob.log_text()
         assert (alice.folder / "project/plan.txt").read_bytes() == b"alice's plan, revised"
