@@ -78,6 +78,7 @@ class DiskFullError(LocalFileError):
 
 class FileChangedError(LocalFileError):
     code = "file_changed"
+    written: dict[str, object] | None = None   # the node version an aborted upload began
 
 
 class TransportError(CairnAgentError):

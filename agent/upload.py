@@ -163,29 +163,33 @@ async def upload_file(tree: RemoteTree, path: Path, target: Target, *,
         answer = await announce(tree, target, meta)
         node_id = answer["node"]["id"]
         stats.node = answer["node"]
-        first_index: dict[str, int] = {}
-        for index, ref in enumerate(refs):
-            first_index.setdefault(ref.id_hex, index)
-        urls = answer["upload"]
-        for _ in range(MAX_SEND_ROUNDS):
-            if not urls:
-                break
-            progress = Progress(sum(int(e["size"]) for e in urls), f"sending {path.name}",
-                                enabled=show_progress)
-            try:
-                stats.blocks_sent += await _send(tree, fd, path, first_index, urls,
-                                                 progress, parallel, node_id)
-            finally:
-                progress.close()
-            detail = await tree.fetch(node_id)
-            stats.node = detail["node"]
-            urls = detail["blocks"] if detail["method"] == "PUT" else []
-        if _fingerprint(os.fstat(fd)) != _fingerprint(before):
-            raise FileChangedError(f"{path} changed while it was being uploaded; run put "
-                                   "again once it is complete")
-        if urls:
-            raise LocalFileError(f"{path}: the appliance still lacks {len(urls)} blocks "
-                                 "after several rounds; run put again")
+        try:
+            first_index: dict[str, int] = {}
+            for index, ref in enumerate(refs):
+                first_index.setdefault(ref.id_hex, index)
+            urls = answer["upload"]
+            for _ in range(MAX_SEND_ROUNDS):
+                if not urls:
+                    break
+                progress = Progress(sum(int(e["size"]) for e in urls), f"sending {path.name}",
+                                    enabled=show_progress)
+                try:
+                    stats.blocks_sent += await _send(tree, fd, path, first_index, urls,
+                                                     progress, parallel, node_id)
+                finally:
+                    progress.close()
+                detail = await tree.fetch(node_id)
+                stats.node = detail["node"]
+                urls = detail["blocks"] if detail["method"] == "PUT" else []
+            if _fingerprint(os.fstat(fd)) != _fingerprint(before):
+                raise FileChangedError(f"{path} changed while it was being uploaded; run put "
+                                       "again once it is complete")
+            if urls:
+                raise LocalFileError(f"{path}: the appliance still lacks {len(urls)} blocks "
+                                     "after several rounds; run put again")
+        except FileChangedError as exc:
+            exc.written = stats.node    # the version this put began: the next one is based on it
+            raise
         return stats
     finally:
         os.close(fd)

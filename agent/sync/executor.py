@@ -62,6 +62,7 @@ from agent.sync.model import (
     RenameLocalAside,
     Upload,
     content_of_refs,
+    is_within,
     name_of,
     parent_of,
 )
@@ -410,8 +411,13 @@ class Executor:
             assert action.base_version is not None
             existing = replace(self.mirror.node(action.node_id), version=action.base_version)
         target = Target(parent, name_of(action.path), existing)
-        stats = await upload_file(self.tree, self.local(action.path), target,
-                                  show_progress=False, device=self.device_name)
+        try:
+            stats = await upload_file(self.tree, self.local(action.path), target,
+                                      show_progress=False, device=self.device_name)
+        except FileChangedError as exc:
+            if exc.written is not None:
+                self._began(action.path, exc.written)
+            raise
         assert stats.source is not None
         if stats.node is None:         # the appliance already had exactly this
             assert existing is not None
@@ -424,6 +430,16 @@ class Executor:
                                content_of_refs(stats.refs), stat_of(stats.source)))
         outcome.uploaded += 1
         log.info("uploaded %s", action.path)
+
+    def _began(self, path: str, written: dict[str, Any]) -> None:
+        """An upload stopped because the file changed under it, after the appliance gave
+        the node a new version (still `uploading`, or complete with the old content). That
+        version is the base of the next upload — which supersedes it — rather than a
+        change from elsewhere: otherwise every device would wait for the unfinished
+        version, or this one would set its own upload aside as a conflicted copy."""
+        row = self.mirror.absorb(written)
+        if row is not None:
+            self._record(BaseEntry(row.node_id, path, "file", row.version, row.content, None))
 
     async def _download(self, action: Download, outcome: Outcome) -> None:
         if not self.downloads_allowed:
@@ -509,6 +525,12 @@ class Executor:
         entry = self.db.base_of(self.folder.id, action.node_id)
         if row is None or entry is None:
             raise SkipAction("the node is gone")
+        if is_within(action.to_path, action.from_path):
+            # Into its own old place (d2 -> d2/d1: the other side moved it under a new
+            # folder that took its name here): step aside first.
+            stepped = source.with_name(f".cairn-move-{action.node_id[:12]}")
+            os.rename(source, stepped)
+            source = stepped
         os.makedirs(destination.parent, exist_ok=True)
         if lstat_or_none(destination) is not None:
             self._set_aside(action.to_path)
@@ -546,6 +568,8 @@ class Executor:
                                stat_of(os.lstat(target))))
 
     async def _delete_remote(self, action: DeleteRemote, outcome: Outcome) -> None:
+        if action.files or self._is_folder(action.node_id):
+            await self._check_folder_unchanged(action)
         answer = await self.tree.connection.call(
             "DELETE", f"/files/{action.node_id}", params={"base_version": action.version})
         self.mirror.absorb(answer)
@@ -553,6 +577,23 @@ class Executor:
             self.db.forget_base_under(self.folder.id, action.path)
             self.db.forget_base(self.folder.id, action.node_id)
         log.info("deleted %s on the appliance (restorable: cairn restore)", action.path)
+
+    def _is_folder(self, node_id: str) -> bool:
+        row = self.db.remote_row(self.folder.id, node_id)
+        return row is not None and row.kind == "dir"
+
+    async def _check_folder_unchanged(self, action: DeleteRemote) -> None:
+        """The appliance checks a folder delete against the folder's own version only, so
+        an edit inside it that arrived after the plan would go with it. Pull the feed
+        right before, and skip if anything under it is new or changed since it was
+        synced (the next plan keeps it)."""
+        await self.mirror.pull()
+        base = self.db.base_entries(self.folder.id)
+        for node_id, entry in self.mirror.entries().items():
+            if is_within(entry.path, action.path) and (
+                    node_id not in base or base[node_id].version != entry.version):
+                raise SkipAction(f"{entry.path} changed on another device meanwhile; "
+                                 f"{action.path} is kept")
 
     async def _delete_local(self, action: DeleteLocal, outcome: Outcome) -> None:
         target = self.local(action.path)
