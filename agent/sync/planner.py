@@ -151,7 +151,7 @@ def _moves(trees: _Trees) -> list[Action]:
         if any(other != path and is_within(path, other) for other in moved_from):
             continue   # an ancestor moves first and takes it along
         if isinstance(action, MoveRemote):
-            actions += _remote_parents(trees, action.to_path)
+            actions += [a for a in _remote_parents(trees, action.to_path) if a not in actions]
         actions.append(action)
     return actions
 
@@ -169,12 +169,19 @@ def _clash(trees: _Trees, node: RemoteEntry) -> list[tuple[str, Action]]:
 
 
 def _remote_parents(trees: _Trees, path: str) -> list[Action]:
-    """Folders to create on the appliance before something can be moved to PATH."""
-    known = {e.path for e in trees.base.values() if e.kind == "dir"}
+    """Folders to create on the appliance before something can be moved to PATH: missing
+    ones, and ones deleted there meanwhile (their stale base entries forgotten first —
+    a move into a deleted folder would fail on every pass and hold up everything else)."""
+    live = {e.path: e for e in trees.base.values()
+            if e.kind == "dir" and e.node_id in trees.remote}
+    stale = {e.path: e for e in trees.base.values()
+             if e.kind == "dir" and e.node_id not in trees.remote}
     missing: list[Action] = []
     parent = parent_of(path)
-    while parent and parent not in known:
+    while parent and parent not in live:
         missing.insert(0, MakeRemoteDir(parent))
+        if parent in stale:
+            missing.insert(0, Forget(stale[parent].node_id))
         parent = parent_of(parent)
     return missing
 

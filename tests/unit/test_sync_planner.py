@@ -202,3 +202,12 @@ def test_a_clash_renames_the_local_file_too() -> None:
     result = plan(*trees([lf("x", 7)], [rf("a", "x"), clash], [bf("b", "x", 7)]))
     assert result.actions == (MoveLocal(nid("b"), "x", "x (copy)"),
                               MoveRemote(nid("b"), "x (copy)"))
+
+
+def test_moves_into_a_folder_deleted_there_recreate_it_once() -> None:
+    base = [bd("d1", "d1", 10), bf("f", "f", 11), bf("g", "g", 12)]
+    local = [ld("d1", 10), lf("d1/f", 11), lf("d1/g", 12)]
+    remote = [rf("f", "f"), rf("g", "g")]              # d1 was deleted on the appliance
+    result = plan(*trees(local, remote, base))
+    assert result.actions == (Forget(nid("d1")), MakeRemoteDir("d1"),
+                              MoveRemote(nid("f"), "d1/f"), MoveRemote(nid("g"), "d1/g"))
