@@ -377,18 +377,28 @@ class Executor:
             if entry.kind == "file" and entry.stat is not None:
                 self.db.cache_content(self.folder.id, entry.path, entry.stat, entry.content)
 
-    def _taken_names(self, folder_id: str, local_folder: str) -> set[str]:
+    def _taken_names(self, folder_id: str | None, local_folder: str) -> set[str]:
         names = {row.name for row in self.db.remote_rows(self.folder.id)
-                 if row.parent_id == folder_id}
+                 if row.parent_id == folder_id} if folder_id is not None else set()
         with contextlib.suppress(OSError):
             names |= set(os.listdir(self.local(local_folder)))
         return names
 
+    def _remote_folder_at(self, path: str) -> str | None:
+        """The id of the remote folder that the local folder PATH maps to, synced or not
+        (a folder new on both sides has no base entry yet), or None if there is none."""
+        if not path:
+            return self.folder.remote_root
+        entry = self.db.base_at(self.folder.id, path)
+        if entry is not None and entry.kind == "dir":
+            return entry.node_id
+        return next((node_id for node_id, there in self.mirror.entries().items()
+                     if there.path == path and there.kind == "dir"), None)
+
     def _set_aside(self, path: str) -> str:
-        """Rename the local item at PATH to a conflicted copy (from this device)."""
-        folder = self._folder_node(path) if parent_of(path) else \
-            self.mirror.node(self.folder.remote_root)
-        taken = self._taken_names(folder.id, parent_of(path))
+        """Rename the local item at PATH to a conflicted copy (from this device). Needs no
+        synced parent: a move may land in a folder that is new on both sides."""
+        taken = self._taken_names(self._remote_folder_at(parent_of(path)), parent_of(path))
         copy = unique_copy_name(name_of(path), self.device_name, time.time(), taken)
         new_path = f"{parent_of(path)}/{copy}" if parent_of(path) else copy
         os.rename(self.local(path), self.local(new_path))

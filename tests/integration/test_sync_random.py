@@ -41,8 +41,8 @@ failure prints the seed, every step and what it did, what is missing or invented
 converged tree and the agents' logs; with --basetemp=DIR the agents' homes (sync.log,
 sync.db) stay there for a post-mortem.
 
-Engine bugs the random runs found are pinned below as small deterministic tests, marked
-xfail (strict) with the bug until it is fixed.
+Engine bugs the random runs found are pinned below as small deterministic tests (while
+a bug is open, its test is marked xfail (strict) with the bug).
 """
 
 from __future__ import annotations
@@ -579,19 +579,17 @@ KNOWN_PROGRAMS = {
         Step(Write(0, "c.txt", False, False), 0.0),     # ... and an unrelated new file
         Step(DeleteDir(1, 0), 3.0),            # desktop: deletes d1/
         Step(Online(0), 0.0)]),
+    # seed 1: MoveLocal(a.txt -> d2/a.txt) found its destination taken by the laptop's
+    # unsynced d2/a.txt and set it aside, which asked for d2's base entry; d2 was new on
+    # both sides (adopted only after the move phase), so it failed on every round and the
+    # laptop never synced again; fixed in the commit after ae7296d
     "file-moved-onto-a-new-file-in-a-new-folder": pytest.param([
         Step(Write(0, "a.txt", False, False), 0.0),
         Step(Settle(), 0.0),
         Step(Offline(0, False), 0.0),
         Step(Write(0, "d2/a.txt", False, False), 0.0),  # laptop, offline: new d2/a.txt
         Step(Move(1, 0, "d2/a.txt", False), 3.0),      # desktop: a.txt -> d2/a.txt
-        Step(Online(0), 0.0)],
-        marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-            "engine bug (found by seed 1): MoveLocal(a.txt -> d2/a.txt) finds its "
-            "destination taken by the laptop's unsynced d2/a.txt and sets it aside, which "
-            "needs d2's base entry: d2 is new here, and folders are adopted only after the "
-            "move phase, so it fails on every round ('d2/a.txt: its folder d2 is not synced "
-            "yet') and the laptop never syncs again"))),
+        Step(Online(0), 0.0)]),
 }
 
 
