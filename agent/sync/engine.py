@@ -266,6 +266,10 @@ class SyncEngine:
                 rules = IgnoreRules.load(self.root)
                 before = self._last_scan
                 scan = self._scan(rules)
+                if scan.settles_in_s is not None:
+                    # Before anything may return: this round may have been woken early by
+                    # another timer, which consumed the one set for this file.
+                    self.wake_in(scan.settles_in_s + 0.02)
                 if self._nothing_new(before, scan):
                     return total
                 base = self.db.base_entries(self.folder.id)
@@ -274,8 +278,6 @@ class SyncEngine:
                 self._check_safety(scan, current, base)
                 if trio.current_time() < self._downloads_paused_until:
                     current = _without_downloads(current)
-                if current.waiting and scan.settles_in_s is not None:
-                    self.wake_in(scan.settles_in_s + 0.02)
                 if current.empty:
                     if await self._sync_shared():
                         self._dirty = None

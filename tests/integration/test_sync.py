@@ -6,6 +6,7 @@ appliance restarting mid-sync, an agent killed mid-download."""
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import socket
@@ -33,6 +34,8 @@ from sync_helpers import (
 from agent import operations as ops
 from agent.home import AgentHome
 from agent.remote import Target
+from agent.sync.engine import SyncEngine, SyncOptions, open_folder
+from agent.sync.state import SyncDb
 from agent.upload import upload_file
 from appliance.config import ApplianceConfig
 from appliance.home import init_home
@@ -217,6 +220,43 @@ def test_two_identical_nodes_of_one_name_end_as_one(devices: list[Device]) -> No
              what="the twin to be deleted on the appliance")
     tree = wait_converged(laptop, desktop)
     assert tree == {"copy.txt": b"one content, two nodes", "later.txt": b"not held up"}
+
+
+def test_a_file_still_settling_always_has_a_wake_up_coming(devices: list[Device]) -> None:
+    """A file is sent once it has been still for a moment; a timer wakes the engine then.
+    Another timer firing first (the file was rewritten meanwhile) wakes a round that finds
+    nothing new — and must set the file's timer again before it returns. Found by the
+    random test, seed 2502112: the round returned early without it, and the file waited
+    for the next change or the 5-minute rescan. Driven here round by round, in-process,
+    as the engine's loop would (the loop forgets a timer once it has fired)."""
+    laptop = devices[0]
+
+    async def rounds() -> tuple[float, float, str]:
+        async with ops.session(AgentHome(laptop.home)) as tree:
+            db = SyncDb.of_home(laptop.home)
+            try:
+                folder = await open_folder(tree, db, laptop.folder, "/")
+                engine = SyncEngine(tree, db, folder, SyncOptions(once=True))
+                await engine.sync_round()                     # idle: nothing here
+                write(laptop.folder / "new.txt", "still being written")
+                engine._mark({"new.txt"})                     # what the watcher reports
+                await engine.sync_round()                     # too fresh: waits
+                first = engine._next_wake_at - trio.current_time()
+                engine._next_wake_at = math.inf               # an earlier timer fired
+                await engine.sync_round()                     # nothing new...
+                again = engine._next_wake_at - trio.current_time()
+                if not 0 < again <= 0.5:
+                    return first, again, ""
+                await trio.sleep(again)                       # ... and when it is due:
+                await engine.sync_round()
+                return first, again, ", ".join(e["name"] for e in ls_json(laptop.home))
+            finally:
+                db.close()
+
+    first, again, remote = trio.run(rounds)
+    assert 0 < first <= 0.5
+    assert 0 < again <= 0.5, "no wake-up is set for the file still settling"
+    assert remote == "new.txt"
 
 
 def test_the_appliance_restarting_mid_sync(tmp_path: Path) -> None:
