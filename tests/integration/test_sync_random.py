@@ -582,7 +582,7 @@ KNOWN_PROGRAMS = {
     # seed 1: MoveLocal(a.txt -> d2/a.txt) found its destination taken by the laptop's
     # unsynced d2/a.txt and set it aside, which asked for d2's base entry; d2 was new on
     # both sides (adopted only after the move phase), so it failed on every round and the
-    # laptop never synced again; fixed in the commit after ae7296d
+    # laptop never synced again; fixed in 8c1b181
     "file-moved-onto-a-new-file-in-a-new-folder": pytest.param([
         Step(Write(0, "a.txt", False, False), 0.0),
         Step(Settle(), 0.0),
