@@ -361,15 +361,19 @@ class Executor:
 
     # --- helpers ------------------------------------------------------------------------
 
+    def _synced_folder_at(self, path: str) -> str | None:
+        """The id of the remote folder that the synced local folder PATH maps to."""
+        if not path:
+            return self.folder.remote_root
+        entry = self.db.base_at(self.folder.id, path)
+        return entry.node_id if entry is not None and entry.kind == "dir" else None
+
     def _folder_node(self, path: str) -> RemoteNode:
         """The remote folder that PATH's parent maps to."""
-        parent = parent_of(path)
-        if not parent:
-            return self.mirror.node(self.folder.remote_root)
-        entry = self.db.base_at(self.folder.id, parent)
-        if entry is None or entry.kind != "dir":
-            raise SkipAction(f"its folder {parent} is not synced yet")
-        return self.mirror.node(entry.node_id)
+        folder_id = self._synced_folder_at(parent_of(path))
+        if folder_id is None:
+            raise SkipAction(f"its folder {parent_of(path)} is not synced yet")
+        return self.mirror.node(folder_id)
 
     def _record(self, entry: BaseEntry) -> None:
         with self.db.transaction():
@@ -387,13 +391,9 @@ class Executor:
     def _remote_folder_at(self, path: str) -> str | None:
         """The id of the remote folder that the local folder PATH maps to, synced or not
         (a folder new on both sides has no base entry yet), or None if there is none."""
-        if not path:
-            return self.folder.remote_root
-        entry = self.db.base_at(self.folder.id, path)
-        if entry is not None and entry.kind == "dir":
-            return entry.node_id
-        return next((node_id for node_id, there in self.mirror.entries().items()
-                     if there.path == path and there.kind == "dir"), None)
+        return self._synced_folder_at(path) or next(
+            (node_id for node_id, there in self.mirror.entries().items()
+             if there.path == path and there.kind == "dir"), None)
 
     def _set_aside(self, path: str) -> str:
         """Rename the local item at PATH to a conflicted copy (from this device). Needs no
