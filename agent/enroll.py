@@ -38,7 +38,7 @@ from agent.errors import (
     UsageError,
 )
 from agent.home import AgentHome, DeviceRecord
-from appliance.credentials import (
+from protocol.enrollment import (
     EnrollmentCode,
     MalformedCodeError,
     enrollment_proof,

@@ -3,15 +3,10 @@
 Theory of operation
 -------------------
 While `cairnd serve` runs, the appliance answers mDNS queries for the service type
-`_cairn._tcp.local.` with one instance::
-
-    Cairn appliance 3f5e0c1a._cairn._tcp.local.   SRV  0 0 PORT cairn-3f5e0c1a.local.
-                                                  TXT  id=<appliance id> api=1 fp=<sha256 hex>
-    cairn-3f5e0c1a.local.                         A / AAAA  <the addresses it listens on>
-
-so an agent on the LAN finds the URL (`https://ADDRESS:PORT`) and, from `fp`, the certificate
-fingerprint it should see there (an enrollment code carries the same fingerprint, so the agent
-can tell *its* appliance from any other one on the LAN and pin the certificate).
+`_cairn._tcp.local.` with one instance (the record is drawn in protocol/mdns.py), so an agent
+on the LAN finds the URL (`https://ADDRESS:PORT`) and, from `fp`, the certificate fingerprint
+it should see there (an enrollment code carries the same fingerprint, so the agent can tell
+*its* appliance from any other one on the LAN and pin the certificate).
 
 Where it is sent is decided by the address the HTTP socket listens on, never by anything else
 (`advertised_addresses`, a pure function):
@@ -37,38 +32,35 @@ Advertising is a convenience, not a duty: if zeroconf cannot start (port 5353 re
 usable interface, a blocked event loop), `advertising` logs one warning and yields False; the
 HTTP server keeps serving and agents can still join with `--url`.
 
-`browse` is the other side, for tests and for the agent's `cairn join` without `--url`: it
-listens for a bounded time on the interfaces it is given and returns what it resolved, each
-record checked by `parse_service_info` (a malformed or foreign record is dropped, not raised).
+The record itself (service type, names, TXT) is built by protocol/mdns.py, which the agent
+uses to parse what it finds when it browses (agent/discovery.py).
 """
 
 from __future__ import annotations
 
 import ipaddress
 import logging
-import queue
-import re
 import socket
 import sys
-import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from typing import Any
 
 import ifaddr
 import trio
 import zeroconf
-from zeroconf import ServiceBrowser, ServiceInfo, ServiceStateChange, Zeroconf
+from zeroconf import ServiceInfo, Zeroconf
+
+from protocol.mdns import (
+    SERVICE_TYPE,
+    format_endpoint,
+    instance_name,
+    server_name,
+    txt_record,
+)
+from protocol.version import API_VERSION
 
 log = logging.getLogger(__name__)
 
-SERVICE_TYPE = "_cairn._tcp.local."
-API_VERSION = "1"
-"""The HTTP API version an agent can expect at the advertised URL (TXT key `api`)."""
-
-_ID_PREFIX_LENGTH = 8
-_FINGERPRINT = re.compile(r"[0-9a-f]{64}")
 _LOCALHOST_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
 
 # Failures of zeroconf itself that must not take the server down: sockets that cannot be
@@ -114,69 +106,16 @@ def advertised_addresses(listen_host: str, interface_addresses: Iterable[str]) -
     return chosen
 
 
-def format_endpoint(address: str, port: int) -> str:
-    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
-
-
-# --- the record (pure) ----------------------------------------------------------------------
-
-def instance_name(appliance_id: str) -> str:
-    return f"Cairn appliance {appliance_id[:_ID_PREFIX_LENGTH]}.{SERVICE_TYPE}"
-
-
-def server_name(appliance_id: str) -> str:
-    return f"cairn-{appliance_id[:_ID_PREFIX_LENGTH]}.local."
-
+# --- the record -------------------------------------------------------------------------------
 
 def build_service_info(appliance_id: str, port: int, fingerprint: str,
                        addresses: Sequence[str], api_version: str = API_VERSION) -> ServiceInfo:
-    """The DNS-SD record of one appliance. Raises ValueError for values an agent could not
-    use (an empty id, a port out of range, a fingerprint that is not 64 lowercase hex digits,
-    no address)."""
-    if not appliance_id:
-        raise ValueError("appliance id is empty")
-    if not 0 < port < 65536:
-        raise ValueError(f"port {port} is out of range")
-    if not _FINGERPRINT.fullmatch(fingerprint):
-        raise ValueError("fingerprint must be 64 lowercase hex digits (SHA-256)")
-    if not addresses:
-        raise ValueError("no address to advertise")
+    """The DNS-SD record of one appliance (protocol/mdns.py). Raises ValueError for values
+    an agent could not use."""
+    properties = txt_record(appliance_id, port, fingerprint, addresses, api_version)
     return ServiceInfo(
-        SERVICE_TYPE, instance_name(appliance_id), port=port,
-        properties={"id": appliance_id, "api": api_version, "fp": fingerprint},
+        SERVICE_TYPE, instance_name(appliance_id), port=port, properties=properties,
         server=server_name(appliance_id), parsed_addresses=list(addresses))
-
-
-@dataclass(frozen=True)
-class DiscoveredAppliance:
-    """One appliance found on the LAN. `url` is only a hint: trust it once the certificate
-    there has the SHA-256 `fingerprint` the enrollment code names."""
-
-    appliance_id: str
-    api_version: str
-    fingerprint: str
-    addresses: tuple[str, ...]
-    port: int
-    name: str
-
-    @property
-    def urls(self) -> list[str]:
-        return [f"https://{format_endpoint(a, self.port)}" for a in self.addresses]
-
-
-def parse_service_info(info: ServiceInfo) -> DiscoveredAppliance | None:
-    """The appliance a resolved record describes, or None if the record is not a usable
-    Cairn record (missing key, bad fingerprint, no port or address)."""
-    properties = info.decoded_properties
-    appliance_id, api_version = properties.get("id"), properties.get("api")
-    fingerprint = properties.get("fp")
-    addresses = tuple(info.parsed_scoped_addresses())
-    if not appliance_id or not api_version or fingerprint is None \
-            or not _FINGERPRINT.fullmatch(fingerprint) or not info.port or not addresses:
-        return None
-    return DiscoveredAppliance(appliance_id=appliance_id, api_version=api_version,
-                               fingerprint=fingerprint, addresses=addresses, port=info.port,
-                               name=info.name)
 
 
 # --- the machine (blocking edges; call them in a worker thread) ------------------------------
@@ -318,55 +257,3 @@ async def run_advertiser(listen_host: str, port: int, appliance_id: str,
     once the HTTP socket listens."""
     async with advertising(listen_host, port, appliance_id, fingerprint):
         await trio.sleep_forever()
-
-
-# --- browsing ---------------------------------------------------------------------------------
-
-def _browse_blocking(seconds: float, interfaces: list[str],
-                     limit: int | None) -> list[DiscoveredAppliance]:
-    deadline = time.monotonic() + seconds
-    names: queue.SimpleQueue[str] = queue.SimpleQueue()
-    found: dict[str, DiscoveredAppliance] = {}
-
-    def on_change(*, zeroconf: Zeroconf, service_type: str, name: str,
-                  state_change: ServiceStateChange, **_: Any) -> None:
-        if state_change is ServiceStateChange.Removed:
-            found.pop(name, None)  # a goodbye: it stopped serving meanwhile
-        else:
-            names.put(name)
-
-    instance = _open_zeroconf(interfaces)
-    try:
-        browser = ServiceBrowser(instance, SERVICE_TYPE, handlers=[on_change])
-        try:
-            while limit is None or len(found) < limit:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                try:
-                    name = names.get(timeout=remaining)
-                except queue.Empty:
-                    break
-                remaining_ms = max(1, int((deadline - time.monotonic()) * 1000))
-                info = instance.get_service_info(SERVICE_TYPE, name, timeout=remaining_ms)
-                appliance = parse_service_info(info) if info is not None else None
-                if appliance is not None:
-                    found[name] = appliance
-        finally:
-            browser.cancel()
-    finally:
-        instance.close()
-    return list(found.values())
-
-
-async def browse(seconds: float, interfaces: Sequence[str], *,
-                 limit: int | None = None) -> list[DiscoveredAppliance]:
-    """The appliances that answer on INTERFACES (addresses of this machine's interfaces)
-    within SECONDS, or as soon as LIMIT of them are resolved. Sends mDNS queries there and
-    nowhere else. Raises OSError (or RuntimeError) if zeroconf cannot open its sockets.
-
-    Not cancellable midway: the worker thread returns within SECONDS (plus about 0.2 s to
-    close)."""
-    if not interfaces:
-        raise ValueError("browse needs at least one interface address")
-    return await trio.to_thread.run_sync(_browse_blocking, seconds, list(interfaces), limit)

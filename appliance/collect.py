@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import trio
 
-from appliance.api.locks import KeyedLocks
+from appliance.locks import KeyedLocks
 from appliance.meta import gc
 from appliance.meta.database import Metadata
 from appliance.storage.async_store import AsyncBlockStore

@@ -31,15 +31,18 @@
 
 Errors are translated once at each boundary: the CLI prints `message` on one line and exits
 with `exit_code`; the HTTP layer answers `{"error": {"code", "message"}}` with `http_status`.
+Every `code` is a member of protocol.errors.ErrorCode, which the agent maps from.
 """
 
 from __future__ import annotations
+
+from protocol.errors import ErrorCode
 
 
 class CairnApplianceError(Exception):
     """Base class. `code` is a stable machine-readable name used in API error bodies."""
 
-    code = "internal"
+    code: ErrorCode = ErrorCode.INTERNAL
     exit_code = 1
     http_status = 500
 
@@ -51,34 +54,34 @@ class CairnApplianceError(Exception):
 class ConfigError(CairnApplianceError):
     """The appliance home or its config.toml is missing, unreadable or invalid."""
 
-    code = "config"
+    code = ErrorCode.CONFIG
     exit_code = 2
 
 
 class HomeExistsError(ConfigError):
     """`cairnd init` was pointed at a home that already holds an appliance."""
 
-    code = "home_exists"
+    code = ErrorCode.HOME_EXISTS
 
 
 class StorageError(CairnApplianceError):
     """The block store could not complete an operation."""
 
-    code = "storage"
+    code = ErrorCode.STORAGE
     http_status = 503
 
 
 class BlockNotFoundError(StorageError):
     """No reachable disk holds any shard of the block."""
 
-    code = "block_not_found"
+    code = ErrorCode.BLOCK_NOT_FOUND
     http_status = 404
 
 
 class BlockIdMismatchError(StorageError):
     """The bytes offered to `put` do not hash (BLAKE3) to the block id they were sent as."""
 
-    code = "block_id_mismatch"
+    code = ErrorCode.BLOCK_ID_MISMATCH
     http_status = 400
 
 
@@ -86,7 +89,7 @@ class BlockUnrecoverableError(StorageError):
     """Fewer healthy shards than needed to decode the block. Bringing a missing disk back
     (or restoring it from elsewhere) is the only way to recover it."""
 
-    code = "block_unrecoverable"
+    code = ErrorCode.BLOCK_UNRECOVERABLE
     http_status = 503
 
 
@@ -94,7 +97,7 @@ class InsufficientDisksError(StorageError):
     """Too few disks accept writes to store a block with the required redundancy
     (at least k+1 erasure shards, or 2 replicas for small blocks)."""
 
-    code = "insufficient_disks"
+    code = ErrorCode.INSUFFICIENT_DISKS
     http_status = 507
 
 
@@ -102,7 +105,7 @@ class DiskError(StorageError):
     """An operation on one disk failed. Raised by appliance.storage.disk and handled inside
     the block store, which records the disk's new state and carries on with other disks."""
 
-    code = "disk"
+    code = ErrorCode.DISK
 
     def __init__(self, disk_name: str, message: str) -> None:
         super().__init__(f"disk {disk_name}: {message}")
@@ -113,13 +116,13 @@ class ShardFormatError(StorageError):
     """Bytes that do not parse as a valid shard: wrong magic or version, checksum mismatch,
     truncated payload. The store catches this and treats the shard as bad."""
 
-    code = "shard_format"
+    code = ErrorCode.SHARD_FORMAT
 
 
 class InvalidBlockIdError(CairnApplianceError):
     """A block id must be the 64-character lowercase hex form of a BLAKE3 digest."""
 
-    code = "invalid_block_id"
+    code = ErrorCode.INVALID_BLOCK_ID
     exit_code = 2
     http_status = 400
 
@@ -128,7 +131,7 @@ class ListenError(CairnApplianceError):
     """`cairnd serve` could not bind its listening socket. Choose another address with
     `--listen` or `[server] listen` in config.toml, or stop what holds the port."""
 
-    code = "listen"
+    code = ErrorCode.LISTEN
     exit_code = 3
 
 
@@ -136,7 +139,7 @@ class RequestError(CairnApplianceError):
     """A request (HTTP or `cairnd user/device`) that cannot be honoured as asked.
     `details` are extra machine-readable fields merged into the API error body."""
 
-    code = "bad_request"
+    code = ErrorCode.BAD_REQUEST
     exit_code = 2
     http_status = 400
 
@@ -146,46 +149,46 @@ class RequestError(CairnApplianceError):
 
 
 class BadRequestError(RequestError):
-    code = "bad_request"
+    code = ErrorCode.BAD_REQUEST
 
 
 class UnauthorizedError(RequestError):
-    code = "unauthorized"
+    code = ErrorCode.UNAUTHORIZED
     http_status = 401
 
 
 class ForbiddenError(RequestError):
-    code = "forbidden"
+    code = ErrorCode.FORBIDDEN
     http_status = 403
 
 
 class NotFoundError(RequestError):
-    code = "not_found"
+    code = ErrorCode.NOT_FOUND
     http_status = 404
 
 
 class ConflictError(RequestError):
-    code = "conflict"
+    code = ErrorCode.CONFLICT
     http_status = 409
 
 
 class GoneError(RequestError):
-    code = "gone"
+    code = ErrorCode.GONE
     http_status = 410
 
 
 class PayloadTooLargeError(RequestError):
-    code = "payload_too_large"
+    code = ErrorCode.PAYLOAD_TOO_LARGE
     http_status = 413
 
 
 class EnrollmentError(RequestError):
-    code = "enrollment_refused"
+    code = ErrorCode.ENROLLMENT_REFUSED
     http_status = 403
 
 
 class RateLimitedError(RequestError):
-    code = "rate_limited"
+    code = ErrorCode.RATE_LIMITED
     http_status = 429
 
     def __init__(self, message: str, retry_after_s: float) -> None:

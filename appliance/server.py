@@ -13,12 +13,11 @@ import math
 from collections.abc import Mapping
 from http import HTTPStatus
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from appliance.api import (
@@ -28,11 +27,15 @@ from appliance.api import (
     routes_files,
     routes_sharing,
 )
-from appliance.api.bodylimit import BodyLimit, MiB
-from appliance.api.context import API_VERSION, ApiContext, CallerDep
+from appliance.api.bodylimit import BodyLimit
+from appliance.api.context import ApiContext, CallerDep
+from appliance.api.version_header import ApiVersionHeader
 from appliance.errors import CairnApplianceError, RateLimitedError, RequestError
-from appliance.meta.tree import MAX_BLOCK_BYTES
 from appliance.storage.async_store import AsyncBlockStore
+from protocol import version as api_version
+from protocol.errors import ErrorBody, ErrorCode, ErrorDetail
+from protocol.limits import MAX_BATCH_BODY_BYTES, MAX_BLOCK_BYTES, MAX_BLOCKS_BODY_BYTES
+from protocol.models import DiskCounts, DiskInfo, Health
 
 log = logging.getLogger("cairnd.api")
 
@@ -45,41 +48,6 @@ def cairn_version() -> str:
 
 
 # --- response bodies (they also document the API in /openapi.json) ---------------------------
-
-class ErrorDetail(BaseModel):
-    model_config = ConfigDict(extra="allow")  # e.g. current_version on a 409
-
-    code: str
-    message: str
-
-
-class ErrorBody(BaseModel):
-    error: ErrorDetail
-
-
-class DiskCounts(BaseModel):
-    ok: int
-    total: int
-
-
-class Health(BaseModel):
-    status: Literal["ok", "degraded"]
-    appliance_id: str
-    version: str
-    api_version: str
-    disks: DiskCounts
-
-
-class DiskInfo(BaseModel):
-    name: str
-    path: str
-    state: str
-    shard_count: int | None
-    free_bytes: int | None
-    total_bytes: int | None
-    recent_errors: int = 0
-    detail: str = ""
-
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     "default": {"model": ErrorBody, "description": "Any error"},
@@ -97,9 +65,10 @@ def error_response(status: int, code: str, message: str,
 
 def _status_code_name(status: int) -> str:
     try:
-        return HTTPStatus(status).phrase.lower().replace(" ", "_").replace("-", "_")
+        name = HTTPStatus(status).phrase.lower().replace(" ", "_").replace("-", "_")
     except ValueError:
-        return "http_error"
+        return ErrorCode.HTTP_ERROR
+    return ErrorCode.of(name) or ErrorCode.HTTP_ERROR
 
 
 async def _on_cairn_error(request: Request, exc: Exception) -> JSONResponse:
@@ -127,8 +96,8 @@ async def _on_http_error(request: Request, exc: Exception) -> JSONResponse:
     if exc.status_code == 400 and exc.detail == _BODY_NOT_PARSED:
         if isinstance(exc.__cause__, CairnApplianceError):
             return await _on_cairn_error(request, exc.__cause__)
-        return error_response(422, "invalid_request", "invalid request: the body is not "
-                              "valid JSON (not UTF-8, or nested too deeply)")
+        return error_response(422, ErrorCode.INVALID_REQUEST, "invalid request: the body "
+                              "is not valid JSON (not UTF-8, or nested too deeply)")
     message = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
     if exc.status_code == 404 and message == "Not Found":
         message = f"no such endpoint: {request.method} {request.url.path}"
@@ -142,13 +111,14 @@ async def _on_validation_error(request: Request, exc: Exception) -> JSONResponse
     for error in exc.errors():
         where = ".".join(str(part) for part in error.get("loc", ()))
         problems.append(f"{where}: {error.get('msg', 'invalid')}")
-    return error_response(422, "invalid_request",
+    return error_response(422, ErrorCode.INVALID_REQUEST,
                           "invalid request: " + "; ".join(problems or ["malformed"]))
 
 
 async def _on_unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     log.error("%s %s: unexpected error", request.method, request.url.path, exc_info=exc)
-    return error_response(500, "internal", "internal error; the appliance log has details")
+    return error_response(500, ErrorCode.INTERNAL,
+                          "internal error; the appliance log has details")
 
 
 # --- the app -------------------------------------------------------------------------------
@@ -171,9 +141,10 @@ def create_app(store: AsyncBlockStore, context: ApiContext) -> FastAPI:
         app.include_router(module.router)
     app.add_middleware(BodyLimit, rules=[
         ("PUT", "/blocks/", MAX_BLOCK_BYTES),
-        ("POST", "/blocks", 16 * MiB),
-        ("POST", "/batch/", 32 * MiB),
+        ("POST", "/blocks", MAX_BLOCKS_BODY_BYTES),
+        ("POST", "/batch/", MAX_BATCH_BODY_BYTES),
     ])
+    app.add_middleware(ApiVersionHeader)     # outermost: BodyLimit's refusals carry it too
 
     @app.get("/health", response_model=Health, tags=["appliance"])
     async def health() -> Health:
@@ -185,7 +156,7 @@ def create_app(store: AsyncBlockStore, context: ApiContext) -> FastAPI:
             status="ok" if ok == len(statuses) else "degraded",
             appliance_id=context.appliance_id,
             version=cairn_version(),
-            api_version=API_VERSION,
+            api_version=api_version.API_VERSION,
             disks=DiskCounts(ok=ok, total=len(statuses)),
         )
 

@@ -19,7 +19,7 @@ import blake3
 import httpx
 from cairnd_helpers import run_cairnd
 
-from appliance.credentials import EnrollmentCode, enrollment_proof, enrollment_response
+from protocol.enrollment import EnrollmentCode, enrollment_proof, enrollment_response
 
 
 def b64(data: bytes) -> str:

@@ -199,7 +199,7 @@ def _browse(seconds: float, interfaces: Sequence[str], limit: int | None) -> Non
 
     import trio
 
-    from appliance.advertise import browse
+    from agent.discovery import browse
 
     found = trio.run(lambda: browse(seconds, list(interfaces), limit=limit))
     _emit({"found": [dataclasses.asdict(a) for a in found]})

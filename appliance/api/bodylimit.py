@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from appliance.errors import PayloadTooLargeError
+from protocol.errors import ErrorCode
 
 MiB = 1024 * 1024
 DEFAULT_LIMIT = 8 * MiB
@@ -53,7 +54,7 @@ class BodyLimit:
 
 
 async def _refuse(send: Send, limit: int) -> None:
-    body = json.dumps({"error": {"code": "payload_too_large",
+    body = json.dumps({"error": {"code": ErrorCode.PAYLOAD_TOO_LARGE,
                                  "message": f"request body over {limit} bytes"}}).encode()
     await send({"type": "http.response.start", "status": 413,
                 "headers": [(b"content-type", b"application/json"),

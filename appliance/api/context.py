@@ -12,22 +12,21 @@ import apsw
 import trio
 from fastapi import Depends, Request
 
-from appliance.api.locks import KeyedLocks
-from appliance.api.models import BlockUrl
 from appliance.api.notify import ChangeNotifier
 from appliance.api.ratelimit import RateLimiter
 from appliance.errors import UnauthorizedError
+from appliance.locks import KeyedLocks
 from appliance.meta import accounts
 from appliance.meta.database import Metadata
 from appliance.meta.journal import Journal
 from appliance.meta.records import BlockRef, Device, User
 from appliance.presign import Method, sign_block_url
 from appliance.storage.async_store import AsyncBlockStore
+from protocol.models import BlockUrl
 
 T = TypeVar("T")
 LAST_SEEN_EVERY_S = 60.0
 BLOCK_TRANSFERS = 4
-API_VERSION = "1"
 
 
 @dataclass

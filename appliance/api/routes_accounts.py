@@ -7,8 +7,13 @@ import time
 import apsw
 from fastapi import APIRouter, Request
 
-from appliance.api.context import API_VERSION, CallerDep, ContextDep
-from appliance.api.models import (
+from appliance.api.context import CallerDep, ContextDep
+from appliance.api.convert import decode_b64
+from appliance.errors import EnrollmentError, NotFoundError
+from appliance.meta import accounts, journal, tree
+from appliance.meta.records import User
+from protocol.ids import b64encode
+from protocol.models import (
     EnrollChallenge,
     EnrollProof,
     EnrollRedeem,
@@ -17,12 +22,8 @@ from appliance.api.models import (
     KeyBundleUpdate,
     Me,
     PublicKey,
-    decode_b64,
-    encode_b64,
 )
-from appliance.errors import EnrollmentError, NotFoundError
-from appliance.meta import accounts, journal, tree
-from appliance.meta.records import User
+from protocol.version import API_VERSION
 
 router = APIRouter(tags=["accounts"])
 
@@ -75,8 +76,8 @@ async def me(caller: CallerDep, context: ContextDep) -> Me:
 
 def _bundle(user: User) -> KeyBundle:
     return KeyBundle(
-        public_key=None if user.public_key is None else encode_b64(user.public_key),
-        bundle=None if user.key_bundle is None else encode_b64(user.key_bundle),
+        public_key=None if user.public_key is None else b64encode(user.public_key),
+        bundle=None if user.key_bundle is None else b64encode(user.key_bundle),
         version=user.bundle_version)
 
 
@@ -104,4 +105,4 @@ async def public_key(name: str, caller: CallerDep, context: ContextDep) -> Publi
     user = await context.meta.read(lambda db: accounts.user_by_name(db, name))
     if user.public_key is None:
         raise NotFoundError(f"user {name} has no public key yet (no device has joined)")
-    return PublicKey(user=user.name, public_key=encode_b64(user.public_key))
+    return PublicKey(user=user.name, public_key=b64encode(user.public_key))

@@ -20,17 +20,7 @@ from fastapi import APIRouter, Request, Response
 from starlette.types import Receive, Scope, Send
 
 from appliance.api.context import ApiContext, CallerDep, ContextDep, context_of
-from appliance.api.models import (
-    BlockBatch,
-    BlockBatchResult,
-    BlockRead,
-    BlockReadRequest,
-    BlockReadResult,
-    BlockStored,
-    ErrorInfo,
-    decode_b64,
-    encode_b64,
-)
+from appliance.api.convert import decode_b64
 from appliance.errors import (
     BadRequestError,
     BlockIdMismatchError,
@@ -43,13 +33,21 @@ from appliance.errors import (
 from appliance.meta import accounts, tree
 from appliance.meta.journal import Journal
 from appliance.meta.records import Device
-from appliance.meta.tree import MAX_BLOCK_BYTES
 from appliance.presign import BLOCK_PATH_PREFIX, UrlRefused, verify_block_url
+from protocol.errors import ErrorCode, ErrorInfo
+from protocol.ids import b64encode
+from protocol.limits import MAX_BATCH_READ_BYTES, MAX_BLOCK_BYTES, MAX_INLINE_BLOCK_BYTES
+from protocol.models import (
+    BlockBatch,
+    BlockBatchResult,
+    BlockRead,
+    BlockReadRequest,
+    BlockReadResult,
+    BlockStored,
+)
 
 router = APIRouter(tags=["blocks"])
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
-MAX_BATCH_BLOCK_BYTES = 64 * 1024
-MAX_BATCH_READ_BYTES = 16 * 1024 * 1024
 BATCH_PARALLELISM = 16
 RESPONSE_SLICE = 1024 * 1024
 
@@ -72,7 +70,7 @@ class BlockResponse(Response):
 
 
 class RangeNotSatisfiable(RequestError):
-    code = "range_not_satisfiable"
+    code = ErrorCode.RANGE_NOT_SATISFIABLE
     http_status = 416
 
 
@@ -214,8 +212,8 @@ async def put_blocks(body: BlockBatch, caller: CallerDep,
     for item in body.blocks:
         try:
             data = decode_b64(item.data, f"block {item.id[:16]}")
-            if not 0 < len(data) <= MAX_BATCH_BLOCK_BYTES:
-                raise BadRequestError(f"batched blocks have 1 to {MAX_BATCH_BLOCK_BYTES} "
+            if not 0 < len(data) <= MAX_INLINE_BLOCK_BYTES:
+                raise BadRequestError(f"batched blocks have 1 to {MAX_INLINE_BLOCK_BYTES} "
                                       "bytes; send bigger ones to their URL")
             blocks[item.id] = data
         except RequestError as exc:
@@ -229,7 +227,7 @@ async def put_blocks(body: BlockBatch, caller: CallerDep,
             if stored or tree.user_awaits_block(db, caller.user.id, block_id):
                 allowed[block_id] = stored
             else:
-                errors[block_id] = ErrorInfo(code="forbidden", message="no node of yours "
+                errors[block_id] = ErrorInfo(code=ErrorCode.FORBIDDEN, message="no node of yours "
                                              "is waiting for this block")
         return allowed
 
@@ -293,11 +291,11 @@ async def read_blocks(body: BlockReadRequest, caller: CallerDep,
             except CairnApplianceError as exc:
                 errors[block_id] = ErrorInfo(code=exc.code, message=exc.message)
                 return
-        if len(data) > MAX_BATCH_BLOCK_BYTES:
-            errors[block_id] = ErrorInfo(code="bad_request", message="over 64 KiB: fetch "
+        if len(data) > MAX_INLINE_BLOCK_BYTES:
+            errors[block_id] = ErrorInfo(code=ErrorCode.BAD_REQUEST, message="over 64 KiB: fetch "
                                          "it from its URL")
         elif len(data) > budget:
-            errors[block_id] = ErrorInfo(code="payload_too_large", message="over the "
+            errors[block_id] = ErrorInfo(code=ErrorCode.PAYLOAD_TOO_LARGE, message="over the "
                                          "batch's 16 MiB: ask again")
         else:
             budget -= len(data)
@@ -308,10 +306,10 @@ async def read_blocks(body: BlockReadRequest, caller: CallerDep,
             if block_id in allowed:
                 nursery.start_soon(read_one, block_id)
             else:
-                errors[block_id] = ErrorInfo(code="not_found",
+                errors[block_id] = ErrorInfo(code=ErrorCode.NOT_FOUND,
                                              message="no such block that you can read")
     return BlockReadResult(blocks=[
-        BlockRead(id=block_id, data=encode_b64(found[block_id]))
+        BlockRead(id=block_id, data=b64encode(found[block_id]))
         if block_id in found else BlockRead(id=block_id, error=errors[block_id])
         for block_id in wanted])
 

@@ -11,18 +11,21 @@ from fastapi import APIRouter, Query
 from fastapi.responses import StreamingResponse
 
 from appliance.api.context import CallerDep, ContextDep
-from appliance.api.models import MAX_SQL_INT, ChangeOut, ChangesPage
+from appliance.api.convert import change_out
 from appliance.meta import journal, tree
 from appliance.meta.records import Node
+from protocol.limits import MAX_CHANGES_PAGE, MAX_SQL_INT
+from protocol.models import (
+    ChangesPage,
+)
 
 router = APIRouter(tags=["changes"])
-MAX_PAGE = 5000
 
 
 @router.get("/changes", response_model=ChangesPage)
 async def changes(caller: CallerDep, context: ContextDep,
                   cursor: Annotated[int, Query(ge=0, le=MAX_SQL_INT)] = 0,
-                  limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 1000) -> ChangesPage:
+                  limit: Annotated[int, Query(ge=1, le=MAX_CHANGES_PAGE)] = 1000) -> ChangesPage:
     """Every change after `cursor` to nodes the caller can see (their tree and what is
     shared with them), oldest first, each with the node as it is now. Read by index: the
     cost follows the number of changes returned, not the size of the tree."""
@@ -37,7 +40,7 @@ async def changes(caller: CallerDep, context: ContextDep,
                 node = tree.find_node(db, change.node_id)
                 visible[change.node_id] = node if node is not None and tree.can_read(
                     db, user_id, node) else None
-            entries.append(ChangeOut.of(change, visible[change.node_id]))
+            entries.append(change_out(change, visible[change.node_id]))
         return ChangesPage(changes=entries,
                            cursor=entries[-1].cursor if entries else cursor,
                            has_more=len(page) > limit)

@@ -10,16 +10,28 @@ import apsw
 from fastapi import APIRouter, Query
 
 from appliance.api.context import ApiContext, Caller, CallerDep, ContextDep
-from appliance.api.models import (
+from appliance.api.convert import change_out, decode_b64, node_out
+from appliance.errors import NotFoundError, RequestError
+from appliance.meta import journal as journal_queries
+from appliance.meta import tree
+from appliance.meta.journal import Journal
+from appliance.meta.records import BlockRef, Node
+from appliance.meta.tree import NodeContent
+from protocol.errors import ErrorInfo
+from protocol.limits import (
+    MAX_BLOCKS_PER_NODE,
+    MAX_CHILDREN_PAGE,
+    MAX_HISTORY_PAGE,
     MAX_SQL_INT,
+    MAX_TRASH_PAGE,
+)
+from protocol.models import (
     BatchCreate,
     BatchDelete,
     BatchRequest,
     BatchResponse,
     BatchResult,
     BlockIn,
-    ChangeOut,
-    ErrorInfo,
     NodeCreate,
     NodeDetail,
     NodeHistory,
@@ -28,14 +40,7 @@ from appliance.api.models import (
     NodeUpdate,
     NodeWrite,
     VersionBody,
-    decode_b64,
 )
-from appliance.errors import NotFoundError, RequestError
-from appliance.meta import journal as journal_queries
-from appliance.meta import tree
-from appliance.meta.journal import Journal
-from appliance.meta.records import BlockRef, Node
-from appliance.meta.tree import MAX_BLOCKS_PER_NODE, NodeContent
 
 router = APIRouter(tags=["files"])
 
@@ -47,7 +52,7 @@ def _blocks(blocks: list[BlockIn] | None) -> tuple[BlockRef, ...] | None:
 def _written(context: ApiContext, caller: Caller, node: Node,
              missing: list[BlockRef]) -> NodeWrite:
     upload = [context.sign("PUT", block, caller.device.id) for block in missing]
-    return NodeWrite(node=NodeOut.of(node), upload=upload,
+    return NodeWrite(node=node_out(node), upload=upload,
                      urls_expire_at=context.urls_expire_at() if upload else None)
 
 
@@ -109,7 +114,7 @@ async def delete_node(node_id: str, base_version: Annotated[int, Query(ge=1)],
     grace period (7 days by default): POST /files/{id}/restore brings it back."""
     node = await context.change(caller.device.id, lambda db, journal: tree.delete_node(
         db, caller.user, journal, tree.check_node_id(node_id), base_version))
-    return NodeOut.of(node)
+    return node_out(node)
 
 
 @router.post("/files/{node_id}/restore", response_model=NodeOut)
@@ -118,24 +123,24 @@ async def restore_node(node_id: str, body: VersionBody, caller: CallerDep,
     """Undo a delete within the grace period (410 once the data is reclaimed)."""
     node = await context.change(caller.device.id, lambda db, journal: tree.restore_node(
         db, caller.user, journal, tree.check_node_id(node_id), body.base_version))
-    return NodeOut.of(node)
+    return node_out(node)
 
 
 def _detail(db: apsw.Connection, context: ApiContext, caller: Caller, node_id: str,
             offset: int, limit: int) -> NodeDetail:
     node = tree.readable_node(db, caller.user.id, node_id)
     if node.deleted or node.kind == "dir":
-        return NodeDetail(node=NodeOut.of(node), method=None, blocks=[], urls_expire_at=None)
+        return NodeDetail(node=node_out(node), method=None, blocks=[], urls_expire_at=None)
     if node.status == "uploaded":
         blocks = tree.node_blocks(db, node.id, offset, limit)
         urls = [context.sign("GET", block, caller.device.id) for block in blocks]
-        return NodeDetail(node=NodeOut.of(node), method="GET", blocks=urls,
+        return NodeDetail(node=node_out(node), method="GET", blocks=urls,
                           urls_expire_at=context.urls_expire_at() if urls else None)
     if node.owner_id != caller.user.id:
-        return NodeDetail(node=NodeOut.of(node), method=None, blocks=[], urls_expire_at=None)
+        return NodeDetail(node=node_out(node), method=None, blocks=[], urls_expire_at=None)
     missing = tree.missing_blocks(db, node.id)[offset:offset + limit]
     urls = [context.sign("PUT", block, caller.device.id) for block in missing]
-    return NodeDetail(node=NodeOut.of(node), method="PUT", blocks=urls,
+    return NodeDetail(node=node_out(node), method="PUT", blocks=urls,
                       urls_expire_at=context.urls_expire_at() if urls else None)
 
 
@@ -161,13 +166,13 @@ async def presigned_urls(node_id: str, caller: CallerDep, context: ContextDep,
 @router.get("/files/{node_id}/children", response_model=NodeList)
 async def list_children(node_id: str, caller: CallerDep, context: ContextDep,
                         after: str = "",
-                        limit: Annotated[int, Query(ge=1, le=5000)] = 1000,
+                        limit: Annotated[int, Query(ge=1, le=MAX_CHILDREN_PAGE)] = 1000,
                         include_deleted: bool = False) -> NodeList:
     """The folder's entries, by id, a page at a time (`after` = the last id seen)."""
     def read(db: apsw.Connection) -> NodeList:
         folder = tree.readable_node(db, caller.user.id, node_id)
         nodes = tree.children(db, folder.id, include_deleted, after, limit)
-        return NodeList(nodes=[NodeOut.of(n) for n in nodes],
+        return NodeList(nodes=[node_out(n) for n in nodes],
                         next_after=nodes[-1].id if len(nodes) == limit else None)
     return await context.meta.read(read)
 
@@ -175,13 +180,14 @@ async def list_children(node_id: str, caller: CallerDep, context: ContextDep,
 @router.get("/files/{node_id}/changes", response_model=NodeHistory)
 async def node_changes(node_id: str, caller: CallerDep, context: ContextDep,
                        since_version: Annotated[int, Query(ge=0, le=MAX_SQL_INT)] = 0,
-                       limit: Annotated[int, Query(ge=1, le=5000)] = 1000) -> NodeHistory:
+                       limit: Annotated[int, Query(ge=1, le=MAX_HISTORY_PAGE)] = 1000,
+                       ) -> NodeHistory:
     """The node's history after `since_version`: which version, what kind of change,
     when, and from which device."""
     def read(db: apsw.Connection) -> NodeHistory:
         node = tree.readable_node(db, caller.user.id, node_id)
         changes = journal_queries.node_history(db, node.id, since_version, limit)
-        return NodeHistory(node_id=node.id, changes=[ChangeOut.of(c) for c in changes])
+        return NodeHistory(node_id=node.id, changes=[change_out(c) for c in changes])
     return await context.meta.read(read)
 
 
@@ -191,15 +197,15 @@ async def root(caller: CallerDep, context: ContextDep) -> NodeOut:
     node = await context.meta.read(lambda db: tree.root_node(db, caller.user.id))
     if node is None:
         raise NotFoundError(f"user {caller.user.name} has no root folder yet")
-    return NodeOut.of(node)
+    return node_out(node)
 
 
 @router.get("/trash", response_model=NodeList)
 async def trash(caller: CallerDep, context: ContextDep,
-                limit: Annotated[int, Query(ge=1, le=5000)] = 1000) -> NodeList:
+                limit: Annotated[int, Query(ge=1, le=MAX_TRASH_PAGE)] = 1000) -> NodeList:
     """Nodes deleted within the grace period (restorable), newest first."""
     nodes = await context.meta.read(lambda db: tree.trash(db, caller.user.id, limit))
-    return NodeList(nodes=[NodeOut.of(n) for n in nodes], next_after=None)
+    return NodeList(nodes=[node_out(n) for n in nodes], next_after=None)
 
 
 @router.post("/batch/files", response_model=BatchResponse)

@@ -6,16 +6,14 @@ import apsw
 from fastapi import APIRouter, Response
 
 from appliance.api.context import CallerDep, ContextDep
-from appliance.api.models import (
-    GrantOut,
+from appliance.api.convert import decode_b64, grant_out, node_out
+from appliance.meta import sharing, tree
+from protocol.models import (
     Grants,
-    NodeOut,
     SharedItem,
     SharedWithMe,
     ShareRequest,
-    decode_b64,
 )
-from appliance.meta import sharing, tree
 
 router = APIRouter(tags=["sharing"])
 
@@ -29,7 +27,7 @@ async def share(node_id: str, body: ShareRequest, caller: CallerDep,
               for grant in body.grants]
     result = await context.change(caller.device.id, lambda db, journal: sharing.share(
         db, caller.user, journal, tree.check_node_id(node_id), grants))
-    return Grants(grants=[GrantOut.of(g) for g in result])
+    return Grants(grants=[grant_out(g) for g in result])
 
 
 @router.get("/files/{node_id}/shares", response_model=Grants)
@@ -37,7 +35,7 @@ async def list_shares(node_id: str, caller: CallerDep, context: ContextDep) -> G
     """Who the caller's node is shared with."""
     def read(db: apsw.Connection) -> Grants:
         node = tree.owned_node(db, caller.user.id, node_id)
-        return Grants(grants=[GrantOut.of(g) for g in sharing.grants_of(db, node.id)])
+        return Grants(grants=[grant_out(g) for g in sharing.grants_of(db, node.id)])
     return await context.meta.read(read)
 
 
@@ -54,6 +52,6 @@ async def shared_with_me(caller: CallerDep, context: ContextDep) -> SharedWithMe
     """Nodes other users shared with the caller, with each grant's wrapped key."""
     items = await context.meta.read(lambda db: sharing.shared_with(db, caller.user.id))
     return SharedWithMe(items=[
-        SharedItem(node=NodeOut.of(node), owner=node.owner_name,
-                   wrapped_key=GrantOut.of(grant).wrapped_key, granted_at=grant.granted_at)
+        SharedItem(node=node_out(node), owner=node.owner_name,
+                   wrapped_key=grant_out(grant).wrapped_key, granted_at=grant.granted_at)
         for node, grant in items])

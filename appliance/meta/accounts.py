@@ -9,15 +9,7 @@ import time
 
 import apsw
 
-from appliance.credentials import (
-    EnrollmentCode,
-    MalformedCodeError,
-    enrollment_proof,
-    enrollment_response,
-    new_device_token,
-    parse_code_id,
-    token_digest,
-)
+from appliance.credentials import new_device_token, token_digest
 from appliance.errors import (
     BadRequestError,
     ConflictError,
@@ -26,6 +18,13 @@ from appliance.errors import (
     UnauthorizedError,
 )
 from appliance.meta.records import Device, User
+from protocol.enrollment import (
+    EnrollmentCode,
+    MalformedCodeError,
+    enrollment_proof,
+    enrollment_response,
+    parse_code_id,
+)
 
 USER_NAME = re.compile(r"^[a-z][a-z0-9_.-]{0,31}$")
 DEVICE_NAME_MAX = 64

@@ -9,8 +9,8 @@
   2. the caller deletes them from the block store (tombstoned there);
   3. `forget_collected_blocks` drops the rows of those still unreferenced, and lists the
      others as pending for the nodes that now wait for them.
-  The API's per-block lock (appliance.api.blocks) keeps an upload of the same block from
-  interleaving with steps 1-3.
+  A per-block lock (appliance.locks, held by the block routes and by appliance.collect)
+  keeps an upload of the same block from interleaving with steps 1-3.
 """
 
 from __future__ import annotations

@@ -12,12 +12,12 @@ from appliance.meta.accounts import user_by_name
 from appliance.meta.journal import Journal
 from appliance.meta.records import Grant, Node, User
 from appliance.meta.tree import (
-    MAX_WRAPPED_KEY_BYTES,
     NODE_COLUMNS,
     NODE_FROM,
     node_from_row,
     owned_node,
 )
+from protocol.limits import MAX_WRAPPED_KEY_BYTES
 
 MAX_GRANTS_PER_REQUEST = 100
 

@@ -18,7 +18,6 @@ Block bookkeeping, per block id:
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass, replace
 
@@ -34,13 +33,14 @@ from appliance.errors import (
 )
 from appliance.meta.journal import Journal
 from appliance.meta.records import BlockRef, Node, NodeKind, User
+from protocol.ids import is_block_id, is_node_id
+from protocol.limits import (
+    MAX_BLOCK_BYTES,
+    MAX_BLOCKS_PER_NODE,
+    MAX_METADATA_BYTES,
+    MAX_WRAPPED_KEY_BYTES,
+)
 
-NODE_ID = re.compile(r"^[0-9a-f]{32}$")
-BLOCK_ID = re.compile(r"^[0-9a-f]{64}$")
-MAX_BLOCK_BYTES = 4 * 1024 * 1024 + 4096     # a 4 MiB plaintext block plus AEAD overhead
-MAX_BLOCKS_PER_NODE = 12_800                 # 50 GiB in 4 MiB blocks, with room to spare
-MAX_METADATA_BYTES = 2 * 1024 * 1024         # block keys of a 50 GB file fit
-MAX_WRAPPED_KEY_BYTES = 1024
 NODE_COLUMNS = ("n.id, n.owner_id, u.name, n.parent_id, n.kind, n.version, n.status, "
                  "n.deleted_at, n.metadata, n.wrapped_key, n.size, n.block_count, "
                  "n.content_tag, n.created_at, n.updated_at, n.updated_by")
@@ -89,13 +89,13 @@ class NodeContent:
 
 
 def check_node_id(node_id: str) -> str:
-    if not NODE_ID.match(node_id):
+    if not is_node_id(node_id):
         raise NotFoundError(f"no node {node_id[:40]!r} (node ids are 32 hex digits)")
     return node_id
 
 
 def check_block_id(block_id: str) -> str:
-    if not BLOCK_ID.match(block_id):
+    if not is_block_id(block_id):
         raise BadRequestError(f"invalid block id {block_id[:70]!r} "
                               "(64 lowercase hex digits: the BLAKE3 of the block)")
     return block_id

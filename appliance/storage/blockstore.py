@@ -36,7 +36,6 @@ from __future__ import annotations
 import contextlib
 import enum
 import logging
-import re
 import threading
 from collections import Counter
 from collections.abc import Iterator
@@ -69,9 +68,9 @@ from appliance.storage.shard_format import (
     parse_shard,
     serialize_header,
 )
+from protocol.ids import is_block_id
 
 log = logging.getLogger(__name__)
-_BLOCK_ID = re.compile(r"[0-9a-f]{64}")
 RECENTLY_QUEUED_MAX = 4096
 SHARD_WRITERS = 32  # threads writing the shards of concurrent puts (mostly waiting on fsync)
 
@@ -91,7 +90,7 @@ def _shard_writers() -> ThreadPoolExecutor:
 
 def parse_block_id(block_id: str) -> bytes:
     """The 32 raw bytes of a hex block id; InvalidBlockIdError for anything else."""
-    if not isinstance(block_id, str) or not _BLOCK_ID.fullmatch(block_id):
+    if not isinstance(block_id, str) or not is_block_id(block_id):
         raise InvalidBlockIdError("a block id is 64 lowercase hex digits (a BLAKE3 digest)")
     return bytes.fromhex(block_id)
 

@@ -33,9 +33,9 @@ from cairnd_helpers import CAIRND, SERVE_LINE, RunningAppliance, cairnd_env, rea
 from netns_helpers import Lan, in_netns, ip, lan, netns_available
 
 from agent import discovery
-from appliance.advertise import DiscoveredAppliance
 from appliance.config import ApplianceConfig
 from appliance.home import init_home
+from protocol.mdns import DiscoveredAppliance
 
 WIRES = (
     ("br0", "app", "eth0", "10.79.0.1"),

@@ -49,9 +49,9 @@ from api_helpers import (
 from cairnd_helpers import run_cairnd, serving
 
 from appliance.config import ApplianceConfig, write_config
-from appliance.credentials import EnrollmentCode
 from appliance.home import init_home
 from appliance.server import create_app
+from protocol.enrollment import EnrollmentCode
 
 Place = Literal["shared", "private", "missing"]
 Access = Literal["public", "enroll", "signed GET", "signed PUT", "block read", "account",

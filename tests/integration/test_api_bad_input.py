@@ -35,11 +35,11 @@ from api_helpers import (
 )
 from cairnd_helpers import run_cairnd, serving
 
-from appliance.api.models import NODE_ID_PATTERN
 from appliance.config import ApplianceConfig, write_config
 from appliance.home import init_home
-from appliance.meta.tree import MAX_BLOCK_BYTES
 from appliance.presign import sign_block_url
+from protocol.ids import NODE_ID_PATTERN
+from protocol.limits import MAX_BLOCK_BYTES
 
 MiB = 1024 * 1024
 

@@ -10,7 +10,7 @@ from subprocess import CompletedProcess
 from api_helpers import enroll
 from cairnd_helpers import MakeHome, serving
 
-from appliance.credentials import EnrollmentCode
+from protocol.enrollment import EnrollmentCode
 
 Cairnd = Callable[..., CompletedProcess[str]]
 

@@ -18,17 +18,16 @@ import trio
 from netns_helpers import Lan, lan, netns_available, read_json_line, reap, spawn_in
 from zeroconf import ServiceInfo
 
+from agent.discovery import parse_service_info
 from appliance import advertise
 from appliance.advertise import (
-    API_VERSION,
-    SERVICE_TYPE,
-    DiscoveredAppliance,
     advertised_addresses,
     advertising,
     build_service_info,
     is_loopback_host,
-    parse_service_info,
 )
+from protocol.mdns import SERVICE_TYPE, DiscoveredAppliance
+from protocol.version import API_VERSION
 
 APPLIANCE_ID = "3f5e0c1a-8d2b-4c6e-9a7f-0b1c2d3e4f50"
 FINGERPRINT = "0123456789abcdef" * 4
@@ -79,7 +78,7 @@ def test_the_record_carries_id_api_version_and_fingerprint() -> None:
                                        "fp": FINGERPRINT}
 
     assert parse_service_info(info) == DiscoveredAppliance(
-        appliance_id=APPLIANCE_ID, api_version="1", fingerprint=FINGERPRINT,
+        appliance_id=APPLIANCE_ID, api_version=API_VERSION, fingerprint=FINGERPRINT,
         addresses=("192.168.1.20",), port=PORT, name=info.name)
     assert parse_service_info(info).urls == ["https://192.168.1.20:8443"]  # type: ignore[union-attr]
 

@@ -1,4 +1,4 @@
-"""Enrollment codes, proofs and device tokens (appliance.credentials)."""
+"""Enrollment codes, proofs and device tokens (protocol.enrollment, appliance.credentials)."""
 
 from __future__ import annotations
 
@@ -8,14 +8,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from appliance.credentials import (
+from appliance.credentials import new_device_token, token_digest
+from protocol.enrollment import (
     EnrollmentCode,
     MalformedCodeError,
     enrollment_proof,
     enrollment_response,
-    new_device_token,
     parse_code_id,
-    token_digest,
 )
 
 

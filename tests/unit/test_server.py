@@ -11,11 +11,11 @@ import pytest
 from fastapi import FastAPI
 
 from appliance.api.context import ApiContext, ApiSettings
-from appliance.credentials import enrollment_response
 from appliance.errors import BlockNotFoundError, InsufficientDisksError
 from appliance.meta import accounts
 from appliance.meta.database import Metadata
 from appliance.server import create_app
+from protocol.enrollment import enrollment_response
 
 
 @dataclass(frozen=True)

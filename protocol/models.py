@@ -1,44 +1,38 @@
-"""Request and response bodies. They validate input and document the API in /openapi.json.
+"""The API's request and response bodies: the appliance's routes validate requests and
+document the API (/openapi.json) with them, the agent's client reads answers into them.
 
-Binary values (ciphertext, keys, proofs) travel as standard base64 strings; ids are
-lowercase hex. Every limit a client can hit is stated here or in appliance.meta.tree.
+Binary values (ciphertext, keys, proofs) travel as standard base64 strings (protocol.ids);
+ids are lowercase hex. Every limit a client can hit is in protocol.limits.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from appliance.errors import BadRequestError
-from appliance.meta.records import Change, Grant, Node
-from appliance.meta.tree import MAX_BLOCK_BYTES, MAX_BLOCKS_PER_NODE
+from protocol.errors import ErrorInfo
+from protocol.ids import BLOCK_ID_PATTERN, NODE_ID_PATTERN
+from protocol.limits import (
+    MAX_BATCH_BLOCKS,
+    MAX_BATCH_OPERATIONS,
+    MAX_BLOCK_BYTES,
+    MAX_BLOCKS_PER_NODE,
+    MAX_DEVICE_NAME,
+    MAX_KEY_BUNDLE_B64,
+    MAX_METADATA_B64,
+    MAX_SHARE_GRANTS,
+    MAX_USER_NAME,
+    MAX_WRAPPED_KEY_B64,
+)
 
-NODE_ID_PATTERN = r"^[0-9a-f]{32}$"
-# SQLite integers are signed 64-bit: a bigger cursor, version or offset in a query parameter
-# would fail inside the query (500), so validation refuses it (422).
-MAX_SQL_INT = 2**63 - 1
-BLOCK_ID_PATTERN = r"^[0-9a-f]{64}$"
-MAX_BATCH_OPERATIONS = 1000
-MAX_BATCH_BLOCKS = 1000
 Base64 = str
+NodeKind = Literal["file", "dir"]
+NodeStatus = Literal["uploading", "uploaded"]
 
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
-
-
-def decode_b64(value: str, field: str) -> bytes:
-    try:
-        return base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError):
-        raise BadRequestError(f"{field} is not valid base64") from None
-
-
-def encode_b64(value: bytes) -> str:
-    return base64.b64encode(value).decode("ascii")
 
 
 # --- accounts ------------------------------------------------------------------------------
@@ -59,7 +53,7 @@ class EnrollProof(BaseModel):
 
 class EnrollRedeem(EnrollChallenge):
     response: str = Field(min_length=64, max_length=64, pattern=r"^[0-9a-f]{64}$")
-    device_name: str = Field(min_length=1, max_length=64)
+    device_name: str = Field(min_length=1, max_length=MAX_DEVICE_NAME)
 
 
 class EnrollResult(BaseModel):
@@ -86,7 +80,7 @@ class KeyBundle(BaseModel):
 
 class KeyBundleUpdate(Strict):
     public_key: Base64 = Field(max_length=256)
-    bundle: Base64 = Field(max_length=65536)
+    bundle: Base64 = Field(max_length=MAX_KEY_BUNDLE_B64)
     base_version: int = Field(ge=0)
 
 
@@ -107,9 +101,9 @@ class NodeCreate(Strict):
                            "chosen id: repeating a create with the same id and content "
                            "is answered with the same node (safe retries).")
     parent: str | None = Field(pattern=NODE_ID_PATTERN, description="null for the root")
-    kind: Literal["file", "dir"]
-    metadata: Base64 = Field(max_length=3_000_000)
-    wrapped_key: Base64 = Field(max_length=2048)
+    kind: NodeKind
+    metadata: Base64 = Field(max_length=MAX_METADATA_B64)
+    wrapped_key: Base64 = Field(max_length=MAX_WRAPPED_KEY_B64)
     size: int = Field(0, ge=0)
     blocks: list[BlockIn] = Field(default_factory=list, max_length=MAX_BLOCKS_PER_NODE)
 
@@ -119,8 +113,8 @@ class NodeUpdate(Strict):
                               "stale one gets 409 with current_version.")
     parent: str | None = Field(None, pattern=NODE_ID_PATTERN,
                                description="Present to move the node under this folder.")
-    metadata: Base64 = Field(max_length=3_000_000)
-    wrapped_key: Base64 = Field(max_length=2048)
+    metadata: Base64 = Field(max_length=MAX_METADATA_B64)
+    wrapped_key: Base64 = Field(max_length=MAX_WRAPPED_KEY_B64)
     size: int | None = Field(None, ge=0, description="Required with blocks.")
     blocks: list[BlockIn] | None = Field(None, max_length=MAX_BLOCKS_PER_NODE,
                                          description="Omit to keep the current blocks.")
@@ -134,9 +128,9 @@ class NodeOut(BaseModel):
     id: str
     owner: str
     parent: str | None
-    kind: Literal["file", "dir"]
+    kind: NodeKind
     version: int
-    status: Literal["uploading", "uploaded"]
+    status: NodeStatus
     deleted: bool
     deleted_at: float | None
     size: int
@@ -146,15 +140,6 @@ class NodeOut(BaseModel):
     created_at: float
     updated_at: float
     updated_by: str | None
-
-    @staticmethod
-    def of(node: Node) -> NodeOut:
-        return NodeOut(
-            id=node.id, owner=node.owner_name, parent=node.parent_id, kind=node.kind,
-            version=node.version, status=node.status, deleted=node.deleted,
-            deleted_at=node.deleted_at, size=node.size, block_count=node.block_count,
-            metadata=encode_b64(node.metadata), wrapped_key=encode_b64(node.wrapped_key),
-            created_at=node.created_at, updated_at=node.updated_at, updated_by=node.updated_by)
 
 
 class BlockUrl(BaseModel):
@@ -195,13 +180,6 @@ class ChangeOut(BaseModel):
     node: NodeOut | None = Field(None, description="The node as it is now, if the caller "
                                  "can still see it (null after an unshare, say).")
 
-    @staticmethod
-    def of(change: Change, node: Node | None = None) -> ChangeOut:
-        return ChangeOut(cursor=change.cursor, node_id=change.node_id,
-                         version=change.version, kind=change.kind, at=change.at,
-                         device_id=change.device_id,
-                         node=None if node is None else NodeOut.of(node))
-
 
 class NodeHistory(BaseModel):
     node_id: str
@@ -217,12 +195,12 @@ class ChangesPage(BaseModel):
 # --- sharing -------------------------------------------------------------------------------
 
 class GrantIn(Strict):
-    user: str = Field(min_length=1, max_length=32)
-    wrapped_key: Base64 = Field(max_length=2048)
+    user: str = Field(min_length=1, max_length=MAX_USER_NAME)
+    wrapped_key: Base64 = Field(max_length=MAX_WRAPPED_KEY_B64)
 
 
 class ShareRequest(Strict):
-    grants: list[GrantIn] = Field(min_length=1, max_length=100)
+    grants: list[GrantIn] = Field(min_length=1, max_length=MAX_SHARE_GRANTS)
 
 
 class GrantOut(BaseModel):
@@ -230,11 +208,6 @@ class GrantOut(BaseModel):
     node_id: str
     wrapped_key: Base64
     granted_at: float
-
-    @staticmethod
-    def of(grant: Grant) -> GrantOut:
-        return GrantOut(user=grant.user_name, node_id=grant.node_id,
-                        wrapped_key=encode_b64(grant.wrapped_key), granted_at=grant.granted_at)
 
 
 class Grants(BaseModel):
@@ -272,11 +245,6 @@ class BatchRequest(Strict):
     operations: list[BatchCreate | BatchUpdate | BatchDelete] = Field(
         min_length=1, max_length=MAX_BATCH_OPERATIONS,
         description="Applied in order in one transaction; each succeeds or fails alone.")
-
-
-class ErrorInfo(BaseModel):
-    code: str
-    message: str
 
 
 class BatchResult(BaseModel):
@@ -322,3 +290,29 @@ class BlockStored(BaseModel):
 
 class BlockBatchResult(BaseModel):
     results: list[BlockStored]
+
+
+# --- the appliance -------------------------------------------------------------------------
+
+class DiskCounts(BaseModel):
+    ok: int
+    total: int
+
+
+class Health(BaseModel):
+    status: Literal["ok", "degraded"]
+    appliance_id: str
+    version: str
+    api_version: str
+    disks: DiskCounts
+
+
+class DiskInfo(BaseModel):
+    name: str
+    path: str
+    state: str
+    shard_count: int | None
+    free_bytes: int | None
+    total_bytes: int | None
+    recent_errors: int = 0
+    detail: str = ""

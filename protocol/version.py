@@ -1,0 +1,34 @@
+"""The API's version: `MAJOR.MINOR`. A minor version only adds (routes, optional fields); a
+new major version breaks clients of the old one.
+
+The appliance sends it in the `Cairn-Api-Version` header of every answer (and in /health,
+the enrollment proof and its mDNS record). The agent checks it on its first answer: another
+major version stops it with one clear line instead of a validation error later.
+"""
+
+from __future__ import annotations
+
+API_VERSION = "1.0"
+HEADER = "Cairn-Api-Version"
+
+
+class IncompatibleApiError(ValueError):
+    """The other side speaks another major version of the API (or no version at all)."""
+
+
+def major_of(version: str) -> int:
+    """The major version of VERSION (`"1.0"` → 1; `"1"`, as appliances before 1.0 said, → 1).
+    Raises IncompatibleApiError for text that is not a version."""
+    head = version.strip().split(".", 1)[0]
+    if not head.isdigit():
+        raise IncompatibleApiError(f"{version!r} is not an API version")
+    return int(head)
+
+
+def check_compatible(theirs: str, ours: str = API_VERSION) -> None:
+    """Raise IncompatibleApiError unless THEIRS has OURS's major version."""
+    if major_of(theirs) != major_of(ours):
+        newer = major_of(theirs) > major_of(ours)
+        raise IncompatibleApiError(
+            f"the appliance speaks API version {theirs} and this agent {ours}: "
+            + ("update this agent" if newer else "update the appliance"))
