@@ -21,11 +21,14 @@ run: bootstrap
 # pytest exits 5 when it collected no test; that must fail the build, and it does here
 # because any non-zero exit fails make.
 test: bootstrap
+	@$(VENV)/bin/lint-imports --no-cache
 	@$(PY) -m pytest -q
 
+# ruff, mypy (strict), and the import contracts in pyproject.toml ([tool.importlinter]).
 lint: bootstrap
 	@$(VENV)/bin/ruff check .
 	@$(VENV)/bin/mypy
+	@$(VENV)/bin/lint-imports --no-cache
 
 bench: bootstrap
 	@$(PY) bench/blockstore.py
