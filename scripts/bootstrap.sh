@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Prepare this checkout to run and test Cairn on Debian: system packages, a virtual
-# environment in .venv, and the project installed in it (editable, with dev and fuse extras).
+# environment in .venv, and the project installed in it (editable, with every extra: the agent,
+# the appliance, the FUSE drive and the development tools).
 #
 # Idempotent and quiet: each step checks first and does nothing when already done, so
 # `make run` and `make test` can call it every time. Needs root only when a system package is
@@ -69,7 +70,7 @@ if [[ "$want" != "$have" ]]; then
     say "installing cairn and its dependencies into $VENV (a few minutes the first time)"
     rm -f "$STAMP"
     quietly "$VENV/bin/python" -m pip install --disable-pip-version-check --upgrade pip
-    quietly "$VENV/bin/python" -m pip install --disable-pip-version-check -e '.[dev,fuse]'
+    quietly "$VENV/bin/python" -m pip install --disable-pip-version-check -e '.[dev]'
     printf '%s\n' "$want" >"$STAMP"
 else
     say "python packages up to date"
