@@ -24,10 +24,12 @@ import trio
 
 from agent import operations as ops
 from agent import trash as trash_ops
+from agent.api import Api
 from agent.client import Connection
 from agent.enroll import enroll, unlock_keys
 from agent.errors import (
     CairnAgentError,
+    IncompatibleApplianceError,
     NotEnrolledError,
     SyncPausedError,
     TransportError,
@@ -45,6 +47,7 @@ from agent.sync.engine import (
     open_folder,
 )
 from agent.sync.state import DB_FILE, SyncDb
+from protocol.models import Me
 
 PASSPHRASE_ENV = "CAIRN_PASSPHRASE"
 T = TypeVar("T")
@@ -376,11 +379,11 @@ def status(ctx: click.Context, as_json: bool) -> None:
     device = home.load_device()
     keys_present = (home.path / "keys").exists()
 
-    async def probe() -> tuple[dict[str, Any] | None, str | None]:
+    async def probe() -> tuple[Me | None, str | None]:
         async with Connection(home, device) as connection:
             try:
-                return await connection.call("GET", "/me"), None
-            except (TransportError, NotEnrolledError) as exc:
+                return await Api(connection).me(), None
+            except (TransportError, NotEnrolledError, IncompatibleApplianceError) as exc:
                 return None, exc.message
 
     me, problem = _run(probe)
@@ -390,8 +393,8 @@ def status(ctx: click.Context, as_json: bool) -> None:
               "device_id": device.device_id, "appliance_id": device.appliance_id,
               "url": device.url, "certificate_sha256": device.fingerprint,
               "keys": keys_present, "reachable": me is not None, "problem": problem,
-              "root_id": me["root_id"] if me else None,
-              "latest_cursor": me["latest_cursor"] if me else None,
+              "root_id": me.root_id if me else None,
+              "latest_cursor": me.latest_cursor if me else None,
               "sync": _sync_records(home)}
     if as_json:
         click.echo(json.dumps(report, indent=2))

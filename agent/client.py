@@ -12,11 +12,15 @@ else is trusted):
   each other, so every 4 MiB body lived until the cyclic garbage collector ran — hundreds of
   MiB of RSS on a long transfer. httpcore's responses are freed when dropped.
 
-Failures are translated here, once: HTTP error bodies become ApiError subclasses, and
-transient failures (connection refused or reset, timeouts, 429, 502-504) are retried with
-exponential backoff and jitter. When the remembered address refuses or ignores connections
-twice, the agent looks for its appliance (by appliance id) on the LAN with mDNS, checks the
-certificate there is the pinned one, remembers the new address and carries on (`rediscover`).
+Failures are translated here, once: HTTP error bodies become agent errors chosen by their
+wire `code` (protocol.errors), never by HTTP status, and transient failures (connection
+refused or reset, timeouts, a rate limit, a store that is busy, a proxy's 502-504) are retried
+with exponential backoff and jitter. The first answer's `Cairn-Api-Version` header is checked:
+an appliance of another major API version stops the agent with one clear line.
+
+When the remembered address refuses or ignores connections twice, the agent looks for its
+appliance (by appliance id) on the LAN with mDNS, checks the certificate there is the pinned
+one, remembers the new address and carries on (`rediscover`).
 """
 
 from __future__ import annotations
@@ -38,19 +42,32 @@ from agent.discovery import discovery_enabled, find_appliances
 from agent.errors import (
     ApiError,
     ForbiddenError,
+    IncompatibleApplianceError,
     NotEnrolledError,
     RemoteConflictError,
     RemoteNotFoundError,
     TransportError,
 )
 from agent.home import AgentHome, DeviceRecord
+from protocol import version
+from protocol.errors import ErrorCode
 
 log = logging.getLogger(__name__)
 
-RETRY_STATUSES = frozenset({429, 502, 503, 504})
-# 503s that waiting will not fix: the block's data is lost for now (too few healthy shards)
-# or gone. Retrying them only delays the error the user needs to see.
-PERMANENT_API_CODES = frozenset({"block_unrecoverable", "block_not_found"})
+# Errors that may go away if we wait: a rate limit, a store that is busy or lost a disk a
+# moment ago. Not block_unrecoverable or block_not_found: the block's data is lost for now
+# (too few healthy shards) or gone, and retrying only delays the error the user needs.
+TRANSIENT_CODES = frozenset({ErrorCode.RATE_LIMITED, ErrorCode.STORAGE, ErrorCode.DISK})
+# An answer without a Cairn error body with one of these statuses comes from something in
+# between (a proxy) or a server still starting: worth a retry too.
+TRANSIENT_STATUSES = frozenset({502, 503, 504})
+ERROR_CLASSES: dict[ErrorCode, type[ApiError]] = {
+    ErrorCode.NOT_FOUND: RemoteNotFoundError,
+    ErrorCode.BLOCK_NOT_FOUND: RemoteNotFoundError,
+    ErrorCode.FORBIDDEN: ForbiddenError,
+    ErrorCode.ENROLLMENT_REFUSED: ForbiddenError,
+    ErrorCode.CONFLICT: RemoteConflictError,
+}
 BLOCK_TRANSPORT_ERRORS = (httpcore.NetworkError, httpcore.TimeoutException,
                           httpcore.RemoteProtocolError)
 CONNECT_TIMEOUT_S = 5.0   # a LAN connects in milliseconds; a moved appliance must not stall
@@ -83,34 +100,38 @@ def error_from_response(response: httpx.Response) -> ApiError | NotEnrolledError
     return error_from_status(response.status_code, response.content)
 
 
-def error_from_status(status: int, content: bytes) -> ApiError | NotEnrolledError:
-    """The agent error for an HTTP error answer (body `{"error": {"code", "message"}}`)."""
+def _error_body(content: bytes) -> tuple[ErrorCode | None, str, dict[str, object]]:
+    """(code, message, details) of an error answer; code None if it is not a Cairn error
+    body (something in between answered) or names a code this agent does not know."""
     try:
-        body = json.loads(content).get("error", {})
-        api_code, message = str(body.get("code", "")), str(body.get("message", ""))
+        body = json.loads(content)["error"]
+        code, message = str(body["code"]), str(body.get("message", ""))
         details = {k: v for k, v in body.items() if k not in ("code", "message")}
-    except (ValueError, AttributeError):
-        api_code, message = "", content[:200].decode("utf-8", "replace")
-        details = {}
-    if status == 401:
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None, content[:200].decode("utf-8", "replace"), {}
+    return ErrorCode.of(code), message, details
+
+
+def error_from_status(status: int, content: bytes) -> ApiError | NotEnrolledError:
+    """The agent error for an HTTP error answer (body `{"error": {"code", "message"}}`),
+    chosen by its code."""
+    code, message, details = _error_body(content)
+    if code is ErrorCode.UNAUTHORIZED:
         return NotEnrolledError("the appliance no longer accepts this device (revoked, or "
                                 "joined elsewhere); run `cairn join` with a new code")
-    kind: type[ApiError] = {404: RemoteNotFoundError, 403: ForbiddenError,
-                            409: RemoteConflictError}.get(status, ApiError)
-    if status == 507 or api_code == "insufficient_disks":
+    if code is ErrorCode.INSUFFICIENT_DISKS:
         message = f"the appliance cannot store data right now: {message}"
-    return kind(message or f"HTTP {status}", status=status, api_code=api_code,
+    kind = ERROR_CLASSES.get(code, ApiError) if code is not None else ApiError
+    return kind(message or f"HTTP {status}", status=status, api_code=code or "",
                 details=details)
 
 
 def _transient(status: int, content: bytes) -> bool:
     """Whether an error answer may go away if we wait and retry."""
-    if status not in RETRY_STATUSES:
-        return False
-    if status == 503 and content:
-        error = error_from_status(status, content)
-        return not (isinstance(error, ApiError) and error.api_code in PERMANENT_API_CODES)
-    return True
+    code = _error_body(content)[0] if content else None
+    if code is not None:
+        return code in TRANSIENT_CODES
+    return status in TRANSIENT_STATUSES
 
 
 def _retry_after(response: httpx.Response | httpcore.Response) -> float | None:
@@ -142,6 +163,7 @@ class Connection:
                                                max_connections=block_connections,
                                                keepalive_expiry=30.0)
         self._rediscovery_lock = trio.Lock()
+        self._version_checked = False
 
     async def __aenter__(self) -> Connection:
         return self
@@ -166,6 +188,7 @@ class Connection:
             except httpx.TransportError as exc:
                 await self._after_transport_error(exc, attempt, url_before)
                 continue
+            self._check_version(response)
             if _transient(response.status_code, response.content) \
                     and attempt + 1 < self.retry.attempts:
                 await trio.sleep(self.retry.delay(attempt, _retry_after(response)))
@@ -174,6 +197,17 @@ class Connection:
                 raise error_from_response(response)
             return response.json() if response.content else None
         raise AssertionError("unreachable")  # the last attempt raises or returns
+
+    def _check_version(self, response: httpx.Response) -> None:
+        """Stop at the first answer from an appliance of another major API version. An
+        answer without the header comes from an appliance older than the header (API 1)."""
+        if self._version_checked:
+            return
+        try:
+            version.check_compatible(response.headers.get(version.HEADER, "1"))
+        except version.IncompatibleApiError as exc:
+            raise IncompatibleApplianceError(str(exc)) from None
+        self._version_checked = True
 
     async def follow_events(self, cursor: int, heartbeat_s: float,
                             on_cursor: Callable[[int], None]) -> None:

@@ -23,7 +23,6 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import trio
 
@@ -38,6 +37,7 @@ from agent.errors import (
 from agent.pipeline import run_jobs
 from agent.progress import Progress
 from agent.remote import RemoteNode, RemoteTree
+from protocol.models import BlockUrl
 
 PART_SUFFIX = ".cairn-part"
 # Blocks in flight. A download waits mostly on the appliance's reads, so more in flight than
@@ -74,7 +74,7 @@ def partial_path(target: Path, node: RemoteNode) -> Path:
     return target.with_name(f".{target.name}.{node.id[:12]}-v{node.version}{PART_SUFFIX}")
 
 
-def plan_blocks(node: RemoteNode, urls: list[dict[str, Any]]) -> list[BlockJob]:
+def plan_blocks(node: RemoteNode, urls: list[BlockUrl]) -> list[BlockJob]:
     """One job per distinct block, with every offset it fills. Raises IntegrityError if
     the appliance's list is not the metadata's."""
     refs = node.meta.blocks
@@ -85,11 +85,11 @@ def plan_blocks(node: RemoteNode, urls: list[dict[str, Any]]) -> list[BlockJob]:
     first: dict[bytes, tuple[BlockRef, str]] = {}
     position = 0
     for ref, entry in zip(refs, urls, strict=True):
-        if entry["block_id"] != ref.id_hex:
+        if entry.block_id != ref.id_hex:
             raise IntegrityError(f"the appliance serves other blocks for {node.name} than "
                                  "its metadata lists: tampered with")
         offsets[ref.block_id].append(position)
-        first.setdefault(ref.block_id, (ref, entry["url"]))
+        first.setdefault(ref.block_id, (ref, entry.url))
         position += ref.plain_size
     return [BlockJob(ref, tuple(offsets[block_id]), url)
             for block_id, (ref, url) in first.items()]
@@ -136,14 +136,14 @@ async def download_file(tree: RemoteTree, node: RemoteNode, target: Path, *,
     if node.is_dir:
         raise LocalFileError(f"{node.name} is a folder")
     detail = await tree.fetch(node.id)
-    if detail["node"]["version"] != node.version:
-        node = await tree.open(detail["node"])   # changed since it was listed
+    if detail.node.version != node.version:
+        node = await tree.open(detail.node)   # changed since it was listed
     if node.deleted:
         raise RemoteNotFoundError(f"{node.name} was deleted")
-    if detail["method"] != "GET" and node.meta.blocks:
+    if detail.method != "GET" and node.meta.blocks:
         raise LocalFileError(f"{node.name} is still being uploaded by another device; try "
                              "again when it is complete")
-    jobs = plan_blocks(node, detail["blocks"])
+    jobs = plan_blocks(node, detail.blocks)
     part = partial_path(target, node)
     try:
         resuming = part.exists()
@@ -191,7 +191,7 @@ async def _fetch(tree: RemoteTree, node: RemoteNode, jobs: list[BlockJob], fd: i
             ciphertext = connection.get_block(fresh_urls.get(job.ref.id_hex, job.url))
         except ForbiddenError:   # expired during a long download, or access revoked
             detail = trio.from_thread.run(tree.fetch, node.id)
-            fresh_urls.update({e["block_id"]: e["url"] for e in detail["blocks"]})
+            fresh_urls.update({e.block_id: e.url for e in detail.blocks})
             ciphertext = connection.get_block(fresh_urls[job.ref.id_hex])
         return decrypt_block(job.ref, ciphertext), True
 

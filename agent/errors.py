@@ -13,6 +13,7 @@
     │   └── FileChangedError       a file changed while it was being uploaded
     ├── TransportError             the appliance cannot be reached (after retries and,
     │                              if enabled, an mDNS search for its new address)
+    ├── IncompatibleApplianceError the appliance speaks another major API version
     └── ApiError                   the appliance refused a request; carries status and code
         ├── RemoteNotFoundError    404: no such node, or one you may not see
         ├── ForbiddenError         403: read-only (shared with you), or a refused URL
@@ -86,9 +87,18 @@ class TransportError(CairnAgentError):
     exit_code = 4
 
 
+class IncompatibleApplianceError(CairnAgentError):
+    """The appliance answers with another major API version (protocol.version): update
+    whichever side is older."""
+
+    code = "api_version"
+    exit_code = 12
+
+
 class ApiError(CairnAgentError):
-    """The appliance answered with an error. `status` is the HTTP status, `api_code` the
-    error body's code, `details` its extra fields (e.g. `current_version`)."""
+    """The appliance answered with an error. `api_code` is the error body's code (a
+    protocol.errors.ErrorCode, or "" for an answer that is not a Cairn error), `details`
+    its extra fields (e.g. `current_version`), `status` the HTTP status (for messages)."""
 
     code = "api"
     exit_code = 7

@@ -3,19 +3,18 @@ the command line formats the results)."""
 
 from __future__ import annotations
 
-import base64
 import os
 import stat
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from agent.client import Connection
 from agent.crypto.grants import wrap_for_user
-from agent.crypto.nodes import NodeMeta, check_name, new_node_key, seal_metadata, wrap_key
+from agent.crypto.nodes import NodeMeta, check_name, new_node_key
 from agent.download import DownloadStats, download_file
 from agent.errors import (
     ForbiddenError,
@@ -25,8 +24,12 @@ from agent.errors import (
     UsageError,
 )
 from agent.home import AgentHome
-from agent.remote import ID_PREFIX, RemoteNode, RemoteTree, Target
+from agent.remote import ID_PREFIX, RemoteNode, RemoteTree, Target, node_create, node_update
 from agent.upload import UploadStats, upload_file
+from protocol.errors import ErrorCode
+from protocol.ids import new_node_id
+
+T = TypeVar("T")
 
 
 @asynccontextmanager
@@ -35,10 +38,6 @@ async def session(home: AgentHome) -> AsyncIterator[RemoteTree]:
     keys = home.load_keys()
     async with Connection(home, device) as connection:
         yield RemoteTree(connection, keys, home)
-
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
 
 
 def _not_shared(remote: str) -> RemoteNotFoundError:
@@ -64,16 +63,11 @@ async def make_folder(tree: RemoteTree, target: Target, *, mtime_ns: int | None 
         if not target.existing.is_dir:
             raise UsageError(f"a file named {target.name!r} is already there")
         return target.existing
-    node_id = os.urandom(16).hex()
-    node_key = new_node_key()
     meta = NodeMeta(name=check_name(target.name), kind="dir", mode=mode,
                     mtime_ns=time.time_ns() if mtime_ns is None else mtime_ns)
-    answer = await tree.connection.call("POST", "/files", json={
-        "id": node_id, "parent": target.parent.id, "kind": "dir",
-        "metadata": _b64(seal_metadata(node_key, node_id, meta)),
-        "wrapped_key": _b64(wrap_key(target.parent.key, node_key, node_id,
-                                     target.parent.id))})
-    return await tree.open(answer["node"])
+    answer = await tree.api.create(node_create(new_node_id(), new_node_key(), meta,
+                                               target.parent.id, target.parent.key))
+    return await tree.open(answer.node)
 
 
 async def make_folders(tree: RemoteTree, remote: str, *, parents: bool) -> RemoteNode:
@@ -218,8 +212,7 @@ async def remove(tree: RemoteTree, remote: str, *, recursive: bool) -> RemoteNod
     if node.is_dir and not recursive:
         raise UsageError(f"{remote} is a folder; use rm -r to remove it and everything "
                          "in it")
-    await _owned_call(tree, "DELETE", f"/files/{node.id}", remote,
-                      params={"base_version": node.version})
+    await _owned(remote, tree.api.delete(node.id, node.version))
     return node
 
 
@@ -243,27 +236,23 @@ async def move(tree: RemoteTree, source: str, destination: str) -> RemoteNode:
             return node
         raise UsageError(f"{target.name!r} already exists there; remove it first")
     meta = replace(node.meta, name=check_name(target.name))
-    body: dict[str, Any] = {
-        "base_version": node.version,
-        "metadata": _b64(seal_metadata(node.key, node.id, meta)),
-        "wrapped_key": _b64(wrap_key(target.parent.key, node.key, node.id,
-                                     target.parent.id))}
-    if target.parent.id != node.parent:
-        body["parent"] = target.parent.id
-    answer = await _owned_call(tree, "PUT", f"/files/{node.id}", source, json=body)
-    return await tree.open(answer["node"])
+    update = node_update(node, meta, target.parent, move=target.parent.id != node.parent,
+                         content=False)
+    answer = await _owned(source, tree.api.update(node.id, update))
+    return await tree.open(answer.node)
 
 
-async def _owned_call(tree: RemoteTree, method: str, path: str, remote: str,
-                      **kwargs: Any) -> Any:
+async def _owned(remote: str, call: Awaitable[T]) -> T:
+    """CALL, a change to REMOTE, with the refusals a change may meet said in its words."""
     try:
-        return await tree.connection.call(method, path, **kwargs)
-    except ForbiddenError:
+        return await call
+    except ForbiddenError as exc:
         raise ForbiddenError(f"{remote} is shared with you read-only; you cannot change "
-                             "it", status=403, api_code="forbidden") from None
-    except RemoteConflictError:
+                             "it", status=exc.status, api_code=exc.api_code) from None
+    except RemoteConflictError as exc:
         raise RemoteConflictError(f"{remote} changed on another device meanwhile; look "
-                                  "again and retry", status=409, api_code="conflict") from None
+                                  "again and retry", status=exc.status,
+                                  api_code=exc.api_code) from None
 
 
 # --- sharing ---------------------------------------------------------------------------
@@ -272,7 +261,7 @@ async def share(tree: RemoteTree, remote: str, users: list[str]) -> RemoteNode:
     node = await resolve(tree, remote)
     if node.owner != tree.user:
         raise ForbiddenError(f"{remote} belongs to {node.owner}; only they can share it",
-                             status=403, api_code="forbidden")
+                             status=403, api_code=ErrorCode.FORBIDDEN)
     if node.parent is None:
         raise UsageError("share a folder or file, not your whole root folder")
     grants = []
@@ -284,18 +273,17 @@ async def share(tree: RemoteTree, remote: str, users: list[str]) -> RemoteNode:
         except RemoteNotFoundError:
             raise RemoteNotFoundError(f"user {user!r} does not exist or has no device "
                                       "yet") from None
-        grants.append({"user": user, "wrapped_key": _b64(wrap_for_user(
-            tree.keys.private_key, public_key, node.key, node_id=node.id, owner=tree.user,
-            recipient=user))})
-    await _owned_call(tree, "POST", f"/files/{node.id}/share", remote,
-                      json={"grants": grants})
+        grants.append((user, wrap_for_user(tree.keys.private_key, public_key, node.key,
+                                           node_id=node.id, owner=tree.user,
+                                           recipient=user)))
+    await _owned(remote, tree.api.share(node.id, grants))
     return node
 
 
 async def unshare(tree: RemoteTree, remote: str, user: str) -> RemoteNode:
     node = await resolve(tree, remote)
     try:
-        await _owned_call(tree, "DELETE", f"/files/{node.id}/share/{user}", remote)
+        await _owned(remote, tree.api.unshare(node.id, user))
     except RemoteNotFoundError:
         raise RemoteNotFoundError(f"{remote} is not shared with {user}") from None
     return node

@@ -12,19 +12,28 @@ tree.
 
 from __future__ import annotations
 
-import base64
 from dataclasses import dataclass
 from typing import Any
 
+from agent.api import Api
 from agent.client import Connection
 from agent.crypto.grants import open_grant
 from agent.crypto.keys import UserKeys
-from agent.crypto.nodes import NodeKind, NodeMeta, check_name, open_metadata, unwrap_key
+from agent.crypto.nodes import (
+    NodeKind,
+    NodeMeta,
+    check_name,
+    open_metadata,
+    seal_metadata,
+    unwrap_key,
+    wrap_key,
+)
 from agent.errors import RemoteNotFoundError, UsageError
 from agent.home import AgentHome
+from protocol.ids import b64decode, b64encode, is_node_id
+from protocol.models import BlockIn, NodeCreate, NodeDetail, NodeOut, NodeUpdate, SharedItem
 
 ID_PREFIX = "id:"
-PAGE = 1000
 
 
 @dataclass(frozen=True)
@@ -57,6 +66,54 @@ class RemoteNode:
                 "updated_at": self.updated_at}
 
 
+def open_node(raw: NodeOut, key: bytes) -> RemoteNode:
+    """The node an API answer describes, its metadata decrypted and checked with KEY (the
+    one place a RemoteNode is made from the wire). Raises IntegrityError if it does not
+    open: tampered with, or moved between nodes."""
+    meta = open_metadata(key, raw.id, raw.kind, b64decode(raw.metadata))
+    return RemoteNode(id=raw.id, parent=raw.parent, kind=raw.kind, version=raw.version,
+                      status=raw.status, deleted=raw.deleted, owner=raw.owner,
+                      created_at=raw.created_at, updated_at=raw.updated_at, key=key,
+                      meta=meta)
+
+
+def child_key(parent_key: bytes, raw: NodeOut) -> bytes:
+    """The key of a node whose parent's key we hold."""
+    return unwrap_key(parent_key, b64decode(raw.wrapped_key), raw.id, raw.parent)
+
+
+def node_create(node_id: str, node_key: bytes, meta: NodeMeta, parent_id: str | None,
+                parent_key: bytes) -> NodeCreate:
+    """The request that creates a node: META sealed with its key, the key wrapped with its
+    parent's (the user's root key for the root, PARENT_ID None)."""
+    return NodeCreate(id=node_id, parent=parent_id, kind=meta.kind,
+                      metadata=b64encode(seal_metadata(node_key, node_id, meta)),
+                      wrapped_key=b64encode(wrap_key(parent_key, node_key, node_id,
+                                                     parent_id)),
+                      **_content_of(meta))
+
+
+def node_update(node: RemoteNode, meta: NodeMeta, parent: RemoteNode, *,
+                move: bool = False, content: bool = True) -> NodeUpdate:
+    """The request that gives NODE a new version with META under PARENT: with its size and
+    blocks for a file (CONTENT; without, they stay as they are: a rename or a move); MOVE
+    says PARENT is a new one (a move re-wraps the key)."""
+    return NodeUpdate(base_version=node.version,
+                      metadata=b64encode(seal_metadata(node.key, node.id, meta)),
+                      wrapped_key=b64encode(wrap_key(parent.key, node.key, node.id,
+                                                     parent.id)),
+                      **({"parent": parent.id} if move else {}),
+                      **(_content_of(meta) if content else {}))
+
+
+def _content_of(meta: NodeMeta) -> dict[str, Any]:
+    """A file's size and block list (a folder has none: the fields stay unset)."""
+    if meta.kind != "file":
+        return {}
+    return {"size": meta.size,
+            "blocks": [BlockIn(id=ref.id_hex, size=ref.cipher_size) for ref in meta.blocks]}
+
+
 @dataclass(frozen=True)
 class Target:
     """Where a new node named NAME would go under PARENT; EXISTING if the name is taken."""
@@ -73,31 +130,24 @@ def split_path(path: str) -> list[str]:
 class RemoteTree:
     def __init__(self, connection: Connection, keys: UserKeys, home: AgentHome) -> None:
         self.connection = connection
+        self.api = Api(connection)
         self.keys = keys
         self.home = home
         self.user = connection.device.user
         self._keys: dict[str, bytes] = {}
-        self._grants: dict[str, dict[str, Any]] | None = None
+        self._grants: dict[str, SharedItem] | None = None
 
     # --- nodes and keys --------------------------------------------------------------
 
-    async def fetch(self, node_id: str) -> dict[str, Any]:
-        detail: dict[str, Any] = await self.connection.call("GET", f"/files/{node_id}")
-        return detail
+    async def fetch(self, node_id: str) -> NodeDetail:
+        return await self.api.node(node_id)
 
     async def node(self, node_id: str) -> RemoteNode:
-        return await self.open((await self.fetch(node_id))["node"])
+        return await self.open((await self.fetch(node_id)).node)
 
-    async def open(self, raw: dict[str, Any]) -> RemoteNode:
+    async def open(self, raw: NodeOut) -> RemoteNode:
         """A node from the API, with its key found and its metadata decrypted and checked."""
-        key = await self.key_of(raw)
-        kind: NodeKind = raw["kind"]
-        meta = open_metadata(key, raw["id"], kind, base64.b64decode(raw["metadata"]))
-        return RemoteNode(id=raw["id"], parent=raw["parent"], kind=kind,
-                          version=int(raw["version"]), status=raw["status"],
-                          deleted=bool(raw["deleted"]), owner=raw["owner"],
-                          created_at=float(raw["created_at"]),
-                          updated_at=float(raw["updated_at"]), key=key, meta=meta)
+        return open_node(raw, await self.key_of(raw))
 
     def forget_shares(self) -> None:
         """Ask the appliance again next time: grants come and go while an agent runs."""
@@ -107,64 +157,54 @@ class RemoteTree:
         """A key found elsewhere (the sync mirror), so no walk up is needed for it."""
         self._keys[node_id] = key
 
-    async def key_of(self, raw: dict[str, Any]) -> bytes:
-        node_id: str = raw["id"]
+    async def key_of(self, raw: NodeOut) -> bytes:
+        node_id = raw.id
         if node_id in self._keys:
             return self._keys[node_id]
-        wrapped = base64.b64decode(raw["wrapped_key"])
-        parent_id: str | None = raw["parent"]
-        if raw["owner"] == self.user and parent_id is None:
+        wrapped = b64decode(raw.wrapped_key)
+        parent_id = raw.parent
+        if raw.owner == self.user and parent_id is None:
             key = unwrap_key(self.keys.root_key, wrapped, node_id, None)
-        elif raw["owner"] != self.user and node_id in await self._shared():
+        elif raw.owner != self.user and node_id in await self._shared():
             key = await self._open_grant(node_id)
         elif parent_id is None:
             raise RemoteNotFoundError(f"node {node_id} is not shared with you")
         else:
-            parent = (await self.fetch(parent_id))["node"]
+            parent = (await self.fetch(parent_id)).node
             key = unwrap_key(await self.key_of(parent), wrapped, node_id, parent_id)
         self._keys[node_id] = key
         return key
 
-    async def _shared(self) -> dict[str, dict[str, Any]]:
+    async def _shared(self) -> dict[str, SharedItem]:
         if self._grants is None:
-            body = await self.connection.call("GET", "/shared-with-me")
-            self._grants = {item["node"]["id"]: item for item in body["items"]}
+            self._grants = {item.node.id: item for item in await self.api.shared_with_me()}
         return self._grants
 
     async def owner_public_key(self, owner: str) -> bytes:
-        body = await self.connection.call("GET", f"/users/{owner}/public-key")
-        return self.home.pin_public_key(owner, base64.b64decode(body["public_key"]))
+        return self.home.pin_public_key(owner, await self.api.public_key(owner))
 
     async def _open_grant(self, node_id: str) -> bytes:
         item = (await self._shared())[node_id]
-        owner = str(item["owner"])
-        return open_grant(self.keys.private_key, await self.owner_public_key(owner),
-                          base64.b64decode(item["wrapped_key"]), node_id=node_id,
-                          owner=owner, recipient=self.user)
+        return open_grant(self.keys.private_key, await self.owner_public_key(item.owner),
+                          b64decode(item.wrapped_key), node_id=node_id, owner=item.owner,
+                          recipient=self.user)
 
     async def shared_with_me(self) -> list[tuple[RemoteNode, str]]:
         items = await self._shared()
-        return [(await self.open(item["node"]), str(item["owner"])) for item in items.values()]
+        return [(await self.open(item.node), item.owner) for item in items.values()]
 
     # --- folders and paths ------------------------------------------------------------
 
     async def root(self) -> RemoteNode:
-        return await self.open(await self.connection.call("GET", "/root"))
+        return await self.open(await self.api.root())
 
     async def children(self, folder: RemoteNode) -> list[RemoteNode]:
         entries: list[RemoteNode] = []
-        after = ""
-        while True:
-            page = await self.connection.call("GET", f"/files/{folder.id}/children",
-                                              params={"after": after, "limit": PAGE})
-            for raw in page["nodes"]:
-                if raw["id"] not in self._keys:
-                    self._keys[raw["id"]] = unwrap_key(
-                        folder.key, base64.b64decode(raw["wrapped_key"]), raw["id"], folder.id)
-                entries.append(await self.open(raw))
-            if not page["next_after"]:
-                return entries
-            after = page["next_after"]
+        async for raw in self.api.children(folder.id):
+            if raw.id not in self._keys:
+                self._keys[raw.id] = child_key(folder.key, raw)
+            entries.append(await self.open(raw))
+        return entries
 
     async def child(self, folder: RemoteNode, name: str) -> RemoteNode | None:
         matches = [c for c in await self.children(folder) if c.name == name]
@@ -178,7 +218,7 @@ class RemoteTree:
         """The node REMOTE names. Raises RemoteNotFoundError."""
         if remote.startswith(ID_PREFIX):
             node_id = remote[len(ID_PREFIX):].strip().lower()
-            if len(node_id) != 32 or any(c not in "0123456789abcdef" for c in node_id):
+            if not is_node_id(node_id):
                 raise UsageError(f"{remote!r}: a node id has 32 hex digits")
             node = await self.node(node_id)
             if node.deleted:

@@ -5,8 +5,7 @@ What the appliance gives us, and what we make of it:
 
 - `GET /trash` lists *deletion roots* only — a node deleted by itself, or the folder a
   recursive delete started from — newest first, in a single answer of at most 5,000 (it
-  does not page: `next_after` is always null today; we follow it anyway should it start
-  to).
+  does not page: `next_after` is always null).
 - A folder's delete tombstones its live subtree, every member with the folder's own
   `deleted_at`. The API does not expose `deleted_root`, so the members of a deletion are
   the deleted descendants reached through deleted folders that share the root's
@@ -27,12 +26,11 @@ What the appliance gives us, and what we make of it:
 
 from __future__ import annotations
 
-import base64
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from agent.crypto.nodes import NodeKind, open_metadata, unwrap_key
+from agent.crypto.nodes import NodeKind
 from agent.errors import (
     ApiError,
     ForbiddenError,
@@ -40,12 +38,14 @@ from agent.errors import (
     RemoteNotFoundError,
     UsageError,
 )
-from agent.remote import ID_PREFIX, PAGE, RemoteNode, RemoteTree, split_path
+from agent.remote import ID_PREFIX, RemoteNode, RemoteTree, child_key, open_node, split_path
+from protocol.errors import ErrorCode
+from protocol.limits import MAX_TRASH_PAGE
+from protocol.models import NodeOut
 
-TRASH_PAGE = 5000          # the most `GET /trash` answers at once
-GONE = 410
+TRASH_PAGE = MAX_TRASH_PAGE  # the most `GET /trash` answers at once
 UNKNOWN_FOLDER = "…"       # stands for folders above a node that were purged
-Raw = dict[str, Any]       # a node as the API answers it (NodeOut)
+Raw = NodeOut              # a node as the API answers it
 
 
 # --- values ---------------------------------------------------------------------------------
@@ -130,21 +130,20 @@ class _Deleted:
 
     @property
     def id(self) -> str:
-        return str(self.raw["id"])
+        return self.raw.id
 
     @property
     def kind(self) -> NodeKind:
-        kind: NodeKind = self.raw["kind"]
-        return kind
+        return self.raw.kind
 
     @property
     def deleted_at(self) -> float:
-        return float(self.raw["deleted_at"])
+        return self.raw.deleted_at or 0.0
 
     @property
     def size(self) -> int:
         """A file's size (from its metadata when we can read it); a folder's: its files'."""
-        own = int(self.raw["size"]) if self.node is None else self.node.meta.size
+        own = self.raw.size if self.node is None else self.node.meta.size
         return own + sum(m.size for m in self.members)
 
     @property
@@ -188,7 +187,7 @@ def is_within(path: str, folder: str) -> bool:
 
 def is_member(deleted_at: float, raw: Raw) -> bool:
     """RAW went with the deletion that happened at DELETED_AT (see the module docstring)."""
-    return bool(raw["deleted"]) and raw["deleted_at"] == deleted_at
+    return raw.deleted and raw.deleted_at == deleted_at
 
 
 def newest(candidates: list[_Deleted]) -> _Deleted:
@@ -197,15 +196,7 @@ def newest(candidates: list[_Deleted]) -> _Deleted:
 
 def open_child(parent: RemoteNode, raw: Raw) -> RemoteNode:
     """RemoteTree.open for a node whose parent is open already: no walk up, no request."""
-    node_id: str = raw["id"]
-    key = unwrap_key(parent.key, base64.b64decode(raw["wrapped_key"]), node_id, parent.id)
-    kind: NodeKind = raw["kind"]
-    meta = open_metadata(key, node_id, kind, base64.b64decode(raw["metadata"]))
-    return RemoteNode(id=node_id, parent=raw["parent"], kind=kind,
-                      version=int(raw["version"]), status=raw["status"],
-                      deleted=bool(raw["deleted"]), owner=raw["owner"],
-                      created_at=float(raw["created_at"]),
-                      updated_at=float(raw["updated_at"]), key=key, meta=meta)
+    return open_node(raw, child_key(parent.key, raw))
 
 
 # --- reading the trash ----------------------------------------------------------------------
@@ -223,61 +214,53 @@ class _Nodes:
         """The node as the appliance has it now; None once it is purged."""
         if node_id not in self._raw:
             try:
-                self._raw[node_id] = (await self.tree.fetch(node_id))["node"]
+                self._raw[node_id] = (await self.tree.fetch(node_id)).node
             except RemoteNotFoundError:
                 self._raw[node_id] = None
         return self._raw[node_id]
 
     async def opened(self, raw: Raw) -> tuple[RemoteNode | None, str]:
         """RAW opened (None if a folder above it is gone) and the path it had."""
-        node_id: str = raw["id"]
+        node_id = raw.id
         if node_id not in self._opened:
             self._raw.setdefault(node_id, raw)
             self._opened[node_id] = await self._open(raw)
         return self._opened[node_id]
 
     async def _open(self, raw: Raw) -> tuple[RemoteNode | None, str]:
-        if raw["parent"] is None:
+        if raw.parent is None:
             return await self.tree.open(raw), "/"
-        parent_raw = await self.raw(raw["parent"])
+        parent_raw = await self.raw(raw.parent)
         if parent_raw is None:
-            return None, join_path(UNKNOWN_FOLDER, f"{ID_PREFIX}{raw['id']}")
+            return None, join_path(UNKNOWN_FOLDER, f"{ID_PREFIX}{raw.id}")
         parent, parent_path = await self.opened(parent_raw)
         if parent is None:
-            return None, join_path(parent_path, f"{ID_PREFIX}{raw['id']}")
+            return None, join_path(parent_path, f"{ID_PREFIX}{raw.id}")
         node = open_child(parent, raw)
         return node, join_path(parent_path, node.name)
 
     async def deleted_children(self, folder_id: str) -> list[Raw]:
-        found: list[Raw] = []
-        after = ""
-        while True:
-            page = await self.tree.connection.call(
-                "GET", f"/files/{folder_id}/children",
-                params={"after": after, "limit": PAGE, "include_deleted": "true"})
-            found.extend(raw for raw in page["nodes"] if raw["deleted"])
-            if not page["next_after"]:
-                return found
-            after = page["next_after"]
+        return [raw async for raw in self.tree.api.children(folder_id, include_deleted=True)
+                if raw.deleted]
 
     async def deletion(self, raw: Raw) -> _Deleted:
         """Deleted RAW with the path it had and the members its deletion took along."""
         node, path = await self.opened(raw)
-        return await self._with_members(raw, node, path, float(raw["deleted_at"]))
+        return await self._with_members(raw, node, path, raw.deleted_at or 0.0)
 
     async def _with_members(self, raw: Raw, node: RemoteNode | None, path: str,
                             deleted_at: float) -> _Deleted:
-        if raw["kind"] != "dir":
+        if raw.kind != "dir":
             return _Deleted(raw, node, path)
         members = []
-        for child in await self.deleted_children(raw["id"]):
+        for child in await self.deleted_children(raw.id):
             if not is_member(deleted_at, child):
                 continue   # deleted by itself before the folder: a trash entry of its own
             child_node = None if node is None else open_child(node, child)
             child_path = join_path(path, child_node.name if child_node is not None
-                                   else f"{ID_PREFIX}{child['id']}")
-            self._raw[child["id"]] = child
-            self._opened[child["id"]] = (child_node, child_path)
+                                   else f"{ID_PREFIX}{child.id}")
+            self._raw[child.id] = child
+            self._opened[child.id] = (child_node, child_path)
             members.append(await self._with_members(child, child_node, child_path,
                                                     deleted_at))
         return _Deleted(raw, node, path, tuple(members))
@@ -285,17 +268,7 @@ class _Nodes:
 
 async def _trash_roots(tree: RemoteTree) -> list[Raw]:
     """Every deletion root the appliance lists, newest first."""
-    roots: list[Raw] = []
-    seen: set[str] = set()
-    params: dict[str, Any] = {"limit": TRASH_PAGE}
-    while True:
-        page = await tree.connection.call("GET", "/trash", params=params)
-        fresh = [raw for raw in page["nodes"] if raw["id"] not in seen]
-        roots.extend(fresh)
-        seen.update(raw["id"] for raw in fresh)
-        if not page.get("next_after") or not fresh:
-            return sorted(roots, key=lambda raw: -float(raw["deleted_at"]))
-        params = {"limit": TRASH_PAGE, "after": page["next_after"]}
+    return sorted(await tree.api.trash(), key=lambda raw: -(raw.deleted_at or 0.0))
 
 
 async def trash(tree: RemoteTree, *, expand: bool = False) -> list[TrashEntry]:
@@ -325,7 +298,7 @@ async def _by_path(tree: RemoteTree, nodes: _Nodes, path: str) -> tuple[_Deleted
     candidates: list[_Deleted] = []
     for raw in await _trash_roots(tree):
         _, had = await nodes.opened(raw)
-        if had == target or (raw["kind"] == "dir" and is_within(target, had)):
+        if had == target or (raw.kind == "dir" and is_within(target, had)):
             deletion = await nodes.deletion(raw)
             candidates.extend(d for d in deletion.walk() if d.path == target)
     if not candidates:
@@ -340,33 +313,34 @@ async def _by_id(tree: RemoteTree, nodes: _Nodes, remote: str) -> _Deleted:
     raw = await nodes.raw(node_id)
     if raw is None:
         raise _nothing_at(remote)
-    if raw["owner"] != tree.user:
+    if raw.owner != tree.user:
         raise _not_yours(remote, raw)
-    if not raw["deleted"]:
+    if not raw.deleted:
         _, path = await nodes.opened(raw)
         raise UsageError(f"{remote} is not deleted: it is {path}")
     return await nodes.deletion(raw)
 
 
 def _not_yours(what: str, raw: Raw) -> ForbiddenError:
-    return ForbiddenError(f"{what} belongs to {raw['owner']}; only they can restore it",
-                          status=403, api_code="forbidden")
+    return ForbiddenError(f"{what} belongs to {raw.owner}; only they can restore it",
+                          status=403, api_code=ErrorCode.FORBIDDEN)
 
 
 async def _deleted_folders_above(nodes: _Nodes, deleted: _Deleted) -> list[_Deleted]:
     """The deleted folders above DELETED, top-down, up to the first live one."""
     chain: list[_Deleted] = []
-    parent_id = deleted.raw["parent"]
+    parent_id = deleted.raw.parent
     while parent_id is not None:
         raw = await nodes.raw(parent_id)
         if raw is None:
             raise ApiError(f"{deleted.path} can no longer be restored: the folder it was in "
-                           "was purged after the grace period", status=GONE, api_code="gone")
-        if not raw["deleted"]:
+                           "was purged after the grace period", status=410,
+                           api_code=ErrorCode.GONE)
+        if not raw.deleted:
             break
         node, path = await nodes.opened(raw)
         chain.append(_Deleted(raw, node, path))
-        parent_id = raw["parent"]
+        parent_id = raw.parent
     return chain[::-1]
 
 
@@ -374,13 +348,12 @@ async def _restore_one(tree: RemoteTree, nodes: _Nodes, deleted: _Deleted
                        ) -> Restored | None:
     """Restore DELETED (with what its deletion took along) unless it is back already
     (with a folder above it, or by another device); what came back."""
-    fresh = (await tree.fetch(deleted.id))["node"]
-    if not fresh["deleted"]:
+    fresh = (await tree.fetch(deleted.id)).node
+    if not fresh.deleted:
         return None
     deletion = await nodes.deletion(fresh)
     try:
-        await tree.connection.call("POST", f"/files/{deleted.id}/restore",
-                                   json={"base_version": fresh["version"]})
+        await tree.api.restore(deleted.id, fresh.version)
     except ForbiddenError:
         raise _not_yours(deleted.path, fresh) from None
     except RemoteNotFoundError:
@@ -391,11 +364,11 @@ async def _restore_one(tree: RemoteTree, nodes: _Nodes, deleted: _Deleted
                                   status=exc.status, api_code=exc.api_code,
                                   details=exc.details) from None
     except ApiError as exc:
-        if exc.status != GONE:
+        if exc.api_code != ErrorCode.GONE:
             raise
         raise ApiError(f"{deleted.path} can no longer be restored: the appliance reclaimed "
-                       "its data after the grace period", status=GONE,
-                       api_code="gone") from None
+                       "its data after the grace period", status=exc.status,
+                       api_code=ErrorCode.GONE) from None
     return deletion.restored()
 
 
@@ -404,7 +377,7 @@ async def _name_taken(tree: RemoteTree, nodes: _Nodes, restored: Restored) -> bo
     raw = await nodes.raw(restored.id)
     assert raw is not None
     node, _ = await nodes.opened(raw)
-    parent_raw = None if raw["parent"] is None else await nodes.raw(raw["parent"])
+    parent_raw = None if raw.parent is None else await nodes.raw(raw.parent)
     if node is None or parent_raw is None:
         return False
     parent, _ = await nodes.opened(parent_raw)

@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import base64
 import os
 import stat
 from dataclasses import dataclass, field
@@ -25,11 +24,13 @@ from typing import Any
 import trio
 
 from agent.crypto.blocks import BLOCK_SIZE, BlockRef, encrypt_block
-from agent.crypto.nodes import NodeMeta, new_node_key, seal_metadata, wrap_key
+from agent.crypto.nodes import NodeMeta, new_node_key
 from agent.errors import FileChangedError, ForbiddenError, LocalFileError, UsageError
 from agent.pipeline import DEFAULT_PARALLEL, run_jobs
 from agent.progress import Progress
-from agent.remote import RemoteNode, RemoteTree, Target
+from agent.remote import RemoteNode, RemoteTree, Target, node_create, node_update
+from protocol.ids import new_node_id
+from protocol.models import BlockUrl, NodeWrite
 
 MAX_SEND_ROUNDS = 3
 
@@ -53,10 +54,6 @@ class UploadStats:
         self.blocks_sent += other.blocks_sent
         self.folders += other.folders
         self.skipped += other.skipped
-
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
 
 
 def _local_error(path: Path, exc: OSError) -> LocalFileError:
@@ -98,29 +95,14 @@ async def scan_file(fd: int, path: Path, size: int, content_secret: bytes,
     return [ref for ref in refs if ref is not None]
 
 
-def _payload(node_id: str, node_key: bytes, parent_key: bytes, parent_id: str,
-             meta: NodeMeta) -> dict[str, Any]:
-    return {"metadata": _b64(seal_metadata(node_key, node_id, meta)),
-            "wrapped_key": _b64(wrap_key(parent_key, node_key, node_id, parent_id)),
-            "size": meta.size,
-            "blocks": [{"id": r.id_hex, "size": r.cipher_size} for r in meta.blocks]}
-
-
-async def announce(tree: RemoteTree, target: Target, meta: NodeMeta) -> dict[str, Any]:
-    """Create the node or version the existing one; the appliance's NodeWrite answer."""
+async def announce(tree: RemoteTree, target: Target, meta: NodeMeta) -> NodeWrite:
+    """Create the node or version the existing one; the appliance's answer."""
     parent = target.parent
     existing = target.existing
     if existing is None:
-        node_id = os.urandom(16).hex()
-        body = _payload(node_id, new_node_key(), parent.key, parent.id, meta)
-        answer: dict[str, Any] = await tree.connection.call(
-            "POST", "/files", json={"id": node_id, "parent": parent.id, "kind": meta.kind,
-                                    **body})
-        return answer
-    body = _payload(existing.id, existing.key, parent.key, parent.id, meta)
-    answer = await tree.connection.call("PUT", f"/files/{existing.id}",
-                                        json={"base_version": existing.version, **body})
-    return answer
+        return await tree.api.create(node_create(new_node_id(), new_node_key(), meta,
+                                                 parent.id, parent.key))
+    return await tree.api.update(existing.id, node_update(existing, meta, parent))
 
 
 def _unchanged(existing: RemoteNode | None, meta: NodeMeta) -> bool:
@@ -161,17 +143,17 @@ async def upload_file(tree: RemoteTree, path: Path, target: Target, *,
         if _unchanged(target.existing, meta):
             return stats
         answer = await announce(tree, target, meta)
-        node_id = answer["node"]["id"]
-        stats.node = answer["node"]
+        node_id = answer.node.id
+        stats.node = answer.node.model_dump(mode="json")
         try:
             first_index: dict[str, int] = {}
             for index, ref in enumerate(refs):
                 first_index.setdefault(ref.id_hex, index)
-            urls = answer["upload"]
+            urls = answer.upload
             for _ in range(MAX_SEND_ROUNDS):
                 if not urls:
                     break
-                progress = Progress(sum(int(e["size"]) for e in urls), f"sending {path.name}",
+                progress = Progress(sum(e.size for e in urls), f"sending {path.name}",
                                     enabled=show_progress)
                 try:
                     stats.blocks_sent += await _send(tree, fd, path, first_index, urls,
@@ -179,8 +161,8 @@ async def upload_file(tree: RemoteTree, path: Path, target: Target, *,
                 finally:
                     progress.close()
                 detail = await tree.fetch(node_id)
-                stats.node = detail["node"]
-                urls = detail["blocks"] if detail["method"] == "PUT" else []
+                stats.node = detail.node.model_dump(mode="json")
+                urls = detail.blocks if detail.method == "PUT" else []
             if _fingerprint(os.fstat(fd)) != _fingerprint(before):
                 raise FileChangedError(f"{path} changed while it was being uploaded; run put "
                                        "again once it is complete")
@@ -196,14 +178,14 @@ async def upload_file(tree: RemoteTree, path: Path, target: Target, *,
 
 
 async def _send(tree: RemoteTree, fd: int, path: Path, first_index: dict[str, int],
-                urls: list[dict[str, Any]], progress: Progress, parallel: int,
+                urls: list[BlockUrl], progress: Progress, parallel: int,
                 node_id: str) -> int:
     secret = tree.keys.content_secret
     connection = tree.connection
     refreshed: dict[str, str] = {}
 
-    def send(entry: dict[str, Any]) -> int:
-        block_id = entry["block_id"]
+    def send(entry: BlockUrl) -> int:
+        block_id = entry.block_id
         index = first_index.get(block_id)
         if index is None:
             raise LocalFileError(f"the appliance asked for block {block_id[:16]}, which "
@@ -213,7 +195,7 @@ async def _send(tree: RemoteTree, fd: int, path: Path, first_index: dict[str, in
             raise FileChangedError(f"{path} changed while it was being uploaded; run put "
                                    "again once it is complete")
         try:
-            connection.put_block(refreshed.get(block_id, entry["url"]), ciphertext)
+            connection.put_block(refreshed.get(block_id, entry.url), ciphertext)
         except ForbiddenError:   # the URL expired during a long upload: one fresh try
             refreshed.update(_fresh_urls(node_id))
             connection.put_block(refreshed[block_id], ciphertext)
@@ -221,11 +203,11 @@ async def _send(tree: RemoteTree, fd: int, path: Path, first_index: dict[str, in
 
     def _fresh_urls(node: str) -> dict[str, str]:
         detail = trio.from_thread.run(tree.fetch, node)
-        return {e["block_id"]: e["url"] for e in detail["blocks"]}
+        return {e.block_id: e.url for e in detail.blocks}
 
     sent = 0
 
-    def done(entry: dict[str, Any], cipher_size: int) -> None:
+    def done(entry: BlockUrl, cipher_size: int) -> None:
         nonlocal sent
         sent += 1
         progress.advance(cipher_size)

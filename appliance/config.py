@@ -29,11 +29,12 @@ from appliance.storage.settings import (
     DiskSpec,
     StoreSettings,
 )
+from protocol.mdns import DEFAULT_PORT
 
 CONFIG_NAME = "config.toml"
 CONFIG_FORMAT = 1
 DEFAULT_LISTEN_HOST = "127.0.0.1"
-DEFAULT_LISTEN_PORT = 8443
+DEFAULT_LISTEN_PORT = DEFAULT_PORT
 DEFAULT_SCRUB_RATE_MB_PER_S = 20.0
 DEFAULT_FULL_SCRUB_INTERVAL_S = 7 * 24 * 3600.0
 DEFAULT_DATABASE = Path("appliance.db")

@@ -20,8 +20,15 @@ from dataclasses import dataclass
 from protocol.version import API_VERSION
 
 SERVICE_TYPE = "_cairn._tcp.local."
+DEFAULT_PORT = 8443       # where an appliance listens unless its config says otherwise
 ID_PREFIX_LENGTH = 8
 FINGERPRINT = re.compile(r"[0-9a-f]{64}")
+
+
+def local_urls(port: int = DEFAULT_PORT) -> list[str]:
+    """Where an appliance on this very machine answers by default (`make run`'s listens on
+    127.0.0.1 and advertises nothing): worth trying when the LAN shows none."""
+    return [f"https://{format_endpoint(address, port)}" for address in ("127.0.0.1", "::1")]
 
 
 def instance_name(appliance_id: str) -> str:

@@ -108,11 +108,12 @@ class Mirror:
     async def list_all(self) -> int:
         me = await self.tree.connection.call("GET", "/me")
         cursor = int(me["latest_cursor"])
-        root_raw = (await self.tree.fetch(self.root_id))["node"]
-        if root_raw["deleted"]:
+        root_node = (await self.tree.fetch(self.root_id)).node
+        if root_node.deleted:
             raise RemoteNotFoundError("the synced remote folder was deleted; restore it "
                                       "(cairn restore) or sync to another one")
-        root = await self.tree.open(root_raw)
+        root = await self.tree.open(root_node)
+        root_raw = root_node.model_dump(mode="json")
         rows: list[RemoteRow] = [row_from(root_raw, root.key, root.meta)]
         await self._list_under(root_raw["id"], root.key, rows)
         with self.db.transaction():

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.client import RetryPolicy, error_from_status
+from agent.client import RetryPolicy, _transient, error_from_status
 from agent.crypto.blocks import encrypt_block
 from agent.crypto.nodes import NodeMeta
 from agent.discovery import lan_addresses
@@ -27,6 +27,7 @@ from agent.errors import (
 from agent.home import AgentHome
 from agent.pipeline import first_error, run_jobs
 from agent.remote import RemoteNode
+from protocol.models import BlockUrl
 
 
 def test_retry_delays_grow_and_are_capped() -> None:
@@ -38,17 +39,36 @@ def test_retry_delays_grow_and_are_capped() -> None:
     assert policy.delay(0, retry_after=60) == 2.0
 
 
-@pytest.mark.parametrize(("status", "kind"), [
-    (404, RemoteNotFoundError), (403, ForbiddenError), (409, RemoteConflictError),
-    (401, NotEnrolledError), (500, ApiError)])
-def test_error_bodies_become_agent_errors(status: int, kind: type[Exception]) -> None:
-    body = json.dumps({"error": {"code": "x", "message": "said the appliance",
+@pytest.mark.parametrize(("status", "code", "kind"), [
+    (404, "not_found", RemoteNotFoundError), (404, "block_not_found", RemoteNotFoundError),
+    (403, "forbidden", ForbiddenError), (403, "enrollment_refused", ForbiddenError),
+    (409, "conflict", RemoteConflictError), (401, "unauthorized", NotEnrolledError),
+    (500, "internal", ApiError), (410, "gone", ApiError),
+    # the code decides, never the status: an unknown code is a plain ApiError whatever
+    # the status, and a known code means the same under any status
+    (404, "x", ApiError), (403, "x", ApiError), (409, "x", ApiError), (401, "x", ApiError),
+    (400, "conflict", RemoteConflictError)])
+def test_error_bodies_become_agent_errors_by_code(status: int, code: str,
+                                                  kind: type[Exception]) -> None:
+    body = json.dumps({"error": {"code": code, "message": "said the appliance",
                                  "current_version": 7}}).encode()
     error = error_from_status(status, body)
     assert type(error) is kind
     if isinstance(error, ApiError):
         assert error.message == "said the appliance"
         assert error.details == {"current_version": 7}
+        assert error.api_code == (code if code != "x" else "")
+        assert error.status == status
+
+
+@pytest.mark.parametrize(("status", "code", "transient"), [
+    (429, "rate_limited", True), (503, "storage", True), (503, "block_unrecoverable", False),
+    (404, "block_not_found", False), (507, "insufficient_disks", False),
+    (502, None, True), (503, None, True), (504, None, True), (500, None, False)])
+def test_what_is_worth_a_retry(status: int, code: str | None, transient: bool) -> None:
+    body = b"<html>proxy</html>" if code is None else json.dumps(
+        {"error": {"code": code, "message": "m"}}).encode()
+    assert _transient(status, body) is transient
 
 
 def test_error_without_json_body_keeps_the_text() -> None:
@@ -70,10 +90,14 @@ def _node(blocks: list[bytes], node_id: str = "ab" * 16) -> RemoteNode:
                       updated_at=0, key=b"k" * 32, meta=meta)
 
 
+def _url(block_id: str) -> BlockUrl:
+    return BlockUrl(block_id=block_id, size=1, url="u")
+
+
 def test_download_plan_fetches_repeated_blocks_once() -> None:
     node = _node([b"a" * 10, b"b" * 10, b"a" * 10])
-    urls = [{"block_id": r.id_hex, "url": f"/blocks/{i}"} for i, r in
-            enumerate(node.meta.blocks)]
+    urls = [BlockUrl(block_id=r.id_hex, size=r.cipher_size, url=f"/blocks/{i}")
+            for i, r in enumerate(node.meta.blocks)]
     jobs = plan_blocks(node, urls)
     assert [job.offsets for job in jobs] == [(0, 20), (10,)]
 
@@ -82,10 +106,9 @@ def test_download_plan_refuses_a_list_other_than_the_metadata() -> None:
     node = _node([b"a" * 10, b"b" * 10])
     ids = [r.id_hex for r in node.meta.blocks]
     with pytest.raises(IntegrityError):
-        plan_blocks(node, [{"block_id": ids[1], "url": "u"}, {"block_id": ids[0],
-                                                              "url": "u"}])
+        plan_blocks(node, [_url(ids[1]), _url(ids[0])])
     with pytest.raises(IntegrityError):
-        plan_blocks(node, [{"block_id": ids[0], "url": "u"}])
+        plan_blocks(node, [_url(ids[0])])
 
 
 def test_public_keys_are_pinned_on_first_use(tmp_path: Path) -> None:

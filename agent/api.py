@@ -1,0 +1,200 @@
+"""The appliance's API as typed calls: one method per route the agent uses, each taking and
+returning the protocol's models (protocol.models), so no request body is built by hand and
+no answer is read by string keys.
+
+`Api` sits on a `Connection` (agent.client), which carries the requests: retries, the
+version check on the first answer, rediscovery, and errors mapped by their wire code. Bodies
+are sent with only the fields that were set (`exclude_unset`): for some routes a field's
+presence is the request (`parent` in an update is a move).
+
+Listings come in pages; `children` and `changes` page through them (one pager, `_pages`),
+so callers iterate over nodes or changes and never see a cursor or an `after` id.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+from pydantic import BaseModel
+
+from agent.client import Connection
+from protocol.ids import b64decode, b64encode
+from protocol.limits import MAX_CHANGES_PAGE, MAX_CHILDREN_PAGE, MAX_TRASH_PAGE
+from protocol.models import (
+    BatchCreate,
+    BatchDelete,
+    BatchRequest,
+    BatchResponse,
+    BatchResult,
+    BatchUpdate,
+    BlockBatch,
+    BlockBatchResult,
+    BlockData,
+    BlockRead,
+    BlockReadRequest,
+    BlockReadResult,
+    BlockStored,
+    ChangeOut,
+    ChangesPage,
+    GrantIn,
+    Grants,
+    Health,
+    KeyBundle,
+    KeyBundleUpdate,
+    Me,
+    NodeCreate,
+    NodeDetail,
+    NodeList,
+    NodeOut,
+    NodeUpdate,
+    NodeWrite,
+    PublicKey,
+    SharedItem,
+    SharedWithMe,
+    ShareRequest,
+    VersionBody,
+)
+
+M = TypeVar("M", bound=BaseModel)
+Operation = BatchCreate | BatchUpdate | BatchDelete
+FEED_PAGE = 2000
+assert FEED_PAGE <= MAX_CHANGES_PAGE
+
+
+def body_of(model: BaseModel) -> dict[str, Any]:
+    """A request model as JSON, with only the fields that were set."""
+    return model.model_dump(mode="json", exclude_unset=True)
+
+
+class Api:
+    def __init__(self, connection: Connection) -> None:
+        self.connection = connection
+
+    async def _get(self, answer: type[M], path: str, **params: Any) -> M:
+        return answer.model_validate(await self.connection.call("GET", path, params=params
+                                                                or None))
+
+    async def _send(self, answer: type[M], method: str, path: str,
+                    body: BaseModel | None = None, **params: Any) -> M:
+        return answer.model_validate(await self.connection.call(
+            method, path, json=None if body is None else body_of(body), params=params or None))
+
+    # --- the appliance and the account ------------------------------------------------
+
+    async def health(self) -> Health:
+        return await self._get(Health, "/health")
+
+    async def me(self) -> Me:
+        return await self._get(Me, "/me")
+
+    async def key_bundle(self) -> KeyBundle:
+        return await self._get(KeyBundle, "/me/key-bundle")
+
+    async def put_key_bundle(self, public_key: bytes, bundle: bytes, base_version: int
+                             ) -> KeyBundle:
+        update = KeyBundleUpdate(public_key=b64encode(public_key), bundle=b64encode(bundle),
+                                 base_version=base_version)
+        return await self._send(KeyBundle, "PUT", "/me/key-bundle", update)
+
+    async def public_key(self, user: str) -> bytes:
+        return b64decode((await self._get(PublicKey, f"/users/{user}/public-key")).public_key)
+
+    # --- nodes ----------------------------------------------------------------------------
+
+    async def root(self) -> NodeOut:
+        return await self._get(NodeOut, "/root")
+
+    async def node(self, node_id: str) -> NodeDetail:
+        """The node, with download URLs for its blocks (or upload URLs while uploading)."""
+        return await self._get(NodeDetail, f"/files/{node_id}")
+
+    async def create(self, create: NodeCreate) -> NodeWrite:
+        return await self._send(NodeWrite, "POST", "/files", create)
+
+    async def update(self, node_id: str, update: NodeUpdate) -> NodeWrite:
+        return await self._send(NodeWrite, "PUT", f"/files/{node_id}", update)
+
+    async def delete(self, node_id: str, base_version: int) -> NodeOut:
+        return await self._send(NodeOut, "DELETE", f"/files/{node_id}",
+                                base_version=base_version)
+
+    async def restore(self, node_id: str, base_version: int) -> NodeOut:
+        return await self._send(NodeOut, "POST", f"/files/{node_id}/restore",
+                                VersionBody(base_version=base_version))
+
+    async def batch(self, operations: Sequence[Operation]) -> list[BatchResult]:
+        """Operations applied in order in one transaction; each succeeds or fails alone."""
+        request = BatchRequest(operations=list(operations))
+        return (await self._send(BatchResponse, "POST", "/batch/files", request)).results
+
+    def children(self, folder_id: str, *, include_deleted: bool = False
+                 ) -> AsyncIterator[NodeOut]:
+        """The folder's entries, a page at a time."""
+        params: dict[str, Any] = {"limit": MAX_CHILDREN_PAGE}
+        if include_deleted:
+            params["include_deleted"] = "true"
+
+        async def page(after: str | None) -> tuple[list[NodeOut], str | None]:
+            listing = await self._get(NodeList, f"/files/{folder_id}/children",
+                                      after=after or "", **params)
+            return listing.nodes, listing.next_after
+
+        return _pages(page, None)
+
+    async def trash(self) -> list[NodeOut]:
+        """The newest deleted items of the caller's tree (at most MAX_TRASH_PAGE)."""
+        return (await self._get(NodeList, "/trash", limit=MAX_TRASH_PAGE)).nodes
+
+    # --- the changes feed -----------------------------------------------------------------
+
+    async def changes_page(self, cursor: int, limit: int = FEED_PAGE) -> ChangesPage:
+        return await self._get(ChangesPage, "/changes", cursor=cursor, limit=limit)
+
+    def changes(self, cursor: int) -> AsyncIterator[ChangeOut]:
+        """Every change after CURSOR, oldest first (each carries its own cursor)."""
+        async def page(after: int | None) -> tuple[list[ChangeOut], int | None]:
+            answer = await self.changes_page(cursor if after is None else after)
+            return answer.changes, answer.cursor if answer.has_more else None
+
+        return _pages(page, None)
+
+    # --- blocks (small ones inline; big ones go through pre-signed URLs) -----------------
+
+    async def put_blocks(self, blocks: Sequence[tuple[str, bytes]]) -> list[BlockStored]:
+        batch = BlockBatch(blocks=[BlockData(id=block_id, data=b64encode(data))
+                                   for block_id, data in blocks])
+        return (await self._send(BlockBatchResult, "POST", "/blocks", batch)).results
+
+    async def read_blocks(self, block_ids: Sequence[str]) -> list[BlockRead]:
+        request = BlockReadRequest(ids=list(block_ids))
+        return (await self._send(BlockReadResult, "POST", "/blocks/read", request)).blocks
+
+    # --- sharing --------------------------------------------------------------------------
+
+    async def share(self, node_id: str, grants: Sequence[tuple[str, bytes]]) -> Grants:
+        request = ShareRequest(grants=[GrantIn(user=user, wrapped_key=b64encode(wrapped))
+                                       for user, wrapped in grants])
+        return await self._send(Grants, "POST", f"/files/{node_id}/share", request)
+
+    async def unshare(self, node_id: str, user: str) -> None:
+        await self.connection.call("DELETE", f"/files/{node_id}/share/{user}")
+
+    async def shared_with_me(self) -> list[SharedItem]:
+        return (await self._get(SharedWithMe, "/shared-with-me")).items
+
+
+T = TypeVar("T")
+P = TypeVar("P")
+
+
+async def _pages(fetch: Callable[[P | None], Awaitable[tuple[list[T], P | None]]],
+                 start: P | None) -> AsyncIterator[T]:
+    """The items of every page: FETCH(position) answers (items, next position or None)."""
+    position = start
+    while True:
+        items, position = await fetch(position)
+        for item in items:
+            yield item
+        if position is None:
+            return
