@@ -146,7 +146,8 @@ async def _candidates() -> tuple[list[str], str]:
         found = [u for appliance in await find_appliances() for u in appliance.urls]
         searched = f"on the LAN (mDNS) or on this machine ({', '.join(local)})"
     except TransportError as exc:     # discovery off, or no LAN interface
-        found, searched = [], f"on this machine ({', '.join(local)}); {exc.message}"
+        why = exc.message.split(";")[0]
+        found, searched = [], f"on this machine ({', '.join(local)}; {why})"
     return found + [u for u in local if u not in found], searched
 
 
