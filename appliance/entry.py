@@ -1,21 +1,21 @@
-"""The `cairnd` command's entry point: a clear line, not a traceback, when this machine has
+"""The `cairnd` command's entry point: one clear line, not a traceback, when this machine has
 only the agent's packages (`pip install 'cairn[agent]'`) and someone runs the appliance."""
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 
 APPLIANCE_PACKAGES = ("fastapi", "hypercorn", "pyeclib")
 
 
 def main() -> None:
-    try:
-        from appliance.cli import main as cli_main
-    except ModuleNotFoundError as exc:
-        if exc.name is None or exc.name.split(".")[0] not in APPLIANCE_PACKAGES:
-            raise
+    missing = [name for name in APPLIANCE_PACKAGES if importlib.util.find_spec(name) is None]
+    if missing:
         sys.stderr.write(f"cairnd: error: the appliance's packages are not installed "
-                         f"({exc.name} is missing); install them with "
+                         f"({', '.join(missing)}); install them with "
                          f"pip install 'cairn[appliance]'\n")
         sys.exit(1)
+    from appliance.cli import main as cli_main
+
     cli_main()
