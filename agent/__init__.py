@@ -1,3 +1,5 @@
-"""The Cairn agent: runs on each Linux device, finds the appliance on the LAN, syncs folders
-both ways, mounts the remote tree with FUSE, and encrypts everything end to end before it
-leaves the device. Only the command-line shell exists so far; see agent.cli."""
+"""The Cairn agent: runs on each Linux device, finds the appliance on the LAN, joins it,
+holds the user's keys, moves files to and from it (`cairn put/get/…`) and syncs folders both
+ways (`cairn sync`), encrypting everything end to end before it leaves the device. The FUSE
+drive (`fuse/`) will build on it. The command line is agent.cli; the wire contract it shares
+with the appliance is the `protocol` package."""

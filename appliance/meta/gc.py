@@ -4,11 +4,12 @@
   block lists and grants); until then `restore` brings them back.
 - Blocks whose reference count has been 0 for longer than the grace period are collected
   in three steps, so that a block referenced again meanwhile is never lost:
-  1. `claim_unreferenced_blocks` marks them not stored (a new node that references one from
-     now on asks for it to be uploaded again);
+  1. `unreferenced_blocks` lists them, and `claim_block` marks each not stored (a new node
+     that references one from now on asks for it to be uploaded again);
   2. the caller deletes them from the block store (tombstoned there);
-  3. `forget_collected_blocks` drops the rows of those still unreferenced, and lists the
-     others as pending for the nodes that now wait for them.
+  3. `forget_block` drops the row of one still unreferenced, or lists it as pending for the
+     nodes that now wait for it.
+  appliance/collect.py runs the three steps.
   A per-block lock (appliance.locks, held by the block routes and by appliance.collect)
   keeps an upload of the same block from interleaving with steps 1-3.
 """
