@@ -24,8 +24,10 @@ import hmac
 import os
 import ssl
 from collections.abc import Callable
+from typing import Any
 
 import httpx
+import trio
 from pydantic import ValidationError
 
 from agent.api import Api, body_of
@@ -57,6 +59,8 @@ from protocol.models import EnrollChallenge, EnrollProof, EnrollRedeem, EnrollRe
 
 PassphraseSource = Callable[[bool], str]   # called with True for a new passphrase
 MIN_PASSPHRASE_CHARS = 8
+RATE_LIMIT_RETRIES = 8
+MAX_RATE_LIMIT_WAIT_S = 5.0
 ROOT_NAME = "root"
 
 
@@ -75,6 +79,25 @@ def _peer_certificate(response: httpx.Response) -> bytes:
     return der
 
 
+async def _post(client: httpx.AsyncClient, path: str, body: dict[str, Any]) -> httpx.Response:
+    """POST BODY; a refusal for going too fast (the appliance limits enrollment requests
+    per address, and several devices may join at once) is repeated after the delay the
+    appliance names, a few times."""
+    for _ in range(RATE_LIMIT_RETRIES):
+        response = await client.post(path, json=body)
+        if response.status_code != 429:
+            return response
+        await trio.sleep(min(_retry_after_s(response), MAX_RATE_LIMIT_WAIT_S))
+    return response
+
+
+def _retry_after_s(response: httpx.Response) -> float:
+    try:
+        return max(0.1, float(response.headers.get("retry-after", "1")))
+    except ValueError:
+        return 1.0
+
+
 class _Unreachable(str):
     """Why a candidate was not tried: nothing answered there."""
 
@@ -87,7 +110,7 @@ async def _challenge(url: str, code: EnrollmentCode, nonce: bytes
     try:
         async with httpx.AsyncClient(base_url=url, verify=_untrusted_context(),
                                      timeout=15) as client:
-            response = await client.post("/enroll/challenge", json=body_of(challenge))
+            response = await _post(client, "/enroll/challenge", body_of(challenge))
             der = _peer_certificate(response)
     except httpx.HTTPError as exc:
         return _Unreachable(f"{url}: cannot connect ({exc})")
@@ -162,7 +185,7 @@ async def _redeem(home: AgentHome, url: str, code: EnrollmentCode, nonce: bytes,
         # Only the certificate the proof was checked against is trusted from here on.
         async with httpx.AsyncClient(base_url=url, verify=pinned_ssl_context(pem),
                                      timeout=30) as client:
-            response = await client.post("/enroll", json=body_of(redeem))
+            response = await _post(client, "/enroll", body_of(redeem))
     except httpx.HTTPError as exc:
         raise TransportError(f"lost the appliance at {url} while joining: {exc}") from None
     if response.status_code != 201:

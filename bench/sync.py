@@ -68,6 +68,7 @@ for folder in (PROJECT, BENCH, PROJECT / "tests"):
         sys.path.insert(0, str(folder))
 
 import apsw  # noqa: E402
+from api_helpers import new_code  # noqa: E402
 from blockstore import machine_info, run_dd  # noqa: E402
 from report import Figure, format_table, say  # noqa: E402
 from sync_helpers import PART, Device, make_device  # noqa: E402
@@ -761,8 +762,8 @@ def main(argv: list[str] | None = None) -> int:
             bench.appliance = appliance
             home, url = appliance.database.parent, appliance.server.url
             say(f"[start] cairnd serve at {url} (pid {appliance.pid}); joining A and B ...")
-            bench.a = make_device(run_dir, home, url, USER, "A", code)
-            bench.b = make_device(run_dir, home, url, USER, "B")
+            bench.a = make_device(run_dir, url, code, "A")
+            bench.b = make_device(run_dir, url, new_code(home, USER), "B")
             try:
                 if bench.phase("start (first file A -> B)", bench.warm_up):
                     bench.phase("propagation latency", bench.latency)

@@ -17,7 +17,7 @@ from typing import Any
 
 import blake3
 import httpx
-from cairnd_helpers import run_cairnd
+from cairnd_helpers import run_cairnd_in_process
 
 from protocol.enrollment import EnrollmentCode, enrollment_proof, enrollment_response
 
@@ -40,14 +40,15 @@ def served_fingerprint(url: str) -> bytes:
 
 
 def add_user(home: Path, name: str) -> str:
-    """`cairnd user add NAME`; returns the code (the last line of stdout)."""
-    result = run_cairnd("user", "add", name, "--home", home)
+    """`cairnd user add NAME` (in-process); returns the code (the last line of stdout)."""
+    result = run_cairnd_in_process("user", "add", name, "--home", home)
     assert result.returncode == 0, result.stderr
     return result.stdout.strip().splitlines()[-1]
 
 
 def new_code(home: Path, name: str) -> str:
-    result = run_cairnd("user", "code", name, "--home", home)
+    """`cairnd user code NAME` (in-process): a fresh code for another device of NAME."""
+    result = run_cairnd_in_process("user", "code", name, "--home", home)
     assert result.returncode == 0, result.stderr
     return result.stdout.strip().splitlines()[-1]
 

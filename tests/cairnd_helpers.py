@@ -1,5 +1,7 @@
-"""Helpers for tests of the `cairnd` command: run it as a subprocess, and run a real
-appliance on 127.0.0.1 with a port the kernel picks (`serving`).
+"""Helpers for tests of the `cairnd` command: run it as a subprocess (`run_cairnd`) or in
+the test process (`run_cairnd_in_process`, for account commands a test only needs done),
+and run a real appliance on 127.0.0.1 with a port the kernel picks (`serving`, and
+`served_appliance` for a fresh home served until the end of a block).
 
 Only loopback networking: every server here listens on 127.0.0.1:0.
 """
@@ -19,9 +21,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
+
+from in_process import run_click
 
 from appliance.config import ApplianceConfig
+from appliance.home import init_home
 
 CAIRND = (sys.executable, "-m", "appliance.cli")
 SERVE_LINE = re.compile(
@@ -43,6 +48,13 @@ def run_cairnd(*args: str | Path, env: dict[str, str] | None = None,
     return subprocess.run([*CAIRND, *map(str, args)], capture_output=True, text=True,
                           env=env if env is not None else cairnd_env(), timeout=timeout,
                           check=False)
+
+
+def run_cairnd_in_process(*args: str | Path, timeout: float = 60
+                          ) -> subprocess.CompletedProcess[str]:
+    """`cairnd ARGS...` run inside the test process (see in_process.py)."""
+    from appliance.cli import cli
+    return run_click(cli, "cairnd", [str(a) for a in args], cairnd_env(), timeout)
 
 
 @dataclass
@@ -106,6 +118,34 @@ def serving(home: Path, *extra: str, timeout: float = 30) -> Iterator[RunningApp
                 process.wait(timeout=10)
             if process.stdout is not None:
                 process.stdout.close()
+
+
+class Served(NamedTuple):
+    """An appliance home and its running server (unpacks as `config, server`)."""
+
+    config: ApplianceConfig
+    server: RunningAppliance
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    @property
+    def home(self) -> Path:
+        return self.config.home
+
+
+@contextmanager
+def served_appliance(directory: Path, **options: Any) -> Iterator[Served]:
+    """A fresh appliance home in DIRECTORY (init options as given; no free-space reserve),
+    served on 127.0.0.1 for the duration; it must stop cleanly and log no traceback."""
+    options.setdefault("reserve_free_bytes", 0)
+    options.setdefault("listen", "127.0.0.1:0")
+    config = init_home(directory, **options)
+    with serving(config.home) as server:
+        yield Served(config, server)
+        assert server.stop() == 0
+        assert "Traceback" not in server.stderr(), server.stderr()[-5000:]
 
 
 def read_json(path: Path) -> Any:

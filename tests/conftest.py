@@ -1,19 +1,33 @@
-"""Shared fixtures: appliance homes in tmp_path and the `cairnd` command.
+"""Shared fixtures: the session's appliance and its users, appliance homes in tmp_path, and
+the `cairnd` command.
 
-Helpers that tests import directly live in cairnd_helpers.py (importing conftest by name
-breaks as soon as a second conftest.py exists).
+How the suite stays quick (tests/README.md has the whole of it):
+- `appliance` is ONE `cairnd serve` for the whole session (127.0.0.1:0, six temporary
+  disks, defaults otherwise), checked at the end to stop cleanly with no traceback logged.
+  Tests that only need *an* appliance use it with `fresh_user` (a user of their own, so
+  nothing they do meets another test's data); tests about the appliance process itself
+  (restarts, crashes, disk faults, configuration) start their own with `served_appliance`
+  or `serving`.
+- `fresh_user(hint, keys=True)` makes a user named HINT plus a unique number, with the key
+  bundle stored sealed at a low scrypt cost (agent_helpers.make_user), and
+  `user.join(home)` joins a device in-process.
+- `cairn` runs in-process (agent_helpers.run_cairn) except where the process is the point.
+
+Helpers that tests import directly live in *_helpers.py (importing conftest by name breaks
+as soon as a second conftest.py exists).
 """
 
 from __future__ import annotations
 
 import os
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from cairnd_helpers import MakeHome, run_cairnd
+from agent_helpers import MakeUser, User, make_user
+from cairnd_helpers import MakeHome, Served, run_cairnd, served_appliance
 
 from appliance.config import ApplianceConfig
 from appliance.home import init_home
@@ -39,3 +53,20 @@ def appliance_home(tmp_path: Path) -> MakeHome:
 @pytest.fixture
 def cairnd() -> Callable[..., subprocess.CompletedProcess[str]]:
     return run_cairnd
+
+
+@pytest.fixture(scope="session")
+def appliance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    """The session's appliance (see the module doc); must stop cleanly at the end."""
+    with served_appliance(tmp_path_factory.mktemp("session") / "appliance") as served:
+        yield served
+
+
+@pytest.fixture
+def fresh_user(appliance: Served) -> MakeUser:
+    """A factory: `fresh_user("alice")` is a new user of the session's appliance."""
+
+    def make(hint: str = "user", *, keys: bool = True) -> User:
+        return make_user(appliance, hint, keys=keys)
+
+    return make

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 import subprocess
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,6 +130,17 @@ class ShardLocation:
         finally:
             pack.close()
 
+    def delete(self) -> None:
+        """The shard is gone from this disk (a lost sector, a file someone removed)."""
+        if not self.packed:
+            self.file.unlink()
+            return
+        pack = self._pack()
+        try:
+            pack.execute("DELETE FROM shards WHERE block_id = ?", (self.block_id,))
+        finally:
+            pack.close()
+
     def __str__(self) -> str:
         return f"{self.disk_root.name}:{'pack' if self.packed else 'file'}:{self.block_id[:16]}"
 
@@ -142,24 +153,32 @@ class ShardFile:
     problem: str = ""
 
 
-def shard_files(store: BlockStore, block_id: str) -> list[ShardFile]:
-    """Every shard of the block on every disk folder, file or packed, fully verified."""
+def _disk_roots(where: BlockStore | Sequence[DiskSpec]) -> list[tuple[str, Path]]:
+    if isinstance(where, BlockStore):
+        return [(disk.name, disk.root) for disk in where.disks]
+    return [(spec.name, spec.path) for spec in where]
+
+
+def shard_files(where: BlockStore | Sequence[DiskSpec], block_id: str) -> list[ShardFile]:
+    """Every shard of the block on every disk folder of a store (or of an appliance's
+    config: `config.store.disks`), file or packed, fully verified; disk by disk in order,
+    a disk's shard file before its packed copy."""
     found = []
-    for disk in store.disks:
+    for disk_name, root in _disk_roots(where):
         for packed in (False, True):
-            location = ShardLocation(disk.root, block_id, packed)
+            location = ShardLocation(root, block_id, packed)
             raw = location.read_bytes()
             if raw is None:
                 continue
             try:
                 header, _ = parse_shard(raw)
             except ShardFormatError as exc:
-                found.append(ShardFile(disk.name, location, None, exc.message))
+                found.append(ShardFile(disk_name, location, None, exc.message))
                 continue
             if header.block_id != bytes.fromhex(block_id):
-                found.append(ShardFile(disk.name, location, None, "names another block"))
+                found.append(ShardFile(disk_name, location, None, "names another block"))
                 continue
-            found.append(ShardFile(disk.name, location, header))
+            found.append(ShardFile(disk_name, location, header))
     return found
 
 

@@ -1,8 +1,9 @@
 """Running real `cairn sync` processes against a real appliance, and reading their folders.
 
-A Device is one agent home joined to the appliance plus its synced folder; `start` runs
-`cairn sync DIR` as a subprocess (log in HOME/sync.log), `stop` ends it (SIGTERM, or -9 to
-simulate a crash). `wait_for` polls a condition with a deadline; `tree_of` reads a folder
+A Device is one agent home joined to the appliance (in-process, `make_device` /
+`devices_of`) plus its synced folder; `start` runs `cairn sync DIR` as a subprocess (log in
+HOME/sync.log) — the process running on its own is the point — and `stop` ends it (SIGTERM,
+or -9 to simulate a crash). `wait_for` polls a condition with a deadline; `tree_of` reads a folder
 as {relative path: bytes} (folders as None), skipping Cairn's temporary files.
 """
 
@@ -17,8 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from agent_helpers import CAIRN, agent_env, joined
-from api_helpers import new_code
+from agent_helpers import CAIRN, User, agent_env, joined
 
 T = TypeVar("T")
 PART = ".cairn-part"
@@ -65,14 +65,19 @@ class Device:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
 
-def make_device(base: Path, appliance_home: Path, url: str, user: str, name: str,
-                code: str | None = None) -> Device:
-    """A new device of USER (a fresh code unless one is given), with an empty folder."""
+def make_device(base: Path, url: str, code: str, name: str) -> Device:
+    """A new device joined with CODE to the appliance at URL (BASE/NAME-home), with an
+    empty folder BASE/NAME-folder."""
     home = base / f"{name}-home"
-    joined(home, url, code or new_code(appliance_home, user), name=name)
+    joined(home, url, code, name=name)
     folder = base / f"{name}-folder"
     folder.mkdir(parents=True, exist_ok=True)
     return Device(home=home, folder=folder, name=name)
+
+
+def devices_of(user: User, base: Path, *names: str) -> list[Device]:
+    """A new device of USER for each name, each with an empty folder."""
+    return [make_device(base, user.appliance.url, user.code(), name) for name in names]
 
 
 def tree_of(folder: Path) -> dict[str, bytes | None]:

@@ -1,7 +1,7 @@
 """No plaintext reaches the appliance: files and folders whose names and contents carry
-random markers are uploaded with the real `cairn` CLI, the server is stopped, and every
-byte under the appliance's home — disks (shard files and small-shard packs), the database
-with its WAL, logs, configuration — is searched for the markers."""
+random markers are uploaded with the `cairn` CLI (in-process), the server (this test's own)
+is stopped, and every byte under the appliance's home — disks (shard files and small-shard
+packs), the database with its WAL, logs, configuration — is searched for the markers."""
 
 from __future__ import annotations
 
@@ -9,9 +9,8 @@ import base64
 import secrets
 from pathlib import Path
 
-from agent_helpers import cairn_ok, joined
-from api_helpers import add_user
-from cairnd_helpers import serving
+from agent_helpers import cairn_ok, make_user
+from cairnd_helpers import Served, serving
 
 from appliance.home import init_home
 
@@ -54,8 +53,8 @@ def test_no_name_or_content_in_plaintext_on_the_appliance(tmp_path: Path) -> Non
 
     config = init_home(tmp_path / "appliance", reserve_free_bytes=0, listen="127.0.0.1:0")
     with serving(config.home) as server:
-        home = joined(tmp_path / "agent", server.url, add_user(config.home, "alice"),
-                      name=f"laptop-{device_marker}")
+        home = make_user(Served(config, server), "alice").join(
+            tmp_path / "agent", f"laptop-{device_marker}")
         cairn_ok(home, "put", local, "/")
         cairn_ok(home, "mkdir", f"/empty-{name_marker}")
         cairn_ok(home, "get", f"/folder-{name_marker}", tmp_path / "back")

@@ -1,7 +1,9 @@
 """Errors a user of `cairn` understands: one line on stderr starting with `cairn: error:`,
-a non-zero exit code (agent.errors), never a traceback — the real CLI as a subprocess
-against a real `cairnd serve`. Also `--help` of every command, and a file that changes
-while it is being uploaded (in process, with the send step wrapped to change it)."""
+a non-zero exit code (agent.errors), never a traceback — the CLI in-process against the
+session's real `cairnd serve`, and the real binary as a subprocess where its exit code and
+stderr are the point (an unreachable appliance, no home, the top-level help). Also
+`--help` of every command, and a file that changes while it is being uploaded (in
+process, with the send step wrapped to change it)."""
 
 from __future__ import annotations
 
@@ -14,17 +16,17 @@ from pathlib import Path
 import pytest
 from agent_helpers import (
     PASSPHRASE,
+    User,
     agent_env,
     cairn_ok,
     fails,
     join,
-    joined,
     ls_json,
+    make_user,
     run_cairn,
-    served_appliance,
+    run_cairn_binary,
 )
-from api_helpers import add_user, new_code
-from cairnd_helpers import RunningAppliance, serving
+from cairnd_helpers import Served, serving
 from click.testing import CliRunner
 
 from agent import operations as ops
@@ -41,7 +43,6 @@ from agent.errors import (
 )
 from agent.home import AgentHome
 from agent.upload import upload_file
-from appliance.config import ApplianceConfig
 from appliance.home import init_home
 
 MiB = 1024 * 1024
@@ -51,39 +52,33 @@ MiB = 1024 * 1024
 class Users:
     alice: Path
     bob: Path
+    alice_user: User
 
 
 @pytest.fixture(scope="module")
-def appliance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[
-        tuple[ApplianceConfig, RunningAppliance]]:
-    with served_appliance(tmp_path_factory.mktemp("agent-errors") / "appliance",
-                          disks=4, data_shards=2, parity_shards=1) as served:
-        yield served
-
-
-@pytest.fixture(scope="module")
-def users(appliance: tuple[ApplianceConfig, RunningAppliance],
-          tmp_path_factory: pytest.TempPathFactory) -> Users:
-    config, server = appliance
-    return Users(**{name: joined(tmp_path_factory.mktemp(name) / "home", server.url,
-                                 add_user(config.home, name))
-                    for name in ("alice", "bob")})
+def users(appliance: Served, tmp_path_factory: pytest.TempPathFactory) -> Users:
+    alice, bob = make_user(appliance, "alice"), make_user(appliance, "bob")
+    return Users(alice.join(tmp_path_factory.mktemp("alice") / "home"),
+                 bob.join(tmp_path_factory.mktemp("bob") / "home"), alice)
 
 
 def test_appliance_unreachable(tmp_path: Path) -> None:
+    """The real binary: its exit code and its one line of stderr."""
     config = init_home(tmp_path / "appliance", disks=3, data_shards=2, parity_shards=1,
                        reserve_free_bytes=0, listen="127.0.0.1:0")
     with serving(config.home) as server:
-        home = joined(tmp_path / "home", server.url, add_user(config.home, "dora"))
+        home = make_user(Served(config, server), "dora").join(tmp_path / "home")
         assert server.stop() == 0
-    fails(run_cairn(home, "ls"), TransportError.exit_code,
+    fails(run_cairn_binary(home, "ls"), TransportError.exit_code,
           f"cannot reach the appliance at {server.url}", "discovery is off")
 
 
 def test_not_enrolled(tmp_path: Path) -> None:
-    for command in (["ls"], ["get", "/x", str(tmp_path / "x")], ["unlock"]):
+    for command in (["ls"], ["get", "/x", str(tmp_path / "x")]):
         fails(run_cairn(tmp_path / "empty", *command), NotEnrolledError.exit_code,
               "has not joined", "cairn join")
+    fails(run_cairn_binary(tmp_path / "empty", "unlock"), NotEnrolledError.exit_code,
+          "has not joined", "cairn join")
     assert not (tmp_path / "x").exists()
 
 
@@ -113,32 +108,29 @@ def test_not_shared_with_you(users: Users, tmp_path: Path) -> None:
 
 
 def test_wrong_passphrase_on_a_second_device_then_unlock(
-        appliance: tuple[ApplianceConfig, RunningAppliance], users: Users,
-        tmp_path: Path) -> None:
-    config, server = appliance
+        appliance: Served, users: Users, tmp_path: Path) -> None:
+    alice = users.alice_user
     (tmp_path / "hello.txt").write_text("from the laptop")
     cairn_ok(users.alice, "put", tmp_path / "hello.txt", "/hello.txt")
 
     phone = tmp_path / "phone"
-    fails(join(phone, server.url, new_code(config.home, "alice"), passphrase="not the one",
+    fails(join(phone, appliance.url, alice.code(), passphrase="not the one",
                name="phone"), WrongPassphraseError.exit_code, "wrong passphrase")
     fails(run_cairn(phone, "ls"), NotEnrolledError.exit_code, "no keys", "cairn unlock")
-    fails(run_cairn(phone, "join", new_code(config.home, "alice"), "--url", server.url,
+    fails(run_cairn(phone, "join", alice.code(), "--url", appliance.url,
                     env=agent_env(CAIRN_PASSPHRASE=PASSPHRASE)),
           UsageError.exit_code, "cairn unlock")
 
     unlocked = run_cairn(phone, "unlock", env=agent_env(CAIRN_PASSPHRASE=PASSPHRASE))
     assert unlocked.returncode == 0, unlocked.stderr
-    assert unlocked.stdout.strip() == "keys of user alice unlocked on this device"
+    assert unlocked.stdout.strip() == f"keys of user {alice.name} unlocked on this device"
     cairn_ok(phone, "get", "/hello.txt", tmp_path / "on-phone.txt")
     assert (tmp_path / "on-phone.txt").read_text() == "from the laptop"
 
 
-def test_malformed_enrollment_code(appliance: tuple[ApplianceConfig, RunningAppliance],
-                                   tmp_path: Path) -> None:
-    _, server = appliance
+def test_malformed_enrollment_code(appliance: Served, tmp_path: Path) -> None:
     for code in ("not-a-code", "", "AAAA-BBBB-CCCC-DDDD"):
-        fails(join(tmp_path / "home", server.url, code), UsageError.exit_code,
+        fails(join(tmp_path / "home", appliance.url, code), UsageError.exit_code,
               "enrollment code is not valid")
     assert not (tmp_path / "home" / "device.json").exists()
 
@@ -198,7 +190,7 @@ COMMANDS = ["join", "unlock", "put", "get", "ls", "mkdir", "rm", "mv", "trash", 
 
 
 def test_help_of_every_command(tmp_path: Path) -> None:
-    top = run_cairn(tmp_path / "home", "--help")
+    top = run_cairn_binary(tmp_path / "home", "--help")
     assert top.returncode == 0 and "Usage: cairn" in top.stdout, top.stderr
     for command in COMMANDS:
         assert command in top.stdout

@@ -1,5 +1,5 @@
-"""The `cairn` agent's file commands end to end: the real CLI as a subprocess against a real
-`cairnd serve` on 127.0.0.1 — put/get round trips (byte for byte; a folder tree with
+"""The `cairn` agent's file commands end to end: the CLI (in-process) against the session's
+real `cairnd serve` on 127.0.0.1 — put/get round trips (byte for byte; a folder tree with
 mtimes to the nanosecond and modes), ls, mkdir, rm and mv."""
 
 from __future__ import annotations
@@ -9,15 +9,13 @@ import hashlib
 import os
 import re
 import stat
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import apsw
 import pytest
-from agent_helpers import agent_env, cairn_ok, fails, joined, ls_json, run_cairn, served_appliance
-from api_helpers import add_user
-from cairnd_helpers import RunningAppliance
+from agent_helpers import agent_env, cairn_ok, fails, ls_json, make_user, run_cairn
+from cairnd_helpers import Served
 
 from agent.crypto.blocks import BLOCK_SIZE
 from agent.errors import RemoteNotFoundError, UsageError
@@ -30,18 +28,8 @@ GET_LINE = re.compile(r"^downloaded (\d+) file\(s\), .*: fetched (\d+) of (\d+) 
 
 
 @pytest.fixture(scope="module")
-def appliance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[
-        tuple[ApplianceConfig, RunningAppliance]]:
-    with served_appliance(tmp_path_factory.mktemp("agent-files") / "appliance") as served:
-        yield served
-
-
-@pytest.fixture(scope="module")
-def alice(appliance: tuple[ApplianceConfig, RunningAppliance],
-          tmp_path_factory: pytest.TempPathFactory) -> Path:
-    config, server = appliance
-    return joined(tmp_path_factory.mktemp("alice") / "home", server.url,
-                  add_user(config.home, "alice"))
+def alice(appliance: Served, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_user(appliance, "alice").join(tmp_path_factory.mktemp("alice") / "home")
 
 
 def put_summary(output: str) -> tuple[int, int, int, int]:
@@ -213,9 +201,8 @@ def test_mkdir_and_rm(alice: Path, tmp_path: Path) -> None:
     fails(run_cairn(alice, "ls", "/m/x"), RemoteNotFoundError.exit_code, "/m")
 
 
-def test_mv_renames_and_moves_without_sending_blocks(
-        appliance: tuple[ApplianceConfig, RunningAppliance], alice: Path,
-        tmp_path: Path) -> None:
+def test_mv_renames_and_moves_without_sending_blocks(appliance: Served, alice: Path,
+                                                    tmp_path: Path) -> None:
     config, _ = appliance
     original = write_random(tmp_path / "orig.bin", BLOCK_SIZE + 12_345)
     cairn_ok(alice, "mkdir", "-p", "/mv/dest")

@@ -1,7 +1,8 @@
 """`cairn put` and `cairn get` of a 1 GiB file, killed with SIGKILL midway, then run again:
 the second run moves only what the first did not, and the result is the original file.
 
-One real appliance (`cairnd serve` on 127.0.0.1) and one joined agent for the module. The
+One real appliance (`cairnd serve` on 127.0.0.1) and one joined agent for the module; the
+run that is killed is a real `cairn` process, the run after it is in-process. The
 appliance's own database says which blocks it holds (`blocks.stored`, read-only), and the
 interrupted download's temporary file says which blocks reached the device: the second run
 must move exactly the rest, no more (resumption works) and no fewer (nothing is trusted that
@@ -22,9 +23,8 @@ from pathlib import Path
 import apsw
 import blake3
 import pytest
-from agent_helpers import CAIRN, agent_env, joined, run_cairn
-from api_helpers import add_user
-from cairnd_helpers import RunningAppliance, serving
+from agent_helpers import CAIRN, agent_env, make_user, run_cairn
+from cairnd_helpers import RunningAppliance, Served, serving
 
 from agent.crypto.blocks import BLOCK_SIZE
 from agent.download import PART_SUFFIX
@@ -80,7 +80,7 @@ def stage(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stage]:
     digest = write_distinct_blocks(big, FILE_BLOCKS)
     try:
         with serving(config.home) as appliance:
-            agent = joined(base / "agent", appliance.url, add_user(config.home, "alice"))
+            agent = make_user(Served(config, appliance), "alice").join(base / "agent")
             yield Stage(config, appliance, agent, big, digest)
     finally:
         # Gigabytes: do not leave them to pytest's retention of old temporary folders.

@@ -1,4 +1,5 @@
-"""Sharing between users with the real `cairn` CLI against a real `cairnd serve`: what bob
+"""Sharing between users with the `cairn` CLI (in-process) against the session's real
+`cairnd serve` (each user named by role plus a number, `users.name[role]`): what bob
 sees of alice's folder, what carol (not invited) and bob (read-only) cannot do, unshare,
 and public keys pinned on first use on both sides of a grant."""
 
@@ -15,9 +16,8 @@ from typing import Any
 
 import apsw
 import pytest
-from agent_helpers import cairn_ok, fails, joined, ls_json, run_cairn, served_appliance
-from api_helpers import add_user
-from cairnd_helpers import RunningAppliance
+from agent_helpers import cairn_ok, fails, ls_json, make_user, run_cairn
+from cairnd_helpers import Served
 
 from agent.errors import ForbiddenError, KeyPinError, RemoteNotFoundError
 from appliance.config import ApplianceConfig
@@ -30,6 +30,7 @@ class Users:
     alice: Path
     bob: Path
     carol: Path
+    name: dict[str, str]     # role ("alice") -> the user's name on the appliance
 
 
 @dataclass(frozen=True)
@@ -40,21 +41,11 @@ class SharedFolder:
 
 
 @pytest.fixture(scope="module")
-def appliance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[
-        tuple[ApplianceConfig, RunningAppliance]]:
-    with served_appliance(tmp_path_factory.mktemp("agent-sharing") / "appliance",
-                          disks=4, data_shards=2, parity_shards=1) as served:
-        yield served
-
-
-@pytest.fixture(scope="module")
-def users(appliance: tuple[ApplianceConfig, RunningAppliance],
-          tmp_path_factory: pytest.TempPathFactory) -> Users:
-    config, server = appliance
-    homes = {name: joined(tmp_path_factory.mktemp(name) / "home", server.url,
-                          add_user(config.home, name))
-             for name in ("alice", "bob", "carol")}
-    return Users(**homes)
+def users(appliance: Served, tmp_path_factory: pytest.TempPathFactory) -> Users:
+    made = {role: make_user(appliance, role) for role in ("alice", "bob", "carol")}
+    homes = {role: user.join(tmp_path_factory.mktemp(role) / "home")
+             for role, user in made.items()}
+    return Users(**homes, name={role: user.name for role, user in made.items()})
 
 
 def shared_json(home: Path) -> list[dict[str, Any]]:
@@ -98,7 +89,7 @@ def proj(users: Users, tmp_path_factory: pytest.TempPathFactory) -> SharedFolder
     (local / "data.bin").write_bytes(os.urandom(300_000))
     (local / "sub" / "deep.txt").write_bytes(os.urandom(5_000))
     cairn_ok(users.alice, "put", local, "/")
-    folder_id = share(users.alice, "/proj", "bob")
+    folder_id = share(users.alice, "/proj", users.name["bob"])
     [data] = ls_json(users.alice, "/proj/data.bin")
     assert [e["id"] for e in ls_json(users.alice, "/") if e["name"] == "proj"] == [folder_id]
     return SharedFolder(folder_id, data["id"], local)
@@ -108,7 +99,7 @@ def test_recipient_lists_and_downloads_a_shared_folder(users: Users, proj: Share
                                                        tmp_path: Path) -> None:
     [entry] = shared_json(users.bob)
     assert (entry["id"], entry["name"], entry["owner"], entry["kind"]) == \
-        (proj.folder_id, "proj", "alice", "dir")
+        (proj.folder_id, "proj", users.name["alice"], "dir")
 
     cairn_ok(users.bob, "get", f"id:{proj.folder_id}", tmp_path / "got")
     assert files_under(tmp_path / "got") == files_under(proj.local)
@@ -138,8 +129,8 @@ def test_a_recipient_cannot_change_what_was_shared(users: Users, proj: SharedFol
     (tmp_path / "intruder.txt").write_text("from bob")
     fails(run_cairn(users.bob, "put", tmp_path / "intruder.txt", f"id:{proj.folder_id}"),
           ForbiddenError.exit_code, "read-only")
-    fails(run_cairn(users.bob, "share", f"id:{proj.folder_id}", "carol"),
-          ForbiddenError.exit_code, "belongs to alice")
+    fails(run_cairn(users.bob, "share", f"id:{proj.folder_id}", users.name["carol"]),
+          ForbiddenError.exit_code, f"belongs to {users.name['alice']}")
     assert [e["name"] for e in ls_json(users.alice, "/proj")] == \
         ["sub", "data.bin", "readme.txt"]
 
@@ -148,43 +139,43 @@ def test_after_unshare_the_recipient_cannot_get_it(users: Users, tmp_path: Path)
     note = tmp_path / "note.txt"
     note.write_bytes(os.urandom(100_000))
     cairn_ok(users.alice, "put", note, "/brief.txt")
-    node_id = share(users.alice, "/brief.txt", "bob")
+    bob = users.name["bob"]
+    node_id = share(users.alice, "/brief.txt", bob)
     cairn_ok(users.bob, "get", f"id:{node_id}", tmp_path / "first")
     assert (tmp_path / "first").read_bytes() == note.read_bytes()
 
-    assert cairn_ok(users.alice, "unshare", "/brief.txt", "bob").strip() == \
-        "brief.txt is no longer shared with bob"
+    assert cairn_ok(users.alice, "unshare", "/brief.txt", bob).strip() == \
+        f"brief.txt is no longer shared with {bob}"
     fails(run_cairn(users.bob, "get", f"id:{node_id}", tmp_path / "second"),
           RemoteNotFoundError.exit_code, "not shared with you")
     assert not (tmp_path / "second").exists()
     assert node_id not in [e["id"] for e in shared_json(users.bob)]
-    fails(run_cairn(users.alice, "unshare", "/brief.txt", "bob"),
-          RemoteNotFoundError.exit_code, "not shared with bob")
+    fails(run_cairn(users.alice, "unshare", "/brief.txt", bob),
+          RemoteNotFoundError.exit_code, f"not shared with {bob}")
 
 
-def test_sharing_refuses_a_recipient_key_that_changed(
-        appliance: tuple[ApplianceConfig, RunningAppliance], users: Users,
-        tmp_path: Path) -> None:
-    config, _ = appliance
+def test_sharing_refuses_a_recipient_key_that_changed(appliance: Served, users: Users,
+                                                      tmp_path: Path) -> None:
     cairn_ok(users.alice, "mkdir", "-p", "/for-carol/first")
     cairn_ok(users.alice, "mkdir", "-p", "/for-carol/second")
-    first = share(users.alice, "/for-carol/first", "carol")   # pins carol's key
-    with public_key_replaced(config, "carol"):
-        message = fails(run_cairn(users.alice, "share", "/for-carol/second", "carol"),
-                        KeyPinError.exit_code, "public key of user 'carol' changed")
+    carol = users.name["carol"]
+    first = share(users.alice, "/for-carol/first", carol)   # pins carol's key
+    with public_key_replaced(appliance.config, carol):
+        message = fails(run_cairn(users.alice, "share", "/for-carol/second", carol),
+                        KeyPinError.exit_code, f"public key of user '{carol}' changed")
         assert "refusing" in message
     assert [e["id"] for e in shared_json(users.carol)
-            if e["owner"] == "alice" and e["name"] in ("first", "second")] == [first]
+            if e["owner"] == users.name["alice"] and e["name"] in ("first", "second")] == \
+        [first]
 
 
 def test_opening_a_grant_refuses_an_owner_key_that_changed(
-        appliance: tuple[ApplianceConfig, RunningAppliance], users: Users,
-        proj: SharedFolder, tmp_path: Path) -> None:
-    config, _ = appliance
+        appliance: Served, users: Users, proj: SharedFolder, tmp_path: Path) -> None:
     assert proj.folder_id in [e["id"] for e in shared_json(users.bob)]   # pins alice's key
-    with public_key_replaced(config, "alice"):
+    alice = users.name["alice"]
+    with public_key_replaced(appliance.config, alice):
         fails(run_cairn(users.bob, "get", f"id:{proj.file_id}", tmp_path / "data.bin"),
-              KeyPinError.exit_code, "public key of user 'alice' changed")
-        fails(run_cairn(users.bob, "shared"), KeyPinError.exit_code, "alice")
+              KeyPinError.exit_code, f"public key of user '{alice}' changed")
+        fails(run_cairn(users.bob, "shared"), KeyPinError.exit_code, alice)
     assert not (tmp_path / "data.bin").exists()
     cairn_ok(users.bob, "get", f"id:{proj.file_id}", tmp_path / "data.bin")   # key back

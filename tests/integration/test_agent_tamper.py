@@ -1,5 +1,6 @@
-"""What the agent does when the appliance's data is damaged or tampered with: the real
-`cairn` CLI against a real `cairnd serve` whose disks and database a test edits directly.
+"""What the agent does when the appliance's data is damaged or tampered with: the `cairn`
+CLI (in-process) against the session's real `cairnd serve`, whose disks and database a
+test edits directly (only the blocks and nodes of this module's own user).
 
 - a block corrupted beyond what erasure coding repairs: `get` fails, the target untouched;
 - a node's sealed metadata and wrapped key copied onto another node: refused;
@@ -17,9 +18,9 @@ from typing import Any
 
 import apsw
 import pytest
-from agent_helpers import cairn_ok, fails, joined, run_cairn, served_appliance
-from api_helpers import add_user
-from cairnd_helpers import RunningAppliance
+from agent_helpers import cairn_ok, fails, make_user, run_cairn
+from cairnd_helpers import Served
+from storage_fixtures import flip_byte, shard_files
 
 from agent.crypto.blocks import BLOCK_SIZE
 from agent.errors import ApiError, IntegrityError
@@ -30,19 +31,10 @@ PARITY = 2
 
 
 @pytest.fixture(scope="module")
-def appliance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[
-        tuple[ApplianceConfig, RunningAppliance]]:
-    with served_appliance(tmp_path_factory.mktemp("agent-tamper") / "appliance",
-                          disks=6, data_shards=4, parity_shards=PARITY) as served:
-        yield served
-
-
-@pytest.fixture(scope="module")
-def alice(appliance: tuple[ApplianceConfig, RunningAppliance],
-          tmp_path_factory: pytest.TempPathFactory) -> Path:
-    config, server = appliance
-    return joined(tmp_path_factory.mktemp("alice") / "home", server.url,
-                  add_user(config.home, "alice"))
+def alice(appliance: Served, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    assert (appliance.config.store.data_shards, appliance.config.store.parity_shards) == \
+        (4, PARITY)
+    return make_user(appliance, "alice").join(tmp_path_factory.mktemp("alice") / "home")
 
 
 def node_id(home: Path, remote: str) -> str:
@@ -65,12 +57,6 @@ def block_ids(config: ApplianceConfig, node: str) -> list[str]:
             "SELECT block_id FROM node_blocks WHERE node_id = ? ORDER BY position", (node,))]
 
 
-def shard_files(config: ApplianceConfig, block_id: str) -> list[Path]:
-    return sorted(path for spec in config.store.disks
-                  for path in [spec.path / "shards" / block_id[:2] / block_id[2:4] / block_id]
-                  if path.exists())
-
-
 def put_random(home: Path, tmp_path: Path, remote: str, size: int) -> bytes:
     content = os.urandom(size)
     local = tmp_path / remote.strip("/").replace("/", "_")
@@ -80,22 +66,17 @@ def put_random(home: Path, tmp_path: Path, remote: str, size: int) -> bytes:
 
 
 def test_a_block_corrupted_beyond_repair_fails_the_download(
-        appliance: tuple[ApplianceConfig, RunningAppliance], alice: Path,
-        tmp_path: Path) -> None:
+        appliance: Served, alice: Path, tmp_path: Path) -> None:
     config, _ = appliance
     content = put_random(alice, tmp_path, "/corrupt.bin", 1_000_000)  # one erasure-coded block
     [block] = block_ids(config, node_id(alice, "/corrupt.bin"))
-    shards = shard_files(config, block)
-    assert len(shards) == 4 + PARITY
+    shards = shard_files(config.store.disks, block)
+    assert len(shards) == 4 + PARITY and not any(s.location.packed for s in shards)
     target = tmp_path / "target.bin"
     target.write_bytes(b"the old copy")
 
     for shard in shards[:PARITY + 1]:          # one more than the parity can make up for
-        with shard.open("r+b") as f:
-            f.seek(HEADER_SIZE + 1_000)
-            byte = f.read(1)
-            f.seek(HEADER_SIZE + 1_000)
-            f.write(bytes([byte[0] ^ 0xFF]))
+        flip_byte(shard.location, HEADER_SIZE + 1_000)
 
     fails(run_cairn(alice, "get", "/corrupt.bin", target), ApiError.exit_code,
           f"block {block}", "healthy shards")
@@ -108,8 +89,7 @@ def test_a_block_corrupted_beyond_repair_fails_the_download(
 
 
 def test_metadata_moved_to_another_node_is_refused(
-        appliance: tuple[ApplianceConfig, RunningAppliance], alice: Path,
-        tmp_path: Path) -> None:
+        appliance: Served, alice: Path, tmp_path: Path) -> None:
     config, _ = appliance
     cairn_ok(alice, "mkdir", "/swap")
     a = put_random(alice, tmp_path, "/swap/a.txt", 2_000)
@@ -129,8 +109,7 @@ def test_metadata_moved_to_another_node_is_refused(
 
 
 def test_a_block_list_swapped_for_another_nodes_is_refused(
-        appliance: tuple[ApplianceConfig, RunningAppliance], alice: Path,
-        tmp_path: Path) -> None:
+        appliance: Served, alice: Path, tmp_path: Path) -> None:
     config, _ = appliance
     size = BLOCK_SIZE + 5_000                    # two blocks each, of the same sizes
     cairn_ok(alice, "mkdir", "/lists")

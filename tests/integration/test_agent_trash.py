@@ -1,47 +1,34 @@
-"""`cairn trash` and `cairn restore` end to end: the real CLI as a subprocess against a real
-`cairnd serve` on 127.0.0.1 — deleted items listed with the paths they had, restored byte
+"""`cairn trash` and `cairn restore` end to end: the CLI (in-process) against the session's
+real `cairnd serve` on 127.0.0.1 — deleted items listed with the paths they had, restored byte
 for byte, deleted folders above restored first, namesakes and ambiguities reported, and the
 refusals (nothing there, another user's, data reclaimed) as one line with their exit code."""
 
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import apsw
 import pytest
-from agent_helpers import cairn_ok, fails, joined, ls_json, run_cairn, served_appliance
-from api_helpers import add_user
-from cairnd_helpers import RunningAppliance
+from agent_helpers import MakeUser, cairn_ok, fails, ls_json, run_cairn
+from cairnd_helpers import Served
 
 from agent.errors import ApiError, ForbiddenError, RemoteNotFoundError, UsageError
 from appliance.config import ApplianceConfig
 
-Served = tuple[ApplianceConfig, RunningAppliance]
-_users = itertools.count()
 
-
-@pytest.fixture(scope="module")
-def appliance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    with served_appliance(tmp_path_factory.mktemp("agent-trash") / "appliance") as served:
-        yield served
-
-
-def new_user(appliance: Served, directory: Path, name: str = "") -> tuple[str, Path]:
+def new_user(fresh_user: MakeUser, directory: Path) -> tuple[str, Path]:
     """A user of their own (so each test starts with an empty trash) and their home."""
-    config, server = appliance
-    name = name or f"user{next(_users)}"
-    return name, joined(directory / name, server.url, add_user(config.home, name))
+    user = fresh_user()
+    return user.name, user.join(directory / user.name)
 
 
 @pytest.fixture
-def alice(appliance: Served, tmp_path: Path) -> Path:
-    return new_user(appliance, tmp_path)[1]
+def alice(fresh_user: MakeUser, tmp_path: Path) -> Path:
+    return new_user(fresh_user, tmp_path)[1]
 
 
 def write(path: Path, data: bytes) -> Path:
@@ -250,9 +237,9 @@ def test_nothing_deleted_there_fails_in_one_line(alice: Path, tmp_path: Path) ->
 
 
 def test_another_users_deleted_file_is_not_yours_to_restore(
-        appliance: Served, tmp_path: Path) -> None:
-    owner, alice = new_user(appliance, tmp_path)
-    bob_name, bob = new_user(appliance, tmp_path)
+        fresh_user: MakeUser, tmp_path: Path) -> None:
+    owner, alice = new_user(fresh_user, tmp_path)
+    bob_name, bob = new_user(fresh_user, tmp_path)
     cairn_ok(alice, "mkdir", "/shared")
     cairn_ok(alice, "put", write(tmp_path / "shared" / "f.txt", b"ours"), "/shared/f.txt")
     cairn_ok(alice, "share", "/shared", bob_name)
@@ -270,7 +257,7 @@ def test_restoring_after_the_data_was_reclaimed_says_so(
     cairn_ok(alice, "put", write(tmp_path / "old.bin", os.urandom(10_000)), "/old.bin")
     cairn_ok(alice, "rm", "/old.bin")
     node_id = trash_json(alice)[0]["id"]
-    assert delete_blocks_of(appliance[0], node_id) == 1
+    assert delete_blocks_of(appliance.config, node_id) == 1
 
     fails(run_cairn(alice, "restore", "/old.bin"), ApiError.exit_code,
           "/old.bin can no longer be restored", "reclaimed", "grace period")

@@ -9,16 +9,14 @@ from pathlib import Path
 
 import pytest
 import trio
+from storage_fixtures import disk_specs, format_disks, open_store, shard_files, truncate
 
 from appliance.errors import BlockIdMismatchError, BlockNotFoundError, InvalidBlockIdError
 from appliance.storage import disk as disk_module
 from appliance.storage.async_store import AsyncBlockStore
 from appliance.storage.blockstore import BlockStore, RepairOutcome, block_id_of
-from appliance.storage.disk import format_disk
 from appliance.storage.maintenance import next_scrub_delay, pause_needed, run_maintenance
-from appliance.storage.repair_queue import RepairQueue
 from appliance.storage.scrub import Scrubber
-from appliance.storage.settings import DiskSpec, StoreSettings
 
 MIB = 1024 * 1024
 
@@ -28,17 +26,11 @@ def _probe_every_time(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(disk_module, "PROBE_INTERVAL", 0.0)
 
 
-def make_store(root: Path, disks: int = 6, k: int = 4, m: int = 2) -> BlockStore:
-    specs = tuple(DiskSpec(f"disk{i}", root / f"disk{i}") for i in range(disks))
-    for spec in specs:
-        format_disk(spec, "test-appliance")
-    settings = StoreSettings("test-appliance", specs, data_shards=k, parity_shards=m,
-                             reserve_free_bytes=0)
-    return BlockStore(settings, RepairQueue(root / "appliance.db"))
-
-
-def shard_files(root: Path, block_id: str) -> list[Path]:
-    return sorted(root.glob(f"disk*/shards/*/*/{block_id}"))
+def make_store(root: Path, disks: int = 6) -> BlockStore:
+    """DISKS formatted folders root/disk0... under a 4+2 store."""
+    specs = disk_specs(root, disks)
+    format_disks(specs)
+    return open_store(root, specs)
 
 
 @pytest.mark.parametrize("size", [0, 1, 4096, 64 * 1024, 64 * 1024 + 1, 4 * MIB, 4 * MIB + 1])
@@ -53,9 +45,11 @@ def test_round_trip_and_shard_count(tmp_path: Path, size: int) -> None:
     small = size <= 64 * 1024
     holders = [d.name for d in store.disks if d.has_shard(block_id)]
     assert len(holders) == (3 if small else 6)  # replicas for small blocks, 4+2 otherwise
-    files = shard_files(tmp_path, block_id)  # small replicas are packed, not files
+    shards = shard_files(store, block_id)
+    assert [s.disk for s in shards] == holders and all(s.header for s in shards)
+    files = [s for s in shards if not s.location.packed]  # small replicas are packed
     assert len(files) == (0 if small else 6)
-    assert len({f.parts[-5] for f in files}) == len(files)  # one shard per disk
+    assert len({f.disk for f in files}) == len(files)  # one shard per disk
 
 
 def test_put_refuses_bytes_that_do_not_match_the_id(tmp_path: Path) -> None:
@@ -74,9 +68,11 @@ def test_put_is_idempotent_and_skips_stored_blocks(tmp_path: Path) -> None:
     data = os.urandom(MIB)
     block_id = block_id_of(data)
     assert not store.put(block_id, data).already_stored
-    mtimes = [f.stat().st_mtime_ns for f in shard_files(tmp_path, block_id)]
+    mtimes = [s.location.file.stat().st_mtime_ns for s in shard_files(store, block_id)]
+    assert len(mtimes) == 6
     assert store.put(block_id, data).already_stored
-    assert [f.stat().st_mtime_ns for f in shard_files(tmp_path, block_id)] == mtimes
+    assert [s.location.file.stat().st_mtime_ns
+            for s in shard_files(store, block_id)] == mtimes
 
 
 def test_unknown_block_is_not_found(tmp_path: Path) -> None:
@@ -87,7 +83,7 @@ def test_unknown_block_is_not_found(tmp_path: Path) -> None:
 
 
 def test_more_disks_than_shards_balances_load(tmp_path: Path) -> None:
-    store = make_store(tmp_path, disks=9, k=4, m=2)
+    store = make_store(tmp_path, disks=9)  # 4+2 over nine disks
     for n in range(300):
         data = n.to_bytes(4, "big") * 20_000  # 80 KB: erasure coded
         store.put(block_id_of(data), data)
@@ -101,15 +97,15 @@ def test_delete_survives_a_missing_disk_coming_back(tmp_path: Path) -> None:
     data = os.urandom(MIB)
     block_id = block_id_of(data)
     store.put(block_id, data)
-    holder = shard_files(tmp_path, block_id)[0].parents[3]
+    holder = shard_files(store, block_id)[0].location.disk_root
     parked = tmp_path / "parked"
     holder.rename(parked)  # the disk is offline while the block is deleted
     assert store.delete(block_id) == 5
     parked.rename(holder)
-    assert len(shard_files(tmp_path, block_id)) == 1
+    assert len(shard_files(store, block_id)) == 1
     report = Scrubber(store).run()
     assert report.removed == 1 and report.repaired == 0
-    assert shard_files(tmp_path, block_id) == []
+    assert shard_files(store, block_id) == []
     store.put(block_id, data)  # putting it again clears the tombstone
     assert Scrubber(store).run().healthy == 1
 
@@ -120,14 +116,14 @@ def test_repair_outcomes(tmp_path: Path) -> None:
     block_id = block_id_of(data)
     store.put(block_id, data)
     assert store.repair(block_id).outcome is RepairOutcome.HEALTHY
-    files = shard_files(tmp_path, block_id)
-    files[0].write_bytes(files[0].read_bytes()[:100])
-    files[1].unlink()
+    files = shard_files(store, block_id)
+    truncate(files[0].location, 100)
+    files[1].location.delete()
     result = store.repair(block_id)
     assert result.outcome is RepairOutcome.REPAIRED and result.shards_written == 2
     assert store.repair(block_id).outcome is RepairOutcome.HEALTHY
-    for f in shard_files(tmp_path, block_id)[:3]:
-        f.unlink()
+    for f in shard_files(store, block_id)[:3]:
+        f.location.delete()
     assert store.repair(block_id).outcome is RepairOutcome.UNRECOVERABLE
 
 
@@ -157,8 +153,8 @@ async def test_background_maintenance_repairs_queued_blocks(tmp_path: Path) -> N
     data = os.urandom(3 * MIB)
     block_id = block_id_of(data)
     await store.put(block_id, data)
-    victim = shard_files(tmp_path, block_id)[2]
-    victim.write_bytes(b"garbage")
+    victim = shard_files(raw, block_id)[2]
+    victim.location.write_bytes(b"garbage")
     assert await store.get(block_id) == data   # degraded read queues the block...
     assert raw.repair_queue is not None and block_id in raw.repair_queue.pending()
     with trio.fail_after(20):
@@ -171,7 +167,7 @@ async def test_background_maintenance_repairs_queued_blocks(tmp_path: Path) -> N
                 await trio.sleep(0.05)
             nursery.cancel_scope.cancel()
     assert block_id not in raw.repair_queue.pending()
-    assert len(shard_files(tmp_path, block_id)) == 6
+    assert len(shard_files(raw, block_id)) == 6
     assert Scrubber(raw).run().repaired == 0
     store.close()
 

@@ -1,4 +1,5 @@
-"""`cairn sync` end to end: a real appliance on 127.0.0.1 and two or three real agents
+"""`cairn sync` end to end: a real appliance on 127.0.0.1 (the session's, with a user of
+each test's own; a test restarting it has its own) and two or three real agents
 (`cairn sync DIR` subprocesses, each with its own home and folder), changing files the way
 users do and checking every folder ends up identical — and that nothing anyone wrote is
 lost: offline edits, concurrent edits (conflicted copies), edit against delete, the
@@ -17,12 +18,11 @@ from pathlib import Path
 
 import pytest
 import trio
-from agent_helpers import ls_json, run_cairn, served_appliance
-from api_helpers import add_user
-from cairnd_helpers import RunningAppliance, serving
+from agent_helpers import MakeUser, ls_json, make_user, run_cairn
+from cairnd_helpers import Served, serving
 from sync_helpers import (
     Device,
-    make_device,
+    devices_of,
     part_files,
     stop_all,
     tree_of,
@@ -37,7 +37,6 @@ from agent.remote import Target
 from agent.sync.engine import SyncEngine, SyncOptions, open_folder
 from agent.sync.state import SyncDb
 from agent.upload import upload_file
-from appliance.config import ApplianceConfig
 from appliance.home import init_home
 
 COPY = "conflicted copy from"
@@ -50,18 +49,9 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def appliance(tmp_path: Path) -> Iterator[tuple[ApplianceConfig, RunningAppliance]]:
-    with served_appliance(tmp_path / "appliance") as served:
-        add_user(served[0].home, "alice")
-        yield served
-
-
-@pytest.fixture
-def devices(tmp_path: Path, appliance: tuple[ApplianceConfig, RunningAppliance]
-            ) -> Iterator[list[Device]]:
-    config, server = appliance
-    trio_of = [make_device(tmp_path, config.home, server.url, "alice", name)
-               for name in ("laptop", "desktop", "tablet")]
+def devices(tmp_path: Path, fresh_user: MakeUser) -> Iterator[list[Device]]:
+    """Three devices of a new user of the session's appliance."""
+    trio_of = devices_of(fresh_user("alice"), tmp_path, "laptop", "desktop", "tablet")
     yield trio_of
     stop_all(*trio_of)
 
@@ -261,11 +251,10 @@ def test_a_file_still_settling_always_has_a_wake_up_coming(devices: list[Device]
 
 def test_the_appliance_restarting_mid_sync(tmp_path: Path) -> None:
     config = init_home(tmp_path / "appliance", reserve_free_bytes=0)
-    add_user(config.home, "alice")
     listen = ("--listen", f"127.0.0.1:{free_port()}")   # the same address after a restart
     with serving(config.home, *listen) as server:
-        laptop = make_device(tmp_path, config.home, server.url, "alice", "laptop")
-        desktop = make_device(tmp_path, config.home, server.url, "alice", "desktop")
+        alice = make_user(Served(config, server), "alice")
+        laptop, desktop = devices_of(alice, tmp_path, "laptop", "desktop")
         try:
             laptop.start()
             desktop.start()
@@ -318,19 +307,17 @@ def test_status_shows_each_synced_folder(devices: list[Device]) -> None:
     assert "not running" in run_cairn(laptop.home, "status").stdout
 
 
-def test_what_others_share_appears_read_only(
-        tmp_path: Path, appliance: tuple[ApplianceConfig, RunningAppliance]) -> None:
-    config, server = appliance
-    alice = make_device(tmp_path, config.home, server.url, "alice", "alice-laptop")
-    bob = make_device(tmp_path, config.home, server.url, "bob", "bob-laptop",
-                      code=add_user(config.home, "bob"))
-    shared = bob.folder / "Shared with me" / "alice" / "project"
+def test_what_others_share_appears_read_only(tmp_path: Path, fresh_user: MakeUser) -> None:
+    alice_user, bob_user = fresh_user("alice"), fresh_user("bob")
+    [alice] = devices_of(alice_user, tmp_path, "alice-laptop")
+    [bob] = devices_of(bob_user, tmp_path, "bob-laptop")
+    shared = bob.folder / "Shared with me" / alice_user.name / "project"
     try:
         write(alice.folder / "project/plan.txt", "alice's plan")
         write(alice.folder / "private.txt", "not shared")
         alice.start()
         wait_for(lambda: "uploaded project/plan.txt" in alice.log_text(), what="the upload")
-        assert run_cairn(alice.home, "share", "/project", "bob").returncode == 0
+        assert run_cairn(alice.home, "share", "/project", bob_user.name).returncode == 0
         bob.start()
         wait_for(lambda: (shared / "plan.txt").exists(), what="the share to arrive")
         assert (shared / "plan.txt").read_bytes() == b"alice's plan"
@@ -352,7 +339,7 @@ def test_what_others_share_appears_read_only(
         wait_for(lambda: any(COPY in e["name"] for e in ls_json(bob.home)),
                  what="bob's copy to sync to his own tree")
 
-        assert run_cairn(alice.home, "unshare", "/project", "bob").returncode == 0
+        assert run_cairn(alice.home, "unshare", "/project", bob_user.name).returncode == 0
         wait_for(lambda: not (shared / "plan.txt").exists(), what="the unshare")
     finally:
         stop_all(alice, bob)

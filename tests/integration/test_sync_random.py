@@ -54,20 +54,18 @@ import random
 import shutil
 import signal
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from agent_helpers import served_appliance
-from api_helpers import add_user
-from cairnd_helpers import RunningAppliance
+from agent_helpers import make_user
+from cairnd_helpers import Served
 from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 from sync_helpers import (
     PART,
     Device,
-    make_device,
+    devices_of,
     part_files,
     stop_all,
     tree_of,
@@ -75,8 +73,6 @@ from sync_helpers import (
     wait_for,
     write,
 )
-
-from appliance.config import ApplianceConfig
 
 EXAMPLES = int(os.environ.get("CAIRN_RANDOM_SYNC_EXAMPLES", "4"))
 REPLAY = os.environ.get("CAIRN_RANDOM_SYNC_SEED")
@@ -500,25 +496,9 @@ class Runner:
 
 # --- fixtures and the test ----------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def appliance(tmp_path_factory: pytest.TempPathFactory
-              ) -> Iterator[tuple[ApplianceConfig, RunningAppliance]]:
-    """One appliance for every example; each example gets a user of its own."""
-    with served_appliance(tmp_path_factory.mktemp("random-sync") / "appliance") as served:
-        yield served
-
-
-_users = itertools.count()
-
-
-def new_devices(base: Path, appliance: tuple[ApplianceConfig, RunningAppliance]
-                ) -> list[Device]:
-    config, server = appliance
-    user = f"random{next(_users)}"
-    code = add_user(config.home, user)
-    devices = [make_device(base, config.home, server.url, user, name,
-                           code=code if index == 0 else None)
-               for index, name in enumerate(DEVICES)]
+def new_devices(base: Path, appliance: Served) -> list[Device]:
+    """Three devices of a new user of the session's appliance (every example has its own)."""
+    devices = devices_of(make_user(appliance, "random"), base, *DEVICES)
     for device in devices:
         device.extra = ("--allow-mass-delete",)    # random deletions may empty a folder
     return devices
@@ -548,7 +528,7 @@ def seeds() -> st.SearchStrategy[int]:
           database=None, phases=(Phase.explicit, Phase.generate), print_blob=False)
 @given(seed=seeds())
 def test_random_operations_converge_and_lose_nothing(
-        appliance: tuple[ApplianceConfig, RunningAppliance],
+        appliance: Served,
         tmp_path_factory: pytest.TempPathFactory, seed: int) -> None:
     replay = f"CAIRN_RANDOM_SYNC_SEED={seed} pytest {__file__}"
     run_and_check(appliance, tmp_path_factory.mktemp(f"seed-{seed}"), seed,
@@ -595,7 +575,7 @@ KNOWN_PROGRAMS = {
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("program", KNOWN_PROGRAMS.values(), ids=KNOWN_PROGRAMS.keys())
-def test_known_programs(appliance: tuple[ApplianceConfig, RunningAppliance],
+def test_known_programs(appliance: Served,
                         tmp_path: Path, request: pytest.FixtureRequest,
                         program: list[Step]) -> None:
     replay = f"pytest {__file__} -k {request.node.callspec.id}"
@@ -604,7 +584,7 @@ def test_known_programs(appliance: tuple[ApplianceConfig, RunningAppliance],
 
 @pytest.mark.timeout(300)
 def test_a_file_rewritten_while_it_uploads_still_syncs(
-        appliance: tuple[ApplianceConfig, RunningAppliance], tmp_path: Path) -> None:
+        appliance: Served, tmp_path: Path) -> None:
     """What seed 413 ran into, made deterministic: one device rewrites a 32 MiB file every
     half second, so that rewrites land in the middle of uploads, then stops. Its last
     version must reach the other device under its name, with no conflicted copy: nobody
@@ -643,7 +623,7 @@ def bytes_read(device: Device) -> int:
 
 @pytest.mark.timeout(300)
 def test_an_edit_inside_a_folder_deleted_elsewhere_meanwhile_survives(
-        appliance: tuple[ApplianceConfig, RunningAppliance], tmp_path: Path) -> None:
+        appliance: Served, tmp_path: Path) -> None:
     """What seed 1510 ran into, made deterministic: the laptop's plan deletes d/ last,
     after a long upload; the laptop is frozen (SIGSTOP) during that upload while the
     desktop sends its edit of d/c.txt, then thawed. The edit must survive. (The folder's
@@ -676,7 +656,7 @@ def test_an_edit_inside_a_folder_deleted_elsewhere_meanwhile_survives(
         stop_all(laptop, desktop)
 
 
-def run_and_check(appliance: tuple[ApplianceConfig, RunningAppliance], base: Path, seed: int,
+def run_and_check(appliance: Served, base: Path, seed: int,
                   program: list[Step], replay: str, converge_s: float) -> None:
     """Run PROGRAM on three fresh devices of a fresh user in BASE, then check."""
     devices = new_devices(base, appliance)

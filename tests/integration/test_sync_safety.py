@@ -1,4 +1,5 @@
-"""The safety promises of `cairn sync`, one test each, with a real appliance and real agents:
+"""The safety promises of `cairn sync`, one test each, with a real appliance (the session's,
+a user per test) and real agents (`cairn sync` subprocesses):
 a vanished or emptied folder pauses instead of deleting, a mass deletion waits for
 confirmation, a full disk pauses downloads and deletes nothing, a new device's existing
 files are merged (never wiped), and a download never replaces a file that changed while it
@@ -15,10 +16,8 @@ from pathlib import Path
 
 import pytest
 import trio
-from agent_helpers import agent_env, ls_json, run_cairn, served_appliance
-from api_helpers import add_user
-from cairnd_helpers import RunningAppliance
-from sync_helpers import Device, make_device, stop_all, tree_of, wait_converged, wait_for, write
+from agent_helpers import CAIRN, MakeUser, User, agent_env, ls_json, run_cairn
+from sync_helpers import Device, devices_of, stop_all, tree_of, wait_converged, wait_for, write
 
 from agent import operations as ops
 from agent.home import AgentHome
@@ -26,24 +25,18 @@ from agent.sync.engine import SyncEngine, SyncOptions, open_folder
 from agent.sync.model import Download
 from agent.sync.planner import plan
 from agent.sync.state import SyncDb
-from appliance.config import ApplianceConfig
 
 COPY = "conflicted copy from"
 
 
 @pytest.fixture
-def appliance(tmp_path: Path) -> Iterator[tuple[ApplianceConfig, RunningAppliance]]:
-    with served_appliance(tmp_path / "appliance") as served:
-        add_user(served[0].home, "alice")
-        yield served
+def alice(fresh_user: MakeUser) -> User:
+    return fresh_user("alice")
 
 
 @pytest.fixture
-def pair(tmp_path: Path, appliance: tuple[ApplianceConfig, RunningAppliance]
-         ) -> Iterator[tuple[Device, Device]]:
-    config, server = appliance
-    laptop = make_device(tmp_path, config.home, server.url, "alice", "laptop")
-    desktop = make_device(tmp_path, config.home, server.url, "alice", "desktop")
+def pair(tmp_path: Path, alice: User) -> Iterator[tuple[Device, Device]]:
+    laptop, desktop = devices_of(alice, tmp_path, "laptop", "desktop")
     yield laptop, desktop
     stop_all(laptop, desktop)
 
@@ -95,10 +88,8 @@ def test_an_emptied_folder_pauses_until_confirmed(pair: tuple[Device, Device]) -
     laptop.stop()
     laptop.start("--allow-mass-delete")              # the user meant it
     assert wait_converged(laptop, desktop) == {}
-    trash = json.loads(run_cairn(desktop.home, "trash", "--json").stdout) \
-        if "trash" in run_cairn(desktop.home, "--help").stdout else None
-    if trash is not None:
-        assert len(trash) == 3                       # recoverable with cairn restore
+    trash = json.loads(run_cairn(desktop.home, "trash", "--json").stdout)
+    assert len(trash) == 3                           # recoverable with cairn restore
 
 
 def test_a_mass_deletion_waits_for_confirmation(pair: tuple[Device, Device]) -> None:
@@ -118,11 +109,9 @@ def test_a_mass_deletion_waits_for_confirmation(pair: tuple[Device, Device]) -> 
     assert sorted(tree) == ["f00.txt"] + [f"f{i:02}.txt" for i in range(15, 20)]
 
 
-def test_a_full_disk_pauses_downloads_and_deletes_nothing(
-        tmp_path: Path, appliance: tuple[ApplianceConfig, RunningAppliance]) -> None:
-    config, server = appliance
-    laptop = make_device(tmp_path, config.home, server.url, "alice", "laptop")
-    desktop = make_device(tmp_path, config.home, server.url, "alice", "desktop")
+def test_a_full_disk_pauses_downloads_and_deletes_nothing(tmp_path: Path, alice: User
+                                                          ) -> None:
+    laptop, desktop = devices_of(alice, tmp_path, "laptop", "desktop")
     small = tmp_path / "small-disk"
     small.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(small)], check=True)
@@ -136,7 +125,7 @@ def test_a_full_disk_pauses_downloads_and_deletes_nothing(
         wait_for(lambda: "uploaded huge.bin" in laptop.log_text(), timeout=60,
                  what="the upload")
         desktop.process = subprocess.Popen(
-            [*_cairn(), "--home", str(desktop.home), "sync", str(desktop.folder), "-v"],
+            [*CAIRN, "--home", str(desktop.home), "sync", str(desktop.folder), "-v"],
             stdout=open(desktop.log, "ab"), stderr=subprocess.STDOUT,  # noqa: SIM115
             stdin=subprocess.DEVNULL, env=agent_env(CAIRN_SYNC_DISK_RETRY_S="4"))
         wait_for(lambda: paused_because(desktop, "disk is full"), timeout=60,
@@ -155,22 +144,15 @@ def test_a_full_disk_pauses_downloads_and_deletes_nothing(
         subprocess.run(["umount", "-l", str(small)], check=False)
 
 
-def _cairn() -> tuple[str, ...]:
-    from agent_helpers import CAIRN
-    return CAIRN
-
-
 def test_a_new_device_merges_what_its_folder_already_holds(
-        tmp_path: Path, pair: tuple[Device, Device],
-        appliance: tuple[ApplianceConfig, RunningAppliance]) -> None:
+        tmp_path: Path, pair: tuple[Device, Device], alice: User) -> None:
     laptop, _ = pair
     write(laptop.folder / "same.txt", "identical on both")
     write(laptop.folder / "differs.txt", "the laptop's text")
     write(laptop.folder / "only-laptop.txt", "laptop")
     laptop.start()
     wait_for(lambda: len(ls_json(laptop.home)) == 3, what="the upload")
-    config, server = appliance
-    phone = make_device(tmp_path, config.home, server.url, "alice", "phone")
+    [phone] = devices_of(alice, tmp_path, "phone")
     write(phone.folder / "same.txt", "identical on both")
     write(phone.folder / "differs.txt", "the phone's text")
     write(phone.folder / "only-phone.txt", "phone")
