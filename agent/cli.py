@@ -204,8 +204,10 @@ def unlock(ctx: click.Context) -> None:
 def put(ctx: click.Context, local: Path, remote: str) -> None:
     """Upload LOCAL (a file, or a folder with everything in it) to REMOTE.
 
-    Like cp -r: into REMOTE if it is a folder, else as REMOTE. Only blocks the appliance
-    lacks are sent, so an interrupted put run again resumes."""
+    Like cp -r: into REMOTE if it is a folder (or ends with /), else as REMOTE. Missing
+    folders in REMOTE are made, like mkdir -p (`cairn put a.txt /docs/2026/a.txt` makes
+    /docs and /docs/2026); a file in the way is an error. Only blocks the appliance lacks
+    are sent, so an interrupted put run again resumes."""
     stats = _in_session(ctx, lambda tree: ops.put(tree, local, remote))
     for path in stats.skipped:
         click.echo(f"cairn: skipped {path} (a symbolic link or special file)", err=True)

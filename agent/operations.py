@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 from agent.client import Connection
 from agent.crypto.grants import wrap_for_user
-from agent.crypto.nodes import NodeMeta, check_name, new_node_key
+from agent.crypto.nodes import NodeMeta, check_name, folder_node_id, new_node_key
 from agent.download import DownloadStats, download_file
 from agent.errors import (
     ForbiddenError,
@@ -24,7 +24,15 @@ from agent.errors import (
     UsageError,
 )
 from agent.home import AgentHome
-from agent.remote import ID_PREFIX, RemoteNode, RemoteTree, Target, node_create, node_update
+from agent.remote import (
+    ID_PREFIX,
+    RemoteNode,
+    RemoteTree,
+    Target,
+    node_create,
+    node_update,
+    split_path,
+)
 from agent.upload import UploadStats, upload_file
 from protocol.errors import ErrorCode
 from protocol.ids import new_node_id
@@ -55,39 +63,91 @@ async def resolve(tree: RemoteTree, remote: str) -> RemoteNode:
 
 # --- folders ---------------------------------------------------------------------------
 
+# How many derived ids a new folder tries (agent.crypto.nodes.folder_node_id) before a
+# random one. Ids stay held by deleted folders until the trash is emptied and by renamed
+# ones for good, so a name made and removed every day uses a few; sixteen is plenty.
+FOLDER_ID_ATTEMPTS = 16
+
+
 async def make_folder(tree: RemoteTree, target: Target, *, mtime_ns: int | None = None,
                       mode: int = 0o755) -> RemoteNode:
     """Create folder TARGET (or return it if a folder of that name is there), with the
-    given modification time (default: now) and mode."""
+    given modification time (default: now) and mode.
+
+    The new folder's id is derived from its parent and name, the same on every device of
+    the user: when another device creates the same folder at the same moment, the appliance
+    refuses the second create (409, the id exists) and the folder the other device made is
+    returned instead of a second folder of one name."""
     if target.existing is not None:
         if not target.existing.is_dir:
             raise UsageError(f"a file named {target.name!r} is already there")
         return target.existing
     meta = NodeMeta(name=check_name(target.name), kind="dir", mode=mode,
                     mtime_ns=time.time_ns() if mtime_ns is None else mtime_ns)
-    answer = await tree.api.create(node_create(new_node_id(), new_node_key(), meta,
-                                               target.parent.id, target.parent.key))
+    parent = target.parent
+    for attempt in range(FOLDER_ID_ATTEMPTS):
+        node_id = folder_node_id(tree.keys.content_secret, parent.id, meta.name, attempt)
+        try:
+            return await _create_folder(tree, node_id, meta, parent)
+        except RemoteConflictError as conflict:
+            holder = await _holder_of(tree, node_id, conflict)
+            if holder.is_dir and not holder.deleted and holder.parent == parent.id \
+                    and holder.name == meta.name:
+                return holder        # made by another device just now: use it
+            # else a deleted or renamed folder holds this id: try the next one
+    return await _create_folder(tree, new_node_id(), meta, parent)
+
+
+async def _create_folder(tree: RemoteTree, node_id: str, meta: NodeMeta,
+                         parent: RemoteNode) -> RemoteNode:
+    answer = await tree.api.create(node_create(node_id, new_node_key(), meta, parent.id,
+                                               parent.key))
     return await tree.open(answer.node)
+
+
+async def _holder_of(tree: RemoteTree, node_id: str, conflict: RemoteConflictError
+                     ) -> RemoteNode:
+    """The node that holds NODE_ID after a create with it met CONFLICT. No such node: the
+    create was refused for another reason (its folder was deleted), so CONFLICT stands."""
+    try:
+        return await tree.node(node_id)
+    except RemoteNotFoundError:
+        raise conflict from None
+
+
+async def folder_at(tree: RemoteTree, parts: list[str], *, create: bool = True
+                    ) -> RemoteNode:
+    """The folder at path PARTS from the root, making each missing folder on the way if
+    CREATE (mkdir -p). Raises UsageError where a file is in the way, RemoteNotFoundError
+    for a missing folder when not CREATE."""
+    folder = await tree.root()
+    for depth, part in enumerate(parts):
+        walked = "/" + "/".join(parts[:depth + 1])
+        existing = await tree.child(folder, part)
+        if existing is not None and not existing.is_dir:
+            raise UsageError(f"{walked} is a file, not a folder")
+        if existing is None and not create:
+            raise RemoteNotFoundError(f"no such folder: {walked}")
+        folder = await make_folder(tree, Target(folder, part, existing))
+    return folder
 
 
 async def make_folders(tree: RemoteTree, remote: str, *, parents: bool) -> RemoteNode:
     """mkdir (-p): the folder REMOTE, creating missing parents if PARENTS."""
     if remote.startswith(ID_PREFIX):
         raise UsageError("mkdir takes a path, not an id")
-    parts = [p for p in remote.split("/") if p not in ("", ".")]
+    parts = split_path(remote)
     if not parts:
         raise UsageError("the root folder already exists")
-    folder = await tree.root()
-    for depth, part in enumerate(parts):
-        existing = await tree.child(folder, check_name(part))
-        last = depth == len(parts) - 1
-        if existing is not None and last and not parents:
-            raise UsageError(f"/{'/'.join(parts)} already exists")
-        if existing is None and not last and not parents:
-            raise RemoteNotFoundError(f"no such folder: /{'/'.join(parts[:depth + 1])} "
-                                      "(use -p to create parents)")
-        folder = await make_folder(tree, Target(folder, part, existing))
-    return folder
+    if parents:
+        return await folder_at(tree, parts)
+    try:
+        parent = await folder_at(tree, parts[:-1], create=False)
+    except RemoteNotFoundError as exc:
+        raise RemoteNotFoundError(f"{exc.message} (use -p to create parents)") from None
+    if await tree.child(parent, parts[-1]) is not None:
+        raise UsageError(f"/{'/'.join(parts)} already exists")
+    return await make_folder(tree, Target(parent, parts[-1], None))
 
 
 # --- put -------------------------------------------------------------------------------
@@ -95,7 +155,8 @@ async def make_folders(tree: RemoteTree, remote: str, *, parents: bool) -> Remot
 async def put(tree: RemoteTree, local: Path, remote: str, *,
               show_progress: bool | None = None) -> UploadStats:
     """Upload LOCAL (a file, or a folder recursively) to REMOTE, like `cp -r`: into REMOTE
-    if it is an existing folder (or ends with /), else as REMOTE."""
+    if it is an existing folder (or ends with /), else as REMOTE. Missing folders on the
+    way are made."""
     try:
         info = os.lstat(local)
     except OSError as exc:
@@ -111,18 +172,23 @@ async def put(tree: RemoteTree, local: Path, remote: str, *,
 
 
 async def _put_target(tree: RemoteTree, local: Path, remote: str) -> Target:
+    """Where LOCAL goes for REMOTE. A path's missing folders are made (like rclone copyto
+    and aws s3 cp); a file in the way is an error."""
     name = check_name(_local_name(local))
-    if remote.endswith("/") or remote in ("", "/") or remote.startswith(ID_PREFIX):
-        folder = await resolve(tree, remote or "/")
-        if folder.is_dir:
-            return Target(folder, name, await tree.child(folder, name))
-        if not remote.startswith(ID_PREFIX):
-            raise UsageError(f"{remote} is a file, not a folder")
+    if remote.startswith(ID_PREFIX):
+        node = await resolve(tree, remote)
+        if node.is_dir:
+            return Target(node, name, await tree.child(node, name))
         return await tree.target(remote)
-    target = await tree.target(remote)
-    if target.existing is not None and target.existing.is_dir:
-        return Target(target.existing, name, await tree.child(target.existing, name))
-    return target
+    parts = split_path(remote)
+    if remote.endswith("/") or not parts:
+        folder = await folder_at(tree, parts)
+        return Target(folder, name, await tree.child(folder, name))
+    parent = await folder_at(tree, parts[:-1])
+    existing = await tree.child(parent, parts[-1])
+    if existing is not None and existing.is_dir:
+        return Target(existing, name, await tree.child(existing, name))
+    return Target(parent, parts[-1], existing)
 
 
 async def _put_folder(tree: RemoteTree, local: Path, target: Target,

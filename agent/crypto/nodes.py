@@ -19,10 +19,23 @@ Binding node id and kind into the metadata means the appliance cannot show one n
 metadata (name, block list) under another node; binding node and parent ids into the
 wrapped key means a key cannot be moved under another parent. Moving a node re-wraps its
 key for the new parent (one small operation, whatever the subtree's size).
+
+Folder ids made by commands (`mkdir -p`, `put`, the folder `sync` starts from):
+
+    id = first 16 bytes of HMAC-SHA256(content secret, "cairn-folder-id-v1" ‖ parent id (16)
+         ‖ attempt (4, big-endian) ‖ name UTF-8)
+
+Two devices creating the same missing folder at once choose the same id, so the appliance
+takes one create and refuses the other (409: the id exists), and the loser uses the
+winner's folder instead of making a second one of that name. `attempt` counts up past ids
+already held by another node (a deleted or renamed folder). The appliance cannot compute
+the ids (it lacks the content secret); all it sees is an id that looks random.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import struct
 from dataclasses import dataclass, field
@@ -34,6 +47,7 @@ from agent.errors import IntegrityError, UsageError
 
 FORMAT_VERSION = 1
 META_FORMAT = b"cairn-meta-v1"
+FOLDER_ID_FORMAT = b"cairn-folder-id-v1"
 WRAP_FORMAT = b"cairn-wrap-v1"
 NO_PARENT = bytes(16)
 MAX_NAME_BYTES = 255
@@ -65,6 +79,15 @@ def check_name(name: str) -> str:
 
 def new_node_key() -> bytes:
     return random_key()
+
+
+def folder_node_id(content_secret: bytes, parent_id: str, name: str, attempt: int = 0
+                   ) -> str:
+    """The id a command gives a new folder NAME under PARENT_ID (see the module doc): the
+    same on every device of the user, different for each ATTEMPT."""
+    message = (FOLDER_ID_FORMAT + bytes.fromhex(parent_id) + attempt.to_bytes(4, "big")
+               + check_name(name).encode("utf-8", "surrogateescape"))
+    return hmac.new(content_secret, message, hashlib.sha256).digest()[:16].hex()
 
 
 def _meta_ad(node_id: str, kind: NodeKind) -> bytes:

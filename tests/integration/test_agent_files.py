@@ -1,6 +1,7 @@
 """The `cairn` agent's file commands end to end: the CLI (in-process) against the session's
 real `cairnd serve` on 127.0.0.1 — put/get round trips (byte for byte; a folder tree with
-mtimes to the nanosecond and modes), ls, mkdir, rm and mv."""
+mtimes to the nanosecond and modes), ls, mkdir, rm and mv; put making missing folders, and
+one folder (not two of one name) when two devices make it at once."""
 
 from __future__ import annotations
 
@@ -14,11 +15,16 @@ from typing import Any
 
 import apsw
 import pytest
+import trio
 from agent_helpers import agent_env, cairn_ok, fails, ls_json, make_user, run_cairn
 from cairnd_helpers import Served
 
+from agent import operations as ops
 from agent.crypto.blocks import BLOCK_SIZE
+from agent.crypto.nodes import folder_node_id
 from agent.errors import RemoteNotFoundError, UsageError
+from agent.home import AgentHome
+from agent.remote import RemoteNode, RemoteTree, Target
 from appliance.config import ApplianceConfig
 
 MiB = 1024 * 1024
@@ -229,3 +235,77 @@ def test_mv_renames_and_moves_without_sending_blocks(appliance: Served, alice: P
     assert copy.read_bytes() == original.read_bytes()
     # The same content under another name: every block is on the appliance already.
     assert put_summary(cairn_ok(alice, "put", original, "/mv/again.bin")) == (1, 0, 2, 2)
+
+
+# --- missing folders ---------------------------------------------------------------------
+
+def test_put_makes_missing_folders(alice: Path, tmp_path: Path) -> None:
+    assert "mkdir -p" in cairn_ok(alice, "put", "--help")
+    original = write_random(tmp_path / "x.txt", 1000)
+    cairn_ok(alice, "put", original, "/np/docs/2026/x.txt")
+    assert [(e["name"], e["kind"]) for e in ls_json(alice, "/np/docs")] == [("2026", "dir")]
+    cairn_ok(alice, "get", "/np/docs/2026/x.txt", tmp_path / "back.txt")
+    assert (tmp_path / "back.txt").read_bytes() == original.read_bytes()
+
+    cairn_ok(alice, "put", original, "/np/into/")            # a folder to put it in
+    assert [e["name"] for e in ls_json(alice, "/np/into")] == ["x.txt"]
+    (tmp_path / "tree" / "sub").mkdir(parents=True)
+    write_random(tmp_path / "tree" / "sub" / "y.bin", 10)
+    cairn_ok(alice, "put", tmp_path / "tree", "/np/a/b/copy")   # a folder, renamed
+    assert [e["name"] for e in ls_json(alice, "/np/a/b/copy/sub")] == ["y.bin"]
+
+    # A file in the way: one clear line, and nothing made.
+    for remote in ("/np/docs/2026/x.txt/y.txt", "/np/docs/2026/x.txt/deeper/y.txt",
+                   "/np/docs/2026/x.txt/"):
+        fails(run_cairn(alice, "put", original, remote), UsageError.exit_code,
+              "/np/docs/2026/x.txt is a file, not a folder")
+    assert [e["name"] for e in ls_json(alice, "/np/docs/2026")] == ["x.txt"]
+
+
+async def test_a_folder_made_on_two_devices_at_once_is_one_folder(appliance: Served,
+                                                                  tmp_path: Path) -> None:
+    carol = make_user(appliance, "carol")
+    laptop, desktop = (carol.join(tmp_path / name, name) for name in ("laptop", "desktop"))
+    made: list[RemoteNode] = []
+    async with ops.session(AgentHome(laptop)) as one, ops.session(AgentHome(desktop)) as two:
+        root = await one.root()
+
+        async def make(tree: RemoteTree) -> None:
+            # Each saw no folder "race" (existing None) and creates it now.
+            made.append(await ops.make_folder(tree, Target(await tree.root(), "race", None)))
+
+        async def put(tree: RemoteTree, n: int) -> None:
+            await ops.put(tree, write_random(tmp_path / f"f{n}.bin", 100), "/race2/deep/")
+
+        async with trio.open_nursery() as nursery:
+            for n, tree in enumerate([one, two] * 4):
+                nursery.start_soon(make, tree)
+                nursery.start_soon(put, tree, n)
+    # One id for all, the one derived from the parent and the name (first attempt).
+    assert {node.id for node in made} == {
+        folder_node_id(one.keys.content_secret, root.id, "race")}
+    assert [e["name"] for e in ls_json(laptop) if e["name"].startswith("race")] == \
+        ["race", "race2"]
+    assert [e["name"] for e in ls_json(desktop, "/race2")] == ["deep"]
+    assert sorted(e["name"] for e in ls_json(desktop, "/race2/deep")) == \
+        [f"f{n}.bin" for n in range(8)]
+
+
+def test_a_name_whose_folder_was_renamed_or_deleted_is_made_again(alice: Path,
+                                                                   tmp_path: Path) -> None:
+    """The first derived id of /held is kept by the renamed folder, the second by the
+    deleted one (in the trash): each new /held takes the next."""
+    original = write_random(tmp_path / "a.txt", 10)
+    cairn_ok(alice, "mkdir", "/held")
+    cairn_ok(alice, "mv", "/held", "/moved")
+    cairn_ok(alice, "put", original, "/held/a.txt")
+    cairn_ok(alice, "rm", "-r", "/held")
+    cairn_ok(alice, "put", original, "/held/b.txt")
+    entries = [e for e in ls_json(alice) if e["name"] in ("held", "moved")]
+    assert sorted(e["name"] for e in entries) == ["held", "moved"]
+    assert [e["name"] for e in ls_json(alice, "/held")] == ["b.txt"]
+    assert "/held/a.txt" in cairn_ok(alice, "trash", "--all")
+    secret, root = AgentHome(alice).load_keys().content_secret, entries[0]["parent"]
+    assert {e["name"]: e["id"] for e in entries} == {
+        "moved": folder_node_id(secret, root, "held", 0),
+        "held": folder_node_id(secret, root, "held", 2)}

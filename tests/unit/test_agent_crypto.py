@@ -23,12 +23,14 @@ from agent.crypto.keys import UserKeys, open_bundle, seal_bundle
 from agent.crypto.nodes import (
     NodeMeta,
     check_name,
+    folder_node_id,
     open_metadata,
     seal_metadata,
     unwrap_key,
     wrap_key,
 )
 from agent.errors import IntegrityError, UsageError, WrongPassphraseError
+from protocol.ids import is_node_id
 
 FAST_SCRYPT = 10          # 2**10: fast enough for unit tests; the real default is 2**17
 
@@ -165,6 +167,22 @@ def test_wrapped_keys(parent_key: bytes, node_key: bytes, node_id: str, parent_i
     if parent_id != "00" * 16:   # a root's "parent" in the associated data
         with pytest.raises(IntegrityError):       # a non-root key passed off as a root's
             unwrap_key(parent_key, wrapped, node_id, None)
+
+
+@given(secrets_, secrets_, node_ids, node_ids, names, names, st.integers(0, 2**32 - 1))
+def test_folder_ids_are_one_per_secret_parent_name_and_attempt(
+        secret: bytes, other_secret: bytes, parent_id: str, other_parent: str, name: str,
+        other_name: str, attempt: int) -> None:
+    made = folder_node_id(secret, parent_id, name, attempt)
+    assert made == folder_node_id(secret, parent_id, name, attempt)     # on every device
+    assert is_node_id(made)
+    assert folder_node_id(secret, parent_id, name, attempt ^ 1) != made
+    if other_secret != secret:                  # another user's
+        assert folder_node_id(other_secret, parent_id, name, attempt) != made
+    if other_parent != parent_id:
+        assert folder_node_id(secret, other_parent, name, attempt) != made
+    if other_name != name:
+        assert folder_node_id(secret, parent_id, other_name, attempt) != made
 
 
 # --- grants ------------------------------------------------------------------------------
