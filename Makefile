@@ -14,9 +14,9 @@ bootstrap:
 
 run: bootstrap
 	@if [ ! -e "$(APPLIANCE)/config.toml" ]; then \
-		$(VENV)/bin/cairnd init --home "$(APPLIANCE)"; \
+		$(VENV)/bin/cairnd init --home "$(APPLIANCE)" --no-serve-hint; \
 	fi
-	@exec $(VENV)/bin/cairnd serve --home "$(APPLIANCE)"
+	@exec $(VENV)/bin/cairnd serve --home "$(APPLIANCE)" --next-steps
 
 # pytest exits 5 when it collected no test; that must fail the build, and it does here
 # because any non-zero exit fails make.

@@ -95,8 +95,11 @@ def cli() -> None:
               type=click.Path(path_type=Path),
               help="Use this existing folder or mount point as a disk instead of making "
                    "folders; repeat once per disk. Mount points get require_mount = true.")
+@click.option("--no-serve-hint", is_flag=True,
+              help="Leave out the closing `Start it with: cairnd serve ...` line (for "
+                   "scripts that start it next, such as `make run`).")
 def init(home: Path, disks: int | None, data_shards: int, parity_shards: int, listen: str,
-         disk_paths: Sequence[Path]) -> None:
+         disk_paths: Sequence[Path], no_serve_hint: bool) -> None:
     """Create a new appliance home: config.toml, disks, database, TLS certificate.
 
     Refuses a HOME that already holds an appliance or any other files.
@@ -123,7 +126,8 @@ def init(home: Path, disks: int | None, data_shards: int, parity_shards: int, li
     click.echo(f"  listen:      https://{config.listen}")
     click.echo(f"  certificate: sha256 {fingerprint}")
     click.echo(f"  config:      {config.config_path}")
-    click.echo(f"Start it with: cairnd serve --home {config.home}")
+    if not no_serve_hint:
+        click.echo(f"Start it with: cairnd serve --home {config.home}")
 
 
 @cli.command()
@@ -131,21 +135,31 @@ def init(home: Path, disks: int | None, data_shards: int, parity_shards: int, li
 @click.option("--listen", default=None, metavar="HOST:PORT",
               help="Listen here instead of the configured address for this run "
                    "(port 0: any free port).")
-def serve(home: Path, listen: str | None) -> None:
+@click.option("--next-steps", is_flag=True,
+              help="Once listening, also print the commands that add a user and join "
+                   "this machine as their device (`make run` does).")
+def serve(home: Path, listen: str | None, next_steps: bool) -> None:
     """Run the appliance: HTTPS API and background scrub, until SIGTERM or Ctrl-C.
 
     Once listening it prints one line on stdout:
     `cairnd: serving https://HOST:PORT (appliance ID, certificate sha256 FINGERPRINT)`
-    and writes HOME/run/serve.json. Logs go to stderr.
+    (with --next-steps, a few `cairnd:` lines of what to do next follow it) and writes
+    HOME/run/serve.json. Logs go to stderr.
 
     \b
     Examples:
       cairnd serve --home /var/lib/cairn
       cairnd serve --home ./var/appliance --listen 127.0.0.1:0
     """
+    from appliance.next_steps import next_steps as steps
+    from appliance.next_steps import program_dir
+    from appliance.serve import ServeInfo
     from appliance.serve import serve as run_server
 
-    run_server(home, _listen(listen))
+    def after_start(info: ServeInfo) -> list[str]:
+        return steps(home, info.host, info.port, program_dir(sys.argv[0]))
+
+    run_server(home, _listen(listen), after_start=after_start if next_steps else None)
 
 
 def _human_bytes(value: int | None) -> str:

@@ -15,6 +15,7 @@ Theory of operation:
 4. Once hypercorn listens, print exactly one line on stdout —
    `cairnd: serving https://HOST:PORT (appliance ID, certificate sha256 FINGERPRINT)` —
    and write HOME/run/serve.json (url, port, pid, fingerprint) for scripts and tests.
+   (`--next-steps` adds, after that line, what to do next: appliance/next_steps.py.)
 5. SIGTERM or SIGINT asks hypercorn to stop gracefully (in-flight requests get
    GRACEFUL_TIMEOUT_S); then maintenance is cancelled, the store closed and serve.json
    removed, and the process exits 0. A second signal cancels at once.
@@ -34,7 +35,7 @@ import signal
 import socket
 import ssl
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -86,6 +87,9 @@ class ServeInfo:
     def announcement(self) -> str:
         return (f"cairnd: serving {self.url} (appliance {self.appliance_id}, "
                 f"certificate sha256 {self.fingerprint})")
+
+
+AfterStart = Callable[[ServeInfo], list[str]]   # lines to print after the serving line
 
 
 def configure_logging(level: int = logging.INFO) -> None:
@@ -280,7 +284,10 @@ async def run_appliance(config: ApplianceConfig, *, shutdown: trio.Event,
             log.info("appliance stopped")
 
 
-async def serve_until_signalled(config: ApplianceConfig) -> None:
+async def serve_until_signalled(config: ApplianceConfig,
+                                after_start: AfterStart | None = None) -> None:
+    """Serve until SIGTERM or SIGINT; once listening, print the serving line and then
+    the lines AFTER_START gives for it, if any."""
     shutdown = trio.Event()
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
@@ -302,17 +309,21 @@ async def serve_until_signalled(config: ApplianceConfig) -> None:
             nursery.start_soon(watch_signals)
             info = await nursery.start(run)
             print(info.announcement(), flush=True)
+            for line in after_start(info) if after_start is not None else ():
+                print(line, flush=True)
 
 
-def serve(home: Path, listen_override: tuple[str, int] | None = None) -> None:
-    """Run the appliance in HOME until SIGTERM or SIGINT (blocking)."""
+def serve(home: Path, listen_override: tuple[str, int] | None = None, *,
+          after_start: AfterStart | None = None) -> None:
+    """Run the appliance in HOME until SIGTERM or SIGINT (blocking); AFTER_START: see
+    serve_until_signalled."""
     config = load_config(home)
     if listen_override is not None:
         config = config.with_listen(*listen_override)
     configure_logging()
     allocator.tune()  # before any thread starts: the arena cap applies to new arenas only
     try:
-        trio.run(partial(serve_until_signalled, config))
+        trio.run(partial(serve_until_signalled, config, after_start))
     except BaseExceptionGroup as group:
         # trio's nurseries wrap errors in groups; the CLI wants the one error a user caused.
         raise _sole_error(group) from None

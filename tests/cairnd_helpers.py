@@ -11,12 +11,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import select
 import signal
 import subprocess
 import sys
 import tempfile
-import time
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -79,16 +78,18 @@ class RunningAppliance:
         return self.process.wait(timeout=timeout)
 
 
-def _read_line(process: subprocess.Popen[str], timeout: float) -> str:
+def read_line(process: subprocess.Popen[str], timeout: float) -> str:
+    """The next line PROCESS writes on stdout within TIMEOUT seconds ("" if none). Read by
+    a thread: select() on the pipe cannot see lines already in its read buffer, so a second
+    line that arrived with the first would look like none. After a timeout the thread waits
+    on, and takes the next line."""
     assert process.stdout is not None
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([process.stdout], [], [], 0.1)
-        if ready:
-            return process.stdout.readline()
-        if process.poll() is not None:
-            break
-    return ""
+    stdout = process.stdout
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.append(stdout.readline()), daemon=True)
+    reader.start()
+    reader.join(timeout)
+    return lines[0] if lines else ""
 
 
 @contextmanager
@@ -100,7 +101,7 @@ def serving(home: Path, *extra: str, timeout: float = 30) -> Iterator[RunningApp
             [*CAIRND, "serve", "--home", str(home), "--listen", "127.0.0.1:0", *extra],
             stdout=subprocess.PIPE, stderr=stderr_file, text=True, env=cairnd_env())
         try:
-            line = _read_line(process, timeout).rstrip("\n")
+            line = read_line(process, timeout).rstrip("\n")
             match = SERVE_LINE.match(line)
             if match is None:
                 process.kill()

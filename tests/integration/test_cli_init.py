@@ -54,6 +54,15 @@ def test_init_creates_a_complete_home(tmp_path: Path, cairnd: Cairnd) -> None:
     assert config.appliance_id in result.stdout
 
 
+def test_init_says_how_to_start_it_unless_told_not_to(tmp_path: Path, cairnd: Cairnd) -> None:
+    told = cairnd("init", "--home", tmp_path / "a")
+    assert told.stdout.splitlines()[-1] == f"Start it with: cairnd serve --home {tmp_path / 'a'}"
+    quiet = cairnd("init", "--home", tmp_path / "b", "--no-serve-hint")   # make run's
+    assert quiet.returncode == 0, quiet.stderr
+    assert "Start it with" not in quiet.stdout
+    assert quiet.stdout.splitlines()[-1].startswith("  config:")
+
+
 def test_defaults_are_six_disks_four_plus_two(tmp_path: Path, cairnd: Cairnd) -> None:
     home = tmp_path / "h"
     assert cairnd("init", "--home", home).returncode == 0

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import ssl
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
 import pytest
+from agent_helpers import PASSPHRASE, agent_env
 from api_helpers import add_user, enroll
-from cairnd_helpers import MakeHome, read_json, run_cairnd, serving
+from cairnd_helpers import MakeHome, read_json, read_line, run_cairnd, serving
 
 from appliance.config import ApplianceConfig
 from appliance.serve import RUN_DIR, SERVE_INFO_NAME
@@ -118,4 +122,32 @@ def test_certificate_is_made_at_first_start_when_absent(home: ApplianceConfig) -
         assert server.fingerprint == read_certificate_fingerprint(home.tls_certificate)
         with verifying_client(home) as http:
             assert http.get(f"{server.url}/health").status_code == 200
+        assert server.stop() == 0
+
+
+def test_next_steps_are_printed_once_and_work_as_printed(home: ApplianceConfig,
+                                                         tmp_path: Path) -> None:
+    """What `make run` shows once the appliance listens: run literally (with NAME and CODE
+    filled in), the two commands add a user and join this machine as their device."""
+    with serving(home.home, "--next-steps") as server:
+        lines = [read_line(server.process, 10).rstrip("\n") for _ in range(4)]
+        assert lines[0] == "cairnd: next steps, in another terminal:"
+        assert lines[3] == "cairnd: Ctrl-C (or SIGTERM) stops the appliance."
+        add, join = (line.removeprefix("cairnd:   ").split("  # ")[0].rstrip()
+                     for line in lines[1:3])
+        assert add == f"cairnd user add NAME --home {home.home}"
+        assert join == f"cairn join CODE --url {server.url}"    # not the default port
+
+        env = agent_env(PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+                        CAIRN_HOME=str(tmp_path / "agent"), CAIRN_PASSPHRASE=PASSPHRASE)
+        added = subprocess.run(shlex.split(add.replace("NAME", "newcomer")), env=env,
+                               capture_output=True, text=True, timeout=60, check=False)
+        assert added.returncode == 0, added.stderr
+        code = added.stdout.strip().splitlines()[-1]
+        joined = subprocess.run(shlex.split(join.replace("CODE", code)), env=env,
+                                capture_output=True, text=True, timeout=60, check=False,
+                                stdin=subprocess.DEVNULL)
+        assert joined.returncode == 0, joined.stderr
+        assert "as device" in joined.stdout and "of user newcomer" in joined.stdout
+        assert read_line(server.process, 0.5) == ""      # once: nothing more on stdout
         assert server.stop() == 0
