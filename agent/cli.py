@@ -3,6 +3,9 @@
 Every command is a thin shell: parse arguments, run the operation under trio, print the
 result. Errors the agent raises on purpose (agent.errors) become one line on stderr and
 their exit code, never a traceback. Progress bars appear only when stderr is a terminal.
+SIGTERM and SIGINT stop a command cleanly (agent.stopping): `cairn sync` then exits 0,
+any other command 128 + the signal's number, what it did so far kept (join and unlock,
+which may prompt, keep Python's Ctrl-C: exit 130).
 """
 
 from __future__ import annotations
@@ -14,7 +17,6 @@ import socket
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -38,6 +40,7 @@ from agent.errors import (
 from agent.home import AgentHome, default_home
 from agent.pipeline import first_error
 from agent.remote import RemoteNode, RemoteTree
+from agent.stopping import Interrupted, Stopped, until_signalled
 from agent.sync.engine import (
     MASS_DELETE_MIN,
     MASS_DELETE_SHARE,
@@ -68,6 +71,9 @@ class _Group(click.Group):
             _fail(ctx, exc)
         except httpx.HTTPError as exc:
             _fail(ctx, TransportError(f"talking to the appliance failed: {exc}"))
+        except Interrupted as exc:
+            click.echo(f"cairn: {exc.message}", err=True)
+            ctx.exit(exc.stopped.exit_code)
         except KeyboardInterrupt:
             click.echo("cairn: interrupted", err=True)
             ctx.exit(130)
@@ -78,22 +84,39 @@ def _fail(ctx: click.Context, error: CairnAgentError) -> None:
     ctx.exit(error.exit_code)
 
 
-def _run(function: Callable[..., Awaitable[T]], *args: Any) -> T:
-    return trio.run(partial(function, *args))
+def _run(function: Callable[[], Awaitable[T]]) -> T:
+    """FUNCTION() under trio, for join and unlock: Ctrl-C stays a KeyboardInterrupt, which
+    also ends a passphrase prompt (a signal handled by trio would not)."""
+    return trio.run(function)
+
+
+def _run_stoppable(function: Callable[[], Awaitable[T]], *, resumable: bool) -> T:
+    """FUNCTION() under trio. SIGTERM or SIGINT stops it cleanly and raises Interrupted
+    (RESUMABLE: the message says that running it again resumes)."""
+    outcome = trio.run(until_signalled, function)
+    if isinstance(outcome, Stopped):
+        raise _interrupted(outcome, resumable)
+    return outcome
+
+
+def _interrupted(stopped: Stopped, resumable: bool) -> Interrupted:
+    again = "; run the same command again to resume" if resumable else ""
+    return Interrupted(stopped, f"interrupted by {stopped.name}{again}")
 
 
 def _home(ctx: click.Context) -> AgentHome:
     return AgentHome(ctx.obj["home"])
 
 
-def _in_session(ctx: click.Context, work: Callable[[RemoteTree], Awaitable[T]]) -> T:
+def _in_session(ctx: click.Context, work: Callable[[RemoteTree], Awaitable[T]], *,
+                resumable: bool = False) -> T:
     home = _home(ctx)
 
     async def run() -> T:
         async with ops.session(home) as tree:
             return await work(tree)
 
-    return _run(run)
+    return _run_stoppable(run, resumable=resumable)
 
 
 def _size(n: int) -> str:
@@ -207,8 +230,8 @@ def put(ctx: click.Context, local: Path, remote: str) -> None:
     Like cp -r: into REMOTE if it is a folder (or ends with /), else as REMOTE. Missing
     folders in REMOTE are made, like mkdir -p (`cairn put a.txt /docs/2026/a.txt` makes
     /docs and /docs/2026); a file in the way is an error. Only blocks the appliance lacks
-    are sent, so an interrupted put run again resumes."""
-    stats = _in_session(ctx, lambda tree: ops.put(tree, local, remote))
+    are sent, so an interrupted put (Ctrl-C: exit 130, SIGTERM: 143) run again resumes."""
+    stats = _in_session(ctx, lambda tree: ops.put(tree, local, remote), resumable=True)
     for path in stats.skipped:
         click.echo(f"cairn: skipped {path} (a symbolic link or special file)", err=True)
     click.echo(f"uploaded {stats.files} file(s), {_size(stats.bytes)}: sent {stats.blocks_sent}"
@@ -224,8 +247,9 @@ def get(ctx: click.Context, remote: str, local: Path) -> None:
     """Download REMOTE (a file, or a folder with everything in it) to LOCAL.
 
     Every block is verified before it is written; the file appears whole or not at all.
-    An interrupted get run again fetches only what is missing."""
-    stats = _in_session(ctx, lambda tree: ops.get(tree, remote, local))
+    An interrupted get (Ctrl-C: exit 130, SIGTERM: 143) run again fetches only what is
+    missing."""
+    stats = _in_session(ctx, lambda tree: ops.get(tree, remote, local), resumable=True)
     click.echo(f"downloaded {stats.files} file(s), {_size(stats.bytes)}: fetched "
                f"{stats.blocks_fetched} of {stats.blocks} blocks")
 
@@ -388,7 +412,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
             except (TransportError, NotEnrolledError, IncompatibleApplianceError) as exc:
                 return None, exc.message
 
-    me, problem = _run(probe)
+    me, problem = _run_stoppable(probe, resumable=False)
     folders = _sync_folders(home)
     device = home.load_device()   # the address may have changed (rediscovered)
     report = {"home": str(home.path), "user": device.user, "device": device.device_name,
@@ -443,6 +467,11 @@ def sync(ctx: click.Context, directory: Path, remote_path: str, allow_mass_delet
     Skipped: symbolic links and special files (never followed), editor temporaries, and
     what DIR/.cairnignore lists (gitignore syntax). `cairn status` shows each folder's
     state.
+
+    SIGTERM or Ctrl-C stops it cleanly with exit 0 (a transfer in hand finishes its
+    block; what is not done yet is picked up by the next run). With --once, being stopped
+    early exits 143 (SIGTERM) or 130 (Ctrl-C), and a pass that paused at a safety check
+    exits 11.
     """
     logging.basicConfig(level=logging.DEBUG if verbose else
                         logging.WARNING if quiet else logging.INFO,
@@ -462,7 +491,11 @@ def sync(ctx: click.Context, directory: Path, remote_path: str, allow_mass_delet
                 engine = SyncEngine(tree, db, folder, options)
                 click.echo(f"syncing {local_dir} with {folder.remote_path} as "
                            f"{tree.connection.device.device_name}", err=True)
-                await engine.run()
+                try:
+                    await engine.run()
+                except BaseException:     # stopped (a signal) or failed: say so last
+                    _mark_stopped(db, folder.local_dir)
+                    raise
                 if once:
                     outcome = engine.last_outcome
                     click.echo(f"{outcome.uploaded} uploaded, {outcome.downloaded} "
@@ -474,7 +507,18 @@ def sync(ctx: click.Context, directory: Path, remote_path: str, allow_mass_delet
             finally:
                 db.close()
 
-    _run(run)
+    outcome = trio.run(until_signalled, run)
+    if isinstance(outcome, Stopped):
+        if once:
+            raise _interrupted(outcome, resumable=True)
+        click.echo(f"stopped syncing {local_dir} ({outcome.name})", err=True)
+
+
+def _mark_stopped(db: SyncDb, local_dir: str) -> None:
+    """The folder's last status: no agent is syncing it (its counts kept)."""
+    record = db.folder(local_dir)
+    if record is not None:
+        db.set_status(record.id, "stopped", "", record.pending, record.conflicts)
 
 
 def _process_alive(pid: int) -> bool:

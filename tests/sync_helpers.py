@@ -47,16 +47,19 @@ class Device:
         log.close()
         return self
 
-    def stop(self, sig: int = signal.SIGTERM) -> None:
+    def stop(self, sig: int = signal.SIGTERM) -> int | None:
+        """Send SIG and wait; the exit code (None if it was not running; -9 if it had to
+        be killed after 15 s)."""
         if self.process is None:
-            return
+            return None
         self.process.send_signal(sig)
         try:
-            self.process.wait(timeout=15)
+            code = self.process.wait(timeout=15)
         except subprocess.TimeoutExpired:
             self.process.kill()
-            self.process.wait(timeout=15)
+            code = self.process.wait(timeout=15)
         self.process = None
+        return code
 
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None

@@ -1,5 +1,7 @@
 """`cairn put` and `cairn get` of a 1 GiB file, killed with SIGKILL midway, then run again:
-the second run moves only what the first did not, and the result is the original file.
+the second run moves only what the first did not, and the result is the original file. The
+same for a run stopped by SIGTERM or Ctrl-C, which also ends cleanly: one line on stderr and
+exit 143 or 130 (128 + the signal), no traceback.
 
 One real appliance (`cairnd serve` on 127.0.0.1) and one joined agent for the module; the
 run that is killed is a real `cairn` process, the run after it is in-process. The
@@ -122,9 +124,9 @@ def start_cairn(home: Path, *args: str | Path) -> subprocess.Popen[str]:
 
 
 def kill_when(process: subprocess.Popen[str], ready: Callable[[], bool],
-              check: Callable[[], None] = lambda: None) -> None:
-    """SIGKILL PROCESS as soon as READY() (polled, with CHECK() run on every poll); fail if
-    it finishes first or nothing happens within WAIT_S."""
+              check: Callable[[], None] = lambda: None, sig: int = signal.SIGKILL) -> str:
+    """Send SIG (SIGKILL) to PROCESS as soon as READY() (polled, with CHECK() run on every
+    poll); fail if it finishes first or nothing happens within WAIT_S. Its stderr."""
     deadline = time.monotonic() + WAIT_S
     try:
         while not ready():
@@ -139,9 +141,10 @@ def kill_when(process: subprocess.Popen[str], ready: Callable[[], bool],
         check()
     finally:
         if process.poll() is None:
-            os.kill(process.pid, signal.SIGKILL)
-        process.communicate(timeout=30)
-    assert process.returncode == -signal.SIGKILL
+            os.kill(process.pid, sig)
+        _, stderr = process.communicate(timeout=30)
+    assert process.returncode == (-sig if sig == signal.SIGKILL else 128 + sig), stderr
+    return stderr
 
 
 def succeeded(result: subprocess.CompletedProcess[str], summary: re.Pattern[str]
@@ -218,4 +221,56 @@ def test_get_killed_midway_fetches_only_the_missing_blocks(stage: Stage) -> None
     assert fetched == total - held < total
     assert file_digest(target) == stage.digest
     assert parts() == []
+    assert sorted(p.name for p in folder.iterdir()) == ["big.out"]
+
+
+# --- stopped by a signal: a clean end, and the next run resumes ------------------------------
+
+STOPPED_BLOCKS = 64   # 256 MiB: room to stop it midway
+
+
+def interrupted_line(sig: signal.Signals) -> str:
+    return f"cairn: interrupted by {sig.name}; run the same command again to resume"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_put_stopped_by_a_signal_ends_cleanly_and_resumes(stage: Stage,
+                                                          sig: signal.Signals) -> None:
+    source = stage.big.parent / f"stopped-{sig.name}.bin"
+    write_distinct_blocks(source, STOPPED_BLOCKS)
+    before = settled(lambda: stored_blocks(stage.config))
+    put = start_cairn(stage.agent, "put", source, f"/{source.name}")
+    stderr = kill_when(put, lambda: stored_blocks(stage.config) >= before
+                       + INTERRUPT_AFTER_BLOCKS, sig=sig)
+    assert stderr == interrupted_line(sig) + "\n"
+    held = settled(lambda: stored_blocks(stage.config)) - before
+    assert INTERRUPT_AFTER_BLOCKS <= held < STOPPED_BLOCKS
+
+    sent, total = succeeded(run_cairn(stage.agent, "put", source, f"/{source.name}"), SENT)
+    assert (sent, total) == (STOPPED_BLOCKS - held, STOPPED_BLOCKS)
+    source.unlink()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_get_stopped_by_a_signal_ends_cleanly_and_resumes(stage: Stage,
+                                                          sig: signal.Signals) -> None:
+    uploaded(stage)
+    folder = stage.big.parent / f"stopped-{sig.name}"   # removed with the stage
+    folder.mkdir()
+    target = folder / "big.out"
+
+    def blocks_landed() -> bool:
+        return any(p.stat().st_blocks * 512 >= INTERRUPT_AFTER_BLOCKS * BLOCK_SIZE
+                   for p in folder.glob(f"*{PART_SUFFIX}"))
+
+    get = start_cairn(stage.agent, "get", "/big.bin", target)
+    assert kill_when(get, blocks_landed, sig=sig) == interrupted_line(sig) + "\n"
+    assert not target.exists()
+    [part] = folder.glob(f"*{PART_SUFFIX}")
+    held = blocks_matching(part, stage.big)
+    assert INTERRUPT_AFTER_BLOCKS <= held < FILE_BLOCKS
+
+    fetched, total = succeeded(run_cairn(stage.agent, "get", "/big.bin", target), FETCHED)
+    assert (fetched, total) == (FILE_BLOCKS - held, FILE_BLOCKS)
+    assert file_digest(target) == stage.digest
     assert sorted(p.name for p in folder.iterdir()) == ["big.out"]

@@ -3,7 +3,8 @@ each test's own; a test restarting it has its own) and two or three real agents
 (`cairn sync DIR` subprocesses, each with its own home and folder), changing files the way
 users do and checking every folder ends up identical — and that nothing anyone wrote is
 lost: offline edits, concurrent edits (conflicted copies), edit against delete, the
-appliance restarting mid-sync, an agent killed mid-download."""
+appliance restarting mid-sync, an agent killed mid-download, and SIGTERM or Ctrl-C stopping
+an agent cleanly (exit 0) with a restart picking up where it stopped."""
 
 from __future__ import annotations
 
@@ -305,6 +306,62 @@ def test_status_shows_each_synced_folder(devices: list[Device]) -> None:
     wait_for(idle, what="status to say idle")
     laptop.stop()
     assert "not running" in run_cairn(laptop.home, "status").stdout
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_stops_sync_cleanly_and_a_restart_resumes(devices: list[Device],
+                                                           sig: signal.Signals) -> None:
+    laptop, desktop, _ = devices
+    big = os.urandom(1024 * 1024) * 64       # 64 MiB: 16 blocks
+    laptop.start()
+    desktop.start()
+    write(laptop.folder / "small.txt", "small")
+    wait_converged(laptop, desktop)
+    write(laptop.folder / "big.bin", big)
+    wait_for(lambda: part_files(desktop.folder), timeout=60, every=0.01,
+             what="the download to start")
+
+    asked = time.monotonic()
+    assert desktop.stop(sig) == 0            # mid-download
+    assert time.monotonic() - asked < 10
+    log = desktop.log_text()
+    assert "Traceback" not in log, log
+    assert log.strip().splitlines()[-1] == \
+        f"stopped syncing {desktop.folder} ({sig.name})", log[-2000:]
+    db = SyncDb.of_home(desktop.home)
+    try:
+        assert [record.state for record in db.folders()] == ["stopped"]
+    finally:
+        db.close()
+    assert f"sync {desktop.folder} <-> /: not running" in \
+        run_cairn(desktop.home, "status").stdout
+    assert not (desktop.folder / "big.bin").exists()
+
+    desktop.start()                          # resumes where it stopped
+    tree = wait_converged(laptop, desktop, timeout=120)
+    assert tree["big.bin"] == big
+    assert part_files(desktop.folder) == []
+    assert laptop.stop(sig) == 0             # idle
+    assert "Traceback" not in laptop.log_text()
+
+
+def test_sync_once_stopped_by_a_signal_says_it_did_not_finish(devices: list[Device]) -> None:
+    laptop, desktop, _ = devices
+    big = os.urandom(1024 * 1024) * 64
+    write(laptop.folder / "big.bin", big)
+    laptop.start()
+    wait_for(lambda: "uploaded big.bin" in laptop.log_text(), timeout=120, what="the upload")
+    desktop.start("--once")
+    wait_for(lambda: part_files(desktop.folder), timeout=60, every=0.01,
+             what="the download to start")
+    assert desktop.stop(signal.SIGTERM) == 128 + signal.SIGTERM
+    log = desktop.log_text()
+    assert "Traceback" not in log, log
+    assert log.strip().splitlines()[-1] == \
+        "cairn: interrupted by SIGTERM; run the same command again to resume"
+    desktop.start("--once")
+    assert desktop.process is not None and desktop.process.wait(timeout=120) == 0
+    assert tree_of(desktop.folder)["big.bin"] == big
 
 
 def test_what_others_share_appears_read_only(tmp_path: Path, fresh_user: MakeUser) -> None:
