@@ -155,10 +155,10 @@ def make_user(appliance: Served, hint: str = "user", *, keys: bool = True) -> Us
     add_user(appliance.home, name)
     if not keys:
         return User(name, appliance, None)
-    return User(name, appliance, _store_cheap_keys(appliance, name))
+    return User(name, appliance, store_cheap_keys(appliance.config.database, name))
 
 
-def _store_cheap_keys(appliance: Served, name: str) -> UserKeys:
+def store_cheap_keys(database: Path, name: str) -> UserKeys:
     """What a user's first device does in `cairn join` (agent.enroll.unlock_keys: keys made,
     sealed, stored with the public key), but sealed at the lowest cost open_bundle accepts,
     and written the way `cairnd user` commands write (the database is shared through WAL):
@@ -166,7 +166,7 @@ def _store_cheap_keys(appliance: Served, name: str) -> UserKeys:
     (2 per second per address), which the tests' own joins need."""
     user_keys = UserKeys.generate()
     bundle = seal_bundle(user_keys, PASSPHRASE, name, log2_n=TEST_SCRYPT_LOG2_N)
-    meta = Metadata(appliance.config.database)
+    meta = Metadata(database)
     try:
         meta.write_sync(lambda db: accounts.set_key_bundle(
             db, accounts.user_by_name(db, name), user_keys.public_key, bundle, 0))
