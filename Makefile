@@ -1,13 +1,13 @@
 # The two commands the README opens with:
 #   make run    set up this checkout, then run the appliance on embedded defaults
-#   make test   set up this checkout, then run the whole test suite
+#   make test   set up this checkout, then run the whole test suite (what CI runs)
 # Both start with scripts/bootstrap.sh, which is idempotent and quick once done.
 
 VENV        := .venv
 PY          := $(VENV)/bin/python
 APPLIANCE   ?= ./var/appliance
 
-.PHONY: run test lint bench bench-api bench-transfer bench-sync bootstrap clean-run
+.PHONY: run test test-fast lint bench bench-api bench-transfer bench-sync bootstrap clean-run
 
 bootstrap:
 	@bash scripts/bootstrap.sh
@@ -22,6 +22,11 @@ run: bootstrap
 # because any non-zero exit fails make.
 test: bootstrap
 	@$(PY) -m pytest -q
+
+# Everything but the tests marked slow (tests/README.md): for the edit-test loop. CI runs
+# `make test`.
+test-fast: bootstrap
+	@$(PY) -m pytest -q -m "not slow"
 
 lint: bootstrap
 	@$(VENV)/bin/ruff check .

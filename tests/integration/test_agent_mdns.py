@@ -164,6 +164,7 @@ def passive_opens(netns: str) -> int:
     return int(values[header.index("PassiveOpens")])
 
 
+@pytest.mark.slow
 @pytest.mark.root
 def test_join_without_url_keeps_the_appliance_the_code_vouches_for(
         net: Lan, tmp_path: Path) -> None:
@@ -200,6 +201,7 @@ def test_join_without_url_keeps_the_appliance_the_code_vouches_for(
             assert "Traceback" not in served[netns].stderr()
 
 
+@pytest.mark.slow
 @pytest.mark.root
 def test_agent_follows_its_appliance_to_a_new_address(net: Lan, tmp_path: Path) -> None:
     app, dcy, agt = (net.hosts[h].netns for h in ("app", "dcy", "agt"))

@@ -31,6 +31,7 @@ from agent.download import PART_SUFFIX
 from appliance.config import ApplianceConfig
 from appliance.home import init_home
 
+pytestmark = pytest.mark.slow   # a GiB each way
 FILE_BLOCKS = 256  # 1 GiB in 4 MiB blocks
 # Interrupt once this many blocks have moved: enough to prove resumption, early enough that
 # the first run is far from done on any machine.

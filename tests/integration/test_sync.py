@@ -249,6 +249,7 @@ def test_a_file_still_settling_always_has_a_wake_up_coming(devices: list[Device]
     assert remote == "new.txt"
 
 
+@pytest.mark.slow
 def test_the_appliance_restarting_mid_sync(tmp_path: Path) -> None:
     config = init_home(tmp_path / "appliance", reserve_free_bytes=0)
     listen = ("--listen", f"127.0.0.1:{free_port()}")   # the same address after a restart

@@ -74,6 +74,7 @@ from sync_helpers import (
     write,
 )
 
+pytestmark = pytest.mark.slow   # random programs and pinned ones: tens of seconds each
 EXAMPLES = int(os.environ.get("CAIRN_RANDOM_SYNC_EXAMPLES", "4"))
 REPLAY = os.environ.get("CAIRN_RANDOM_SYNC_SEED")
 HUNTING = "CAIRN_RANDOM_SYNC_EXAMPLES" in os.environ      # fresh seeds on every run

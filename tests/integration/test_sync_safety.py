@@ -109,6 +109,7 @@ def test_a_mass_deletion_waits_for_confirmation(pair: tuple[Device, Device]) -> 
     assert sorted(tree) == ["f00.txt"] + [f"f{i:02}.txt" for i in range(15, 20)]
 
 
+@pytest.mark.slow
 def test_a_full_disk_pauses_downloads_and_deletes_nothing(tmp_path: Path, alice: User
                                                           ) -> None:
     laptop, desktop = devices_of(alice, tmp_path, "laptop", "desktop")
