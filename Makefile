@@ -19,14 +19,19 @@ run: bootstrap
 	@exec $(VENV)/bin/cairnd serve --home "$(APPLIANCE)"
 
 # pytest exits 5 when it collected no test; that must fail the build, and it does here
-# because any non-zero exit fails make.
-test: bootstrap
-	@$(PY) -m pytest -q
+# because any non-zero exit fails make. The suite runs in TEST_WORKERS processes
+# (pytest-xdist), each test file whole in one of them (its module fixtures start once);
+# much of its time is waiting on real processes, so two overlap well even on two cores.
+# TEST_WORKERS=0 runs it in this process, serially. tests/README.md has the rest.
+TEST_WORKERS ?= 2
+PYTEST      := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
-# Everything but the tests marked slow (tests/README.md): for the edit-test loop. CI runs
-# `make test`.
+test: bootstrap
+	@$(PYTEST)
+
+# Everything but the tests marked slow: for the edit-test loop. CI runs `make test`.
 test-fast: bootstrap
-	@$(PY) -m pytest -q -m "not slow"
+	@$(PYTEST) -m "not slow"
 
 lint: bootstrap
 	@$(VENV)/bin/ruff check .
