@@ -32,7 +32,7 @@ from api_helpers import (
     pinned_context,
     upload,
 )
-from cairnd_helpers import run_cairnd, serving
+from cairnd_helpers import run_cairnd_in_process, serving
 
 from appliance.api.models import NODE_ID_PATTERN
 from appliance.config import ApplianceConfig, write_config
@@ -421,7 +421,7 @@ def files_around(home: Path) -> set[Path]:
 @pytest.mark.parametrize("name", ["../x", "a/b", "..", "/etc/passwd", "Alice", "", "x" * 40,
                                   "a b", "a\nb", "bob;rm"])
 def test_cairnd_refuses_path_like_user_names(app: App, name: str) -> None:
-    result = run_cairnd("user", "add", name, "--home", app.config.home)
+    result = run_cairnd_in_process("user", "add", name, "--home", app.config.home)
     assert result.returncode == 2, (result.stdout, result.stderr)
     assert result.stdout == ""
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
