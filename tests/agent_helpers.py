@@ -85,14 +85,15 @@ def join(home: Path, url: str, code: str, *, passphrase: str = PASSPHRASE,
 
     The appliance limits enrollment requests per client address (2 a second, bursts of
     20), and every test joins from 127.0.0.1: a join refused by that limit (before the
-    code is looked at) is repeated after the delay the appliance names."""
+    code is looked at) is repeated after the delay the appliance names plus a second, so
+    that both of a join's requests (challenge, redeem) fit in."""
     for _ in range(20):
         result = run_cairn(home, "join", code, "--url", url, "--name", name,
                            env=agent_env(CAIRN_PASSPHRASE=passphrase))
         limited = RATE_LIMITED.search(result.stderr)
         if result.returncode == 0 or limited is None:
             return result
-        time.sleep(float(limited[1]) + 0.05)
+        time.sleep(float(limited[1]) + 1.0)
     return result
 
 
@@ -113,6 +114,13 @@ def fails(result: subprocess.CompletedProcess[str], exit_code: int, *words: str)
     for word in words:
         assert word.lower() in lines[0].lower(), (word, lines[0])
     return lines[0]
+
+
+def write(path: Path, data: bytes | str) -> Path:
+    """PATH with DATA (text as UTF-8), its folders made as needed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data.encode() if isinstance(data, str) else data)
+    return path
 
 
 def ls_json(home: Path, remote: str = "/") -> list[dict[str, Any]]:

@@ -5,21 +5,17 @@ and that a second device opens that bundle and sees the same tree."""
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
-import apsw
 from agent_helpers import MakeUser, agent_env, cairn_ok, ls_json, run_cairn_binary
-from cairnd_helpers import Served
+from cairnd_helpers import Served, database_rows
 
 from agent.crypto.keys import BUNDLE_MAGIC, SCRYPT_LOG2_N
 
 
 def stored_bundle(appliance: Served, user: str) -> bytes:
-    with contextlib.closing(apsw.Connection(str(appliance.config.database),
-                                            flags=apsw.SQLITE_OPEN_READONLY)) as db:
-        db.setbusytimeout(10_000)
-        [(bundle,)] = db.execute("SELECT key_bundle FROM users WHERE name = ?", (user,))
+    [(bundle,)] = database_rows(appliance.config,
+                                "SELECT key_bundle FROM users WHERE name = ?", user)
     return bytes(bundle)
 
 

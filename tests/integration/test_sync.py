@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from agent_helpers import MakeUser, ls_json, make_user, run_cairn
+from agent_helpers import MakeUser, ls_json, make_user, run_cairn, write
 from cairnd_helpers import Served, serving
 from sync_helpers import (
     Device,
@@ -28,7 +28,6 @@ from sync_helpers import (
     tree_of,
     wait_converged,
     wait_for,
-    write,
 )
 
 from agent import operations as ops

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 import trio
-from agent_helpers import CAIRN, MakeUser, User, agent_env, ls_json, run_cairn
-from sync_helpers import Device, devices_of, stop_all, tree_of, wait_converged, wait_for, write
+from agent_helpers import CAIRN, MakeUser, User, agent_env, ls_json, run_cairn, write
+from sync_helpers import Device, devices_of, stop_all, tree_of, wait_converged, wait_for
 
 from agent import operations as ops
 from agent.home import AgentHome
