@@ -1,13 +1,13 @@
 # The two commands the README opens with:
 #   make run    set up this checkout, then run the appliance on embedded defaults
-#   make test   set up this checkout, then run the whole test suite
+#   make test   set up this checkout, then run the whole test suite (what CI runs)
 # Both start with scripts/bootstrap.sh, which is idempotent and quick once done.
 
 VENV        := .venv
 PY          := $(VENV)/bin/python
 APPLIANCE   ?= ./var/appliance
 
-.PHONY: run test lint bench bench-api bench-transfer bench-sync bootstrap clean-run
+.PHONY: run test test-fast lint bench bench-api bench-transfer bench-sync bootstrap clean-run
 
 bootstrap:
 	@bash scripts/bootstrap.sh
@@ -19,10 +19,20 @@ run: bootstrap
 	@exec $(VENV)/bin/cairnd serve --home "$(APPLIANCE)" --next-steps
 
 # pytest exits 5 when it collected no test; that must fail the build, and it does here
-# because any non-zero exit fails make.
+# because any non-zero exit fails make. The suite runs in TEST_WORKERS processes
+# (pytest-xdist), each test file whole in one of them (its module fixtures start once);
+# much of its time is waiting on real processes, so two overlap well even on two cores.
+# TEST_WORKERS=0 runs it in this process, serially. tests/README.md has the rest.
+TEST_WORKERS ?= 2
+PYTEST      := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+
 test: bootstrap
 	@$(VENV)/bin/lint-imports --no-cache
-	@$(PY) -m pytest -q
+	@$(PYTEST)
+
+# Everything but the tests marked slow: for the edit-test loop. CI runs `make test`.
+test-fast: bootstrap
+	@$(PYTEST) -m "not slow"
 
 # ruff, mypy (strict), and the import contracts in pyproject.toml ([tool.importlinter]).
 lint: bootstrap

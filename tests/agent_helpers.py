@@ -85,14 +85,15 @@ def join(home: Path, url: str, code: str, *, passphrase: str = PASSPHRASE,
 
     The appliance limits enrollment requests per client address (2 a second, bursts of
     20), and every test joins from 127.0.0.1: a join refused by that limit (before the
-    code is looked at) is repeated after the delay the appliance names."""
+    code is looked at) is repeated after the delay the appliance names plus a second, so
+    that both of a join's requests (challenge, redeem) fit in."""
     for _ in range(20):
         result = run_cairn(home, "join", code, "--url", url, "--name", name,
                            env=agent_env(CAIRN_PASSPHRASE=passphrase))
         limited = RATE_LIMITED.search(result.stderr)
         if result.returncode == 0 or limited is None:
             return result
-        time.sleep(float(limited[1]) + 0.05)
+        time.sleep(float(limited[1]) + 1.0)
     return result
 
 
@@ -113,6 +114,13 @@ def fails(result: subprocess.CompletedProcess[str], exit_code: int, *words: str)
     for word in words:
         assert word.lower() in lines[0].lower(), (word, lines[0])
     return lines[0]
+
+
+def write(path: Path, data: bytes | str) -> Path:
+    """PATH with DATA (text as UTF-8), its folders made as needed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data.encode() if isinstance(data, str) else data)
+    return path
 
 
 def ls_json(home: Path, remote: str = "/") -> list[dict[str, Any]]:
@@ -155,10 +163,10 @@ def make_user(appliance: Served, hint: str = "user", *, keys: bool = True) -> Us
     add_user(appliance.home, name)
     if not keys:
         return User(name, appliance, None)
-    return User(name, appliance, _store_cheap_keys(appliance, name))
+    return User(name, appliance, store_cheap_keys(appliance.config.database, name))
 
 
-def _store_cheap_keys(appliance: Served, name: str) -> UserKeys:
+def store_cheap_keys(database: Path, name: str) -> UserKeys:
     """What a user's first device does in `cairn join` (agent.enroll.unlock_keys: keys made,
     sealed, stored with the public key), but sealed at the lowest cost open_bundle accepts,
     and written the way `cairnd user` commands write (the database is shared through WAL):
@@ -166,7 +174,7 @@ def _store_cheap_keys(appliance: Served, name: str) -> UserKeys:
     (2 per second per address), which the tests' own joins need."""
     user_keys = UserKeys.generate()
     bundle = seal_bundle(user_keys, PASSPHRASE, name, log2_n=TEST_SCRYPT_LOG2_N)
-    meta = Metadata(appliance.config.database)
+    meta = Metadata(database)
     try:
         meta.write_sync(lambda db: accounts.set_key_bundle(
             db, accounts.user_by_name(db, name), user_keys.public_key, bundle, 0))

@@ -17,11 +17,12 @@ import sys
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import apsw
 from in_process import run_click
 
 from appliance.config import ApplianceConfig
@@ -147,6 +148,25 @@ def served_appliance(directory: Path, **options: Any) -> Iterator[Served]:
         yield Served(config, server)
         assert server.stop() == 0
         assert "Traceback" not in server.stderr(), server.stderr()[-5000:]
+
+
+@contextmanager
+def appliance_database(config: ApplianceConfig, *, write: bool = False
+                       ) -> Iterator[apsw.Connection]:
+    """A connection to an appliance's database beside its running server (WAL: each side
+    sees what the other commits), read-only unless WRITE — for tests that check what the
+    server stored or tamper with it. apsw, never the standard library's sqlite3: two
+    SQLite copies in one process break each other's POSIX locks."""
+    flags = apsw.SQLITE_OPEN_READWRITE if write else apsw.SQLITE_OPEN_READONLY
+    with closing(apsw.Connection(str(config.database), flags=flags)) as db:
+        db.setbusytimeout(10_000)
+        yield db
+
+
+def database_rows(config: ApplianceConfig, sql: str, *params: object) -> list[Any]:
+    """The rows of a read-only query on the appliance's database."""
+    with appliance_database(config) as db:
+        return list(db.execute(sql, params))
 
 
 def read_json(path: Path) -> Any:

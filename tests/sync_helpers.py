@@ -134,11 +134,6 @@ def wait_converged(*devices: Device, timeout: float = 30) -> dict[str, bytes | N
     return tree_of(devices[0].folder)
 
 
-def write(path: Path, data: bytes | str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data.encode() if isinstance(data, str) else data)
-
-
 def stop_all(*devices: Device) -> None:
     for device in devices:
         device.stop()

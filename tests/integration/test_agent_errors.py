@@ -62,6 +62,7 @@ def users(appliance: Served, tmp_path_factory: pytest.TempPathFactory) -> Users:
                  bob.join(tmp_path_factory.mktemp("bob") / "home"), alice)
 
 
+@pytest.mark.slow
 def test_appliance_unreachable(tmp_path: Path) -> None:
     """The real binary: its exit code and its one line of stderr."""
     config = init_home(tmp_path / "appliance", disks=3, data_shards=2, parity_shards=1,

@@ -5,19 +5,16 @@ one folder (not two of one name) when two devices make it at once."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import re
 import stat
 from pathlib import Path
-from typing import Any
 
-import apsw
 import pytest
 import trio
 from agent_helpers import agent_env, cairn_ok, fails, ls_json, make_user, run_cairn
-from cairnd_helpers import Served
+from cairnd_helpers import Served, database_rows
 
 from agent import operations as ops
 from agent.crypto.blocks import BLOCK_SIZE
@@ -25,7 +22,6 @@ from agent.crypto.nodes import folder_node_id
 from agent.errors import RemoteNotFoundError, UsageError
 from agent.home import AgentHome
 from agent.remote import RemoteNode, RemoteTree, Target
-from appliance.config import ApplianceConfig
 
 MiB = 1024 * 1024
 PUT_LINE = re.compile(r"^uploaded (\d+) file\(s\), .*: sent (\d+) of (\d+) blocks "
@@ -70,14 +66,6 @@ def sha256_of(path: Path) -> str:
         while chunk := f.read(8 * MiB):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def database_rows(config: ApplianceConfig, sql: str, *params: object) -> list[Any]:
-    """Rows from the running appliance's database (read-only; WAL readers see commits)."""
-    with contextlib.closing(apsw.Connection(str(config.database),
-                                            flags=apsw.SQLITE_OPEN_READONLY)) as db:
-        db.setbusytimeout(10_000)
-        return list(db.execute(sql, params))
 
 
 # --- put and get -------------------------------------------------------------------------

@@ -27,13 +27,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from agent_helpers import CAIRN, PASSPHRASE, agent_env
+from agent_helpers import CAIRN, PASSPHRASE, agent_env, store_cheap_keys
 from api_helpers import add_user, new_code
 from cairnd_helpers import CAIRND, SERVE_LINE, RunningAppliance, cairnd_env, read_json
 from netns_helpers import Lan, in_netns, ip, lan, netns_available
 
 from agent import discovery
-from appliance.config import ApplianceConfig
+from appliance.config import ApplianceConfig, load_config
 from appliance.home import init_home
 from protocol.mdns import DiscoveredAppliance
 
@@ -96,6 +96,14 @@ def make_home(path: Path) -> ApplianceConfig:
                      listen="127.0.0.1:0")  # each serve below says where it listens
 
 
+def new_user(home: Path, name: str) -> str:
+    """`cairnd user add NAME` with the user's keys stored sealed cheaply (test_agent_join
+    joins at the production scrypt cost); the code for the first device."""
+    code = add_user(home, name)
+    store_cheap_keys(load_config(home).database, name)
+    return code
+
+
 @contextmanager
 def serving_in(netns: str, home: Path, address: str,
                timeout: float = 30) -> Iterator[RunningAppliance]:
@@ -156,6 +164,7 @@ def passive_opens(netns: str) -> int:
     return int(values[header.index("PassiveOpens")])
 
 
+@pytest.mark.slow
 @pytest.mark.root
 def test_join_without_url_keeps_the_appliance_the_code_vouches_for(
         net: Lan, tmp_path: Path) -> None:
@@ -168,7 +177,7 @@ def test_join_without_url_keeps_the_appliance_the_code_vouches_for(
         passed_decoy = 0
         for round_ in range(MAX_JOIN_ROUNDS):
             for issuer, other in ((app, dcy), (dcy, app)):
-                code = (add_user if round_ == 0 else new_code)(homes[issuer], users[issuer])
+                code = (new_user if round_ == 0 else new_code)(homes[issuer], users[issuer])
                 agent = tmp_path / f"agent-{round_}-{users[issuer]}"
                 knocks_before = passive_opens(other)
 
@@ -192,6 +201,7 @@ def test_join_without_url_keeps_the_appliance_the_code_vouches_for(
             assert "Traceback" not in served[netns].stderr()
 
 
+@pytest.mark.slow
 @pytest.mark.root
 def test_agent_follows_its_appliance_to_a_new_address(net: Lan, tmp_path: Path) -> None:
     app, dcy, agt = (net.hosts[h].netns for h in ("app", "dcy", "agt"))
@@ -201,7 +211,7 @@ def test_agent_follows_its_appliance_to_a_new_address(net: Lan, tmp_path: Path) 
     notes.write_bytes(b"written before the appliance moved\n" * 1000)
     with serving_in(dcy, decoy_home, "10.79.0.2") as decoy:
         with serving_in(app, home, "10.79.0.1") as before:
-            cairn_ok(agt, agent, "join", add_user(home, "alice"))
+            cairn_ok(agt, agent, "join", new_user(home, "alice"))
             assert read_json(agent / "device.json")["url"] == before.url
             cairn_ok(agt, agent, "put", notes, "/notes.txt")
             assert before.stop(signal.SIGTERM) == 0

@@ -22,17 +22,17 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import apsw
 import blake3
 import pytest
 from agent_helpers import CAIRN, agent_env, make_user, run_cairn
-from cairnd_helpers import RunningAppliance, Served, serving
+from cairnd_helpers import RunningAppliance, Served, database_rows, serving
 
 from agent.crypto.blocks import BLOCK_SIZE
 from agent.download import PART_SUFFIX
 from appliance.config import ApplianceConfig
 from appliance.home import init_home
 
+pytestmark = pytest.mark.slow   # a GiB each way
 FILE_BLOCKS = 256  # 1 GiB in 4 MiB blocks
 # Interrupt once this many blocks have moved: enough to prove resumption, early enough that
 # the first run is far from done on any machine.
@@ -94,13 +94,8 @@ def stage(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stage]:
 
 def stored_blocks(config: ApplianceConfig) -> int:
     """Blocks the appliance holds durably, from its database (read-only, beside the server)."""
-    db = apsw.Connection(str(config.database), flags=apsw.SQLITE_OPEN_READONLY)
-    try:
-        db.setbusytimeout(5_000)
-        row = db.execute("SELECT count(*) FROM blocks WHERE stored = 1").fetchone()
-        return int(row[0]) if row else 0
-    finally:
-        db.close()
+    [(count,)] = database_rows(config, "SELECT count(*) FROM blocks WHERE stored = 1")
+    return int(count)
 
 
 def settled(count: Callable[[], int], quiet_s: float = 1.0) -> int:

@@ -14,10 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import apsw
 import pytest
 from agent_helpers import cairn_ok, fails, ls_json, make_user, run_cairn
-from cairnd_helpers import Served
+from cairnd_helpers import Served, appliance_database
 
 from agent.errors import ForbiddenError, KeyPinError, RemoteNotFoundError
 from appliance.config import ApplianceConfig
@@ -70,8 +69,7 @@ def files_under(root: Path) -> dict[str, bytes]:
 def public_key_replaced(config: ApplianceConfig, user: str) -> Iterator[None]:
     """The appliance's stored public key of USER swapped for another (as a compromised
     appliance could), on the running server's database; put back afterwards."""
-    with contextlib.closing(apsw.Connection(str(config.database))) as db:
-        db.setbusytimeout(10_000)
+    with appliance_database(config, write=True) as db:
         [(original,)] = db.execute("SELECT public_key FROM users WHERE name = ?", (user,))
         db.execute("UPDATE users SET public_key = ? WHERE name = ?", (os.urandom(32), user))
         try:

@@ -9,17 +9,14 @@ test edits directly (only the blocks and nodes of this module's own user).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import apsw
 import pytest
 from agent_helpers import cairn_ok, fails, make_user, run_cairn
-from cairnd_helpers import Served
+from cairnd_helpers import Served, appliance_database, database_rows
 from storage_fixtures import flip_byte, shard_files
 
 from agent.crypto.blocks import BLOCK_SIZE
@@ -42,19 +39,9 @@ def node_id(home: Path, remote: str) -> str:
     return str(entry["id"])
 
 
-@contextlib.contextmanager
-def database(config: ApplianceConfig) -> Iterator[apsw.Connection]:
-    """A connection to the running appliance's database (WAL: the server's next read
-    transaction sees what this one commits)."""
-    with contextlib.closing(apsw.Connection(str(config.database))) as db:
-        db.setbusytimeout(10_000)
-        yield db
-
-
 def block_ids(config: ApplianceConfig, node: str) -> list[str]:
-    with database(config) as db:
-        return [row[0] for row in db.execute(
-            "SELECT block_id FROM node_blocks WHERE node_id = ? ORDER BY position", (node,))]
+    return [row[0] for row in database_rows(
+        config, "SELECT block_id FROM node_blocks WHERE node_id = ? ORDER BY position", node)]
 
 
 def put_random(home: Path, tmp_path: Path, remote: str, size: int) -> bytes:
@@ -95,7 +82,7 @@ def test_metadata_moved_to_another_node_is_refused(
     a = put_random(alice, tmp_path, "/swap/a.txt", 2_000)
     put_random(alice, tmp_path, "/swap/b.txt", 2_000)
     a_id, b_id = node_id(alice, "/swap/a.txt"), node_id(alice, "/swap/b.txt")
-    with database(config) as db:
+    with appliance_database(config, write=True) as db:
         db.execute("UPDATE nodes SET metadata = (SELECT metadata FROM nodes WHERE id = ?), "
                    "wrapped_key = (SELECT wrapped_key FROM nodes WHERE id = ?) WHERE id = ?",
                    (a_id, a_id, b_id))
@@ -118,7 +105,7 @@ def test_a_block_list_swapped_for_another_nodes_is_refused(
     a_id, b_id = node_id(alice, "/lists/a.bin"), node_id(alice, "/lists/b.bin")
     a_blocks = block_ids(config, a_id)
     assert len(a_blocks) == 2 and set(a_blocks).isdisjoint(block_ids(config, b_id))
-    with database(config) as db:
+    with appliance_database(config, write=True) as db:
         db.execute("UPDATE node_blocks SET block_id = (SELECT x.block_id FROM node_blocks x "
                    "WHERE x.node_id = ? AND x.position = node_blocks.position) "
                    "WHERE node_id = ?", (a_id, b_id))

@@ -5,16 +5,14 @@ refusals (nothing there, another user's, data reclaimed) as one line with their 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from pathlib import Path
 from typing import Any
 
-import apsw
 import pytest
-from agent_helpers import MakeUser, cairn_ok, fails, ls_json, run_cairn
-from cairnd_helpers import Served
+from agent_helpers import MakeUser, cairn_ok, fails, ls_json, run_cairn, write
+from cairnd_helpers import Served, appliance_database
 
 from agent.errors import ApiError, ForbiddenError, RemoteNotFoundError, UsageError
 from appliance.config import ApplianceConfig
@@ -31,12 +29,6 @@ def alice(fresh_user: MakeUser, tmp_path: Path) -> Path:
     return new_user(fresh_user, tmp_path)[1]
 
 
-def write(path: Path, data: bytes) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-    return path
-
-
 def trash_json(home: Path, *flags: str) -> list[dict[str, Any]]:
     entries: list[dict[str, Any]] = json.loads(cairn_ok(home, "trash", "--json", *flags))
     return entries
@@ -50,8 +42,7 @@ def fetched(home: Path, remote: str, local: Path) -> bytes:
 def delete_blocks_of(config: ApplianceConfig, node_id: str) -> int:
     """What garbage collection leaves between collecting a deleted file's blocks and purging
     its tombstone: the block rows gone, the node still there."""
-    with contextlib.closing(apsw.Connection(str(config.database))) as db:
-        db.setbusytimeout(10_000)
+    with appliance_database(config, write=True) as db:
         db.execute("DELETE FROM blocks WHERE block_id IN "
                    "(SELECT block_id FROM node_blocks WHERE node_id = ?)", (node_id,))
         return db.changes()

@@ -1,5 +1,6 @@
-"""The appliance API end to end: a real `cairnd serve` on 127.0.0.1:0 and real httpx
-clients enrolled with one-time codes, as agents will use it."""
+"""The appliance API end to end: the session's real `cairnd serve` on 127.0.0.1 (users of
+this module's own, named by role plus a number: `users["names"]`) and real httpx clients
+enrolled with one-time codes, as agents will use it."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Any
 
 import httpx
 import pytest
+from agent_helpers import make_user
 from api_helpers import (
     Device,
     add_user,
@@ -26,34 +28,19 @@ from api_helpers import (
     new_node_id,
     upload,
 )
-from cairnd_helpers import MakeHome, RunningAppliance, serving
-
-from appliance.config import ApplianceConfig
+from cairnd_helpers import MakeHome, Served, serving
 
 
 @pytest.fixture(scope="module")
-def appliance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[
-        tuple[ApplianceConfig, RunningAppliance]]:
-    from appliance.home import init_home
-
-    config = init_home(tmp_path_factory.mktemp("api") / "appliance", disks=4,
-                       data_shards=2, parity_shards=1, reserve_free_bytes=0,
-                       listen="127.0.0.1:0")
-    with serving(config.home) as server:
-        yield config, server
-        assert server.stop() == 0
-        assert "Traceback" not in server.stderr()
-
-
-@pytest.fixture(scope="module")
-def users(appliance: tuple[ApplianceConfig, RunningAppliance]) -> Iterator[dict[str, Device]]:
-    config, server = appliance
-    devices = {name: enroll(server.url, config.tls_certificate, add_user(config.home, name))
-               for name in ("alice", "bob")}
-    devices["alice2"] = enroll(server.url, config.tls_certificate,
-                               new_code(config.home, "alice"), "phone")
-    devices["roots"] = {name: make_root(devices[name])["id"]  # type: ignore[assignment]
-                        for name in ("alice", "bob")}
+def users(appliance: Served) -> Iterator[dict[str, Any]]:
+    """Devices of two users without keys or roots yet (the API tests make them)."""
+    made = {role: make_user(appliance, role, keys=False) for role in ("alice", "bob")}
+    cert = appliance.config.tls_certificate
+    devices: dict[str, Any] = {role: enroll(appliance.url, cert, user.code())
+                               for role, user in made.items()}
+    devices["alice2"] = enroll(appliance.url, cert, made["alice"].code(), "phone")
+    devices["roots"] = {role: make_root(devices[role])["id"] for role in ("alice", "bob")}
+    devices["names"] = {role: user.name for role, user in made.items()}
     yield devices
     for name in ("alice", "bob", "alice2"):
         devices[name].close()
@@ -72,7 +59,7 @@ def mkdir(device: Device, parent: str) -> dict[str, Any]:
 def test_second_device_of_a_user_sees_the_same_tree(users: dict[str, Any]) -> None:
     alice, phone = users["alice"], users["alice2"]
     me, me2 = alice.ok(alice.get("/me")), phone.ok(phone.get("/me"))
-    assert me["user"] == me2["user"] == "alice"
+    assert me["user"] == me2["user"] == users["names"]["alice"]
     assert me["device_id"] != me2["device_id"]
     assert me2["root_id"] == root_of(users, "alice")
     again = alice.post("/files", json={"parent": None, "kind": "dir",
@@ -235,12 +222,13 @@ def test_sharing_a_folder_covers_its_subtree_until_revoked(users: dict[str, Any]
 
     assert bob.get(f"/files/{file_id}").status_code == 404
     grants = alice.ok(alice.post(f"/files/{shared['id']}/share", json={
-        "grants": [{"user": "bob", "wrapped_key": b64(b"key for bob")}]}))["grants"]
-    assert [g["user"] for g in grants] == ["bob"]
+        "grants": [{"user": users["names"]["bob"], "wrapped_key": b64(b"key for bob")}]}
+    ))["grants"]
+    assert [g["user"] for g in grants] == [users["names"]["bob"]]
 
     items = bob.ok(bob.get("/shared-with-me"))["items"]
     assert [(i["node"]["id"], i["owner"], i["wrapped_key"]) for i in items] == [
-        (shared["id"], "alice", b64(b"key for bob"))]
+        (shared["id"], users["names"]["alice"], b64(b"key for bob"))]
     assert download(bob, file_id) == data  # two levels down
     assert [n["id"] for n in bob.ok(bob.get(f"/files/{shared['id']}/children"))["nodes"]] \
         == [sub["id"]]
@@ -259,14 +247,14 @@ def test_sharing_a_folder_covers_its_subtree_until_revoked(users: dict[str, Any]
     assert [(c["node_id"], c["kind"]) for c in feed["changes"]] == [(file_id, "updated")]
 
     urls = bob.ok(bob.get(f"/files/{file_id}"))["blocks"]
-    alice.client.delete(f"/files/{shared['id']}/share/bob").raise_for_status()
+    alice.client.delete(f"/files/{shared['id']}/share/{users['names']['bob']}").raise_for_status()
     assert bob.get(f"/files/{file_id}").status_code == 404
     assert bob.ok(bob.get("/shared-with-me"))["items"] == []
     feed = bob.ok(bob.get("/changes", params={"cursor": feed["cursor"]}))
     assert [(c["node_id"], c["kind"], c["node"]) for c in feed["changes"]] == [
         (shared["id"], "unshared", None)]
     # Unsharing twice, or with someone it was never shared with: 404.
-    assert alice.delete(f"/files/{shared['id']}/share/bob").status_code == 404
+    assert alice.delete(f"/files/{shared['id']}/share/{users['names']['bob']}").status_code == 404
     # URLs issued before the revocation stop working at once too.
     assert bob.client.get(urls[0]["url"]).status_code == 404
 
@@ -373,11 +361,12 @@ def test_key_bundle_and_public_keys(users: dict[str, Any]) -> None:
     alice, phone, bob = users["alice"], users["alice2"], users["bob"]
     assert alice.ok(alice.get("/me/key-bundle")) == {"public_key": None, "bundle": None,
                                                     "version": 0}
-    assert bob.get("/users/alice/public-key").status_code == 404
+    alice_key = f"/users/{users['names']['alice']}/public-key"
+    assert bob.get(alice_key).status_code == 404
     alice.ok(alice.put("/me/key-bundle", json={
         "public_key": b64(b"P" * 32), "bundle": b64(b"sealed"), "base_version": 0}))
     assert phone.ok(phone.get("/me/key-bundle"))["bundle"] == b64(b"sealed")
-    assert bob.ok(bob.get("/users/alice/public-key"))["public_key"] == b64(b"P" * 32)
+    assert bob.ok(bob.get(alice_key))["public_key"] == b64(b"P" * 32)
     stale = phone.put("/me/key-bundle", json={
         "public_key": b64(b"P" * 32), "bundle": b64(b"other"), "base_version": 0})
     assert stale.status_code == 409
@@ -389,10 +378,9 @@ def test_key_bundle_and_public_keys(users: dict[str, Any]) -> None:
     assert rewrapped["version"] == 2
 
 
-def test_enrollment_codes_work_once(appliance: tuple[ApplianceConfig, RunningAppliance]
-                                    ) -> None:
+def test_enrollment_codes_work_once(appliance: Served, users: dict[str, Any]) -> None:
     config, server = appliance
-    code = new_code(config.home, "bob")
+    code = new_code(config.home, users["names"]["bob"])
     device = enroll(server.url, config.tls_certificate, code, "tablet")
     device.close()
     with pytest.raises(AssertionError, match="enrollment_refused"):

@@ -46,7 +46,7 @@ from api_helpers import (
     pinned_context,
     upload,
 )
-from cairnd_helpers import run_cairnd, serving
+from cairnd_helpers import run_cairnd_in_process, serving
 
 from appliance.config import ApplianceConfig, write_config
 from appliance.home import init_home
@@ -105,7 +105,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         get_url = old.ok(old.get(f"/files/{done['node']['id']}"))["blocks"][0]["url"]
         waiting = create_file(old, roots["alice"], [pending])
         put_url = waiting["upload"][0]["url"]
-        revoked = run_cairnd("device", "revoke", old.device_id, "--home", config.home)
+        revoked = run_cairnd_in_process("device", "revoke", old.device_id, "--home",
+                                        config.home)
         assert revoked.returncode == 0, revoked.stderr
 
         anonymous = httpx.Client(base_url=server.url, verify=pinned_context(cert), timeout=60)

@@ -13,6 +13,7 @@ from typing import Any
 
 import blake3
 import httpx
+import pytest
 from api_helpers import (
     Device,
     add_user,
@@ -37,6 +38,7 @@ def reconnect(device: Device, url: str, certificate: Any) -> Device:
     return Device(client, device.device_id, device.user, device.token)
 
 
+@pytest.mark.slow
 def test_kill_9_mid_upload_then_resume(appliance_home: MakeHome) -> None:
     config = appliance_home(disks=4, data_shards=2, parity_shards=1)
     contents = {new_node_id(): [os.urandom(BLOCK_BYTES) for _ in range(BLOCKS_PER_FILE)]

@@ -29,6 +29,7 @@ from appliance.config import write_config
 from appliance.home import init_home
 from appliance.server import create_app
 
+pytestmark = pytest.mark.slow   # ~1,500 generated requests
 EXAMPLES_PER_MODE = 25
 STREAM_EXAMPLES = 4
 STREAM_TIMEOUT_S = 0.5

@@ -423,6 +423,7 @@ def run_and_kill(script: Path, root: Path, seed: int, rng: random.Random) -> lis
 
 
 @pytest.mark.usefixtures("fresh_probes")
+@pytest.mark.slow
 def test_kill_9_mid_writes_loses_no_acknowledged_block(
         tmp_path: Path, specs: tuple[DiskSpec, ...]) -> None:
     script = tmp_path / "writer.py"

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from agent_helpers import MakeUser, ls_json, make_user, run_cairn
+from agent_helpers import MakeUser, ls_json, make_user, run_cairn, write
 from cairnd_helpers import Served, serving
 from sync_helpers import (
     Device,
@@ -29,7 +29,6 @@ from sync_helpers import (
     tree_of,
     wait_converged,
     wait_for,
-    write,
 )
 
 from agent import operations as ops
@@ -250,6 +249,7 @@ def test_a_file_still_settling_always_has_a_wake_up_coming(devices: list[Device]
     assert remote == "new.txt"
 
 
+@pytest.mark.slow
 def test_the_appliance_restarting_mid_sync(tmp_path: Path) -> None:
     config = init_home(tmp_path / "appliance", reserve_free_bytes=0)
     listen = ("--listen", f"127.0.0.1:{free_port()}")   # the same address after a restart

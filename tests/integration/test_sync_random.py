@@ -58,7 +58,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from agent_helpers import make_user
+from agent_helpers import make_user, write
 from cairnd_helpers import Served
 from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
@@ -71,9 +71,9 @@ from sync_helpers import (
     tree_of,
     wait_converged,
     wait_for,
-    write,
 )
 
+pytestmark = pytest.mark.slow   # random programs and pinned ones: tens of seconds each
 EXAMPLES = int(os.environ.get("CAIRN_RANDOM_SYNC_EXAMPLES", "4"))
 REPLAY = os.environ.get("CAIRN_RANDOM_SYNC_SEED")
 HUNTING = "CAIRN_RANDOM_SYNC_EXAMPLES" in os.environ      # fresh seeds on every run

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 import trio
-from agent_helpers import CAIRN, MakeUser, User, agent_env, ls_json, run_cairn
-from sync_helpers import Device, devices_of, stop_all, tree_of, wait_converged, wait_for, write
+from agent_helpers import CAIRN, MakeUser, User, agent_env, ls_json, run_cairn, write
+from sync_helpers import Device, devices_of, stop_all, tree_of, wait_converged, wait_for
 
 from agent import operations as ops
 from agent.home import AgentHome
@@ -109,6 +109,7 @@ def test_a_mass_deletion_waits_for_confirmation(pair: tuple[Device, Device]) -> 
     assert sorted(tree) == ["f00.txt"] + [f"f{i:02}.txt" for i in range(15, 20)]
 
 
+@pytest.mark.slow
 def test_a_full_disk_pauses_downloads_and_deletes_nothing(tmp_path: Path, alice: User
                                                           ) -> None:
     laptop, desktop = devices_of(alice, tmp_path, "laptop", "desktop")

@@ -11,7 +11,6 @@ import apsw
 import pytest
 from meta_helpers import memory_db, new_user
 
-from protocol.enrollment import EnrollmentCode, enrollment_proof, enrollment_response
 from appliance.errors import (
     BadRequestError,
     ConflictError,
@@ -21,6 +20,7 @@ from appliance.errors import (
 )
 from appliance.meta import accounts
 from appliance.meta.records import Device
+from protocol.enrollment import EnrollmentCode, enrollment_proof, enrollment_response
 
 FINGERPRINT = bytes(range(32))
 
