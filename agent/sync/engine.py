@@ -29,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import NoReturn
 
 import trio
 
@@ -43,6 +44,7 @@ from agent.errors import (
 )
 from agent.operations import make_folder
 from agent.remote import RemoteTree, Target
+from agent.sync import rules
 from agent.sync.executor import Executor, Outcome
 from agent.sync.ignore import IGNORE_FILE, IgnoreRules
 from agent.sync.mirror import Mirror
@@ -51,7 +53,6 @@ from agent.sync.model import (
     Download,
     KeepBoth,
     LocalEntry,
-    MakeLocalDir,
     Upload,
     is_within,
 )
@@ -144,7 +145,7 @@ class SyncEngine:
         self._cleaned_parts = False
         self._local_activity = 0
         self._last_scan: LocalScan | None = None
-        self._settled: tuple[int, int] | None = None   # trees' revisions at the last idle
+        self._settled: rules.Quiet | None = None   # what the last idle round saw
         self._shared_touched = False     # the watcher saw a change in Shared with me
         self._dirty: set[str] | None = None     # None: walk everything next time
         self.last_outcome = Outcome()
@@ -208,6 +209,7 @@ class SyncEngine:
         while True:
             await trio.sleep(RESCAN_S)
             self._shares_seen = -1          # list the shares again too
+            self._settled = None
             self._dirty = None              # and walk the whole folder
             self.wake()
 
@@ -263,28 +265,30 @@ class SyncEngine:
         try:
             for _ in range(MAX_PHASES):
                 await self._refresh_remote()
-                rules = IgnoreRules.load(self.root)
+                ignore = IgnoreRules.load(self.root)
                 before = self._last_scan
-                scan = self._scan(rules)
+                scan = self._scan(ignore)
                 if scan.settles_in_s is not None:
                     # Before anything may return: this round may have been woken early by
                     # another timer, which consumed the one set for this file.
                     self.wake_in(scan.settles_in_s + 0.02)
-                if self._nothing_new(before, scan):
+                paused = trio.current_time() < self._downloads_paused_until
+                if rules.nothing_new(self._settled, self._quiet(self.mirror.foreign_changes),
+                                     before is None or scan.entries != before.entries,
+                                     paused, self._shared_touched):
                     return total
                 base = self.db.base_entries(self.folder.id)
-                remote = self.mirror.entries()
-                current = plan(scan.entries, remote, base)
+                current = plan(scan.entries, self.mirror.entries(), base)
                 self._check_safety(scan, current, base)
-                if trio.current_time() < self._downloads_paused_until:
-                    current = _without_downloads(current)
+                if paused:
+                    current = rules.without_downloads(current)
                 if current.empty:
                     if await self._sync_shared():
                         self._dirty = None
                         continue            # edits moved out of Shared with me: sync them
                     self._idle(scan, current)
                     if not current.waiting:
-                        self._settled = (self.db.remote_revision, self.db.base_revision)
+                        self._settled = self._quiet(self._shares_seen)
                     return total
                 self._status("syncing", f"{_count_transfers(current)} files",
                              pending=len(current.actions) + len(current.waiting))
@@ -313,18 +317,19 @@ class SyncEngine:
     async def _refresh_remote(self) -> None:
         """Pull the feed. A deleted remote folder pauses the sync (deleting everything
         here would be the mirror image of a mass deletion); it resumes once restored."""
-        gone = Paused(f"the remote folder {self.folder.remote_path} was deleted; nothing is "
-                      f"deleted here. Restore it (cairn restore {self.folder.remote_path}) "
-                      f"or sync {self.root} elsewhere")
+        gone = rules.remote_folder_gone(self.folder.remote_path, str(self.root))
         try:
             await self.mirror.refresh()
         except RemoteNotFoundError:
-            self.wake_in(RETRY_MAX_S)
-            raise gone from None
+            self._pause(gone)
         if self.db.remote_row(self.folder.id, self.folder.remote_root) is None:
             self.mirror.listed = False       # list it again once it is back
-            self.wake_in(RETRY_MAX_S)
-            raise gone
+            self._pause(gone)
+
+    def _pause(self, stop: rules.Stop) -> NoReturn:
+        if stop.recheck_s is not None:
+            self.wake_in(stop.recheck_s)
+        raise Paused(stop.message)
 
     async def _sync_shared(self) -> int:
         self._shared_touched = False
@@ -332,15 +337,9 @@ class SyncEngine:
         self._shares_seen = self.mirror.foreign_changes
         return await self.shared.sync(refresh)
 
-    def _nothing_new(self, before: LocalScan | None, scan: LocalScan) -> bool:
-        """Whether this round would only confirm the last one's empty plan: neither tree
-        changed since (our own change coming back through the feed, the watcher reporting
-        a file we just wrote). Planning is what costs with many files."""
-        return (self._settled == (self.db.remote_revision, self.db.base_revision)
-                and before is not None and scan.entries == before.entries
-                and trio.current_time() >= self._downloads_paused_until
-                and self.mirror.foreign_changes == self._shares_seen
-                and not self._shared_touched)
+    def _quiet(self, shares: int) -> rules.Quiet:
+        """The trees' revisions, and SHARES: the foreign changes seen (or listed)."""
+        return rules.Quiet(self.db.remote_revision, self.db.base_revision, shares)
 
     def _mark(self, paths: set[str], everything: bool = False) -> None:
         """Paths to look at again in the next scan; a whole walk when that is simpler."""
@@ -354,26 +353,25 @@ class SyncEngine:
         else:
             self._dirty |= paths
 
-    def _scan(self, rules: IgnoreRules) -> LocalScan:
+    def _scan(self, ignore: IgnoreRules) -> LocalScan:
         """The local tree: a whole walk at first, now and then, and whenever in doubt;
         otherwise the last scan with the paths the watcher and the executor touched
         looked at again (a change costs what it touched, not the folder's size)."""
         if not is_dir(self.root):
             self._dirty = None
-            raise Paused(f"{self.root} is missing (an unmounted drive?); waiting for it — "
-                         "nothing is deleted meanwhile")
+            self._pause(rules.folder_missing(str(self.root)))
         reserved = frozenset({SHARED_FOLDER})
         try:
             if self._dirty is None or self._last_scan is None:
-                scan = scan_tree(self.root, rules, self.db.cached_contents(self.folder.id),
+                scan = scan_tree(self.root, ignore, self.db.cached_contents(self.folder.id),
                                  time.time_ns(), reserved=reserved)
                 scan.complete = True
             else:
-                scan = rescan_paths(self.root, rules, self._last_scan.entries, self._dirty,
+                scan = rescan_paths(self.root, ignore, self._last_scan.entries, self._dirty,
                                     partial(self.db.cached_content, self.folder.id),
                                     time.time_ns(), reserved=reserved)
                 if scan.vanished:
-                    scan = scan_tree(self.root, rules,
+                    scan = scan_tree(self.root, ignore,
                                      self.db.cached_contents(self.folder.id),
                                      time.time_ns(), reserved=reserved)
                     scan.complete = True
@@ -386,21 +384,11 @@ class SyncEngine:
 
     def _check_safety(self, scan: LocalScan, current: Plan,
                       base: dict[str, BaseEntry]) -> None:
-        if self.options.allow_mass_delete:
-            return
-        synced = len(base)
-        files = sum(1 for e in base.values() if e.kind == "file")
-        if not scan.entries and synced:
-            self.wake_in(5)
-            raise Paused(f"{self.root} is empty but {synced} items were synced (an "
-                         "unmounted drive?); nothing is deleted. If you emptied it on "
-                         "purpose, run `cairn sync --allow-mass-delete`")
-        deletions = current.remote_deletions
-        if deletions >= self.options.mass_delete_min \
-                and deletions > self.options.mass_delete_share * files:
-            raise Paused(f"{deletions} of {files} files were deleted here at once; to "
-                         "delete them on every device run `cairn sync "
-                         "--allow-mass-delete`, or put them back")
+        policy = rules.MassDelete(self.options.allow_mass_delete,
+                                  self.options.mass_delete_share, self.options.mass_delete_min)
+        stop = rules.safety_stop(str(self.root), len(scan.entries), base, current, policy)
+        if stop is not None:
+            self._pause(stop)
 
     async def _execute(self, current: Plan) -> Outcome:
         now = trio.current_time()
@@ -436,14 +424,6 @@ class SyncEngine:
     def _status(self, state: str, detail: str = "", pending: int = 0,
                 conflicts: int = 0) -> None:
         self.db.set_status(self.folder.id, state, detail, pending, conflicts)
-
-
-def _without_downloads(current: Plan) -> Plan:
-    """The plan minus what writes remote content here (the disk is full)."""
-    held = [a for a in current.actions if isinstance(a, Download | KeepBoth | MakeLocalDir)]
-    return Plan(tuple(a for a in current.actions if a not in held),
-                current.waiting + tuple(getattr(a, "path", "") for a in held),
-                current.remote_deletions)
 
 
 def _count_transfers(current: Plan) -> int:

@@ -37,6 +37,7 @@ from agent.errors import (
     TransportError,
 )
 from agent.remote import RemoteNode, RemoteTree, Target
+from agent.sync import rules
 from agent.sync.batch import (
     SMALL_FILE,
     SmallDownload,
@@ -62,13 +63,12 @@ from agent.sync.model import (
     RenameLocalAside,
     Upload,
     content_of_refs,
-    is_within,
     name_of,
     parent_of,
 )
 from agent.sync.names import unique_copy_name
 from agent.sync.planner import Plan
-from agent.sync.scan import hash_file, is_dir, lstat_or_none, stat_of
+from agent.sync.scan import hash_file, kind_at, lstat_or_none, stat_of
 from agent.sync.state import FolderRecord, SyncDb
 from agent.upload import upload_file
 
@@ -389,11 +389,9 @@ class Executor:
         return names
 
     def _remote_folder_at(self, path: str) -> str | None:
-        """The id of the remote folder that the local folder PATH maps to, synced or not
-        (a folder new on both sides has no base entry yet), or None if there is none."""
-        return self._synced_folder_at(path) or next(
-            (node_id for node_id, there in self.mirror.entries().items()
-             if there.path == path and there.kind == "dir"), None)
+        return rules.remote_folder_at(path, self.folder.remote_root,
+                                      self.db.base_at(self.folder.id, path),
+                                      self.mirror.entries().values())
 
     def _set_aside(self, path: str) -> str:
         """Rename the local item at PATH to a conflicted copy (from this device). Needs no
@@ -442,14 +440,9 @@ class Executor:
         log.info("uploaded %s", action.path)
 
     def _began(self, path: str, written: dict[str, Any]) -> None:
-        """An upload stopped because the file changed under it, after the appliance gave
-        the node a new version (still `uploading`, or complete with the old content). That
-        version is the base of the next upload — which supersedes it — rather than a
-        change from elsewhere: otherwise every device would wait for the unfinished
-        version, or this one would set its own upload aside as a conflicted copy."""
         row = self.mirror.absorb(written)
         if row is not None:
-            self._record(BaseEntry(row.node_id, path, "file", row.version, row.content, None))
+            self._record(rules.began_upload(row.node_id, path, row.version, row.content))
 
     async def _download(self, action: Download, outcome: Outcome) -> None:
         if not self.downloads_allowed:
@@ -526,8 +519,8 @@ class Executor:
             return
         with self.db.transaction():
             self.db.move_base(self.folder.id, entry.path, new_path)
-            version = new_version if entry.version == remote_version else entry.version
-            self.db.put_base(self.folder.id, replace(entry, path=new_path, version=version))
+            self.db.put_base(self.folder.id, rules.repathed_base(
+                entry, new_path, remote_version, new_version))
 
     async def _move_local(self, action: MoveLocal, outcome: Outcome) -> None:
         source, destination = self.local(action.from_path), self.local(action.to_path)
@@ -535,21 +528,20 @@ class Executor:
         entry = self.db.base_of(self.folder.id, action.node_id)
         if row is None or entry is None:
             raise SkipAction("the node is gone")
-        if is_within(action.to_path, action.from_path):
-            # Into its own old place (d2 -> d2/d1: the other side moved it under a new
-            # folder that took its name here): step aside first.
+        steps = rules.local_move_steps(action.from_path, action.to_path,
+                                       kind_at(destination))
+        if steps.step_aside_first:
             stepped = source.with_name(f".cairn-move-{action.node_id[:12]}")
             os.rename(source, stepped)
             source = stepped
         os.makedirs(destination.parent, exist_ok=True)
-        if lstat_or_none(destination) is not None:
+        if steps.set_destination_aside:
             self._set_aside(action.to_path)
         os.rename(source, destination)
-        same = entry.kind == "dir" or row.content == entry.content
         with self.db.transaction():
             self.db.move_base(self.folder.id, entry.path, action.to_path)
-            self.db.put_base(self.folder.id, replace(
-                entry, path=action.to_path, version=row.version if same else entry.version))
+            self.db.put_base(self.folder.id, rules.moved_base(
+                entry, action.to_path, row.version, row.content))
         log.info("moved %s to %s", action.from_path, action.to_path)
 
     async def _make_remote_dir(self, action: MakeRemoteDir, outcome: Outcome) -> None:
@@ -570,16 +562,20 @@ class Executor:
         if row is None:
             raise SkipAction("the folder is gone")
         target = self.local(action.path)
-        found = lstat_or_none(target)
-        if found is not None and not is_dir(target):
+        if rules.folder_sets_aside(kind_at(target)):
             self._set_aside(action.path)
         os.makedirs(target, exist_ok=True)
         self._record(BaseEntry(row.node_id, action.path, "dir", row.version, row.content,
                                stat_of(os.lstat(target))))
 
     async def _delete_remote(self, action: DeleteRemote, outcome: Outcome) -> None:
-        if self._is_folder(action.node_id):     # a file's own version check suffices
-            await self._check_folder_unchanged(action)
+        if action.kind == "dir":     # a file's own version check suffices
+            await self.mirror.pull()     # what changed under it since the plan was made
+            changed = rules.changed_under(action.path, self.mirror.entries(),
+                                          self.db.base_entries(self.folder.id))
+            if changed is not None:
+                raise SkipAction(f"{changed} changed on another device meanwhile; "
+                                 f"{action.path} is kept")
         answer = await self.tree.connection.call(
             "DELETE", f"/files/{action.node_id}", params={"base_version": action.version})
         self.mirror.absorb(answer)
@@ -587,23 +583,6 @@ class Executor:
             self.db.forget_base_under(self.folder.id, action.path)
             self.db.forget_base(self.folder.id, action.node_id)
         log.info("deleted %s on the appliance (restorable: cairn restore)", action.path)
-
-    def _is_folder(self, node_id: str) -> bool:
-        row = self.db.remote_row(self.folder.id, node_id)
-        return row is not None and row.kind == "dir"
-
-    async def _check_folder_unchanged(self, action: DeleteRemote) -> None:
-        """The appliance checks a folder delete against the folder's own version only, so
-        an edit inside it that arrived after the plan would go with it. Pull the feed
-        right before, and skip if anything under it is new or changed since it was
-        synced (the next plan keeps it)."""
-        await self.mirror.pull()
-        base = self.db.base_entries(self.folder.id)
-        for node_id, entry in self.mirror.entries().items():
-            if is_within(entry.path, action.path) and (
-                    node_id not in base or base[node_id].version != entry.version):
-                raise SkipAction(f"{entry.path} changed on another device meanwhile; "
-                                 f"{action.path} is kept")
 
     async def _delete_local(self, action: DeleteLocal, outcome: Outcome) -> None:
         target = self.local(action.path)
@@ -619,17 +598,16 @@ class Executor:
     def _delete_folder(self, path: str) -> None:
         """Remove what is unchanged since it was synced under PATH, bottom up; anything
         else stays (and syncs back as new)."""
-        top = self.local(path)
-        for folder, _dirs, files in os.walk(top, topdown=False):
+        walked = list(os.walk(self.local(path), topdown=False))
+        found = {relative: lstat_or_none(self.local(relative)) for relative in (
+            f"{os.path.relpath(folder, self.root)}/{name}"
+            for folder, _dirs, files in walked for name in files)}
+        synced = {p: e for p in found if (e := self.db.base_at(self.folder.id, p))}
+        for file_path in rules.removable(found, synced, PART_SUFFIX):
+            os.unlink(self.local(file_path))
+            self.db.forget_base_under(self.folder.id, file_path)
+        for folder, _dirs, _files in walked:
             relative = os.path.relpath(folder, self.root)
-            for name in files:
-                file_path = f"{relative}/{name}"
-                entry = self.db.base_at(self.folder.id, file_path)
-                full = Path(folder) / name
-                if name.endswith(PART_SUFFIX) or (
-                        entry is not None and entry.stat == lstat_or_none(full)):
-                    os.unlink(full)
-                    self.db.forget_base_under(self.folder.id, file_path)
             try:
                 os.rmdir(folder)
                 self.db.forget_base_under(self.folder.id, relative)

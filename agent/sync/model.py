@@ -164,10 +164,13 @@ class RenameLocalAside:
 
 @dataclass(frozen=True)
 class DeleteRemote:
+    """Delete node NODE_ID (based on VERSION) on the appliance; a folder (KIND) goes only
+    if nothing under it changed there since it was synced."""
     node_id: str
     path: str
     version: int
     files: int = 1
+    kind: Kind = "file"
 
 
 @dataclass(frozen=True)

@@ -315,7 +315,7 @@ def _folder(trees: _Trees, path: str, base: BaseEntry, here: LocalEntry | None,
         else:
             files = sum(1 for e in trees.base.values()
                         if e.kind == "file" and is_within(e.path, path))
-            out.deletions.append(DeleteRemote(node, path, own.version, files))
+            out.deletions.append(DeleteRemote(node, path, own.version, files, "dir"))
             out.remote_deletions += files
             covered.append(path)
         return

@@ -20,7 +20,7 @@ from pathlib import Path
 from agent.crypto.blocks import BLOCK_SIZE, plain_hash_of
 from agent.errors import LocalFileError
 from agent.sync.ignore import IgnoreRules
-from agent.sync.model import LocalEntry, Stat, content_id, is_within, parent_of
+from agent.sync.model import Kind, LocalEntry, Stat, content_id, is_within, parent_of
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,15 @@ def lstat_or_none(path: Path) -> Stat | None:
 
 def is_dir(path: Path) -> bool:
     return os.path.isdir(path)
+
+
+def kind_at(path: Path) -> Kind | None:
+    """What is at PATH now, a link not followed: a folder, anything else ("file"), or
+    None."""
+    try:
+        return "dir" if stat.S_ISDIR(os.lstat(path).st_mode) else "file"
+    except FileNotFoundError:
+        return None
 
 
 CachedContent = Callable[[str], "tuple[Stat, str] | None"]
