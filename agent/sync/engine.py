@@ -25,7 +25,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -58,7 +58,15 @@ from agent.sync.model import (
 )
 from agent.sync.names import is_conflicted_copy
 from agent.sync.planner import Plan, plan
-from agent.sync.scan import MAX_DIRTY, LocalScan, is_dir, rescan_paths, scan_tree
+from agent.sync.scan import (
+    MAX_DIRTY,
+    LocalScan,
+    changed_between,
+    is_dir,
+    rescan_paths,
+    scan_tree,
+)
+from agent.sync.scope import Trees, pending_of, plan_touched
 from agent.sync.shared import SHARED_FOLDER, SharedMirror
 from agent.sync.state import FolderRecord, SyncDb
 from agent.sync.watch import ROOT_GONE, watch_changes
@@ -148,6 +156,10 @@ class SyncEngine:
         self._settled: rules.Quiet | None = None   # what the last idle round saw
         self._shared_touched = False     # the watcher saw a change in Shared with me
         self._dirty: set[str] | None = None     # None: walk everything next time
+        self._unsettled: set[str] = set()       # files still being written
+        self._conflicts: set[str] = set()       # conflicted copies in the folder
+        self._pending: set[str] | None = None   # out of sync at the last plan; None: plan
+                                                # everything next time
         self.last_outcome = Outcome()
         self.rounds = 0
 
@@ -210,6 +222,7 @@ class SyncEngine:
             await trio.sleep(RESCAN_S)
             self._shares_seen = -1          # list the shares again too
             self._settled = None
+            self._pending = None            # and plan everything (the oracle)
             self._dirty = None              # and walk the whole folder
             self.wake()
 
@@ -266,7 +279,6 @@ class SyncEngine:
             for _ in range(MAX_PHASES):
                 await self._refresh_remote()
                 ignore = IgnoreRules.load(self.root)
-                before = self._last_scan
                 scan = self._scan(ignore)
                 if scan.settles_in_s is not None:
                     # Before anything may return: this round may have been woken early by
@@ -274,12 +286,10 @@ class SyncEngine:
                     self.wake_in(scan.settles_in_s + 0.02)
                 paused = trio.current_time() < self._downloads_paused_until
                 if rules.nothing_new(self._settled, self._quiet(self.mirror.foreign_changes),
-                                     before is None or scan.entries != before.entries,
-                                     paused, self._shared_touched):
+                                     bool(scan.changed), paused, self._shared_touched):
                     return total
-                base = self.db.base_entries(self.folder.id)
-                current = plan(scan.entries, self.mirror.entries(), base)
-                self._check_safety(scan, current, base)
+                current = self._plan(scan)
+                self._check_safety(scan, current, self.db.base_entries(self.folder.id))
                 if paused:
                     current = rules.without_downloads(current)
                 if current.empty:
@@ -305,11 +315,11 @@ class SyncEngine:
             self.wake_in(RETRY_S)
             return total
         except Paused as exc:
-            self._settled = None
+            self._settled = self._pending = None
             self._status("paused", exc.message)
             return total
         except BaseException:
-            self._settled = None
+            self._settled = self._pending = None
             raise
         finally:
             self.last_outcome = total
@@ -361,6 +371,7 @@ class SyncEngine:
             self._dirty = None
             self._pause(rules.folder_missing(str(self.root)))
         reserved = frozenset({SHARED_FOLDER})
+        seen: set[str] = set()           # changed in an update that a walk then replaced
         try:
             if self._dirty is None or self._last_scan is None:
                 scan = scan_tree(self.root, ignore, self.db.cached_contents(self.folder.id),
@@ -371,6 +382,7 @@ class SyncEngine:
                                     partial(self.db.cached_content, self.folder.id),
                                     time.time_ns(), reserved=reserved)
                 if scan.vanished:
+                    seen = scan.changed
                     scan = scan_tree(self.root, ignore,
                                      self.db.cached_contents(self.folder.id),
                                      time.time_ns(), reserved=reserved)
@@ -378,9 +390,37 @@ class SyncEngine:
         except LocalFileError as exc:
             self._dirty = None
             raise Paused(exc.message + "; waiting") from None
-        self._last_scan = scan
-        self._dirty = {path for path, entry in scan.entries.items() if not entry.stable}
+        last, self._last_scan = self._last_scan, scan
+        if scan.complete:
+            scan.changed = seen | changed_between({} if last is None else last.entries,
+                                                  scan.entries)
+            looked: Iterable[str] = scan.entries
+            self._unsettled, self._conflicts = set(), set()
+        else:
+            looked = self._unsettled | scan.changed
+        for path in looked:
+            entry = scan.entries.get(path)
+            _put(self._unsettled, path, entry is not None and not entry.stable)
+            _put(self._conflicts, path, entry is not None and is_conflicted_copy(path))
+        self._dirty = set(self._unsettled)
         return scan
+
+    def _plan(self, scan: LocalScan) -> Plan:
+        """The plan: over every path at first and on the periodic rescan (and to recover
+        from anything unusual), else over the paths out of sync at the last plan and those
+        any tree changed at since (agent/sync/scope.py)."""
+        base = self.db.base_entries(self.folder.id)
+        remote = self.mirror.entries()
+        touched = (scan.changed | self.mirror.view.take_touched()
+                   | self.db.take_base_touched(self.folder.id))
+        trees = Trees(scan.entries, remote, self.mirror.view.at, base,
+                      self.db.base_paths(self.folder.id))
+        if self._pending is None or self.mirror.relisted:
+            self.mirror.relisted = False
+            self._pending = pending_of(trees)
+            return plan(scan.entries, remote, base)
+        current, self._pending = plan_touched(trees, self._pending, touched)
+        return current
 
     def _check_safety(self, scan: LocalScan, current: Plan,
                       base: dict[str, BaseEntry]) -> None:
@@ -405,7 +445,7 @@ class SyncEngine:
         return outcome
 
     def _idle(self, scan: LocalScan, current: Plan) -> None:
-        conflicts = sum(1 for path in scan.entries if is_conflicted_copy(path))
+        conflicts = len(self._conflicts)
         if trio.current_time() < self._downloads_paused_until:
             self.wake_in(self._downloads_paused_until - trio.current_time())
             self._status("paused", "downloads paused: the disk is full",
@@ -424,6 +464,13 @@ class SyncEngine:
     def _status(self, state: str, detail: str = "", pending: int = 0,
                 conflicts: int = 0) -> None:
         self.db.set_status(self.folder.id, state, detail, pending, conflicts)
+
+
+def _put(paths: set[str], path: str, member: bool) -> None:
+    if member:
+        paths.add(path)
+    else:
+        paths.discard(path)
 
 
 def _count_transfers(current: Plan) -> int:

@@ -36,6 +36,8 @@ class LocalScan:
     complete: bool = False                # a whole walk (not an update of the last one)
     vanished: bool = False                # an update found a known path gone: it may have
                                           # moved anywhere, so walk everything
+    changed: set[str] = field(default_factory=set)   # paths whose entry differs from the
+                                                      # last scan's (an update's)
 
 
 def stat_of(info: os.stat_result) -> Stat:
@@ -78,7 +80,7 @@ def scan_tree(root: Path, rules: IgnoreRules, cached: Mapping[str, tuple[Stat, s
     return result
 
 
-def rescan_paths(root: Path, rules: IgnoreRules, previous: Mapping[str, LocalEntry],
+def rescan_paths(root: Path, rules: IgnoreRules, previous: dict[str, LocalEntry],
                  dirty: set[str], cached: CachedContent, now_ns: int,
                  stable_s: float = STABLE_S, reserved: frozenset[str] = frozenset()
                  ) -> LocalScan:
@@ -88,10 +90,14 @@ def rescan_paths(root: Path, rules: IgnoreRules, previous: Mapping[str, LocalEnt
     still settling among the dirty paths, and walks everything now and then anyway (the
     watcher's events are hints: a queue overflow loses them). When a known path is gone
     the result says `vanished`: it may have been renamed to a path whose event is still
-    to come, and only a whole walk tells a move from a delete."""
-    result = LocalScan(entries=dict(previous))
+    to come, and only a whole walk tells a move from a delete.
+
+    PREVIOUS is updated in place and becomes the result's entries (copying it would cost
+    what the folder holds); `changed` says which paths differ from before."""
+    result = LocalScan(entries=previous)
     window_ns = int(stable_s * 1e9)
     done: list[str] = []
+    before: dict[str, LocalEntry] = {}       # what the looked-at paths held
 
     def look(path: str) -> None:
         while path and parent_of(path) and parent_of(path) not in result.entries:
@@ -99,17 +105,20 @@ def rescan_paths(root: Path, rules: IgnoreRules, previous: Mapping[str, LocalEnt
         if not path or any(is_within(path, d) for d in done):
             return
         done.append(path)
-        _forget(result.entries, path)
+        for gone, entry in _forget(result.entries, path).items():
+            before.setdefault(gone, entry)
+            result.changed.add(gone)
         if path.partition("/")[0] in reserved:
             return
         try:
             info = os.lstat(root / path)
         except OSError:
-            result.vanished = result.vanished or path in previous
+            result.vanished = result.vanished or path in before
             return
         if stat.S_ISDIR(info.st_mode):
             if not rules.ignores(path, True):
                 result.entries[path] = LocalEntry(path, "dir", stat_of(info))
+                result.changed.add(path)
                 _walk(root, path, rules, cached, now_ns, window_ns, reserved, result)
         elif stat.S_ISREG(info.st_mode) and not rules.ignores(path, False):
             _add_file(result, path, stat_of(info), info.st_ctime_ns, cached, now_ns,
@@ -119,22 +128,37 @@ def rescan_paths(root: Path, rules: IgnoreRules, previous: Mapping[str, LocalEnt
         look(path)
     # A rename's two events may come in different batches: an inode now seen at a new
     # path is looked for at its old one too, so a move never looks like a copy.
-    by_inode = {entry.stat.inode: path for path, entry in previous.items()}
-    for path, entry in list(result.entries.items()):
-        if previous.get(path) is entry:
-            continue
-        elsewhere = by_inode.get(entry.stat.inode)
+    # (Only a path new or holding another inode can be; the index is built only then.)
+    new = {p for p in result.changed if p in result.entries and (
+        p not in before or before[p].stat.inode != result.entries[p].stat.inode)}
+    by_inode = {e.stat.inode: p for p, e in result.entries.items()
+                if p not in new} if new else {}
+    for path in sorted(new):
+        elsewhere = by_inode.get(result.entries[path].stat.inode)
         if elsewhere is not None and elsewhere != path and elsewhere in result.entries:
             look(elsewhere)
+    result.changed = {p for p in result.changed if before.get(p) != result.entries.get(p)}
     return result
 
 
-def _forget(entries: dict[str, LocalEntry], path: str) -> None:
+def changed_between(before: Mapping[str, LocalEntry], after: Mapping[str, LocalEntry]
+                    ) -> set[str]:
+    """The paths whose entry differs (after a whole walk: a pass over both)."""
+    return ({p for p, e in after.items() if before.get(p) != e}
+            | {p for p in before if p not in after})
+
+
+def _forget(entries: dict[str, LocalEntry], path: str) -> dict[str, LocalEntry]:
+    """Remove PATH (and for a folder what is under it); what was removed."""
     entry = entries.pop(path, None)
-    if entry is not None and entry.kind == "dir":
+    if entry is None:
+        return {}
+    gone = {path: entry}
+    if entry.kind == "dir":
         prefix = path + "/"
         for other in [p for p in entries if p.startswith(prefix)]:
-            del entries[other]
+            gone[other] = entries.pop(other)
+    return gone
 
 
 def _walk(root: Path, top: str, rules: IgnoreRules, cached: CachedContent, now_ns: int,
@@ -162,6 +186,7 @@ def _walk(root: Path, top: str, rules: IgnoreRules, cached: CachedContent, now_n
                 if rules.ignores(path, True):
                     continue
                 result.entries[path] = LocalEntry(path, "dir", stat_of(info))
+                result.changed.add(path)
                 pending.append(path)
             elif stat.S_ISREG(info.st_mode):
                 if rules.ignores(path, False):
@@ -183,6 +208,7 @@ def _add_file(result: LocalScan, path: str, file_stat: Stat, ctime_ns: int,
         result.settles_in_s = wait if result.settles_in_s is None \
             else min(result.settles_in_s, wait)
     result.entries[path] = LocalEntry(path, "file", file_stat, content, stable)
+    result.changed.add(path)
 
 
 def hash_file(path: Path) -> tuple[Stat, str]:
