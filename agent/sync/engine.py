@@ -22,7 +22,6 @@ across restarts. Safety stops (nothing is deleted while paused):
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -66,6 +65,7 @@ from agent.sync.scan import (
     rescan_paths,
     scan_tree,
 )
+from agent.sync.schedule import RESCAN_S, Wakeups, poll_interval
 from agent.sync.scope import Trees, pending_of, plan_touched
 from agent.sync.shared import SHARED_FOLDER, SharedMirror
 from agent.sync.state import FolderRecord, SyncDb
@@ -73,14 +73,11 @@ from agent.sync.watch import ROOT_GONE, watch_changes
 
 log = logging.getLogger("cairn.sync")
 
-RESCAN_S = 300.0
 QUIET_S = 600.0
-POLL_S = 2.0
-POLL_MAX_S = 60.0
 HEARTBEAT_S = 15.0
-RETRY_S = 1.0
-RETRY_MAX_S = 30.0
 DISK_RETRY_S = 30.0
+BUSY_RETRY_S = 1.0
+FAILED_RETRY_S = 5.0
 MAX_PHASES = 60
 MASS_DELETE_SHARE = 0.5
 MASS_DELETE_MIN = 10
@@ -147,9 +144,8 @@ class SyncEngine:
         self.device_name = tree.connection.device.device_name
         self.shared = SharedMirror(tree, db, folder.id, self.root, self.device_name)
         self._shares_seen = -1
-        self._wake = trio.Event()
-        self._next_wake_at = math.inf
-        self._downloads_paused_until = 0.0
+        self.wakeups = Wakeups()
+        self.schedule = self.wakeups.schedule
         self._cleaned_parts = False
         self._local_activity = 0
         self._last_scan: LocalScan | None = None
@@ -166,10 +162,13 @@ class SyncEngine:
     # --- wake-ups -----------------------------------------------------------------------
 
     def wake(self) -> None:
-        self._wake.set()
+        self.wakeups.wake()
 
-    def wake_in(self, seconds: float) -> None:
-        self._next_wake_at = min(self._next_wake_at, trio.current_time() + seconds)
+    def wake_in(self, reason: str, seconds: float) -> None:
+        self.wakeups.wake_in(reason, seconds)
+
+    def _downloads_held(self) -> bool:
+        return self.schedule.downloads_held(trio.current_time())
 
     async def run(self) -> None:
         if self.options.once:
@@ -178,32 +177,29 @@ class SyncEngine:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._watch_local)
             nursery.start_soon(self._follow_remote)
-            nursery.start_soon(self._rescan_now_and_then)
             await self._loop()
 
     async def _loop(self) -> None:
-        retry = RETRY_S
+        self.wake_in("rescan", RESCAN_S)
         self.wake()
         while True:
-            with trio.move_on_at(self._next_wake_at):
-                await self._wake.wait()
-            self._wake = trio.Event()
-            if trio.current_time() >= self._next_wake_at:
-                self._next_wake_at = math.inf     # that timer fired; later ones stay
+            if "rescan" in await self.wakeups.next():
+                self._shares_seen = -1          # list the shares again,
+                self._dirty = None              # walk the whole folder
+                self._settled = self._pending = None    # and plan everything (the oracle)
+                self.wake_in("rescan", RESCAN_S)
             try:
                 await self.sync_round()
-                retry = RETRY_S
+                self.schedule.round_done()
             except TransportError as exc:
                 self._status("offline", exc.message)
+                delay = self.schedule.round_failed(trio.current_time())
                 log.warning("offline: %s (retrying in %.0f s; local changes are kept)",
-                            exc.message, retry)
-                self.wake_in(retry)
-                retry = min(retry * 2, RETRY_MAX_S)
+                            exc.message, delay)
             except CairnAgentError as exc:      # the appliance refused something: retry
                 self._status("error", exc.message)
-                log.error("%s (retrying in %.0f s)", exc.message, retry * 5)
-                self.wake_in(retry * 5)
-                retry = min(retry * 2, RETRY_MAX_S)
+                delay = self.schedule.round_failed(trio.current_time(), refused=True)
+                log.error("%s (retrying in %.0f s)", exc.message, delay)
 
     async def _watch_local(self) -> None:
         while True:
@@ -217,15 +213,6 @@ class SyncEngine:
             await trio.sleep(2)      # the folder vanished (or the watcher stopped): retry
             self.wake()
 
-    async def _rescan_now_and_then(self) -> None:
-        while True:
-            await trio.sleep(RESCAN_S)
-            self._shares_seen = -1          # list the shares again too
-            self._settled = None
-            self._pending = None            # and plan everything (the oracle)
-            self._dirty = None              # and walk the whole folder
-            self.wake()
-
     async def _follow_remote(self) -> None:
         """Hold the event stream while the folder is active; poll the feed with backoff
         when the stream is down or after QUIET_S without a change on either side."""
@@ -233,9 +220,7 @@ class SyncEngine:
         while True:
             quiet = await self._hold_stream()
             failures = 0 if quiet else failures + 1
-            await self._poll(until_active=quiet,
-                             first_s=min(POLL_S * 2 ** (failures - 1), POLL_MAX_S)
-                             if failures else POLL_S)
+            await self._poll(until_active=quiet, first_s=poll_interval(failures))
 
     async def _hold_stream(self) -> bool:
         """True when the stream was closed for being quiet, False when it broke."""
@@ -266,7 +251,7 @@ class SyncEngine:
             if not until_active or self.mirror.cursor != cursor \
                     or self._local_activity != activity:
                 return
-            interval = min(interval * 2, POLL_MAX_S)
+            interval = poll_interval(0, interval)
 
     # --- a round ------------------------------------------------------------------------
 
@@ -283,8 +268,8 @@ class SyncEngine:
                 if scan.settles_in_s is not None:
                     # Before anything may return: this round may have been woken early by
                     # another timer, which consumed the one set for this file.
-                    self.wake_in(scan.settles_in_s + 0.02)
-                paused = trio.current_time() < self._downloads_paused_until
+                    self.wake_in("settle", scan.settles_in_s + 0.02)
+                paused = self._downloads_held()
                 if rules.nothing_new(self._settled, self._quiet(self.mirror.foreign_changes),
                                      bool(scan.changed), paused, self._shared_touched):
                     return total
@@ -303,16 +288,17 @@ class SyncEngine:
                 self._status("syncing", f"{_count_transfers(current)} files",
                              pending=len(current.actions) + len(current.waiting))
                 outcome = await self._execute(current)
+                _log_summary(outcome)
                 _merge(total, outcome)
                 self._mark(set(outcome.touched), everything=outcome.reshuffled)
                 if outcome.done == 0:
                     self._settled = None
-                    self.wake_in(RETRY_S * 5)
+                    self.wake_in("retry", FAILED_RETRY_S)
                     self._status("error", "; ".join(m for _, m in outcome.failed[:3]),
                                  pending=len(current.actions))
                     return total
             log.warning("still changing after %d passes; continuing shortly", MAX_PHASES)
-            self.wake_in(RETRY_S)
+            self.wake_in("busy", BUSY_RETRY_S)
             return total
         except Paused as exc:
             self._settled = self._pending = None
@@ -338,7 +324,7 @@ class SyncEngine:
 
     def _pause(self, stop: rules.Stop) -> NoReturn:
         if stop.recheck_s is not None:
-            self.wake_in(stop.recheck_s)
+            self.wake_in("recheck", stop.recheck_s)
         raise Paused(stop.message)
 
     async def _sync_shared(self) -> int:
@@ -431,23 +417,19 @@ class SyncEngine:
             self._pause(stop)
 
     async def _execute(self, current: Plan) -> Outcome:
-        now = trio.current_time()
         executor = Executor(self.tree, self.db, self.folder, self.mirror, self.root,
-                            self.device_name,
-                            downloads_allowed=now >= self._downloads_paused_until)
+                            self.device_name, downloads_allowed=not self._downloads_held())
         outcome = await executor.run(current)
         if outcome.disk_full:
             retry = self.options.disk_retry_s
-            self._downloads_paused_until = trio.current_time() + retry
-            self.wake_in(retry)
+            self.schedule.hold_downloads(trio.current_time(), retry)
             log.warning("the disk is full: downloads paused (nothing is deleted); retrying "
                         "in %.0f s", retry)
         return outcome
 
     def _idle(self, scan: LocalScan, current: Plan) -> None:
         conflicts = len(self._conflicts)
-        if trio.current_time() < self._downloads_paused_until:
-            self.wake_in(self._downloads_paused_until - trio.current_time())
+        if self._downloads_held():
             self._status("paused", "downloads paused: the disk is full",
                          pending=len(current.waiting), conflicts=conflicts)
         elif current.waiting:
@@ -471,6 +453,15 @@ def _put(paths: set[str], path: str, member: bool) -> None:
         paths.add(path)
     else:
         paths.discard(path)
+
+
+def _log_summary(outcome: Outcome) -> None:
+    """One line per pass at the default level (each file's line is logged with -v)."""
+    other = outcome.done - outcome.uploaded - outcome.downloaded
+    if outcome.done or outcome.failed:
+        log.info("synced: %d uploaded, %d downloaded, %d other changes%s",
+                 outcome.uploaded, outcome.downloaded, other,
+                 f"; {len(outcome.failed)} not done yet" if outcome.failed else "")
 
 
 def _count_transfers(current: Plan) -> int:
