@@ -294,7 +294,7 @@ class Executor:
                 version, node_id = int(item.node["version"]), str(item.node["id"])
             self._record(BaseEntry(node_id, action.path, "file", version,
                                    content_of_refs(item.refs), stat_of(item.source)))
-            log.info("uploaded %s", action.path)
+            log.debug("uploaded %s", action.path)
             outcome.uploaded += 1
             outcome.done += 1
 
@@ -326,7 +326,7 @@ class Executor:
             self._record(BaseEntry(item.node.id, action.path, "file", item.node.version,
                                    content_of_refs(item.node.meta.blocks),
                                    stat_of(item.written)))
-            log.info("downloaded %s", action.path)
+            log.debug("downloaded %s", action.path)
             outcome.downloaded += 1
             outcome.done += 1
 
@@ -437,7 +437,7 @@ class Executor:
         self._record(BaseEntry(node_id, action.path, "file", version,
                                content_of_refs(stats.refs), stat_of(stats.source)))
         outcome.uploaded += 1
-        log.info("uploaded %s", action.path)
+        log.debug("uploaded %s", action.path)
 
     def _began(self, path: str, written: dict[str, Any]) -> None:
         row = self.mirror.absorb(written)
@@ -461,7 +461,7 @@ class Executor:
                                content_of_refs(written.meta.blocks),
                                stat_of(os.lstat(target))))
         outcome.downloaded += 1
-        log.info("downloaded %s", action.path)
+        log.debug("downloaded %s", action.path)
 
     async def _keep_both(self, action: KeepBoth, outcome: Outcome) -> None:
         row = self.db.remote_row(self.folder.id, action.node_id)
@@ -508,7 +508,7 @@ class Executor:
         answer = await self.tree.connection.call("PUT", f"/files/{node.id}", json=body)
         self.mirror.absorb(answer["node"])
         self._repath(action.node_id, action.to_path, row.version, int(answer["node"]["version"]))
-        log.info("moved %s on the appliance", action.to_path)
+        log.debug("moved %s on the appliance", action.to_path)
 
     def _repath(self, node_id: str, new_path: str, remote_version: int,
                 new_version: int) -> None:
@@ -542,7 +542,7 @@ class Executor:
             self.db.move_base(self.folder.id, entry.path, action.to_path)
             self.db.put_base(self.folder.id, rules.moved_base(
                 entry, action.to_path, row.version, row.content))
-        log.info("moved %s to %s", action.from_path, action.to_path)
+        log.debug("moved %s to %s", action.from_path, action.to_path)
 
     async def _make_remote_dir(self, action: MakeRemoteDir, outcome: Outcome) -> None:
         parent = self._folder_node(action.path)
@@ -582,7 +582,7 @@ class Executor:
         with self.db.transaction():
             self.db.forget_base_under(self.folder.id, action.path)
             self.db.forget_base(self.folder.id, action.node_id)
-        log.info("deleted %s on the appliance (restorable: cairn restore)", action.path)
+        log.debug("deleted %s on the appliance (restorable: cairn restore)", action.path)
 
     async def _delete_local(self, action: DeleteLocal, outcome: Outcome) -> None:
         target = self.local(action.path)
@@ -593,7 +593,7 @@ class Executor:
             self.db.forget_base_under(self.folder.id, action.path)
         else:
             self._delete_folder(action.path)
-        log.info("deleted %s (deleted on another device)", action.path)
+        log.debug("deleted %s (deleted on another device)", action.path)
 
     def _delete_folder(self, path: str) -> None:
         """Remove what is unchanged since it was synced under PATH, bottom up; anything

@@ -170,7 +170,7 @@ class SharedMirror:
                 log.warning("cannot download %s: %s", path, exc.message)
                 continue
             self._record(path, stats.node or node, stat_of(os.lstat(target)))
-            log.info("downloaded %s", path)
+            log.debug("downloaded %s", path)
             count += 1
         return count
 
@@ -182,7 +182,7 @@ class SharedMirror:
             target = self.root / path
             if lstat_or_none(target) == known.stat:
                 os.unlink(target)
-                log.info("removed %s (no longer shared with you)", path)
+                log.debug("removed %s (no longer shared with you)", path)
                 removed += 1
             self._drop(path)
         top = self.root / SHARED_FOLDER
