@@ -29,6 +29,7 @@ from agent.sync.model import (
     MakeRemoteDir,
     MoveLocal,
     MoveRemote,
+    RemoteEntry,
     name_of,
     parent_of,
 )
@@ -144,8 +145,9 @@ class Context:
                 self.db.cache_content(self.folder.id, entry.path, entry.stat, entry.content)
 
     def _taken_names(self, folder_id: str | None, local_folder: str) -> set[str]:
-        names = {row.name for row in self.db.remote_rows(self.folder.id)
-                 if row.parent_id == folder_id} if folder_id is not None else set()
+        view = self.mirror.view
+        names = {view.nodes[c].name for c in view.children.get(folder_id, ())
+                 } if folder_id is not None else set()
         with contextlib.suppress(OSError):
             names |= set(os.listdir(self.local(local_folder)))
         return names
@@ -153,7 +155,12 @@ class Context:
     def _remote_folder_at(self, path: str) -> str | None:
         return rules.remote_folder_at(path, self.folder.remote_root,
                                       self.db.base_at(self.folder.id, path),
-                                      self.mirror.entries().values())
+                                      self._remote_at(path))
+
+    def _remote_at(self, path: str) -> list[RemoteEntry]:
+        """The remote node at PATH, if any (the view's index: no pass over the tree)."""
+        node_id = self.mirror.view.at.get(path)
+        return [] if node_id is None else [self.mirror.view.entries[node_id]]
 
     def _set_aside(self, path: str) -> str:
         """Rename the local item at PATH to a conflicted copy (from this device). Needs no
