@@ -6,7 +6,8 @@ timers of agent/sync/schedule.py (a file settling, retries with backoff, held do
 rechecks, the rescan every RESCAN_S, which walks and plans everything).
 
 A round pulls the changes feed into the mirror, scans DIR, and runs planner phases
-(plan → check safety → execute → rescan) until the plan is empty. A plan looks only at
+(plan → check safety → execute → rescan) until the plan is empty; what the executor
+writes it takes into the mirror itself. A plan looks only at
 the paths out of sync at the last plan and those touched since (agent/sync/scope.py).
 Local edits never wait for the appliance: they are in the local tree, and the diff
 against the base *is* the queue, kept across restarts. The safety stops (agent/sync/
@@ -181,8 +182,13 @@ class SyncEngine:
         self.rounds += 1
         total = Outcome()
         try:
-            for _ in range(MAX_PHASES):
-                await self._refresh_remote()
+            for phase in range(MAX_PHASES):
+                if phase == 0:
+                    # Once a round: the executor takes its own writes into the mirror,
+                    # and a change from elsewhere meanwhile wakes the next round, which
+                    # pulls it (every write names its base version, so nothing stale
+                    # overwrites it; a folder delete pulls again just before).
+                    await self._refresh_remote()
                 ignore = IgnoreRules.load(self.root)
                 scan = self._scan(ignore)
                 if scan.settles_in_s is not None:
