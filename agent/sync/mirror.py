@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import sys
 from typing import Any
 
 from agent.crypto.nodes import NodeKind, NodeMeta, open_metadata, unwrap_key
@@ -48,8 +49,8 @@ def open_row(row: RemoteRow) -> NodeMeta:
 
 def node_of(row: RemoteRow) -> Node:
     return Node(row.node_id, row.parent_id, row.name, row.kind, row.version, row.uploaded,
-                row.size, row.mtime_ns, row.mode, row.content, row.device, row.created_at,
-                row.updated_at)
+                row.size, row.mtime_ns, row.mode, sys.intern(row.content),
+                sys.intern(row.device), row.created_at, row.updated_at)
 
 
 class Mirror:

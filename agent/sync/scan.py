@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import stat
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -177,7 +178,7 @@ def _walk(root: Path, top: str, rules: IgnoreRules, cached: CachedContent, now_n
         for item in items:
             if not folder and item.name in reserved:
                 continue
-            path = f"{folder}/{item.name}" if folder else item.name
+            path = sys.intern(f"{folder}/{item.name}" if folder else item.name)
             try:
                 info = item.stat(follow_symlinks=False)
             except OSError:

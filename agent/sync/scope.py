@@ -23,7 +23,7 @@ which also recomputes `pending` from scratch.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 
 from agent.sync.model import BaseEntry, LocalEntry, RemoteEntry, parent_of
@@ -40,13 +40,13 @@ class Trees:
     remote: Mapping[str, RemoteEntry]
     remote_at: Mapping[str, str]
     base: Mapping[str, BaseEntry]
-    base_at: Mapping[str, frozenset[str] | set[str]]
+    base_at: Mapping[str, Collection[str]]
 
 
-def index_base(base: Mapping[str, BaseEntry]) -> dict[str, set[str]]:
-    at: dict[str, set[str]] = {}
+def index_base(base: Mapping[str, BaseEntry]) -> dict[str, tuple[str, ...]]:
+    at: dict[str, tuple[str, ...]] = {}
     for entry in base.values():
-        at.setdefault(entry.path, set()).add(entry.node_id)
+        at[entry.path] = (*at.get(entry.path, ()), entry.node_id)
     return at
 
 

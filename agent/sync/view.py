@@ -14,6 +14,7 @@ the subtree of a folder that moved), and reports the paths whose entry changed.
 
 from __future__ import annotations
 
+import sys
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -62,7 +63,8 @@ def _layout(folder_id: str, folder_path: str, children: Iterable[Node]
                              and winner.uploaded and node.content == winner.content)
             entries.append(RemoteEntry(
                 node_id=node.node_id, parent_id=folder_id,
-                path=f"{folder_path}/{entry_name}" if folder_path else entry_name,
+                path=sys.intern(f"{folder_path}/{entry_name}" if folder_path
+                                else entry_name),     # shared with the other trees
                 kind=node.kind, version=node.version, size=node.size,
                 mtime_ns=node.mtime_ns, mode=node.mode, content=node.content,
                 uploaded=node.uploaded, device=node.device, updated_at=node.updated_at,
