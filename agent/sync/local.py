@@ -34,6 +34,7 @@ class LocalTree:
         self.dirty: set[str] | None = None     # None: walk everything next time
         self.unsettled: set[str] = set()       # files still being written
         self.conflicts: set[str] = set()       # conflicted copies
+        self.inodes: dict[int, str] = {}       # where each inode was (a move's old path)
 
     def mark(self, paths: set[str], everything: bool = False) -> None:
         """Paths to look at again in the next scan; a whole walk when that is simpler."""
@@ -54,7 +55,7 @@ class LocalTree:
             else:
                 scan = rescan_paths(self.root, ignore, self.last.entries, self.dirty,
                                     partial(self.db.cached_content, self.folder_id),
-                                    time.time_ns(), reserved=RESERVED)
+                                    time.time_ns(), reserved=RESERVED, inodes=self.inodes)
                 if scan.vanished:
                     seen = scan.changed
                     scan = self._walk(ignore)
@@ -66,11 +67,13 @@ class LocalTree:
             scan.changed = seen | changed_between({} if last is None else last.entries,
                                                   scan.entries)
             looked: Iterable[str] = scan.entries
-            self.unsettled, self.conflicts = set(), set()
+            self.unsettled, self.conflicts, self.inodes = set(), set(), {}
         else:
             looked = self.unsettled | scan.changed
         for path in looked:
             entry = scan.entries.get(path)
+            if entry is not None:
+                self.inodes[entry.stat.inode] = path
             _put(self.unsettled, path, entry is not None and not entry.stable)
             _put(self.conflicts, path, entry is not None and is_conflicted_copy(path))
         self.dirty = set(self.unsettled)

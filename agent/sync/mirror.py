@@ -43,6 +43,16 @@ def row_from(raw: dict[str, Any], key: bytes, meta: NodeMeta) -> RemoteRow:
                      key=key, meta=base64.b64decode(raw["metadata"]))
 
 
+def _same_node(row: RemoteRow, raw: dict[str, Any]) -> bool:
+    """Whether RAW is the node as mirrored in ROW (same version, place, status and the
+    very metadata bytes already opened and checked): decrypting it again is waste — a
+    device's own uploads all come back through the feed."""
+    return (row.version == int(raw["version"]) and row.parent_id == raw["parent"]
+            and row.uploaded == (raw["status"] == "uploaded")
+            and row.updated_at == float(raw["updated_at"])
+            and row.meta == base64.b64decode(raw["metadata"]))
+
+
 def open_row(row: RemoteRow) -> NodeMeta:
     return open_metadata(row.key, row.node_id, row.kind, row.meta)
 
@@ -182,6 +192,9 @@ class Mirror:
         if parent is None or parent.kind != "dir" or raw["owner"] != self.tree.user:
             self._drop(raw["id"])    # moved out of the folder
             return None
+        known = self.db.remote_row(folder, raw["id"])
+        if known is not None and _same_node(known, raw):
+            return known             # our own write coming back: nothing to open again
         opened = self._open(raw, parent.key)
         if opened is None:
             self._drop(raw["id"])

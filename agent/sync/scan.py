@@ -83,8 +83,8 @@ def scan_tree(root: Path, rules: IgnoreRules, cached: Mapping[str, tuple[Stat, s
 
 def rescan_paths(root: Path, rules: IgnoreRules, previous: dict[str, LocalEntry],
                  dirty: set[str], cached: CachedContent, now_ns: int,
-                 stable_s: float = STABLE_S, reserved: frozenset[str] = frozenset()
-                 ) -> LocalScan:
+                 stable_s: float = STABLE_S, reserved: frozenset[str] = frozenset(),
+                 inodes: Mapping[int, str] | None = None) -> LocalScan:
     """PREVIOUS with the DIRTY paths (what the watcher and the executor touched) looked at
     again: each path, and for a folder everything under it. A path whose folder is not
     known yet is taken from the nearest known folder up. The caller keeps files that are
@@ -94,7 +94,8 @@ def rescan_paths(root: Path, rules: IgnoreRules, previous: dict[str, LocalEntry]
     to come, and only a whole walk tells a move from a delete.
 
     PREVIOUS is updated in place and becomes the result's entries (copying it would cost
-    what the folder holds); `changed` says which paths differ from before."""
+    what the folder holds); `changed` says which paths differ from before. INODES, if
+    given, is where each inode was (kept by the caller; else built from PREVIOUS)."""
     result = LocalScan(entries=previous)
     window_ns = int(stable_s * 1e9)
     done: list[str] = []
@@ -132,8 +133,8 @@ def rescan_paths(root: Path, rules: IgnoreRules, previous: dict[str, LocalEntry]
     # (Only a path new or holding another inode can be; the index is built only then.)
     new = {p for p in result.changed if p in result.entries and (
         p not in before or before[p].stat.inode != result.entries[p].stat.inode)}
-    by_inode = {e.stat.inode: p for p, e in result.entries.items()
-                if p not in new} if new else {}
+    by_inode = inodes if inodes is not None else {
+        e.stat.inode: p for p, e in result.entries.items() if p not in new} if new else {}
     for path in sorted(new):
         elsewhere = by_inode.get(result.entries[path].stat.inode)
         if elsewhere is not None and elsewhere != path and elsewhere in result.entries:
