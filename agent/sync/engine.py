@@ -106,6 +106,9 @@ class SyncEngine:
         self._shared_touched = False     # the watcher saw a change in Shared with me
         self._pending: set[str] | None = None   # out of sync at the last plan; None: plan
                                                 # everything next time
+        self.follower: Follower | None = None     # None: no stream (one round, tests)
+        self._pull_next = True           # pull even if the stream announced nothing new:
+                                         # at first, after a failure, on the rescan
         self.last_outcome = Outcome()
         self.rounds = 0
 
@@ -134,10 +137,11 @@ class SyncEngine:
         if self.options.once:
             await self.sync_round()
             return
+        self.follower = Follower(self.tree, self.mirror, self.wake,
+                                 lambda: self._local_activity)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._watch_local)
-            nursery.start_soon(Follower(self.tree, self.mirror, self.wake,
-                                        lambda: self._local_activity).run)
+            nursery.start_soon(self.follower.run)
             await self._loop()
 
     async def _loop(self) -> None:
@@ -148,6 +152,7 @@ class SyncEngine:
                 self._shares_seen = -1          # list the shares again,
                 self.local.dirty = None         # walk the whole folder
                 self._settled = self._pending = None    # and plan everything (the oracle)
+                self._pull_next = True                  # and pull whatever was announced
                 self.wake_in("rescan", RESCAN_S)
             try:
                 await self.sync_round()
@@ -183,12 +188,14 @@ class SyncEngine:
         total = Outcome()
         try:
             for phase in range(MAX_PHASES):
-                if phase == 0:
-                    # Once a round: the executor takes its own writes into the mirror,
-                    # and a change from elsewhere meanwhile wakes the next round, which
-                    # pulls it (every write names its base version, so nothing stale
-                    # overwrites it; a folder delete pulls again just before).
+                if phase == 0 and self._must_pull():
+                    # At most once a round: the executor takes its own writes into the
+                    # mirror, and a change from elsewhere meanwhile is announced by the
+                    # stream and wakes the next round, which pulls it (every write names
+                    # its base version, so nothing stale overwrites it; a folder delete
+                    # pulls again just before).
                     await self._refresh_remote()
+                    self._pull_next = False
                 ignore = IgnoreRules.load(self.root)
                 scan = self._scan(ignore)
                 if scan.settles_in_s is not None:
@@ -218,6 +225,7 @@ class SyncEngine:
                     log.info("%s", outcome.summary())
                 total.add(outcome)
                 self._mark(set(outcome.touched), everything=outcome.reshuffled)
+                self._pull_next = self._pull_next or bool(outcome.failed)
                 if outcome.done == 0:
                     self._settled = None
                     self.wake_in("retry", FAILED_RETRY_S)
@@ -229,13 +237,19 @@ class SyncEngine:
             return total
         except Paused as exc:
             self._settled = self._pending = None
+            self._pull_next = True
             self._status("paused", exc.message)
             return total
         except BaseException:
             self._settled = self._pending = None
+            self._pull_next = True
             raise
         finally:
             self.last_outcome = total
+
+    def _must_pull(self) -> bool:
+        return self._pull_next or not self.mirror.listed or self.follower is None \
+            or self.follower.must_pull(self.mirror.cursor)
 
     async def _refresh_remote(self) -> None:
         """Pull the feed. A deleted remote folder pauses the sync (deleting everything

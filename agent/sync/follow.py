@@ -30,6 +30,14 @@ class Follower:
         self.mirror = mirror
         self.wake = wake
         self.local_activity = local_activity
+        self.streaming = False       # the stream is up and has announced something
+        self.announced = 0           # the newest cursor it announced
+
+    def must_pull(self, cursor: int) -> bool:
+        """Whether a round must pull the feed: unless the stream is up and announced
+        nothing beyond CURSOR (then there is nothing to pull: a round woken by a local
+        change or a timer needs no request to the appliance)."""
+        return not self.streaming or self.announced > cursor
 
     async def run(self) -> None:
         failures = 0
@@ -46,11 +54,15 @@ class Follower:
                     self.mirror.cursor, HEARTBEAT_S, partial(self._on_cursor, quiet))
             except CairnAgentError as exc:
                 log.debug("event stream down: %s", exc.message)
+            finally:
+                self.streaming = False
             return False
         log.debug("quiet for %.0f s: polling instead of holding the stream", QUIET_S)
         return True
 
     def _on_cursor(self, quiet: trio.CancelScope, cursor: int) -> None:
+        self.streaming = True
+        self.announced = max(self.announced, cursor)
         if cursor > self.mirror.cursor:
             quiet.deadline = trio.current_time() + QUIET_S
             self.wake()
