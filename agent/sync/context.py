@@ -120,6 +120,7 @@ class Context:
         self.device_name = device_name
         self.downloads_allowed = downloads_allowed
         self.reshuffled = False
+        self._folders: dict[str, RemoteNode] = {}   # opened once a pass, not once a file
 
     def local(self, path: str) -> Path:
         return self.root / path if path else self.root
@@ -136,7 +137,9 @@ class Context:
         folder_id = self._synced_folder_at(parent_of(path))
         if folder_id is None:
             raise SkipAction(f"its folder {parent_of(path)} is not synced yet")
-        return self.mirror.node(folder_id)
+        if folder_id not in self._folders:     # (a folder's id and key never change)
+            self._folders[folder_id] = self.mirror.node(folder_id)
+        return self._folders[folder_id]
 
     def _record(self, entry: BaseEntry) -> None:
         with self.db.transaction():

@@ -56,6 +56,9 @@ log = logging.getLogger("cairn.sync")
 
 TRANSFERS_AT_ONCE = 4
 TRANSFER_ACTIONS = (Upload, Download, KeepBoth)
+CHUNK = 5000
+"""Small files prepared, sent and recorded at once (ten batches): each holds its opened
+node until recorded, so a first sync of 100,000 files holds 5,000 of them, not all."""
 
 
 def _unchanged_guard(target: Path, action: Download) -> Callable[[], None]:
@@ -147,6 +150,10 @@ class Transfers(Context):
             log.warning("a batch failed: %s", exc.message)
 
     async def _upload_batch(self, actions: list[Upload], outcome: Outcome) -> None:
+        for start in range(0, len(actions), CHUNK):
+            await self._upload_chunk(actions[start:start + CHUNK], outcome)
+
+    async def _upload_chunk(self, actions: list[Upload], outcome: Outcome) -> None:
         items: list[tuple[Upload, SmallUpload]] = []
         for action in actions:
             try:
@@ -185,6 +192,10 @@ class Transfers(Context):
             outcome.done += 1
 
     async def _download_batch(self, actions: list[Download], outcome: Outcome) -> None:
+        for start in range(0, len(actions), CHUNK):
+            await self._download_chunk(actions[start:start + CHUNK], outcome)
+
+    async def _download_chunk(self, actions: list[Download], outcome: Outcome) -> None:
         items: list[tuple[Download, SmallDownload]] = []
         for action in actions:
             try:
