@@ -1,77 +1,72 @@
-"""The sync engine: what wakes a sync round, and the round itself.
+"""The sync engine: the loop that wakes rounds, and the round itself.
 
-Wake-ups come from
-- the local watcher (inotify through watchfiles, debounced), plus a full rescan every
-  RESCAN_S as a safety net;
-- the appliance's event stream, which announces new cursors while the folder is active;
-  when the stream is down, or after QUIET_S without remote changes, the changes feed is
-  polled instead, with backoff (POLL_S doubling up to POLL_MAX_S);
-- timers: a file still being written settles, a retry after a failure or while offline.
+Wake-ups: the local watcher (inotify through watchfiles, debounced); the appliance's event
+stream or, when it is down or the folder is quiet, polling (agent/sync/follow.py); and the
+timers of agent/sync/schedule.py (a file settling, retries with backoff, held downloads,
+rechecks, the rescan every RESCAN_S, which walks and plans everything).
 
 A round pulls the changes feed into the mirror, scans DIR, and runs planner phases
-(plan → execute → rescan) until the plan is empty. Local edits never wait for the
-appliance: they are in the local tree, and the diff against the base *is* the queue, kept
-across restarts. Safety stops (nothing is deleted while paused):
-- DIR missing or unreadable, or suddenly empty while files were synced (an unmounted
-  drive): paused until it is back;
-- a plan deleting more than MASS_DELETE_SHARE of the synced files (and at least
-  MASS_DELETE_MIN) on the appliance: paused until restarted with --allow-mass-delete;
-- a full local disk: downloads pause (uploads go on) and are retried every DISK_RETRY_S.
+(plan → check safety → execute → rescan) until the plan is empty; what the executor
+writes it takes into the mirror itself. A plan looks only at
+the paths out of sync at the last plan and those touched since (agent/sync/scope.py).
+Local edits never wait for the appliance: they are in the local tree, and the diff
+against the base *is* the queue, kept across restarts. The safety stops (agent/sync/
+rules.py; nothing is deleted while paused): DIR missing, unreadable or suddenly empty;
+the remote folder deleted; a mass deletion (more than MASS_DELETE_SHARE of the synced
+files, at least MASS_DELETE_MIN) until restarted with --allow-mass-delete; a full disk
+holds downloads back (uploads go on), retried every DISK_RETRY_S.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
+from typing import NoReturn
 
 import trio
 
-from agent.crypto.nodes import check_name
-from agent.download import PART_SUFFIX
 from agent.errors import (
     CairnAgentError,
     LocalFileError,
     RemoteNotFoundError,
     TransportError,
-    UsageError,
 )
-from agent.operations import make_folder
-from agent.remote import RemoteTree, Target
+from agent.remote import RemoteTree
+from agent.sync import rules
 from agent.sync.executor import Executor, Outcome
-from agent.sync.ignore import IGNORE_FILE, IgnoreRules
+from agent.sync.folders import describe, open_folder, remove_stale_parts
+from agent.sync.follow import Follower
+from agent.sync.ignore import IgnoreRules
+from agent.sync.local import LocalTree
 from agent.sync.mirror import Mirror
 from agent.sync.model import (
     BaseEntry,
     Download,
     KeepBoth,
-    LocalEntry,
-    MakeLocalDir,
     Upload,
     is_within,
 )
-from agent.sync.names import is_conflicted_copy
 from agent.sync.planner import Plan, plan
-from agent.sync.scan import MAX_DIRTY, LocalScan, is_dir, rescan_paths, scan_tree
+from agent.sync.scan import (
+    LocalScan,
+    is_dir,
+)
+from agent.sync.schedule import RESCAN_S, Wakeups
+from agent.sync.scope import Trees, pending_of, plan_touched
 from agent.sync.shared import SHARED_FOLDER, SharedMirror
 from agent.sync.state import FolderRecord, SyncDb
-from agent.sync.watch import ROOT_GONE, watch_changes
+from agent.sync.watch import watch_changes
+
+__all__ = ["MASS_DELETE_MIN", "MASS_DELETE_SHARE", "Paused", "SyncEngine", "SyncOptions",
+           "describe", "open_folder"]
 
 log = logging.getLogger("cairn.sync")
 
-RESCAN_S = 300.0
-QUIET_S = 600.0
-POLL_S = 2.0
-POLL_MAX_S = 60.0
-HEARTBEAT_S = 15.0
-RETRY_S = 1.0
-RETRY_MAX_S = 30.0
 DISK_RETRY_S = 30.0
+BUSY_RETRY_S = 1.0
+FAILED_RETRY_S = 5.0
 MAX_PHASES = 60
 MASS_DELETE_SHARE = 0.5
 MASS_DELETE_MIN = 10
@@ -90,42 +85,6 @@ class Paused(CairnAgentError):
     code = "paused"
 
 
-async def open_folder(tree: RemoteTree, db: SyncDb, local_dir: Path, remote_path: str
-                      ) -> FolderRecord:
-    """The folder's record, registering it on first use (and creating the remote folder
-    if needed). A folder keeps the remote folder it was first synced with."""
-    key = str(local_dir)
-    record = db.folder(key)
-    wanted = "/" + "/".join(p for p in remote_path.split("/") if p not in ("", "."))
-    if record is not None:
-        if record.remote_path != wanted:
-            raise UsageError(f"{local_dir} is already synced with {record.remote_path}, "
-                             f"not {wanted}")
-        return record
-    if not is_dir(local_dir):
-        try:
-            os.makedirs(local_dir)
-        except OSError as exc:
-            raise LocalFileError(f"cannot create {local_dir}: {exc.strerror}") from None
-    for other in db.folders():
-        if _overlaps(other.local_dir, key):
-            raise UsageError(f"{local_dir} overlaps {other.local_dir}, which is already "
-                             "synced; pick a folder outside it")
-    folder = await tree.root()
-    for part in (p for p in wanted.split("/") if p):
-        existing = await tree.child(folder, check_name(part))
-        if existing is not None and not existing.is_dir:
-            raise UsageError(f"{wanted} is a file on the appliance, not a folder")
-        if existing is None:
-            existing = await make_folder(tree, Target(folder, part, None))
-        folder = existing
-    return db.add_folder(key, folder.id, wanted)
-
-
-def _overlaps(a: str, b: str) -> bool:
-    return a == b or a.startswith(b.rstrip("/") + "/") or b.startswith(a.rstrip("/") + "/")
-
-
 class SyncEngine:
     def __init__(self, tree: RemoteTree, db: SyncDb, folder: FolderRecord,
                  options: SyncOptions) -> None:
@@ -138,59 +97,75 @@ class SyncEngine:
         self.device_name = tree.connection.device.device_name
         self.shared = SharedMirror(tree, db, folder.id, self.root, self.device_name)
         self._shares_seen = -1
-        self._wake = trio.Event()
-        self._next_wake_at = math.inf
-        self._downloads_paused_until = 0.0
+        self.wakeups = Wakeups()
+        self.schedule = self.wakeups.schedule
         self._cleaned_parts = False
         self._local_activity = 0
-        self._last_scan: LocalScan | None = None
-        self._settled: tuple[int, int] | None = None   # trees' revisions at the last idle
+        self.local = LocalTree(self.root, db, folder.id)
+        self._settled: rules.Quiet | None = None   # what the last idle round saw
         self._shared_touched = False     # the watcher saw a change in Shared with me
-        self._dirty: set[str] | None = None     # None: walk everything next time
+        self._pending: set[str] | None = None   # out of sync at the last plan; None: plan
+                                                # everything next time
+        self.follower: Follower | None = None     # None: no stream (one round, tests)
+        self._pull_next = True           # pull even if the stream announced nothing new:
+                                         # at first, after a failure, on the rescan
         self.last_outcome = Outcome()
         self.rounds = 0
 
     # --- wake-ups -----------------------------------------------------------------------
 
     def wake(self) -> None:
-        self._wake.set()
+        self.wakeups.wake()
 
-    def wake_in(self, seconds: float) -> None:
-        self._next_wake_at = min(self._next_wake_at, trio.current_time() + seconds)
+    def wake_in(self, reason: str, seconds: float) -> None:
+        self.wakeups.wake_in(reason, seconds)
+
+    @property
+    def _next_wake_at(self) -> float:
+        """When the first timer is due (for tests that drive rounds one by one)."""
+        return self.schedule.due()
+
+    @_next_wake_at.setter
+    def _next_wake_at(self, when: float) -> None:
+        """Take off the timers due by WHEN, as if they had fired."""
+        self.schedule.fire(when)
+
+    def _downloads_held(self) -> bool:
+        return self.schedule.downloads_held(trio.current_time())
 
     async def run(self) -> None:
         if self.options.once:
             await self.sync_round()
             return
+        self.follower = Follower(self.tree, self.mirror, self.wake,
+                                 lambda: self._local_activity)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._watch_local)
-            nursery.start_soon(self._follow_remote)
-            nursery.start_soon(self._rescan_now_and_then)
+            nursery.start_soon(self.follower.run)
             await self._loop()
 
     async def _loop(self) -> None:
-        retry = RETRY_S
+        self.wake_in("rescan", RESCAN_S)
         self.wake()
         while True:
-            with trio.move_on_at(self._next_wake_at):
-                await self._wake.wait()
-            self._wake = trio.Event()
-            if trio.current_time() >= self._next_wake_at:
-                self._next_wake_at = math.inf     # that timer fired; later ones stay
+            if "rescan" in await self.wakeups.next():
+                self._shares_seen = -1          # list the shares again,
+                self.local.dirty = None         # walk the whole folder
+                self._settled = self._pending = None    # and plan everything (the oracle)
+                self._pull_next = True                  # and pull whatever was announced
+                self.wake_in("rescan", RESCAN_S)
             try:
                 await self.sync_round()
-                retry = RETRY_S
+                self.schedule.round_done()
             except TransportError as exc:
                 self._status("offline", exc.message)
+                delay = self.schedule.round_failed(trio.current_time())
                 log.warning("offline: %s (retrying in %.0f s; local changes are kept)",
-                            exc.message, retry)
-                self.wake_in(retry)
-                retry = min(retry * 2, RETRY_MAX_S)
+                            exc.message, delay)
             except CairnAgentError as exc:      # the appliance refused something: retry
                 self._status("error", exc.message)
-                log.error("%s (retrying in %.0f s)", exc.message, retry * 5)
-                self.wake_in(retry * 5)
-                retry = min(retry * 2, RETRY_MAX_S)
+                delay = self.schedule.round_failed(trio.current_time(), refused=True)
+                log.error("%s (retrying in %.0f s)", exc.message, delay)
 
     async def _watch_local(self) -> None:
         while True:
@@ -200,58 +175,9 @@ class SyncEngine:
                     self._local_activity += 1
                     self._mark(paths)
                     self.wake()
-            self._dirty = None
+            self.local.dirty = None
             await trio.sleep(2)      # the folder vanished (or the watcher stopped): retry
             self.wake()
-
-    async def _rescan_now_and_then(self) -> None:
-        while True:
-            await trio.sleep(RESCAN_S)
-            self._shares_seen = -1          # list the shares again too
-            self._dirty = None              # and walk the whole folder
-            self.wake()
-
-    async def _follow_remote(self) -> None:
-        """Hold the event stream while the folder is active; poll the feed with backoff
-        when the stream is down or after QUIET_S without a change on either side."""
-        failures = 0
-        while True:
-            quiet = await self._hold_stream()
-            failures = 0 if quiet else failures + 1
-            await self._poll(until_active=quiet,
-                             first_s=min(POLL_S * 2 ** (failures - 1), POLL_MAX_S)
-                             if failures else POLL_S)
-
-    async def _hold_stream(self) -> bool:
-        """True when the stream was closed for being quiet, False when it broke."""
-        with trio.move_on_after(QUIET_S) as quiet:
-            try:
-                await self.tree.connection.follow_events(
-                    self.mirror.cursor, HEARTBEAT_S, partial(self._on_cursor, quiet))
-            except CairnAgentError as exc:
-                log.debug("event stream down: %s", exc.message)
-            return False
-        log.debug("quiet for %.0f s: polling instead of holding the stream", QUIET_S)
-        return True
-
-    def _on_cursor(self, quiet: trio.CancelScope, cursor: int) -> None:
-        if cursor > self.mirror.cursor:
-            quiet.deadline = trio.current_time() + QUIET_S
-            self.wake()
-
-    async def _poll(self, until_active: bool, first_s: float) -> None:
-        """Wake rounds (each pulls the feed) at growing intervals; once, or — when the
-        folder went quiet — until something changes on either side."""
-        interval = first_s
-        while True:
-            cursor, activity = self.mirror.cursor, self._local_activity
-            await trio.sleep(interval)
-            self.wake()
-            await trio.sleep(0.5)            # the round's pull
-            if not until_active or self.mirror.cursor != cursor \
-                    or self._local_activity != activity:
-                return
-            interval = min(interval * 2, POLL_MAX_S)
 
     # --- a round ------------------------------------------------------------------------
 
@@ -261,70 +187,86 @@ class SyncEngine:
         self.rounds += 1
         total = Outcome()
         try:
-            for _ in range(MAX_PHASES):
-                await self._refresh_remote()
-                rules = IgnoreRules.load(self.root)
-                before = self._last_scan
-                scan = self._scan(rules)
+            for phase in range(MAX_PHASES):
+                if phase == 0 and self._must_pull():
+                    # At most once a round: the executor takes its own writes into the
+                    # mirror, and a change from elsewhere meanwhile is announced by the
+                    # stream and wakes the next round, which pulls it (every write names
+                    # its base version, so nothing stale overwrites it; a folder delete
+                    # pulls again just before).
+                    await self._refresh_remote()
+                    self._pull_next = False
+                ignore = IgnoreRules.load(self.root)
+                scan = self._scan(ignore)
                 if scan.settles_in_s is not None:
                     # Before anything may return: this round may have been woken early by
                     # another timer, which consumed the one set for this file.
-                    self.wake_in(scan.settles_in_s + 0.02)
-                if self._nothing_new(before, scan):
+                    self.wake_in("settle", scan.settles_in_s + 0.02)
+                paused = self._downloads_held()
+                if rules.nothing_new(self._settled, self._quiet(self.mirror.foreign_changes),
+                                     bool(scan.changed), paused, self._shared_touched):
                     return total
-                base = self.db.base_entries(self.folder.id)
-                remote = self.mirror.entries()
-                current = plan(scan.entries, remote, base)
-                self._check_safety(scan, current, base)
-                if trio.current_time() < self._downloads_paused_until:
-                    current = _without_downloads(current)
+                current = self._plan(scan)
+                self._check_safety(scan, current, self.db.base_entries(self.folder.id))
+                if paused:
+                    current = rules.without_downloads(current)
                 if current.empty:
                     if await self._sync_shared():
-                        self._dirty = None
+                        self.local.dirty = None
                         continue            # edits moved out of Shared with me: sync them
                     self._idle(scan, current)
                     if not current.waiting:
-                        self._settled = (self.db.remote_revision, self.db.base_revision)
+                        self._settled = self._quiet(self._shares_seen)
                     return total
                 self._status("syncing", f"{_count_transfers(current)} files",
                              pending=len(current.actions) + len(current.waiting))
                 outcome = await self._execute(current)
-                _merge(total, outcome)
+                if outcome.summary():
+                    log.info("%s", outcome.summary())
+                total.add(outcome)
                 self._mark(set(outcome.touched), everything=outcome.reshuffled)
+                self._pull_next = self._pull_next or bool(outcome.failed)
                 if outcome.done == 0:
                     self._settled = None
-                    self.wake_in(RETRY_S * 5)
+                    self.wake_in("retry", FAILED_RETRY_S)
                     self._status("error", "; ".join(m for _, m in outcome.failed[:3]),
                                  pending=len(current.actions))
                     return total
             log.warning("still changing after %d passes; continuing shortly", MAX_PHASES)
-            self.wake_in(RETRY_S)
+            self.wake_in("busy", BUSY_RETRY_S)
             return total
         except Paused as exc:
-            self._settled = None
+            self._settled = self._pending = None
+            self._pull_next = True
             self._status("paused", exc.message)
             return total
         except BaseException:
-            self._settled = None
+            self._settled = self._pending = None
+            self._pull_next = True
             raise
         finally:
             self.last_outcome = total
 
+    def _must_pull(self) -> bool:
+        return self._pull_next or not self.mirror.listed or self.follower is None \
+            or self.follower.must_pull(self.mirror.cursor)
+
     async def _refresh_remote(self) -> None:
         """Pull the feed. A deleted remote folder pauses the sync (deleting everything
         here would be the mirror image of a mass deletion); it resumes once restored."""
-        gone = Paused(f"the remote folder {self.folder.remote_path} was deleted; nothing is "
-                      f"deleted here. Restore it (cairn restore {self.folder.remote_path}) "
-                      f"or sync {self.root} elsewhere")
+        gone = rules.remote_folder_gone(self.folder.remote_path, str(self.root))
         try:
             await self.mirror.refresh()
         except RemoteNotFoundError:
-            self.wake_in(RETRY_MAX_S)
-            raise gone from None
+            self._pause(gone)
         if self.db.remote_row(self.folder.id, self.folder.remote_root) is None:
             self.mirror.listed = False       # list it again once it is back
-            self.wake_in(RETRY_MAX_S)
-            raise gone
+            self._pause(gone)
+
+    def _pause(self, stop: rules.Stop) -> NoReturn:
+        if stop.recheck_s is not None:
+            self.wake_in("recheck", stop.recheck_s)
+        raise Paused(stop.message)
 
     async def _sync_shared(self) -> int:
         self._shared_touched = False
@@ -332,94 +274,66 @@ class SyncEngine:
         self._shares_seen = self.mirror.foreign_changes
         return await self.shared.sync(refresh)
 
-    def _nothing_new(self, before: LocalScan | None, scan: LocalScan) -> bool:
-        """Whether this round would only confirm the last one's empty plan: neither tree
-        changed since (our own change coming back through the feed, the watcher reporting
-        a file we just wrote). Planning is what costs with many files."""
-        return (self._settled == (self.db.remote_revision, self.db.base_revision)
-                and before is not None and scan.entries == before.entries
-                and trio.current_time() >= self._downloads_paused_until
-                and self.mirror.foreign_changes == self._shares_seen
-                and not self._shared_touched)
+    def _quiet(self, shares: int) -> rules.Quiet:
+        """The trees' revisions, and SHARES: the foreign changes seen (or listed)."""
+        return rules.Quiet(self.db.remote_revision, self.db.base_revision, shares)
 
     def _mark(self, paths: set[str], everything: bool = False) -> None:
-        """Paths to look at again in the next scan; a whole walk when that is simpler."""
+        """Paths to look at again in the next scan (agent/sync/local.py)."""
         if any(is_within(path, SHARED_FOLDER) for path in paths):
             self._shared_touched = True
-        if self._dirty is None:
-            return
-        if everything or ROOT_GONE in paths or IGNORE_FILE in paths \
-                or len(self._dirty) + len(paths) > MAX_DIRTY:
-            self._dirty = None
-        else:
-            self._dirty |= paths
+        self.local.mark(paths, everything)
 
-    def _scan(self, rules: IgnoreRules) -> LocalScan:
-        """The local tree: a whole walk at first, now and then, and whenever in doubt;
-        otherwise the last scan with the paths the watcher and the executor touched
-        looked at again (a change costs what it touched, not the folder's size)."""
+    def _scan(self, ignore: IgnoreRules) -> LocalScan:
+        """The local tree; DIR missing or unreadable pauses the sync (a vanished or
+        unmounted folder must not look empty)."""
         if not is_dir(self.root):
-            self._dirty = None
-            raise Paused(f"{self.root} is missing (an unmounted drive?); waiting for it — "
-                         "nothing is deleted meanwhile")
-        reserved = frozenset({SHARED_FOLDER})
+            self.local.dirty = None
+            self._pause(rules.folder_missing(str(self.root)))
         try:
-            if self._dirty is None or self._last_scan is None:
-                scan = scan_tree(self.root, rules, self.db.cached_contents(self.folder.id),
-                                 time.time_ns(), reserved=reserved)
-                scan.complete = True
-            else:
-                scan = rescan_paths(self.root, rules, self._last_scan.entries, self._dirty,
-                                    partial(self.db.cached_content, self.folder.id),
-                                    time.time_ns(), reserved=reserved)
-                if scan.vanished:
-                    scan = scan_tree(self.root, rules,
-                                     self.db.cached_contents(self.folder.id),
-                                     time.time_ns(), reserved=reserved)
-                    scan.complete = True
+            return self.local.scan(ignore)
         except LocalFileError as exc:
-            self._dirty = None
             raise Paused(exc.message + "; waiting") from None
-        self._last_scan = scan
-        self._dirty = {path for path, entry in scan.entries.items() if not entry.stable}
-        return scan
+
+    def _plan(self, scan: LocalScan) -> Plan:
+        """The plan: over every path at first and on the periodic rescan (and to recover
+        from anything unusual), else over the paths out of sync at the last plan and those
+        any tree changed at since (agent/sync/scope.py)."""
+        base = self.db.base_entries(self.folder.id)
+        remote = self.mirror.entries()
+        touched = (scan.changed | self.mirror.view.take_touched()
+                   | self.db.take_base_touched(self.folder.id))
+        trees = Trees(scan.entries, remote, self.mirror.view.at, base,
+                      self.db.base_paths(self.folder.id))
+        if self._pending is None or self.mirror.relisted:
+            self.mirror.relisted = False
+            self._pending = pending_of(trees)
+            return plan(scan.entries, remote, base)
+        current, self._pending = plan_touched(trees, self._pending, touched)
+        return current
 
     def _check_safety(self, scan: LocalScan, current: Plan,
                       base: dict[str, BaseEntry]) -> None:
-        if self.options.allow_mass_delete:
-            return
-        synced = len(base)
-        files = sum(1 for e in base.values() if e.kind == "file")
-        if not scan.entries and synced:
-            self.wake_in(5)
-            raise Paused(f"{self.root} is empty but {synced} items were synced (an "
-                         "unmounted drive?); nothing is deleted. If you emptied it on "
-                         "purpose, run `cairn sync --allow-mass-delete`")
-        deletions = current.remote_deletions
-        if deletions >= self.options.mass_delete_min \
-                and deletions > self.options.mass_delete_share * files:
-            raise Paused(f"{deletions} of {files} files were deleted here at once; to "
-                         "delete them on every device run `cairn sync "
-                         "--allow-mass-delete`, or put them back")
+        policy = rules.MassDelete(self.options.allow_mass_delete,
+                                  self.options.mass_delete_share, self.options.mass_delete_min)
+        stop = rules.safety_stop(str(self.root), len(scan.entries), base, current, policy)
+        if stop is not None:
+            self._pause(stop)
 
     async def _execute(self, current: Plan) -> Outcome:
-        now = trio.current_time()
         executor = Executor(self.tree, self.db, self.folder, self.mirror, self.root,
-                            self.device_name,
-                            downloads_allowed=now >= self._downloads_paused_until)
+                            self.device_name, downloads_allowed=not self._downloads_held())
         outcome = await executor.run(current)
         if outcome.disk_full:
             retry = self.options.disk_retry_s
-            self._downloads_paused_until = trio.current_time() + retry
-            self.wake_in(retry)
+            self.schedule.hold_downloads(trio.current_time(), retry)
             log.warning("the disk is full: downloads paused (nothing is deleted); retrying "
                         "in %.0f s", retry)
         return outcome
 
     def _idle(self, scan: LocalScan, current: Plan) -> None:
-        conflicts = sum(1 for path in scan.entries if is_conflicted_copy(path))
-        if trio.current_time() < self._downloads_paused_until:
-            self.wake_in(self._downloads_paused_until - trio.current_time())
+        conflicts = len(self.local.conflicts)
+        if self._downloads_held():
             self._status("paused", "downloads paused: the disk is full",
                          pending=len(current.waiting), conflicts=conflicts)
         elif current.waiting:
@@ -431,56 +345,12 @@ class SyncEngine:
             self.db.prune_cache(self.folder.id, set(scan.entries))
         if not self._cleaned_parts and not current.waiting:
             self._cleaned_parts = True
-            _remove_stale_parts(self.root, scan.entries)
+            remove_stale_parts(self.root, scan.entries)
 
     def _status(self, state: str, detail: str = "", pending: int = 0,
                 conflicts: int = 0) -> None:
         self.db.set_status(self.folder.id, state, detail, pending, conflicts)
 
 
-def _without_downloads(current: Plan) -> Plan:
-    """The plan minus what writes remote content here (the disk is full)."""
-    held = [a for a in current.actions if isinstance(a, Download | KeepBoth | MakeLocalDir)]
-    return Plan(tuple(a for a in current.actions if a not in held),
-                current.waiting + tuple(getattr(a, "path", "") for a in held),
-                current.remote_deletions)
-
-
 def _count_transfers(current: Plan) -> int:
     return sum(1 for a in current.actions if isinstance(a, Upload | Download | KeepBoth))
-
-
-def _merge(total: Outcome, outcome: Outcome) -> None:
-    total.done += outcome.done
-    total.failed += outcome.failed
-    total.conflicts += outcome.conflicts
-    total.disk_full = total.disk_full or outcome.disk_full
-    total.uploaded += outcome.uploaded
-    total.downloaded += outcome.downloaded
-
-
-def _remove_stale_parts(root: Path, entries: dict[str, LocalEntry]) -> None:
-    """Temporary download files left by a killed agent, once nothing needs them."""
-    folders = [""] + [p for p, e in entries.items() if e.kind == "dir"]
-    for folder in folders:
-        try:
-            names = os.listdir(root / folder if folder else root)
-        except OSError:
-            continue
-        for name in names:
-            if name.endswith(PART_SUFFIX):
-                try:
-                    os.unlink((root / folder if folder else root) / name)
-                    log.info("removed a stale temporary file %s", name)
-                except OSError:
-                    pass
-
-
-def describe(record: FolderRecord, alive: Callable[[int], bool]) -> str:
-    """One line of `cairn status` for a synced folder."""
-    if record.pid is None or not alive(record.pid):
-        state = "not running"
-    else:
-        state = record.state + (f": {record.detail}" if record.detail else "")
-    conflicts = f", {record.conflicts} conflicted copies" if record.conflicts else ""
-    return f"{record.local_dir} <-> {record.remote_path}: {state}{conflicts}"

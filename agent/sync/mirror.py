@@ -7,26 +7,25 @@ one is an upsert (decrypting with the parent's key, which the mirror holds) or a
 (deleted, moved out of the folder, or no longer visible). A folder that appears (moved in,
 or restored) is listed with everything in it.
 
-`remote_view` turns the rows into the planner's RemoteEntry map: a path for every node,
-and — where two nodes share a name in one folder (made on two devices at once) — a
-conflicted-copy name for the newer ones (by creation time, then id: every device picks the
-same), which the planner then makes real, or deletes if it is a file identical to the
-older one.
+The planner's view of the rows (agent/sync/view.py) is kept in memory and updated in
+place with every row written or dropped here; a pull that changes one node costs what
+that node's folder holds, not what the whole folder holds. A whole listing rebuilds it
+and says so (`relisted`): the engine then plans everything.
 """
 
 from __future__ import annotations
 
 import base64
 import logging
-from collections import defaultdict
+import sys
 from typing import Any
 
 from agent.crypto.nodes import NodeKind, NodeMeta, open_metadata, unwrap_key
 from agent.errors import CairnAgentError, IntegrityError, RemoteNotFoundError
 from agent.remote import RemoteNode, RemoteTree
 from agent.sync.model import RemoteEntry, content_of_refs
-from agent.sync.names import unique_copy_name
 from agent.sync.state import FolderRecord, RemoteRow, SyncDb
+from agent.sync.view import Node, RemoteView
 
 log = logging.getLogger(__name__)
 
@@ -44,48 +43,24 @@ def row_from(raw: dict[str, Any], key: bytes, meta: NodeMeta) -> RemoteRow:
                      key=key, meta=base64.b64decode(raw["metadata"]))
 
 
+def _same_node(row: RemoteRow, raw: dict[str, Any]) -> bool:
+    """Whether RAW is the node as mirrored in ROW (same version, place, status and the
+    very metadata bytes already opened and checked): decrypting it again is waste — a
+    device's own uploads all come back through the feed."""
+    return (row.version == int(raw["version"]) and row.parent_id == raw["parent"]
+            and row.uploaded == (raw["status"] == "uploaded")
+            and row.updated_at == float(raw["updated_at"])
+            and row.meta == base64.b64decode(raw["metadata"]))
+
+
 def open_row(row: RemoteRow) -> NodeMeta:
     return open_metadata(row.key, row.node_id, row.kind, row.meta)
 
 
-def remote_view(rows: list[RemoteRow], root_id: str) -> dict[str, RemoteEntry]:
-    """node id -> RemoteEntry with its path under the synced folder (the root excluded)."""
-    children: dict[str, list[RemoteRow]] = defaultdict(list)
-    for row in rows:
-        if row.parent_id is not None:
-            children[row.parent_id].append(row)
-    view: dict[str, RemoteEntry] = {}
-    pending = [(root_id, "")]
-    while pending:
-        folder_id, folder_path = pending.pop()
-        by_name: dict[str, list[RemoteRow]] = defaultdict(list)
-        for row in children.get(folder_id, []):
-            by_name[row.name].append(row)
-        taken = set(by_name)
-        for name, group in by_name.items():
-            path = f"{folder_path}/{name}" if folder_path else name
-            group.sort(key=lambda r: (r.created_at, r.node_id))   # the same on every device
-            winner = group[0]
-            for index, row in enumerate(group):
-                duplicate = False
-                if index == 0:
-                    entry_path, clash = path, False
-                else:
-                    copy = unique_copy_name(name, row.device, row.created_at, taken)
-                    taken.add(copy)
-                    entry_path, clash = (f"{folder_path}/{copy}" if folder_path else copy,
-                                         True)
-                    duplicate = (row.kind == winner.kind == "file" and row.uploaded
-                                 and winner.uploaded and row.content == winner.content)
-                view[row.node_id] = RemoteEntry(
-                    node_id=row.node_id, parent_id=folder_id, path=entry_path,
-                    kind=row.kind, version=row.version, size=row.size,
-                    mtime_ns=row.mtime_ns, mode=row.mode, content=row.content,
-                    uploaded=row.uploaded, device=row.device, updated_at=row.updated_at,
-                    name_clash=clash, clash_duplicate=duplicate)
-                if row.kind == "dir":
-                    pending.append((row.node_id, entry_path))
-    return view
+def node_of(row: RemoteRow) -> Node:
+    return Node(row.node_id, row.parent_id, row.name, row.kind, row.version, row.uploaded,
+                row.size, row.mtime_ns, row.mode, sys.intern(row.content),
+                sys.intern(row.device), row.created_at, row.updated_at)
 
 
 class Mirror:
@@ -97,7 +72,8 @@ class Mirror:
         self.cursor = folder.cursor
         self.listed = folder.listed
         self.foreign_changes = 0      # changes to what others shared with us (or unshares)
-        self._view: tuple[int, dict[str, RemoteEntry]] | None = None
+        self._view: RemoteView | None = None
+        self.relisted = True          # the view was rebuilt: plan everything
 
     async def refresh(self) -> int:
         """Bring the mirror up to date; the number of changes applied."""
@@ -122,6 +98,7 @@ class Mirror:
                 self.db.put_remote(self.folder.id, row)
             self.db.set_cursor(self.folder.id, cursor)
         self.cursor, self.listed = cursor, True
+        self._view, self.relisted = None, True
         return len(rows)
 
     async def _list_under(self, folder_id: str, folder_key: bytes, rows: list[RemoteRow]
@@ -173,7 +150,7 @@ class Mirror:
         if raw is None or raw["owner"] != self.tree.user:
             self.foreign_changes += 1
         if raw is None or raw["deleted"]:
-            self.db.drop_remote_subtree(self.folder.id, change["node_id"])
+            self._drop(change["node_id"])
             return
         self.absorb(raw)
         if raw["kind"] == "dir" and raw["id"] != self.root_id:
@@ -185,7 +162,7 @@ class Mirror:
                 except CairnAgentError as exc:
                     log.warning("cannot list %s: %s", row.name, exc.message)
                 for child in rows:
-                    self.db.put_remote(self.folder.id, child)
+                    self._put(child)
 
     def _has_children(self, node_id: str) -> bool:
         return self.db.db.execute("SELECT 1 FROM remote WHERE folder = ? AND parent_id = ? "
@@ -197,7 +174,7 @@ class Mirror:
         synced folder."""
         folder = self.folder.id
         if raw["deleted"]:
-            self.db.drop_remote_subtree(folder, raw["id"])
+            self._drop(raw["id"])
             return None
         if raw["id"] == self.root_id:
             root = self.db.remote_row(folder, raw["id"])
@@ -210,25 +187,43 @@ class Mirror:
                 log.warning("the synced folder's own metadata does not open: %s", exc)
                 return None
             row = row_from(raw, root.key, meta)
-            self.db.put_remote(folder, row)
+            self._put(row)
             return row
         parent = None if raw["parent"] is None else self.db.remote_row(folder, raw["parent"])
         if parent is None or parent.kind != "dir" or raw["owner"] != self.tree.user:
-            self.db.drop_remote_subtree(folder, raw["id"])    # moved out of the folder
+            self._drop(raw["id"])    # moved out of the folder
             return None
+        known = self.db.remote_row(folder, raw["id"])
+        if known is not None and _same_node(known, raw):
+            return known             # our own write coming back: nothing to open again
         opened = self._open(raw, parent.key)
         if opened is None:
-            self.db.drop_remote_subtree(folder, raw["id"])
+            self._drop(raw["id"])
             return None
-        self.db.put_remote(folder, opened)
+        self._put(opened)
         return opened
 
+    def _put(self, row: RemoteRow) -> None:
+        self.db.put_remote(self.folder.id, row)
+        if self._view is not None:
+            self._view.put(node_of(row))
+
+    def _drop(self, node_id: str) -> None:
+        self.db.drop_remote_subtree(self.folder.id, node_id)
+        if self._view is not None:
+            self._view.drop(node_id)
+
+    @property
+    def view(self) -> RemoteView:
+        if self._view is None:
+            self._view = RemoteView(self.root_id,
+                                    map(node_of, self.db.remote_rows(self.folder.id)))
+            self.relisted = True
+        return self._view
+
     def entries(self) -> dict[str, RemoteEntry]:
-        """The remote view (cached until the mirror changes: do not modify)."""
-        if self._view is None or self._view[0] != self.db.remote_revision:
-            self._view = (self.db.remote_revision,
-                          remote_view(self.db.remote_rows(self.folder.id), self.root_id))
-        return self._view[1]
+        """The remote view by node id (kept current in place: do not modify)."""
+        return self.view.entries
 
     def node(self, node_id: str) -> RemoteNode:
         """A mirrored node as the transfer code wants it (key and metadata opened)."""

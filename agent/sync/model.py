@@ -49,7 +49,7 @@ def is_within(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder + "/")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Stat:
     """What a local file looked like; any difference means it changed."""
 
@@ -59,7 +59,7 @@ class Stat:
     inode: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class LocalEntry:
     path: str
     kind: Kind
@@ -68,7 +68,7 @@ class LocalEntry:
     stable: bool = True            # False while a file may still be being written
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RemoteEntry:
     node_id: str
     parent_id: str
@@ -86,7 +86,7 @@ class RemoteEntry:
     clash_duplicate: bool = False  # ... and is a file with the very content of that node
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class BaseEntry:
     node_id: str
     path: str
@@ -98,37 +98,37 @@ class BaseEntry:
 
 # --- actions -------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class HashLocal:
     """Compute the content id of local files (a decision depends on it)."""
     paths: tuple[str, ...]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class MoveRemote:
     node_id: str
     to_path: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class MoveLocal:
     node_id: str
     from_path: str
     to_path: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class MakeRemoteDir:
     path: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class MakeLocalDir:
     node_id: str
     path: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Upload:
     """Send the local file at PATH: a new node (NODE_ID None) or a new version."""
     path: str
@@ -137,7 +137,7 @@ class Upload:
     size: int = 0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Download:
     """Fetch node NODE_ID into PATH, renamed into place only if the local file still looks
     as EXPECT (None: absent)."""
@@ -147,7 +147,7 @@ class Download:
     size: int = 0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class KeepBoth:
     """Both sides edited node NODE_ID: the remote version is kept as a conflicted copy
     beside it, and the local one (the last writer) becomes the node's new version."""
@@ -155,28 +155,31 @@ class KeepBoth:
     path: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RenameLocalAside:
     """A local item clashes with a remote one of the same name it cannot merge with: it
     becomes a conflicted copy (from this device) and syncs as a new item."""
     path: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class DeleteRemote:
+    """Delete node NODE_ID (based on VERSION) on the appliance; a folder (KIND) goes only
+    if nothing under it changed there since it was synced."""
     node_id: str
     path: str
     version: int
     files: int = 1
+    kind: Kind = "file"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class DeleteLocal:
     path: str
     expect: Stat | None           # files: deleted only if unchanged; folders: None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Adopt:
     """Both sides already agree (same content): record it as synced."""
     node_id: str
@@ -184,7 +187,7 @@ class Adopt:
     stat: Stat | None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Forget:
     """The node is gone on both sides, or the base entry no longer means anything."""
     node_id: str

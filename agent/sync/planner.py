@@ -26,8 +26,9 @@ The rules, per node (L local, R remote, B base):
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from agent.sync.model import (
     Action,
@@ -50,6 +51,8 @@ from agent.sync.model import (
     is_within,
     parent_of,
 )
+
+E = TypeVar("E", BaseEntry, RemoteEntry)
 
 
 @dataclass(frozen=True)
@@ -74,15 +77,21 @@ def match_local(local: Mapping[str, LocalEntry], base: Mapping[str, BaseEntry]
     else wherever its inode went (a local move)."""
     matched: dict[str, LocalEntry] = {}
     claimed: set[str] = set()
+    unmatched: list[BaseEntry] = []
     for entry in base.values():
         here = local.get(entry.path)
         if here is not None and here.kind == entry.kind:
             matched[entry.node_id] = here
             claimed.add(entry.path)
-    by_inode = {e.stat.inode: e for e in local.values() if e.path not in claimed}
-    for entry in base.values():
-        if entry.node_id in matched or entry.stat is None:
-            continue
+        elif entry.stat is not None:
+            unmatched.append(entry)
+    by_inode: dict[int, LocalEntry] = {}
+    for e in local.values():     # hard links: the first path by name, whatever the order
+        if e.path not in claimed and (e.stat.inode not in by_inode
+                                      or e.path < by_inode[e.stat.inode].path):
+            by_inode[e.stat.inode] = e
+    for entry in sorted(unmatched, key=lambda e: (e.path, e.node_id)):
+        assert entry.stat is not None
         moved = by_inode.get(entry.stat.inode)
         if moved is not None and moved.kind == entry.kind:
             matched[entry.node_id] = moved
@@ -121,7 +130,7 @@ def plan(local: Mapping[str, LocalEntry], remote: Mapping[str, RemoteEntry],
 def _moves(trees: _Trees) -> list[Action]:
     candidates: list[tuple[str, Action]] = []   # (base path, action)
     records: list[Action] = []
-    for entry in trees.base.values():
+    for entry in _in_path_order(trees.base.values()):
         here = trees.matched.get(entry.node_id)
         there = trees.remote.get(entry.node_id)
         if there is not None and there.name_clash:
@@ -142,9 +151,8 @@ def _moves(trees: _Trees) -> list[Action]:
             # Moved on one side, deleted on the other: a move is an edit, and the edit
             # wins. Forgetting the base makes the survivor a new item on the next pass.
             records.append(Forget(entry.node_id))
-    for node in trees.remote.values():
-        if node.name_clash:
-            candidates += _clash(trees, node)
+    for node in _in_path_order(n for n in trees.remote.values() if n.name_clash):
+        candidates += _clash(trees, node)
     moved_from = [path for path, _ in candidates]
     actions: list[Action] = list(records)
     for path, action in sorted(candidates, key=lambda c: path_key(c[0])):
@@ -154,6 +162,11 @@ def _moves(trees: _Trees) -> list[Action]:
             actions += [a for a in _remote_parents(trees, action.to_path) if a not in actions]
         actions.append(action)
     return actions
+
+
+def _in_path_order(entries: Iterable[E]) -> list[E]:
+    """The same order whatever the trees' (a full or a cut-down plan: equal results)."""
+    return sorted(entries, key=lambda e: (path_key(e.path), e.node_id))
 
 
 def _clash(trees: _Trees, node: RemoteEntry) -> list[tuple[str, Action]]:
@@ -315,7 +328,7 @@ def _folder(trees: _Trees, path: str, base: BaseEntry, here: LocalEntry | None,
         else:
             files = sum(1 for e in trees.base.values()
                         if e.kind == "file" and is_within(e.path, path))
-            out.deletions.append(DeleteRemote(node, path, own.version, files))
+            out.deletions.append(DeleteRemote(node, path, own.version, files, "dir"))
             out.remote_deletions += files
             covered.append(path)
         return

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import stat
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,7 @@ from pathlib import Path
 from agent.crypto.blocks import BLOCK_SIZE, plain_hash_of
 from agent.errors import LocalFileError
 from agent.sync.ignore import IgnoreRules
-from agent.sync.model import LocalEntry, Stat, content_id, is_within, parent_of
+from agent.sync.model import Kind, LocalEntry, Stat, content_id, is_within, parent_of
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,8 @@ class LocalScan:
     complete: bool = False                # a whole walk (not an update of the last one)
     vanished: bool = False                # an update found a known path gone: it may have
                                           # moved anywhere, so walk everything
+    changed: set[str] = field(default_factory=set)   # paths whose entry differs from the
+                                                      # last scan's (an update's)
 
 
 def stat_of(info: os.stat_result) -> Stat:
@@ -54,6 +57,15 @@ def is_dir(path: Path) -> bool:
     return os.path.isdir(path)
 
 
+def kind_at(path: Path) -> Kind | None:
+    """What is at PATH now, a link not followed: a folder, anything else ("file"), or
+    None."""
+    try:
+        return "dir" if stat.S_ISDIR(os.lstat(path).st_mode) else "file"
+    except FileNotFoundError:
+        return None
+
+
 CachedContent = Callable[[str], "tuple[Stat, str] | None"]
 MAX_DIRTY = 256      # more changed paths than this: a full walk is cheaper
 
@@ -69,20 +81,25 @@ def scan_tree(root: Path, rules: IgnoreRules, cached: Mapping[str, tuple[Stat, s
     return result
 
 
-def rescan_paths(root: Path, rules: IgnoreRules, previous: Mapping[str, LocalEntry],
+def rescan_paths(root: Path, rules: IgnoreRules, previous: dict[str, LocalEntry],
                  dirty: set[str], cached: CachedContent, now_ns: int,
-                 stable_s: float = STABLE_S, reserved: frozenset[str] = frozenset()
-                 ) -> LocalScan:
+                 stable_s: float = STABLE_S, reserved: frozenset[str] = frozenset(),
+                 inodes: Mapping[int, str] | None = None) -> LocalScan:
     """PREVIOUS with the DIRTY paths (what the watcher and the executor touched) looked at
     again: each path, and for a folder everything under it. A path whose folder is not
     known yet is taken from the nearest known folder up. The caller keeps files that are
     still settling among the dirty paths, and walks everything now and then anyway (the
     watcher's events are hints: a queue overflow loses them). When a known path is gone
     the result says `vanished`: it may have been renamed to a path whose event is still
-    to come, and only a whole walk tells a move from a delete."""
-    result = LocalScan(entries=dict(previous))
+    to come, and only a whole walk tells a move from a delete.
+
+    PREVIOUS is updated in place and becomes the result's entries (copying it would cost
+    what the folder holds); `changed` says which paths differ from before. INODES, if
+    given, is where each inode was (kept by the caller; else built from PREVIOUS)."""
+    result = LocalScan(entries=previous)
     window_ns = int(stable_s * 1e9)
     done: list[str] = []
+    before: dict[str, LocalEntry] = {}       # what the looked-at paths held
 
     def look(path: str) -> None:
         while path and parent_of(path) and parent_of(path) not in result.entries:
@@ -90,17 +107,20 @@ def rescan_paths(root: Path, rules: IgnoreRules, previous: Mapping[str, LocalEnt
         if not path or any(is_within(path, d) for d in done):
             return
         done.append(path)
-        _forget(result.entries, path)
+        for gone, entry in _forget(result.entries, path).items():
+            before.setdefault(gone, entry)
+            result.changed.add(gone)
         if path.partition("/")[0] in reserved:
             return
         try:
             info = os.lstat(root / path)
         except OSError:
-            result.vanished = result.vanished or path in previous
+            result.vanished = result.vanished or path in before
             return
         if stat.S_ISDIR(info.st_mode):
             if not rules.ignores(path, True):
                 result.entries[path] = LocalEntry(path, "dir", stat_of(info))
+                result.changed.add(path)
                 _walk(root, path, rules, cached, now_ns, window_ns, reserved, result)
         elif stat.S_ISREG(info.st_mode) and not rules.ignores(path, False):
             _add_file(result, path, stat_of(info), info.st_ctime_ns, cached, now_ns,
@@ -110,22 +130,37 @@ def rescan_paths(root: Path, rules: IgnoreRules, previous: Mapping[str, LocalEnt
         look(path)
     # A rename's two events may come in different batches: an inode now seen at a new
     # path is looked for at its old one too, so a move never looks like a copy.
-    by_inode = {entry.stat.inode: path for path, entry in previous.items()}
-    for path, entry in list(result.entries.items()):
-        if previous.get(path) is entry:
-            continue
-        elsewhere = by_inode.get(entry.stat.inode)
+    # (Only a path new or holding another inode can be; the index is built only then.)
+    new = {p for p in result.changed if p in result.entries and (
+        p not in before or before[p].stat.inode != result.entries[p].stat.inode)}
+    by_inode = inodes if inodes is not None else {
+        e.stat.inode: p for p, e in result.entries.items() if p not in new} if new else {}
+    for path in sorted(new):
+        elsewhere = by_inode.get(result.entries[path].stat.inode)
         if elsewhere is not None and elsewhere != path and elsewhere in result.entries:
             look(elsewhere)
+    result.changed = {p for p in result.changed if before.get(p) != result.entries.get(p)}
     return result
 
 
-def _forget(entries: dict[str, LocalEntry], path: str) -> None:
+def changed_between(before: Mapping[str, LocalEntry], after: Mapping[str, LocalEntry]
+                    ) -> set[str]:
+    """The paths whose entry differs (after a whole walk: a pass over both)."""
+    return ({p for p, e in after.items() if before.get(p) != e}
+            | {p for p in before if p not in after})
+
+
+def _forget(entries: dict[str, LocalEntry], path: str) -> dict[str, LocalEntry]:
+    """Remove PATH (and for a folder what is under it); what was removed."""
     entry = entries.pop(path, None)
-    if entry is not None and entry.kind == "dir":
+    if entry is None:
+        return {}
+    gone = {path: entry}
+    if entry.kind == "dir":
         prefix = path + "/"
         for other in [p for p in entries if p.startswith(prefix)]:
-            del entries[other]
+            gone[other] = entries.pop(other)
+    return gone
 
 
 def _walk(root: Path, top: str, rules: IgnoreRules, cached: CachedContent, now_ns: int,
@@ -144,7 +179,7 @@ def _walk(root: Path, top: str, rules: IgnoreRules, cached: CachedContent, now_n
         for item in items:
             if not folder and item.name in reserved:
                 continue
-            path = f"{folder}/{item.name}" if folder else item.name
+            path = sys.intern(f"{folder}/{item.name}" if folder else item.name)
             try:
                 info = item.stat(follow_symlinks=False)
             except OSError:
@@ -153,6 +188,7 @@ def _walk(root: Path, top: str, rules: IgnoreRules, cached: CachedContent, now_n
                 if rules.ignores(path, True):
                     continue
                 result.entries[path] = LocalEntry(path, "dir", stat_of(info))
+                result.changed.add(path)
                 pending.append(path)
             elif stat.S_ISREG(info.st_mode):
                 if rules.ignores(path, False):
@@ -174,6 +210,7 @@ def _add_file(result: LocalScan, path: str, file_stat: Stat, ctime_ns: int,
         result.settles_in_s = wait if result.settles_in_s is None \
             else min(result.settles_in_s, wait)
     result.entries[path] = LocalEntry(path, "file", file_stat, content, stable)
+    result.changed.add(path)
 
 
 def hash_file(path: Path) -> tuple[Stat, str]:

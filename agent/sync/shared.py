@@ -18,6 +18,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +48,50 @@ class Written:
     node_id: str
     version: int
     stat: Stat
+
+
+@dataclass(frozen=True)
+class Shared:
+    """A node shared with the user, as the one-way plan needs it."""
+
+    node_id: str
+    version: int
+    is_dir: bool
+
+
+@dataclass(frozen=True)
+class SharedPlan:
+    move_out: tuple[str, ...] = ()          # changed or new here: becomes the user's own
+    folders: tuple[str, ...] = ()           # to create
+    downloads: tuple[tuple[str, Stat | None], ...] = ()   # (path, expected there now)
+    remove: tuple[str, ...] = ()            # no longer shared, unchanged here: deleted
+    forget: tuple[str, ...] = ()            # no longer shared: its record goes
+
+
+def plan_shared(remote: Mapping[str, Shared], written: Mapping[str, Written],
+                local: Mapping[str, Stat]) -> SharedPlan:
+    """One way, from the appliance to `Shared with me` (pure). REMOTE: what is shared, by
+    path; WRITTEN: what this device wrote there; LOCAL: the files there now. A file that is
+    not as it was written is moved out (never overwritten, never deleted); a shared file
+    that is new or has a new version is downloaded; a file no longer shared is deleted
+    if unchanged."""
+    move_out = tuple(sorted(path for path, now in local.items()
+                            if path not in written or written[path].stat != now))
+    present = {path: now for path, now in local.items() if path not in move_out}
+    downloads = []
+    for path in sorted(p for p, node in remote.items() if not node.is_dir):
+        known, current = written.get(path), present.get(path)
+        if known is not None and known.version == remote[path].version \
+                and current == known.stat:
+            continue
+        downloads.append((path, current))
+    gone = sorted(path for path in written if path not in remote)
+    return SharedPlan(
+        move_out=move_out,
+        folders=tuple(sorted(p for p, node in remote.items() if node.is_dir)),
+        downloads=tuple(downloads),
+        remove=tuple(p for p in gone if p in present and present[p] == written[p].stat),
+        forget=tuple(gone))
 
 
 async def list_shared(tree: RemoteTree) -> dict[str, RemoteNode]:
@@ -109,9 +154,18 @@ class SharedMirror:
             self.remote = await list_shared(self.tree)
         if not self.remote and not is_dir(self.root / SHARED_FOLDER):
             return 0
-        changed = self._move_out_local_changes()
-        changed += await self._download(self.remote)
-        changed += self._remove_unshared(self.remote)
+        shared = {path: Shared(node.id, node.version, node.is_dir)
+                  for path, node in self.remote.items()}
+        steps = plan_shared(shared, self._written(), self._local_files())
+        changed = sum(self._move_out(path) for path in steps.move_out)
+        for folder in steps.folders:
+            os.makedirs(self.root / folder, exist_ok=True)
+        for path, expect in steps.downloads:
+            changed += await self._download(path, self.remote[path], expect)
+        changed += sum(self._remove(path) for path in steps.remove)
+        for path in steps.forget:
+            self._drop(path)
+        self._remove_empty_folders(self.remote)
         return changed
 
     def _local_files(self) -> dict[str, Stat]:
@@ -122,77 +176,56 @@ class SharedMirror:
         return {f"{SHARED_FOLDER}/{path}": entry.stat for path, entry in scan.entries.items()
                 if entry.kind == "file"}
 
-    def _move_out_local_changes(self) -> int:
-        written = self._written()
-        moved = 0
-        for path, file_stat in self._local_files().items():
-            known = written.get(path)
-            if known is not None and known.stat == file_stat:
-                continue
-            taken = set(os.listdir(self.root))
-            copy = unique_copy_name(name_of(path), self.device_name, time.time(), taken)
-            try:
-                os.rename(self.root / path, self.root / copy)
-            except OSError as exc:
-                log.warning("cannot move %s out of %s: %s", path, SHARED_FOLDER, exc.strerror)
-                continue
-            log.warning("%s is shared with you read-only: your change is kept as %s in your "
-                        "own files", path, copy)
-            self._drop(path)
-            moved += 1
-        return moved
+    def _move_out(self, path: str) -> int:
+        taken = set(os.listdir(self.root))
+        copy = unique_copy_name(name_of(path), self.device_name, time.time(), taken)
+        try:
+            os.rename(self.root / path, self.root / copy)
+        except OSError as exc:
+            log.warning("cannot move %s out of %s: %s", path, SHARED_FOLDER, exc.strerror)
+            return 0
+        log.warning("%s is shared with you read-only: your change is kept as %s in your "
+                    "own files", path, copy)
+        self._drop(path)
+        return 1
 
-    async def _download(self, remote: dict[str, RemoteNode]) -> int:
-        written = self._written()
-        count = 0
-        for path in sorted(remote):
-            node = remote[path]
-            target = self.root / path
-            if node.is_dir:
-                os.makedirs(target, exist_ok=True)
-                continue
-            known = written.get(path)
-            current = lstat_or_none(target)
-            if known is not None and known.version == node.version and current == known.stat:
-                continue
-            if current is not None and (known is None or current != known.stat):
-                continue   # changed meanwhile: moved out on the next pass first
+    async def _download(self, path: str, node: RemoteNode, expect: Stat | None) -> int:
+        target = self.root / path
 
-            def unchanged(target: Path = target, expected: Stat | None = current) -> None:
-                if lstat_or_none(target) != expected:
-                    raise FileChangedError(f"{target} changed meanwhile")
+        def unchanged() -> None:
+            if lstat_or_none(target) != expect:
+                raise FileChangedError(f"{target} changed meanwhile")
 
-            try:
-                os.makedirs(target.parent, exist_ok=True)
-                stats = await download_file(self.tree, node, target, show_progress=False,
-                                            guard=unchanged)
-            except CairnAgentError as exc:
-                log.warning("cannot download %s: %s", path, exc.message)
-                continue
-            self._record(path, stats.node or node, stat_of(os.lstat(target)))
-            log.info("downloaded %s", path)
-            count += 1
-        return count
+        try:
+            unchanged()
+            os.makedirs(target.parent, exist_ok=True)
+            stats = await download_file(self.tree, node, target, show_progress=False,
+                                        guard=unchanged)
+        except CairnAgentError as exc:
+            log.warning("cannot download %s: %s", path, exc.message)
+            return 0
+        self._record(path, stats.node or node, stat_of(os.lstat(target)))
+        log.debug("downloaded %s", path)
+        return 1
 
-    def _remove_unshared(self, remote: dict[str, RemoteNode]) -> int:
-        removed = 0
-        for path, known in self._written().items():
-            if path in remote:
-                continue
-            target = self.root / path
-            if lstat_or_none(target) == known.stat:
-                os.unlink(target)
-                log.info("removed %s (no longer shared with you)", path)
-                removed += 1
-            self._drop(path)
+    def _remove(self, path: str) -> int:
+        known = self._written().get(path)
+        target = self.root / path
+        if known is None or lstat_or_none(target) != known.stat:
+            return 0                         # changed meanwhile: moved out next time
+        os.unlink(target)
+        log.debug("removed %s (no longer shared with you)", path)
+        return 1
+
+    def _remove_empty_folders(self, remote: dict[str, RemoteNode]) -> None:
         top = self.root / SHARED_FOLDER
-        if is_dir(top):
-            keep = {parent_of(p) for p in remote} | set(remote)
-            for folder, _dirs, _files in os.walk(top, topdown=False):
-                relative = os.path.relpath(folder, self.root)
-                if relative not in keep and not any(k.startswith(relative + "/") for k in keep):
-                    with contextlib.suppress(OSError):
-                        os.rmdir(folder)
-            if not remote and is_dir(top) and not os.listdir(top):
-                shutil.rmtree(top, ignore_errors=True)
-        return removed
+        if not is_dir(top):
+            return
+        keep = {parent_of(p) for p in remote} | set(remote)
+        for folder, _dirs, _files in os.walk(top, topdown=False):
+            relative = os.path.relpath(folder, self.root)
+            if relative not in keep and not any(k.startswith(relative + "/") for k in keep):
+                with contextlib.suppress(OSError):
+                    os.rmdir(folder)
+        if not remote and is_dir(top) and not os.listdir(top):
+            shutil.rmtree(top, ignore_errors=True)

@@ -165,7 +165,7 @@ def test_local_deleted_folder_keeps_what_arrived_there() -> None:
                               DeleteRemote(nid("old"), "d/old", 1))
     remote = [rd("d", "d"), rf("old", "d/old", parent=nid("d"))]
     result = plan(*trees([], remote, base))
-    assert result.actions == (DeleteRemote(nid("d"), "d", 1, 1),)
+    assert result.actions == (DeleteRemote(nid("d"), "d", 1, 1, "dir"),)
     assert result.remote_deletions == 1
 
 

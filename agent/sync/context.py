@@ -1,0 +1,190 @@
+"""What the executor's parts share: the folder they act on, what a pass did (Outcome),
+and the helpers every action uses (the remote folder a local path maps to, recording a
+synced entry, setting an item aside as a conflicted copy, creating a remote node)."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agent.crypto.nodes import NodeMeta, new_node_key, seal_metadata, wrap_key
+from agent.errors import (
+    CairnAgentError,
+)
+from agent.remote import RemoteNode, RemoteTree
+from agent.sync import rules
+from agent.sync.mirror import Mirror
+from agent.sync.model import (
+    Action,
+    BaseEntry,
+    DeleteRemote,
+    Forget,
+    HashLocal,
+    MakeRemoteDir,
+    MoveLocal,
+    MoveRemote,
+    RemoteEntry,
+    name_of,
+    parent_of,
+)
+from agent.sync.names import unique_copy_name
+from agent.sync.state import FolderRecord, SyncDb
+
+log = logging.getLogger("cairn.sync")
+
+
+class SkipAction(CairnAgentError):
+    """This action cannot run now; the next plan will see why."""
+    code = "skipped"
+
+
+@dataclass
+class Outcome:
+    """What a pass did (and what it saw: the local paths it may have changed)."""
+
+    done: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    conflicts: list[str] = field(default_factory=list)
+    disk_full: bool = False
+    uploaded: int = 0
+    downloaded: int = 0
+    touched: list[str] = field(default_factory=list)   # local paths the plan may have changed
+    reshuffled: bool = False       # something was renamed aside: look at everything again
+
+    def add(self, other: Outcome) -> None:
+        """Count OTHER's results in (a round's total over its passes)."""
+        self.done += other.done
+        self.failed += other.failed
+        self.conflicts += other.conflicts
+        self.disk_full = self.disk_full or other.disk_full
+        self.uploaded += other.uploaded
+        self.downloaded += other.downloaded
+
+    def summary(self) -> str | None:
+        """One line for the default log level (each file's line is logged with -v)."""
+        if not self.done and not self.failed:
+            return None
+        other = self.done - self.uploaded - self.downloaded
+        late = f"; {len(self.failed)} not done yet" if self.failed else ""
+        return (f"synced: {self.uploaded} uploaded, {self.downloaded} downloaded, "
+                f"{other} other changes{late}")
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _id_and_key(node: RemoteNode) -> tuple[str, bytes]:
+    return node.id, node.key
+
+
+def local_paths(action: Action) -> tuple[str, ...]:
+    """The local paths ACTION may change (for the next, incremental, scan)."""
+    if isinstance(action, HashLocal):
+        return action.paths
+    if isinstance(action, MoveLocal):
+        return (action.from_path, action.to_path)
+    if isinstance(action, Forget | MoveRemote | MakeRemoteDir | DeleteRemote):
+        return ()
+    return (action.path,)
+
+
+def action_path(action: Action) -> str:
+    if isinstance(action, HashLocal):
+        return ", ".join(action.paths[:3])
+    if isinstance(action, MoveRemote):
+        return action.to_path
+    if isinstance(action, MoveLocal):
+        return action.to_path
+    if isinstance(action, Forget):
+        return action.node_id
+    return action.path
+
+
+class Context:
+    """The synced folder an executor acts on, and the helpers its actions share."""
+
+    def __init__(self, tree: RemoteTree, db: SyncDb, folder: FolderRecord, mirror: Mirror,
+                 root: Path, device_name: str, *, downloads_allowed: bool = True) -> None:
+        self.tree = tree
+        self.db = db
+        self.folder = folder
+        self.mirror = mirror
+        self.root = root
+        self.device_name = device_name
+        self.downloads_allowed = downloads_allowed
+        self.reshuffled = False
+        self._folders: dict[str, RemoteNode] = {}   # opened once a pass, not once a file
+
+    def local(self, path: str) -> Path:
+        return self.root / path if path else self.root
+
+    def _synced_folder_at(self, path: str) -> str | None:
+        """The id of the remote folder that the synced local folder PATH maps to."""
+        if not path:
+            return self.folder.remote_root
+        entry = self.db.base_at(self.folder.id, path)
+        return entry.node_id if entry is not None and entry.kind == "dir" else None
+
+    def _folder_node(self, path: str) -> RemoteNode:
+        """The remote folder that PATH's parent maps to."""
+        folder_id = self._synced_folder_at(parent_of(path))
+        if folder_id is None:
+            raise SkipAction(f"its folder {parent_of(path)} is not synced yet")
+        if folder_id not in self._folders:     # (a folder's id and key never change)
+            self._folders[folder_id] = self.mirror.node(folder_id)
+        return self._folders[folder_id]
+
+    def _record(self, entry: BaseEntry) -> None:
+        with self.db.transaction():
+            self.db.put_base(self.folder.id, entry)
+            if entry.kind == "file" and entry.stat is not None:
+                self.db.cache_content(self.folder.id, entry.path, entry.stat, entry.content)
+
+    def _taken_names(self, folder_id: str | None, local_folder: str) -> set[str]:
+        view = self.mirror.view
+        names = {view.nodes[c].name for c in view.children.get(folder_id, ())
+                 } if folder_id is not None else set()
+        with contextlib.suppress(OSError):
+            names |= set(os.listdir(self.local(local_folder)))
+        return names
+
+    def _remote_folder_at(self, path: str) -> str | None:
+        return rules.remote_folder_at(path, self.folder.remote_root,
+                                      self.db.base_at(self.folder.id, path),
+                                      self._remote_at(path))
+
+    def _remote_at(self, path: str) -> list[RemoteEntry]:
+        """The remote node at PATH, if any (the view's index: no pass over the tree)."""
+        node_id = self.mirror.view.at.get(path)
+        return [] if node_id is None else [self.mirror.view.entries[node_id]]
+
+    def _set_aside(self, path: str) -> str:
+        """Rename the local item at PATH to a conflicted copy (from this device). Needs no
+        synced parent: a move may land in a folder that is new on both sides."""
+        taken = self._taken_names(self._remote_folder_at(parent_of(path)), parent_of(path))
+        copy = unique_copy_name(name_of(path), self.device_name, time.time(), taken)
+        new_path = f"{parent_of(path)}/{copy}" if parent_of(path) else copy
+        os.rename(self.local(path), self.local(new_path))
+        self.reshuffled = True
+        log.warning("conflict: %s exists on both sides with different content; this "
+                    "device's version is kept as %s", path, new_path)
+        return new_path
+
+    async def _create_node(self, parent: RemoteNode, meta: NodeMeta) -> dict[str, Any]:
+        node_id = os.urandom(16).hex()
+        key = new_node_key()
+        answer: dict[str, Any] = await self.tree.connection.call("POST", "/files", json={
+            "id": node_id, "parent": parent.id, "kind": meta.kind,
+            "metadata": _b64(seal_metadata(key, node_id, meta)),
+            "wrapped_key": _b64(wrap_key(parent.key, key, node_id, parent.id)),
+            "size": meta.size,
+            "blocks": [{"id": r.id_hex, "size": r.cipher_size} for r in meta.blocks]})
+        self.mirror.absorb(answer["node"])
+        return answer

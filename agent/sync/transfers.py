@@ -1,0 +1,293 @@
+"""Transfers: uploads, downloads and conflicts (several at once; small files in
+batches), and new remote folders a thousand per request.
+
+A download is renamed into place only if the local file still looks as the plan saw it;
+an upload names the version it is based on; an upload stopped by a change records the
+version it began (rules.began_upload).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from agent.crypto.nodes import NodeMeta, new_node_key, seal_metadata, wrap_key
+from agent.download import download_file
+from agent.errors import (
+    CairnAgentError,
+    DiskFullError,
+    FileChangedError,
+    LocalFileError,
+    TransportError,
+)
+from agent.remote import Target
+from agent.sync import rules
+from agent.sync.batch import (
+    SMALL_FILE,
+    SmallDownload,
+    SmallUpload,
+    download_small,
+    upload_small,
+)
+from agent.sync.context import Context, Outcome, SkipAction, _b64, _id_and_key
+from agent.sync.model import (
+    Action,
+    BaseEntry,
+    Download,
+    KeepBoth,
+    MakeRemoteDir,
+    Upload,
+    content_of_refs,
+    name_of,
+    parent_of,
+)
+from agent.sync.names import unique_copy_name
+from agent.sync.scan import lstat_or_none, stat_of
+from agent.upload import upload_file
+
+log = logging.getLogger("cairn.sync")
+
+TRANSFERS_AT_ONCE = 4
+TRANSFER_ACTIONS = (Upload, Download, KeepBoth)
+CHUNK = 5000
+"""Small files prepared, sent and recorded at once (ten batches): each holds its opened
+node until recorded, so a first sync of 100,000 files holds 5,000 of them, not all."""
+
+
+def _unchanged_guard(target: Path, action: Download) -> Callable[[], None]:
+    """Raises FileChangedError if TARGET no longer looks as the plan saw it."""
+    def check() -> None:
+        if lstat_or_none(target) != action.expect:
+            raise FileChangedError(f"{action.path} changed while it was being downloaded; "
+                                   "kept as it is")
+    return check
+
+
+class Transfers(Context):
+    async def _one(self, action: Action, outcome: Outcome) -> None:
+        """Carry out one action, its failure recorded in OUTCOME (the executor's)."""
+        raise NotImplementedError
+
+    async def _transfers(self, actions: list[Action], outcome: Outcome) -> None:
+        small_up = [a for a in actions if isinstance(a, Upload) and a.size <= SMALL_FILE]
+        small_down = [a for a in actions if isinstance(a, Download) and a.size <= SMALL_FILE]
+        if len(small_up) > 1:
+            await self._guarded(self._upload_batch(small_up, outcome))
+        else:
+            small_up = []
+        if len(small_down) > 1 and self.downloads_allowed:
+            await self._guarded(self._download_batch(small_down, outcome))
+        else:
+            small_down = []
+        batched = {id(a) for a in small_up + small_down}
+        actions = [a for a in actions if id(a) not in batched]
+        limiter = trio.CapacityLimiter(TRANSFERS_AT_ONCE)
+
+        async def one(action: Action) -> None:
+            async with limiter:
+                await self._one(action, outcome)
+
+        async with trio.open_nursery() as nursery:
+            for action in actions:
+                nursery.start_soon(one, action)
+
+    async def _make_remote_dirs(self, actions: list[MakeRemoteDir], outcome: Outcome) -> None:
+        """Many new folders in one request per thousand: ids and keys are chosen here, so
+        a folder and what goes in it can be created in the same batch."""
+        made: dict[str, tuple[str, bytes]] = {}
+        operations: list[dict[str, Any]] = []
+        planned: list[tuple[MakeRemoteDir, os.stat_result]] = []
+        for action in actions:
+            try:
+                parent_id, parent_key = made.get(parent_of(action.path)) or _id_and_key(
+                    self._folder_node(action.path))
+                info = os.lstat(self.local(action.path))
+            except (CairnAgentError, OSError) as exc:
+                outcome.failed.append((action.path, str(exc)))
+                continue
+            if not stat.S_ISDIR(info.st_mode):
+                continue
+            node_id, key = os.urandom(16).hex(), new_node_key()
+            meta = NodeMeta(name=name_of(action.path), kind="dir", mtime_ns=info.st_mtime_ns,
+                            mode=stat.S_IMODE(info.st_mode), device=self.device_name)
+            operations.append({
+                "op": "create", "id": node_id, "parent": parent_id, "kind": "dir",
+                "metadata": _b64(seal_metadata(key, node_id, meta)),
+                "wrapped_key": _b64(wrap_key(parent_key, key, node_id, parent_id))})
+            made[action.path] = (node_id, key)
+            planned.append((action, info))
+        for start in range(0, len(operations), 1000):
+            answer = await self.tree.connection.call("POST", "/batch/files", json={
+                "operations": operations[start:start + 1000]})
+            with self.db.transaction():
+                for (action, info), result in zip(planned[start:start + 1000],
+                                                  answer["results"], strict=True):
+                    if not result["ok"]:
+                        outcome.failed.append((action.path, result["error"]["message"]))
+                        continue
+                    row = self.mirror.absorb(result["result"]["node"])
+                    if row is None:
+                        continue
+                    self._record(BaseEntry(row.node_id, action.path, "dir", row.version,
+                                           row.content, stat_of(info)))
+                    outcome.done += 1
+
+    async def _guarded(self, work: Awaitable[None]) -> None:
+        """A whole batch; per-file failures are recorded inside, a refused request skips
+        the batch (its files are planned again)."""
+        try:
+            await work
+        except TransportError:
+            raise
+        except CairnAgentError as exc:
+            log.warning("a batch failed: %s", exc.message)
+
+    async def _upload_batch(self, actions: list[Upload], outcome: Outcome) -> None:
+        for start in range(0, len(actions), CHUNK):
+            await self._upload_chunk(actions[start:start + CHUNK], outcome)
+
+    async def _upload_chunk(self, actions: list[Upload], outcome: Outcome) -> None:
+        items: list[tuple[Upload, SmallUpload]] = []
+        for action in actions:
+            try:
+                existing = None
+                if action.node_id is not None:
+                    assert action.base_version is not None
+                    existing = replace(self.mirror.node(action.node_id),
+                                       version=action.base_version)
+                items.append((action, SmallUpload(self.local(action.path),
+                                                  name_of(action.path),
+                                                  self._folder_node(action.path), existing)))
+            except CairnAgentError as exc:
+                outcome.failed.append((action.path, exc.message))
+        await upload_small(self.tree, [item for _, item in items], self.device_name)
+        with self.db.transaction():
+            self._record_uploads(items, outcome)
+        log.debug("uploaded %d small files in a batch", sum(
+            1 for _, i in items if i.error is None))
+
+    def _record_uploads(self, items: list[tuple[Upload, SmallUpload]],
+                        outcome: Outcome) -> None:
+        for action, item in items:
+            if item.error is not None or item.source is None:
+                outcome.failed.append((action.path, item.error or "not read"))
+                continue
+            if item.node is None:
+                assert item.existing is not None
+                version, node_id = item.existing.version, item.existing.id
+            else:
+                self.mirror.absorb(item.node)
+                version, node_id = int(item.node["version"]), str(item.node["id"])
+            self._record(BaseEntry(node_id, action.path, "file", version,
+                                   content_of_refs(item.refs), stat_of(item.source)))
+            log.debug("uploaded %s", action.path)
+            outcome.uploaded += 1
+            outcome.done += 1
+
+    async def _download_batch(self, actions: list[Download], outcome: Outcome) -> None:
+        for start in range(0, len(actions), CHUNK):
+            await self._download_chunk(actions[start:start + CHUNK], outcome)
+
+    async def _download_chunk(self, actions: list[Download], outcome: Outcome) -> None:
+        items: list[tuple[Download, SmallDownload]] = []
+        for action in actions:
+            try:
+                node = self.mirror.node(action.node_id)
+                target = self.local(action.path)
+                os.makedirs(target.parent, exist_ok=True)
+            except (CairnAgentError, OSError) as exc:
+                outcome.failed.append((action.path, str(exc)))
+                continue
+            items.append((action, SmallDownload(node, target,
+                                                _unchanged_guard(target, action))))
+        await download_small(self.tree, [item for _, item in items])
+        with self.db.transaction():
+            self._record_downloads(items, outcome)
+        log.debug("downloaded %d small files in a batch", sum(
+            1 for _, i in items if i.written is not None))
+
+    def _record_downloads(self, items: list[tuple[Download, SmallDownload]],
+                          outcome: Outcome) -> None:
+        for action, item in items:
+            if item.written is None:
+                outcome.disk_full = outcome.disk_full or item.disk_full
+                outcome.failed.append((action.path, item.error or "not written"))
+                continue
+            self._record(BaseEntry(item.node.id, action.path, "file", item.node.version,
+                                   content_of_refs(item.node.meta.blocks),
+                                   stat_of(item.written)))
+            log.debug("downloaded %s", action.path)
+            outcome.downloaded += 1
+            outcome.done += 1
+
+    async def _upload(self, action: Upload, outcome: Outcome) -> None:
+        parent = self._folder_node(action.path)
+        existing = None
+        if action.node_id is not None:
+            assert action.base_version is not None
+            existing = replace(self.mirror.node(action.node_id), version=action.base_version)
+        target = Target(parent, name_of(action.path), existing)
+        try:
+            stats = await upload_file(self.tree, self.local(action.path), target,
+                                      show_progress=False, device=self.device_name)
+        except FileChangedError as exc:
+            if exc.written is not None:
+                self._began(action.path, exc.written)
+            raise
+        assert stats.source is not None
+        if stats.node is None:         # the appliance already had exactly this
+            assert existing is not None
+            version = existing.version
+            node_id = existing.id
+        else:
+            self.mirror.absorb(stats.node)
+            version, node_id = int(stats.node["version"]), str(stats.node["id"])
+        self._record(BaseEntry(node_id, action.path, "file", version,
+                               content_of_refs(stats.refs), stat_of(stats.source)))
+        outcome.uploaded += 1
+        log.debug("uploaded %s", action.path)
+
+    def _began(self, path: str, written: dict[str, Any]) -> None:
+        row = self.mirror.absorb(written)
+        if row is not None:
+            self._record(rules.began_upload(row.node_id, path, row.version, row.content))
+
+    async def _download(self, action: Download, outcome: Outcome) -> None:
+        if not self.downloads_allowed:
+            raise DiskFullError("downloads are paused: the disk is full")
+        node = self.mirror.node(action.node_id)
+        target = self.local(action.path)
+        unchanged_meanwhile = _unchanged_guard(target, action)
+        try:
+            os.makedirs(target.parent, exist_ok=True)
+        except OSError as exc:
+            raise LocalFileError(f"cannot create {target.parent}: {exc.strerror}") from None
+        stats = await download_file(self.tree, node, target, show_progress=False,
+                                    guard=unchanged_meanwhile)
+        written = stats.node or node
+        self._record(BaseEntry(written.id, action.path, "file", written.version,
+                               content_of_refs(written.meta.blocks),
+                               stat_of(os.lstat(target))))
+        outcome.downloaded += 1
+        log.debug("downloaded %s", action.path)
+
+    async def _keep_both(self, action: KeepBoth, outcome: Outcome) -> None:
+        row = self.db.remote_row(self.folder.id, action.node_id)
+        if row is None or row.parent_id is None:
+            raise SkipAction("the node is gone")
+        node = self.mirror.node(action.node_id)
+        parent = self.mirror.node(row.parent_id)
+        taken = self._taken_names(parent.id, parent_of(action.path))
+        copy = unique_copy_name(row.name, row.device, row.updated_at, taken)
+        await self._create_node(parent, replace(node.meta, name=copy))
+        log.warning("conflict: %s was changed here and on %s; their version is kept as %s",
+                    action.path, row.device or "another device", copy)
+        outcome.conflicts.append(copy)
+        await self._upload(Upload(action.path, action.node_id, row.version), outcome)
