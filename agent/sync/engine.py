@@ -188,12 +188,15 @@ class SyncEngine:
         total = Outcome()
         try:
             for phase in range(MAX_PHASES):
-                if phase == 0 and self._must_pull():
-                    # At most once a round: the executor takes its own writes into the
-                    # mirror, and a change from elsewhere meanwhile is announced by the
-                    # stream and wakes the next round, which pulls it (every write names
-                    # its base version, so nothing stale overwrites it; a folder delete
-                    # pulls again just before).
+                if self._pull_next or (phase == 0 and self._must_pull()):
+                    # Once a round: the executor takes its own writes into the mirror,
+                    # and a change from elsewhere meanwhile is announced by the stream and
+                    # wakes the next round, which pulls it (every write names its base
+                    # version, so nothing stale overwrites it; a folder delete pulls again
+                    # just before). And before any pass after one that failed: a write
+                    # refused as stale (409) must be planned again against what the
+                    # appliance has now, or the same conflict is resolved again every pass
+                    # (a conflicted copy each time; seed 317571347 made 60 in one round).
                     await self._refresh_remote()
                     self._pull_next = False
                 ignore = IgnoreRules.load(self.root)
