@@ -134,7 +134,7 @@ def _transient(status: int, content: bytes) -> bool:
     return status in TRANSIENT_STATUSES
 
 
-def _retry_after(response: httpx.Response | httpcore.Response) -> float | None:
+def retry_after(response: httpx.Response | httpcore.Response) -> float | None:
     if isinstance(response, httpx.Response):
         value = response.headers.get("retry-after", "")
     else:
@@ -191,7 +191,7 @@ class Connection:
             self._check_version(response)
             if _transient(response.status_code, response.content) \
                     and attempt + 1 < self.retry.attempts:
-                await trio.sleep(self.retry.delay(attempt, _retry_after(response)))
+                await trio.sleep(self.retry.delay(attempt, retry_after(response)))
                 continue
             if response.status_code >= 400:
                 raise error_from_response(response)
@@ -318,7 +318,7 @@ class Connection:
                 continue
             if _transient(response.status, response.content) \
                     and attempt + 1 < self.retry.attempts:
-                time.sleep(self.retry.delay(attempt, _retry_after(response)))
+                time.sleep(self.retry.delay(attempt, retry_after(response)))
                 continue
             if response.status >= 400:
                 raise error_from_status(response.status, response.content)

@@ -31,7 +31,7 @@ import trio
 from pydantic import ValidationError
 
 from agent.api import Api, body_of
-from agent.client import Connection, pinned_ssl_context
+from agent.client import Connection, pinned_ssl_context, retry_after
 from agent.crypto.keys import UserKeys, open_bundle, seal_bundle
 from agent.crypto.nodes import NodeMeta, new_node_key
 from agent.discovery import find_appliances
@@ -87,15 +87,8 @@ async def _post(client: httpx.AsyncClient, path: str, body: dict[str, Any]) -> h
         response = await client.post(path, json=body)
         if response.status_code != 429:
             return response
-        await trio.sleep(min(_retry_after_s(response), MAX_RATE_LIMIT_WAIT_S))
+        await trio.sleep(min(retry_after(response) or 1.0, MAX_RATE_LIMIT_WAIT_S))
     return response
-
-
-def _retry_after_s(response: httpx.Response) -> float:
-    try:
-        return max(0.1, float(response.headers.get("retry-after", "1")))
-    except ValueError:
-        return 1.0
 
 
 class _Unreachable(str):
