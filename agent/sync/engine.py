@@ -53,10 +53,12 @@ from agent.sync.scan import (
     LocalScan,
     is_dir,
 )
-from agent.sync.schedule import RESCAN_S, Wakeups
+from agent.sync.schedule import RESCAN_S
 from agent.sync.scope import Trees, pending_of, plan_touched
-from agent.sync.shared import SHARED_FOLDER, SharedMirror
+from agent.sync.shared import SharedMirror
+from agent.sync.shared_plan import SHARED_FOLDER
 from agent.sync.state import FolderRecord, SyncDb
+from agent.sync.wakeups import Wakeups
 from agent.sync.watch import watch_changes
 
 __all__ = ["MASS_DELETE_MIN", "MASS_DELETE_SHARE", "Paused", "SyncEngine", "SyncOptions",

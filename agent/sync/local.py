@@ -18,7 +18,7 @@ from pathlib import Path
 from agent.sync.ignore import IGNORE_FILE, IgnoreRules
 from agent.sync.names import is_conflicted_copy
 from agent.sync.scan import MAX_DIRTY, LocalScan, changed_between, rescan_paths, scan_tree
-from agent.sync.shared import SHARED_FOLDER
+from agent.sync.shared_plan import SHARED_FOLDER
 from agent.sync.state import SyncDb
 from agent.sync.watch import ROOT_GONE
 

@@ -16,8 +16,8 @@ downloads held back by a full disk, a paused sync looked at again, the periodic 
     rescan    the start, and every rescan                 every RESCAN_S: walk and plan
                                                           everything
 
-`Schedule` is pure (times are numbers the caller passes); `Wakeups` puts it on trio's
-clock, so tests drive it with `trio.testing.MockClock` instead of sleeping. The remote
+`Schedule` is pure (times are numbers the caller passes); `agent.sync.wakeups` puts it on
+trio's clock, so tests drive it with `trio.testing.MockClock` instead of sleeping. The remote
 side's pace (hold the event stream; poll with backoff when it is down or the folder is
 quiet) is `poll_interval`.
 """
@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-
-import trio
 
 RESCAN_S = 300.0
 RETRY_S = 1.0
@@ -82,26 +80,3 @@ def poll_interval(failures: int, previous: float | None = None) -> float:
     if previous is not None:
         return min(previous * 2, POLL_MAX_S)
     return min(POLL_S * 2 ** (failures - 1), POLL_MAX_S) if failures else POLL_S
-
-
-class Wakeups:
-    """The loop's side of the schedule, on trio's clock: `wake` (an event: now),
-    `wake_in` (a timer), and `next`, which waits for either."""
-
-    def __init__(self, schedule: Schedule | None = None) -> None:
-        self.schedule = schedule or Schedule()
-        self._event = trio.Event()
-
-    def wake(self) -> None:
-        self._event.set()
-
-    def wake_in(self, reason: str, seconds: float) -> None:
-        self.schedule.after(reason, trio.current_time(), seconds)
-
-    async def next(self) -> set[str]:
-        """Wait until woken or the first timer is due; the timers that fired (none: an
-        event woke it)."""
-        with trio.move_on_at(self.schedule.due()):
-            await self._event.wait()
-        self._event = trio.Event()
-        return self.schedule.fire(trio.current_time())

@@ -18,8 +18,6 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 from agent.download import download_file
@@ -29,11 +27,10 @@ from agent.sync.ignore import IgnoreRules
 from agent.sync.model import Stat, name_of, parent_of
 from agent.sync.names import unique_copy_name
 from agent.sync.scan import is_dir, lstat_or_none, scan_tree, stat_of
+from agent.sync.shared_plan import SHARED_FOLDER, Shared, Written, plan_shared
 from agent.sync.state import SyncDb
 
 log = logging.getLogger("cairn.sync")
-
-SHARED_FOLDER = "Shared with me"
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS shared (
@@ -41,57 +38,6 @@ CREATE TABLE IF NOT EXISTS shared (
     version INTEGER NOT NULL, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL,
     mode INTEGER NOT NULL, inode INTEGER NOT NULL, PRIMARY KEY (folder, path));
 """
-
-
-@dataclass(frozen=True)
-class Written:
-    node_id: str
-    version: int
-    stat: Stat
-
-
-@dataclass(frozen=True)
-class Shared:
-    """A node shared with the user, as the one-way plan needs it."""
-
-    node_id: str
-    version: int
-    is_dir: bool
-
-
-@dataclass(frozen=True)
-class SharedPlan:
-    move_out: tuple[str, ...] = ()          # changed or new here: becomes the user's own
-    folders: tuple[str, ...] = ()           # to create
-    downloads: tuple[tuple[str, Stat | None], ...] = ()   # (path, expected there now)
-    remove: tuple[str, ...] = ()            # no longer shared, unchanged here: deleted
-    forget: tuple[str, ...] = ()            # no longer shared: its record goes
-
-
-def plan_shared(remote: Mapping[str, Shared], written: Mapping[str, Written],
-                local: Mapping[str, Stat]) -> SharedPlan:
-    """One way, from the appliance to `Shared with me` (pure). REMOTE: what is shared, by
-    path; WRITTEN: what this device wrote there; LOCAL: the files there now. A file that is
-    not as it was written is moved out (never overwritten, never deleted); a shared file
-    that is new or has a new version is downloaded; a file no longer shared is deleted
-    if unchanged."""
-    move_out = tuple(sorted(path for path, now in local.items()
-                            if path not in written or written[path].stat != now))
-    present = {path: now for path, now in local.items() if path not in move_out}
-    downloads = []
-    for path in sorted(p for p, node in remote.items() if not node.is_dir):
-        known, current = written.get(path), present.get(path)
-        if known is not None and known.version == remote[path].version \
-                and current == known.stat:
-            continue
-        downloads.append((path, current))
-    gone = sorted(path for path in written if path not in remote)
-    return SharedPlan(
-        move_out=move_out,
-        folders=tuple(sorted(p for p, node in remote.items() if node.is_dir)),
-        downloads=tuple(downloads),
-        remove=tuple(p for p in gone if p in present and present[p] == written[p].stat),
-        forget=tuple(gone))
 
 
 async def list_shared(tree: RemoteTree) -> dict[str, RemoteNode]:

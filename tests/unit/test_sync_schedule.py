@@ -1,5 +1,5 @@
 """The sync schedule (agent/sync/schedule.py): timers by reason, backoff, held downloads,
-poll intervals — on plain numbers, and on trio's MockClock (no sleeping)."""
+poll intervals — on plain numbers; and agent/sync/wakeups.py on trio's MockClock (no sleeping)."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from agent.sync.schedule import (
     RETRY_MAX_S,
     RETRY_S,
     Schedule,
-    Wakeups,
     poll_interval,
 )
+from agent.sync.wakeups import Wakeups
 
 
 def test_each_reason_keeps_its_own_earliest_deadline() -> None:

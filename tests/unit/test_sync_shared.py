@@ -4,7 +4,7 @@ data."""
 from __future__ import annotations
 
 from agent.sync.model import Stat
-from agent.sync.shared import Shared, SharedPlan, Written, plan_shared
+from agent.sync.shared_plan import Shared, SharedPlan, Written, plan_shared
 
 TOP = "Shared with me/bob"
 
