@@ -1,0 +1,24 @@
+"""`cairn`, the agent's command line (click).
+
+shell.py holds the group and what every command shares; device.py joining, unlocking and
+`cairn status`; files.py the file, trash and sharing commands; sync.py `cairn sync`.
+
+Every command is a thin shell: parse arguments, run the operation under trio, print the
+result. Errors the agent raises on purpose (agent.errors) become one line on stderr and
+their exit code, never a traceback. Progress bars appear only when stderr is a terminal.
+SIGTERM and SIGINT stop a command cleanly (agent.stopping): `cairn sync` then exits 0,
+any other command 128 + the signal's number, what it did so far kept (join and unlock,
+which may prompt, keep Python's Ctrl-C: exit 130).
+"""
+
+
+from __future__ import annotations
+
+from agent.cli import device, files, sync
+from agent.cli.shell import cli
+
+__all__ = ["cli", "device", "files", "main", "sync"]
+
+
+def main() -> None:
+    cli(prog_name="cairn")
