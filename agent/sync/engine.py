@@ -1,6 +1,6 @@
 """The sync engine: the loop that wakes rounds, and the round itself.
 
-Wake-ups: the local watcher (inotify through watchfiles, debounced); the appliance's event
+Wake-ups: the local watcher (inotify, debounced; agent/sync/watch.py); the appliance's event
 stream or, when it is down or the folder is quiet, polling (agent/sync/follow.py); and the
 timers of agent/sync/schedule.py (a file settling, retries with backoff, held downloads,
 rechecks, the rescan every RESCAN_S, which walks and plans everything).
@@ -103,6 +103,7 @@ class SyncEngine:
         self.schedule = self.wakeups.schedule
         self._cleaned_parts = False
         self._local_activity = 0
+        self._last_status: tuple[str, str, int, int] | None = None
         self.local = LocalTree(self.root, db, folder.id)
         self._settled: rules.Quiet | None = None   # what the last idle round saw
         self._shared_touched = False     # the watcher saw a change in Shared with me
@@ -354,7 +355,12 @@ class SyncEngine:
 
     def _status(self, state: str, detail: str = "", pending: int = 0,
                 conflicts: int = 0) -> None:
-        self.db.set_status(self.folder.id, state, detail, pending, conflicts)
+        """The folder's status line, written only when it changed (its time: since when it
+        has been so)."""
+        status = (state, detail, pending, conflicts)
+        if status != self._last_status:
+            self.db.set_status(self.folder.id, *status)
+            self._last_status = status
 
 
 def _count_transfers(current: Plan) -> int:

@@ -78,11 +78,11 @@ class Transfers(Context):
     async def _transfers(self, actions: list[Action], outcome: Outcome) -> None:
         small_up = [a for a in actions if isinstance(a, Upload) and a.size <= SMALL_FILE]
         small_down = [a for a in actions if isinstance(a, Download) and a.size <= SMALL_FILE]
-        if len(small_up) > 1:
+        if small_up:
             await self._guarded(self._upload_batch(small_up, outcome))
         else:
             small_up = []
-        if len(small_down) > 1 and self.downloads_allowed:
+        if small_down and self.downloads_allowed:
             await self._guarded(self._download_batch(small_down, outcome))
         else:
             small_down = []
