@@ -67,7 +67,7 @@ def sync(ctx: click.Context, directory: Path, remote_path: str, allow_mass_delet
     logging.basicConfig(level=logging.DEBUG if verbose else
                         logging.WARNING if quiet else logging.INFO,
                         format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("httpx", "httpcore", "watchfiles", "hypercorn"):
+    for noisy in ("httpx", "httpcore", "hypercorn"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     home = home_of(ctx)
     options = SyncOptions(allow_mass_delete=allow_mass_delete,

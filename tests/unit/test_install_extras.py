@@ -1,5 +1,5 @@
 """Installs that fit each machine: a device's agent never loads the appliance's packages
-(pyeclib, hypercorn, FastAPI), and the appliance never loads the agent's (httpx, watchfiles),
+(pyeclib, hypercorn, FastAPI), and the appliance never loads the agent's (httpx, tqdm, pathspec),
 so `pip install '.[agent]'` and `pip install '.[appliance]'` each suffice on their own."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import pytest
 
 PROJECT = Path(__file__).resolve().parents[2]
 APPLIANCE_ONLY = {"pyeclib", "hypercorn", "fastapi", "starlette"}
-AGENT_ONLY = {"httpx", "httpcore", "watchfiles", "tqdm", "pathspec"}
+AGENT_ONLY = {"httpx", "httpcore", "tqdm", "pathspec"}
 
 IMPORT_EVERY_MODULE = """
 import importlib, json, pkgutil, sys
@@ -67,7 +67,7 @@ def test_each_extra_installs_only_its_side(extra: str, excluded: set[str]) -> No
     assert installed & excluded == set()
     # What the side loads is installed by its extra (the import check above, from the
     # other direction): nothing it needs is left to a package of the other side.
-    needed = {"agent": {"httpx", "watchfiles", "tqdm", "pathspec", "trio", "apsw",
+    needed = {"agent": {"httpx", "tqdm", "pathspec", "trio", "apsw",
                         "cryptography", "blake3", "click", "pydantic", "zeroconf"},
               "appliance": {"pyeclib", "hypercorn", "fastapi", "trio", "apsw",
                             "cryptography", "blake3", "click", "pydantic", "zeroconf"}}

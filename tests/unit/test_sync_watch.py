@@ -7,6 +7,7 @@ import fnmatch
 import logging
 import os
 import shutil
+import struct
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
@@ -15,7 +16,9 @@ import pytest
 import trio
 import trio.testing
 
+from agent.sync import inotify
 from agent.sync.ignore import BUILTIN_TEMPORARY_FILES, IgnoreRules
+from agent.sync.inotify import Event, parse_events
 from agent.sync.watch import (
     ROOT_GONE,
     inotify_available,
@@ -238,8 +241,8 @@ async def watching(root: Path, rules_for: Callable[[], IgnoreRules] | None = Non
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(run)
-        # RustNotify sets up its watches synchronously on the first step, then waits in a
-        # worker thread: once every task is blocked, the watches exist.
+        # The watches are set up before the watcher first waits: once every task is
+        # blocked, they exist.
         await trio.testing.wait_all_tasks_blocked()
         yield Batches(receive)
         nursery.cancel_scope.cancel()
@@ -406,3 +409,78 @@ async def test_a_surrounding_cancel_scope_stops_the_watcher(tmp_path: Path) -> N
             async for _ in watch_changes(tmp_path, lambda: BUILTINS):
                 pytest.fail("nothing changed")
         assert scope.cancelled_caught
+
+
+# --- inotify itself ----------------------------------------------------------------------
+
+def _raw_event(watch: int, mask: int, cookie: int, name: bytes) -> bytes:
+    padded = name + b"\0" * (16 - len(name) % 16) if name else b""
+    return struct.pack("iIII", watch, mask, cookie, len(padded)) + padded
+
+
+def test_events_are_parsed_with_their_padding_and_undecodable_names() -> None:
+    data = (_raw_event(1, inotify.IN_CREATE | inotify.IN_ISDIR, 0, b"new folder")
+            + _raw_event(2, inotify.IN_DELETE_SELF, 0, b"")
+            + _raw_event(1, inotify.IN_MOVED_FROM, 7, b"caf\xe9.txt")
+            + _raw_event(-1, inotify.IN_Q_OVERFLOW, 0, b""))
+    events = parse_events(data)
+    assert events == [Event(1, inotify.IN_CREATE | inotify.IN_ISDIR, 0, "new folder"),
+                      Event(2, inotify.IN_DELETE_SELF, 0, ""),
+                      Event(1, inotify.IN_MOVED_FROM, 7, os.fsdecode(b"caf\xe9.txt")),
+                      Event(-1, inotify.IN_Q_OVERFLOW, 0, "")]
+    assert events[0].is_dir and not events[2].is_dir
+    assert os.fsencode(events[2].name) == b"caf\xe9.txt"      # the name round-trips
+
+
+def test_a_truncated_read_yields_only_whole_events() -> None:
+    data = _raw_event(1, inotify.IN_MODIFY, 0, b"a.txt")
+    assert parse_events(data + data[:10]) == [Event(1, inotify.IN_MODIFY, 0, "a.txt")]
+
+
+async def test_a_folder_moved_inside_keeps_its_watches_under_its_new_name(
+        tmp_path: Path) -> None:
+    write(tmp_path / "old" / "deep" / "a.txt")
+    async with watching(tmp_path) as batches:
+        (tmp_path / "old").rename(tmp_path / "new")
+        await batches.until_has("old", "new")
+        write(tmp_path / "new" / "deep" / "b.txt")
+        seen = await batches.until_has("new/deep/b.txt")
+        assert not any(path.startswith("old/") for path in seen)
+
+
+async def test_a_folder_moved_in_from_outside_is_reported_and_watched(
+        tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    write(tmp_path / "outside" / "sub" / "a.txt")
+    async with watching(root) as batches:
+        (tmp_path / "outside").rename(root / "inside")
+        seen = await batches.until_has("inside")
+        assert seen <= {"inside", "inside/sub", "inside/sub/a.txt"}
+        write(root / "inside" / "sub" / "b.txt")
+        assert "inside/sub/b.txt" in await batches.until_has("inside/sub/b.txt")
+
+
+async def test_a_folder_moved_out_is_no_longer_watched(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    write(root / "leaving" / "a.txt")
+    async with watching(root) as batches:
+        (root / "leaving").rename(tmp_path / "gone")
+        await batches.until_has("leaving")
+        write(tmp_path / "gone" / "b.txt")          # outside now: not ours
+        write(root / "marker.txt")
+        seen = await batches.until_has("marker.txt")
+        assert not any("b.txt" in path for path in seen)
+
+
+async def test_a_queue_overflow_ends_the_watcher_so_the_engine_walks_everything(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    limit = int(Path("/proc/sys/fs/inotify/max_queued_events").read_text())
+    if limit > 50_000:
+        pytest.skip(f"max_queued_events is {limit}: too many files to overflow it here")
+    caplog.set_level(logging.INFO, logger="agent.sync.watch")
+    async with watching(tmp_path) as batches:
+        for index in range(limit + 100):      # no checkpoint: the watcher cannot read
+            (tmp_path / f"f{index}").touch()
+        assert await batches.ended(seconds=20)
+    assert "too many local changes at once" in caplog.text
