@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel
 
 from agent.client import Connection
+from protocol.errors import ErrorInfo
 from protocol.ids import b64decode, b64encode
 from protocol.limits import MAX_CHANGES_PAGE, MAX_CHILDREN_PAGE, MAX_TRASH_PAGE
 from protocol.models import (
@@ -80,6 +81,11 @@ def update_op(node_id: str, update: NodeUpdate) -> BatchUpdate:
     """UPDATE of NODE_ID as an operation of a batch, with the same fields set (a `parent`
     that was set is still a move)."""
     return BatchUpdate(op="update", node_id=node_id, **_fields_set(update))
+
+
+def item_error(error: ErrorInfo | None) -> str:
+    """Why one item of a batch (an operation, a block) failed: its error's message."""
+    return "refused without a reason" if error is None else error.message
 
 
 def _fields_set(model: BaseModel) -> dict[str, Any]:
