@@ -7,8 +7,12 @@ version check on the first answer, rediscovery, and errors mapped by their wire 
 are sent with only the fields that were set (`exclude_unset`): for some routes a field's
 presence is the request (`parent` in an update is a move).
 
-Listings come in pages; `children` and `changes` page through them (one pager, `_pages`),
-so callers iterate over nodes or changes and never see a cursor or an `after` id.
+Listings come in pages; `children`, `changes` and `change_pages` page through them (one
+pager, `_pages`), so callers iterate over nodes, changes or whole pages of the feed and never
+see an `after` id or ask for the next page themselves.
+
+A batch takes the same node bodies as the single routes: `create_op` and `update_op` turn a
+NodeCreate or NodeUpdate into one of its operations.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel
 
 from agent.client import Connection
+from protocol.errors import ErrorInfo
 from protocol.ids import b64decode, b64encode
 from protocol.limits import MAX_CHANGES_PAGE, MAX_CHILDREN_PAGE, MAX_TRASH_PAGE
 from protocol.models import (
@@ -65,6 +70,26 @@ assert FEED_PAGE <= MAX_CHANGES_PAGE
 def body_of(model: BaseModel) -> dict[str, Any]:
     """A request model as JSON, with only the fields that were set."""
     return model.model_dump(mode="json", exclude_unset=True)
+
+
+def create_op(create: NodeCreate) -> BatchCreate:
+    """CREATE as an operation of a batch, with the same fields set."""
+    return BatchCreate(op="create", **_fields_set(create))
+
+
+def update_op(node_id: str, update: NodeUpdate) -> BatchUpdate:
+    """UPDATE of NODE_ID as an operation of a batch, with the same fields set (a `parent`
+    that was set is still a move)."""
+    return BatchUpdate(op="update", node_id=node_id, **_fields_set(update))
+
+
+def item_error(error: ErrorInfo | None) -> str:
+    """Why one item of a batch (an operation, a block) failed: its error's message."""
+    return "refused without a reason" if error is None else error.message
+
+
+def _fields_set(model: BaseModel) -> dict[str, Any]:
+    return {name: getattr(model, name) for name in model.model_fields_set}
 
 
 class Api:
@@ -151,13 +176,21 @@ class Api:
     async def changes_page(self, cursor: int, limit: int = FEED_PAGE) -> ChangesPage:
         return await self._get(ChangesPage, "/changes", cursor=cursor, limit=limit)
 
-    def changes(self, cursor: int) -> AsyncIterator[ChangeOut]:
-        """Every change after CURSOR, oldest first (each carries its own cursor)."""
-        async def page(after: int | None) -> tuple[list[ChangeOut], int | None]:
+    def change_pages(self, cursor: int) -> AsyncIterator[ChangesPage]:
+        """The feed after CURSOR, a page at a time, up to the newest change; each page's
+        `cursor` is where the feed stands once it is applied (a caller that records
+        its place page by page resumes there)."""
+        async def page(after: int | None) -> tuple[list[ChangesPage], int | None]:
             answer = await self.changes_page(cursor if after is None else after)
-            return answer.changes, answer.cursor if answer.has_more else None
+            return [answer], answer.cursor if answer.has_more else None
 
         return _pages(page, None)
+
+    async def changes(self, cursor: int) -> AsyncIterator[ChangeOut]:
+        """Every change after CURSOR, oldest first (each carries its own cursor)."""
+        async for page in self.change_pages(cursor):
+            for change in page.changes:
+                yield change
 
     # --- blocks (small ones inline; big ones go through pre-signed URLs) -----------------
 

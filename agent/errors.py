@@ -26,6 +26,11 @@ line and exits with `exit_code`, never a traceback.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from protocol.models import NodeOut
+
 
 class CairnAgentError(Exception):
     """Base class. `code` is a stable machine-readable name; `exit_code` is the CLI's."""
@@ -79,7 +84,7 @@ class DiskFullError(LocalFileError):
 
 class FileChangedError(LocalFileError):
     code = "file_changed"
-    written: dict[str, object] | None = None   # the node version an aborted upload began
+    written: NodeOut | None = None   # the node version an aborted upload began
 
 
 class TransportError(CairnAgentError):

@@ -19,7 +19,6 @@ import os
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import trio
 
@@ -30,7 +29,7 @@ from agent.pipeline import DEFAULT_PARALLEL, run_jobs
 from agent.progress import Progress
 from agent.remote import RemoteNode, RemoteTree, Target, node_create, node_update
 from protocol.ids import new_node_id
-from protocol.models import BlockUrl, NodeWrite
+from protocol.models import BlockUrl, NodeOut, NodeWrite
 
 MAX_SEND_ROUNDS = 3
 
@@ -43,7 +42,7 @@ class UploadStats:
     blocks_sent: int = 0
     folders: int = 0
     skipped: list[str] = field(default_factory=list)
-    node: dict[str, Any] | None = None       # the node as written (None: unchanged)
+    node: NodeOut | None = None              # the node as written (None: unchanged)
     refs: tuple[BlockRef, ...] = ()
     source: os.stat_result | None = None     # the file as it was read
 
@@ -144,7 +143,7 @@ async def upload_file(tree: RemoteTree, path: Path, target: Target, *,
             return stats
         answer = await announce(tree, target, meta)
         node_id = answer.node.id
-        stats.node = answer.node.model_dump(mode="json")
+        stats.node = answer.node
         try:
             first_index: dict[str, int] = {}
             for index, ref in enumerate(refs):
@@ -161,7 +160,7 @@ async def upload_file(tree: RemoteTree, path: Path, target: Target, *,
                 finally:
                     progress.close()
                 detail = await tree.fetch(node_id)
-                stats.node = detail.node.model_dump(mode="json")
+                stats.node = detail.node
                 urls = detail.blocks if detail.method == "PUT" else []
             if _fingerprint(os.fstat(fd)) != _fingerprint(before):
                 raise FileChangedError(f"{path} changed while it was being uploaded; run put "

@@ -13,19 +13,19 @@ for the next plan; the rest of the batch stands.
 
 from __future__ import annotations
 
-import base64
 import errno
 import os
 import stat
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import trio
 
+from agent.api import create_op, item_error, update_op
 from agent.crypto.blocks import BlockRef, decrypt_block, encrypt_block
-from agent.crypto.nodes import NodeMeta, new_node_key, seal_metadata, wrap_key
+from agent.crypto.nodes import NodeMeta, new_node_key
 from agent.download import partial_path
 from agent.errors import (
     CairnAgentError,
@@ -35,18 +35,25 @@ from agent.errors import (
     LocalFileError,
 )
 from agent.pipeline import first_error, run_jobs
-from agent.remote import RemoteNode, RemoteTree
+from agent.remote import RemoteNode, RemoteTree, node_create, node_update
+from protocol.ids import b64decode, new_node_id
+from protocol.limits import (
+    MAX_BATCH_BLOCKS,
+    MAX_BATCH_OPERATIONS,
+    MAX_BLOCKS_BODY_BYTES,
+    MAX_INLINE_BLOCK_BYTES,
+    KiB,
+)
+from protocol.models import BatchCreate, BatchUpdate, NodeOut
 
-SMALL_FILE = 48 * 1024          # one block whose ciphertext fits POST /blocks (64 KiB)
+SMALL_FILE = 48 * KiB           # one block whose ciphertext fits POST /blocks inline
 BATCH_FILES = 500
-BATCH_BYTES = 8 * 1024 * 1024   # of block data per request (the routes take 16 MiB)
+BATCH_BYTES = MAX_BLOCKS_BODY_BYTES // 2   # of block data per request (base64 adds a third)
+assert SMALL_FILE < MAX_INLINE_BLOCK_BYTES
+assert min(MAX_BATCH_OPERATIONS, MAX_BATCH_BLOCKS) >= BATCH_FILES
 BATCHES_AT_ONCE = 3
 WORKERS = 4
 T = TypeVar("T")
-
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
 
 
 @dataclass
@@ -56,7 +63,7 @@ class SmallUpload:
     parent: RemoteNode
     existing: RemoteNode | None        # with the version the change is based on
     error: str | None = None
-    node: dict[str, Any] | None = None     # as written (None with no error: unchanged)
+    node: NodeOut | None = None        # as written (None with no error: unchanged)
     refs: tuple[BlockRef, ...] = ()
     source: os.stat_result | None = None
     _cipher: bytes = b""
@@ -82,23 +89,15 @@ def _read_and_encrypt(secret: bytes, item: SmallUpload) -> None:
         item.refs = (ref,)
 
 
-def _operation(item: SmallUpload, device: str) -> dict[str, Any]:
+def _operation(item: SmallUpload, device: str) -> BatchCreate | BatchUpdate:
     assert item.source is not None
     meta = NodeMeta(name=item.name, kind="file", size=item.source.st_size,
                     mtime_ns=item.source.st_mtime_ns, mode=stat.S_IMODE(item.source.st_mode),
                     blocks=item.refs, device=device)
-    blocks = [{"id": r.id_hex, "size": r.cipher_size} for r in item.refs]
     if item.existing is None:
-        node_id, key = os.urandom(16).hex(), new_node_key()
-        return {"op": "create", "id": node_id, "parent": item.parent.id, "kind": "file",
-                "metadata": _b64(seal_metadata(key, node_id, meta)),
-                "wrapped_key": _b64(wrap_key(item.parent.key, key, node_id, item.parent.id)),
-                "size": meta.size, "blocks": blocks}
-    node = item.existing
-    return {"op": "update", "node_id": node.id, "base_version": node.version,
-            "metadata": _b64(seal_metadata(node.key, node.id, meta)),
-            "wrapped_key": _b64(wrap_key(item.parent.key, node.key, node.id, item.parent.id)),
-            "size": meta.size, "blocks": blocks}
+        return create_op(node_create(new_node_id(), new_node_key(), meta, item.parent.id,
+                                     item.parent.key))
+    return update_op(item.existing.id, node_update(item.existing, meta, item.parent))
 
 
 def _unchanged(item: SmallUpload) -> bool:
@@ -149,37 +148,36 @@ async def _in_batches(items: list[T], work: Callable[[list[T]], Awaitable[None]]
 
 
 async def _send_batch(tree: RemoteTree, items: list[SmallUpload], device: str) -> None:
-    answer = await tree.connection.call("POST", "/batch/files", json={
-        "operations": [_operation(item, device) for item in items]})
+    results = await tree.api.batch([_operation(item, device) for item in items])
     wanted: dict[str, bytes] = {}
-    for item, result in zip(items, answer["results"], strict=True):
-        if not result["ok"]:
-            item.error = result["error"]["message"]
+    for item, result in zip(items, results, strict=True):
+        if not result.ok or result.result is None:
+            item.error = item_error(result.error)
             continue
-        item.node = result["result"]["node"]
-        for entry in result["result"]["upload"]:
-            wanted[entry["block_id"]] = item._cipher
-    batch: list[dict[str, str]] = []
+        item.node = result.result.node
+        for entry in result.result.upload:
+            wanted[entry.block_id] = item._cipher
+    batch: list[tuple[str, bytes]] = []
     size = 0
     for block_id, cipher in wanted.items():
-        if batch and (size + len(cipher) > BATCH_BYTES or len(batch) >= 1000):
+        if batch and (size + len(cipher) > BATCH_BYTES or len(batch) >= MAX_BATCH_BLOCKS):
             await _post_blocks(tree, batch)
             batch, size = [], 0
-        batch.append({"id": block_id, "data": _b64(cipher)})
+        batch.append((block_id, cipher))
         size += len(cipher)
     if batch:
         await _post_blocks(tree, batch)
     for item in items:
-        if item.node is not None and item.refs and item.node["status"] != "uploaded":
-            item.node = {**item.node, "status": "uploaded"}   # its one block is now stored
+        if item.node is not None and item.refs and item.node.status != "uploaded":
+            # its one block is now stored
+            item.node = item.node.model_copy(update={"status": "uploaded"})
 
 
-async def _post_blocks(tree: RemoteTree, blocks: list[dict[str, str]]) -> None:
-    answer = await tree.connection.call("POST", "/blocks", json={"blocks": blocks})
-    failed = [r for r in answer["results"] if not r["ok"]]
+async def _post_blocks(tree: RemoteTree, blocks: list[tuple[str, bytes]]) -> None:
+    failed = [r for r in await tree.api.put_blocks(blocks) if not r.ok]
     if failed:
         raise LocalFileError(f"the appliance refused {len(failed)} blocks: "
-                             f"{failed[0]['error']['message']}")
+                             f"{item_error(failed[0].error)}")
 
 
 # --- downloads -----------------------------------------------------------------------------
@@ -202,9 +200,8 @@ async def download_small(tree: RemoteTree, items: list[SmallDownload]) -> None:
                                     if item.node.meta.blocks))
         blocks: dict[str, bytes] = {}
         if wanted:
-            answer = await tree.connection.call("POST", "/blocks/read", json={"ids": wanted})
-            blocks = {entry["id"]: base64.b64decode(entry["data"])
-                      for entry in answer["blocks"] if entry.get("data") is not None}
+            blocks = {entry.id: b64decode(entry.data)
+                      for entry in await tree.api.read_blocks(wanted) if entry.data is not None}
 
         def write(item: SmallDownload) -> None:
             try:

@@ -4,20 +4,18 @@ synced entry, setting an item aside as a conflicted copy, creating a remote node
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import logging
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from agent.crypto.nodes import NodeMeta, new_node_key, seal_metadata, wrap_key
+from agent.crypto.nodes import NodeMeta, new_node_key
 from agent.errors import (
     CairnAgentError,
 )
-from agent.remote import RemoteNode, RemoteTree
+from agent.remote import RemoteNode, RemoteTree, node_create
 from agent.sync import rules
 from agent.sync.mirror import Mirror
 from agent.sync.model import (
@@ -35,6 +33,8 @@ from agent.sync.model import (
 )
 from agent.sync.names import unique_copy_name
 from agent.sync.state import FolderRecord, SyncDb
+from protocol.ids import new_node_id
+from protocol.models import NodeWrite
 
 log = logging.getLogger("cairn.sync")
 
@@ -74,10 +74,6 @@ class Outcome:
         late = f"; {len(self.failed)} not done yet" if self.failed else ""
         return (f"synced: {self.uploaded} uploaded, {self.downloaded} downloaded, "
                 f"{other} other changes{late}")
-
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
 
 
 def _id_and_key(node: RemoteNode) -> tuple[str, bytes]:
@@ -177,14 +173,8 @@ class Context:
                     "device's version is kept as %s", path, new_path)
         return new_path
 
-    async def _create_node(self, parent: RemoteNode, meta: NodeMeta) -> dict[str, Any]:
-        node_id = os.urandom(16).hex()
-        key = new_node_key()
-        answer: dict[str, Any] = await self.tree.connection.call("POST", "/files", json={
-            "id": node_id, "parent": parent.id, "kind": meta.kind,
-            "metadata": _b64(seal_metadata(key, node_id, meta)),
-            "wrapped_key": _b64(wrap_key(parent.key, key, node_id, parent.id)),
-            "size": meta.size,
-            "blocks": [{"id": r.id_hex, "size": r.cipher_size} for r in meta.blocks]})
-        self.mirror.absorb(answer["node"])
+    async def _create_node(self, parent: RemoteNode, meta: NodeMeta) -> NodeWrite:
+        answer = await self.tree.api.create(node_create(new_node_id(), new_node_key(), meta,
+                                                        parent.id, parent.key))
+        self.mirror.absorb(answer.node)
         return answer

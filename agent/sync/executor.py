@@ -25,7 +25,7 @@ from typing import Any
 
 import trio
 
-from agent.crypto.nodes import NodeMeta, seal_metadata, wrap_key
+from agent.crypto.nodes import NodeMeta
 from agent.download import PART_SUFFIX
 from agent.errors import (
     CairnAgentError,
@@ -33,8 +33,9 @@ from agent.errors import (
     FileChangedError,
     TransportError,
 )
+from agent.remote import node_update
 from agent.sync import rules
-from agent.sync.context import Outcome, SkipAction, _b64, action_path, local_paths
+from agent.sync.context import Outcome, SkipAction, action_path, local_paths
 from agent.sync.model import (
     Action,
     Adopt,
@@ -143,15 +144,10 @@ class Executor(Transfers):
         node = self.mirror.node(action.node_id)
         parent = self._folder_node(action.to_path)
         meta = replace(node.meta, name=name_of(action.to_path))
-        body: dict[str, Any] = {
-            "base_version": row.version,
-            "metadata": _b64(seal_metadata(node.key, node.id, meta)),
-            "wrapped_key": _b64(wrap_key(parent.key, node.key, node.id, parent.id))}
-        if parent.id != row.parent_id:
-            body["parent"] = parent.id
-        answer = await self.tree.connection.call("PUT", f"/files/{node.id}", json=body)
-        self.mirror.absorb(answer["node"])
-        self._repath(action.node_id, action.to_path, row.version, int(answer["node"]["version"]))
+        answer = await self.tree.api.update(node.id, node_update(
+            node, meta, parent, move=parent.id != row.parent_id, content=False))
+        self.mirror.absorb(answer.node)
+        self._repath(action.node_id, action.to_path, row.version, answer.node.version)
         log.debug("moved %s on the appliance", action.to_path)
 
     def _repath(self, node_id: str, new_path: str, remote_version: int,
@@ -196,7 +192,7 @@ class Executor(Transfers):
         answer = await self._create_node(parent, NodeMeta(
             name=name_of(action.path), kind="dir", mtime_ns=info.st_mtime_ns,
             mode=stat.S_IMODE(info.st_mode), device=self.device_name))
-        row = self.db.remote_row(self.folder.id, answer["node"]["id"])
+        row = self.db.remote_row(self.folder.id, answer.node.id)
         assert row is not None
         self._record(BaseEntry(row.node_id, action.path, "dir", row.version, row.content,
                                stat_of(info)))
@@ -220,9 +216,7 @@ class Executor(Transfers):
             if changed is not None:
                 raise SkipAction(f"{changed} changed on another device meanwhile; "
                                  f"{action.path} is kept")
-        answer = await self.tree.connection.call(
-            "DELETE", f"/files/{action.node_id}", params={"base_version": action.version})
-        self.mirror.absorb(answer)
+        self.mirror.absorb(await self.tree.api.delete(action.node_id, action.version))
         with self.db.transaction():
             self.db.forget_base_under(self.folder.id, action.path)
             self.db.forget_base(self.folder.id, action.node_id)

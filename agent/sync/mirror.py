@@ -15,42 +15,38 @@ and says so (`relisted`): the engine then plans everything.
 
 from __future__ import annotations
 
-import base64
 import logging
 import sys
-from typing import Any
 
-from agent.crypto.nodes import NodeKind, NodeMeta, open_metadata, unwrap_key
+from agent.crypto.nodes import NodeMeta, open_metadata
 from agent.errors import CairnAgentError, IntegrityError, RemoteNotFoundError
-from agent.remote import RemoteNode, RemoteTree
+from agent.remote import RemoteNode, RemoteTree, child_key, open_node
 from agent.sync.model import RemoteEntry, content_of_refs
 from agent.sync.state import FolderRecord, RemoteRow, SyncDb
 from agent.sync.view import Node, RemoteView
+from protocol.ids import b64decode
+from protocol.models import ChangeOut, NodeOut
 
 log = logging.getLogger(__name__)
 
-PAGE = 1000
-FEED_PAGE = 2000
 
-
-def row_from(raw: dict[str, Any], key: bytes, meta: NodeMeta) -> RemoteRow:
-    return RemoteRow(node_id=raw["id"], parent_id=raw["parent"], name=meta.name,
-                     kind=raw["kind"], version=int(raw["version"]),
-                     uploaded=raw["status"] == "uploaded", size=meta.size,
+def row_from(raw: NodeOut, key: bytes, meta: NodeMeta) -> RemoteRow:
+    return RemoteRow(node_id=raw.id, parent_id=raw.parent, name=meta.name, kind=raw.kind,
+                     version=raw.version, uploaded=raw.status == "uploaded", size=meta.size,
                      mtime_ns=meta.mtime_ns, mode=meta.mode,
                      content=content_of_refs(meta.blocks), device=meta.device,
-                     created_at=float(raw["created_at"]), updated_at=float(raw["updated_at"]),
-                     key=key, meta=base64.b64decode(raw["metadata"]))
+                     created_at=raw.created_at, updated_at=raw.updated_at,
+                     key=key, meta=b64decode(raw.metadata))
 
 
-def _same_node(row: RemoteRow, raw: dict[str, Any]) -> bool:
+def _same_node(row: RemoteRow, raw: NodeOut) -> bool:
     """Whether RAW is the node as mirrored in ROW (same version, place, status and the
     very metadata bytes already opened and checked): decrypting it again is waste — a
     device's own uploads all come back through the feed."""
-    return (row.version == int(raw["version"]) and row.parent_id == raw["parent"]
-            and row.uploaded == (raw["status"] == "uploaded")
-            and row.updated_at == float(raw["updated_at"])
-            and row.meta == base64.b64decode(raw["metadata"]))
+    return (row.version == raw.version and row.parent_id == raw.parent
+            and row.uploaded == (raw.status == "uploaded")
+            and row.updated_at == raw.updated_at
+            and row.meta == b64decode(raw.metadata))
 
 
 def open_row(row: RemoteRow) -> NodeMeta:
@@ -82,16 +78,14 @@ class Mirror:
         return await self.pull()
 
     async def list_all(self) -> int:
-        me = await self.tree.connection.call("GET", "/me")
-        cursor = int(me["latest_cursor"])
+        cursor = (await self.tree.api.me()).latest_cursor
         root_node = (await self.tree.fetch(self.root_id)).node
         if root_node.deleted:
             raise RemoteNotFoundError("the synced remote folder was deleted; restore it "
                                       "(cairn restore) or sync to another one")
         root = await self.tree.open(root_node)
-        root_raw = root_node.model_dump(mode="json")
-        rows: list[RemoteRow] = [row_from(root_raw, root.key, root.meta)]
-        await self._list_under(root_raw["id"], root.key, rows)
+        rows: list[RemoteRow] = [row_from(root_node, root.key, root.meta)]
+        await self._list_under(root_node.id, root.key, rows)
         with self.db.transaction():
             self.db.clear_remote(self.folder.id)
             for row in rows:
@@ -103,58 +97,45 @@ class Mirror:
 
     async def _list_under(self, folder_id: str, folder_key: bytes, rows: list[RemoteRow]
                           ) -> None:
-        after = ""
-        while True:
-            page = await self.tree.connection.call(
-                "GET", f"/files/{folder_id}/children", params={"after": after, "limit": PAGE})
-            for raw in page["nodes"]:
-                row = self._open(raw, folder_key)
-                if row is None:
-                    continue
-                rows.append(row)
-                if row.kind == "dir":
-                    await self._list_under(row.node_id, row.key, rows)
-            if not page["next_after"]:
-                return
-            after = page["next_after"]
+        async for raw in self.tree.api.children(folder_id):
+            row = self._open(raw, folder_key)
+            if row is None:
+                continue
+            rows.append(row)
+            if row.kind == "dir":
+                await self._list_under(row.node_id, row.key, rows)
 
-    def _open(self, raw: dict[str, Any], parent_key: bytes) -> RemoteRow | None:
+    def _open(self, raw: NodeOut, parent_key: bytes) -> RemoteRow | None:
         """Decrypt a node under a parent we hold the key of; None (logged) if it does not
         open — a tampered node is left out, never synced."""
         try:
-            key = unwrap_key(parent_key, base64.b64decode(raw["wrapped_key"]), raw["id"],
-                             raw["parent"])
-            kind: NodeKind = raw["kind"]
-            meta = open_metadata(key, raw["id"], kind, base64.b64decode(raw["metadata"]))
+            node = open_node(raw, child_key(parent_key, raw))
         except (IntegrityError, ValueError) as exc:
-            log.warning("skipping remote node %s: %s", raw.get("id"), exc)
+            log.warning("skipping remote node %s: %s", raw.id, exc)
             return None
-        return row_from(raw, key, meta)
+        return row_from(raw, node.key, node.meta)
 
     async def pull(self) -> int:
         applied = 0
-        while True:
-            page = await self.tree.connection.call(
-                "GET", "/changes", params={"cursor": self.cursor, "limit": FEED_PAGE})
+        async for page in self.tree.api.change_pages(self.cursor):
             with self.db.transaction():
-                for change in page["changes"]:
+                for change in page.changes:
                     await self._apply(change)
                     applied += 1
-                self.cursor = int(page["cursor"])
+                self.cursor = page.cursor
                 self.db.set_cursor(self.folder.id, self.cursor)
-            if not page["has_more"]:
-                return applied
+        return applied
 
-    async def _apply(self, change: dict[str, Any]) -> None:
-        raw = change.get("node")
-        if raw is None or raw["owner"] != self.tree.user:
+    async def _apply(self, change: ChangeOut) -> None:
+        raw = change.node
+        if raw is None or raw.owner != self.tree.user:
             self.foreign_changes += 1
-        if raw is None or raw["deleted"]:
-            self._drop(change["node_id"])
+        if raw is None or raw.deleted:
+            self._drop(change.node_id)
             return
         self.absorb(raw)
-        if raw["kind"] == "dir" and raw["id"] != self.root_id:
-            row = self.db.remote_row(self.folder.id, raw["id"])
+        if raw.kind == "dir" and raw.id != self.root_id:
+            row = self.db.remote_row(self.folder.id, raw.id)
             if row is not None and not self._has_children(row.node_id):
                 rows: list[RemoteRow] = []
                 try:
@@ -168,37 +149,36 @@ class Mirror:
         return self.db.db.execute("SELECT 1 FROM remote WHERE folder = ? AND parent_id = ? "
                                   "LIMIT 1", (self.folder.id, node_id)).fetchone() is not None
 
-    def absorb(self, raw: dict[str, Any]) -> RemoteRow | None:
+    def absorb(self, raw: NodeOut) -> RemoteRow | None:
         """Take the node as the appliance now has it (from the feed or from the answer to
         our own write) into the mirror; the row, or None if it is not (any more) in the
         synced folder."""
         folder = self.folder.id
-        if raw["deleted"]:
-            self._drop(raw["id"])
+        if raw.deleted:
+            self._drop(raw.id)
             return None
-        if raw["id"] == self.root_id:
-            root = self.db.remote_row(folder, raw["id"])
+        if raw.id == self.root_id:
+            root = self.db.remote_row(folder, raw.id)
             if root is None:
                 return None
             try:
-                meta = open_metadata(root.key, raw["id"], raw["kind"],
-                                     base64.b64decode(raw["metadata"]))
+                meta = open_metadata(root.key, raw.id, raw.kind, b64decode(raw.metadata))
             except (IntegrityError, ValueError) as exc:
                 log.warning("the synced folder's own metadata does not open: %s", exc)
                 return None
             row = row_from(raw, root.key, meta)
             self._put(row)
             return row
-        parent = None if raw["parent"] is None else self.db.remote_row(folder, raw["parent"])
-        if parent is None or parent.kind != "dir" or raw["owner"] != self.tree.user:
-            self._drop(raw["id"])    # moved out of the folder
+        parent = None if raw.parent is None else self.db.remote_row(folder, raw.parent)
+        if parent is None or parent.kind != "dir" or raw.owner != self.tree.user:
+            self._drop(raw.id)       # moved out of the folder
             return None
-        known = self.db.remote_row(folder, raw["id"])
+        known = self.db.remote_row(folder, raw.id)
         if known is not None and _same_node(known, raw):
             return known             # our own write coming back: nothing to open again
         opened = self._open(raw, parent.key)
         if opened is None:
-            self._drop(raw["id"])
+            self._drop(raw.id)
             return None
         self._put(opened)
         return opened

@@ -14,11 +14,11 @@ import stat
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import trio
 
-from agent.crypto.nodes import NodeMeta, new_node_key, seal_metadata, wrap_key
+from agent.api import create_op, item_error
+from agent.crypto.nodes import NodeMeta, new_node_key
 from agent.download import download_file
 from agent.errors import (
     CairnAgentError,
@@ -27,7 +27,7 @@ from agent.errors import (
     LocalFileError,
     TransportError,
 )
-from agent.remote import Target
+from agent.remote import Target, node_create
 from agent.sync import rules
 from agent.sync.batch import (
     SMALL_FILE,
@@ -36,7 +36,7 @@ from agent.sync.batch import (
     download_small,
     upload_small,
 )
-from agent.sync.context import Context, Outcome, SkipAction, _b64, _id_and_key
+from agent.sync.context import Context, Outcome, SkipAction, _id_and_key
 from agent.sync.model import (
     Action,
     BaseEntry,
@@ -51,6 +51,9 @@ from agent.sync.model import (
 from agent.sync.names import unique_copy_name
 from agent.sync.scan import lstat_or_none, stat_of
 from agent.upload import upload_file
+from protocol.ids import new_node_id
+from protocol.limits import MAX_BATCH_OPERATIONS
+from protocol.models import BatchCreate, NodeOut
 
 log = logging.getLogger("cairn.sync")
 
@@ -102,7 +105,7 @@ class Transfers(Context):
         """Many new folders in one request per thousand: ids and keys are chosen here, so
         a folder and what goes in it can be created in the same batch."""
         made: dict[str, tuple[str, bytes]] = {}
-        operations: list[dict[str, Any]] = []
+        operations: list[BatchCreate] = []
         planned: list[tuple[MakeRemoteDir, os.stat_result]] = []
         for action in actions:
             try:
@@ -114,25 +117,22 @@ class Transfers(Context):
                 continue
             if not stat.S_ISDIR(info.st_mode):
                 continue
-            node_id, key = os.urandom(16).hex(), new_node_key()
+            node_id, key = new_node_id(), new_node_key()
             meta = NodeMeta(name=name_of(action.path), kind="dir", mtime_ns=info.st_mtime_ns,
                             mode=stat.S_IMODE(info.st_mode), device=self.device_name)
-            operations.append({
-                "op": "create", "id": node_id, "parent": parent_id, "kind": "dir",
-                "metadata": _b64(seal_metadata(key, node_id, meta)),
-                "wrapped_key": _b64(wrap_key(parent_key, key, node_id, parent_id))})
+            operations.append(create_op(node_create(node_id, key, meta, parent_id,
+                                                    parent_key)))
             made[action.path] = (node_id, key)
             planned.append((action, info))
-        for start in range(0, len(operations), 1000):
-            answer = await self.tree.connection.call("POST", "/batch/files", json={
-                "operations": operations[start:start + 1000]})
+        for start in range(0, len(operations), MAX_BATCH_OPERATIONS):
+            end = start + MAX_BATCH_OPERATIONS
+            results = await self.tree.api.batch(operations[start:end])
             with self.db.transaction():
-                for (action, info), result in zip(planned[start:start + 1000],
-                                                  answer["results"], strict=True):
-                    if not result["ok"]:
-                        outcome.failed.append((action.path, result["error"]["message"]))
+                for (action, info), result in zip(planned[start:end], results, strict=True):
+                    if not result.ok or result.result is None:
+                        outcome.failed.append((action.path, item_error(result.error)))
                         continue
-                    row = self.mirror.absorb(result["result"]["node"])
+                    row = self.mirror.absorb(result.result.node)
                     if row is None:
                         continue
                     self._record(BaseEntry(row.node_id, action.path, "dir", row.version,
@@ -184,7 +184,7 @@ class Transfers(Context):
                 version, node_id = item.existing.version, item.existing.id
             else:
                 self.mirror.absorb(item.node)
-                version, node_id = int(item.node["version"]), str(item.node["id"])
+                version, node_id = item.node.version, item.node.id
             self._record(BaseEntry(node_id, action.path, "file", version,
                                    content_of_refs(item.refs), stat_of(item.source)))
             log.debug("uploaded %s", action.path)
@@ -248,13 +248,13 @@ class Transfers(Context):
             node_id = existing.id
         else:
             self.mirror.absorb(stats.node)
-            version, node_id = int(stats.node["version"]), str(stats.node["id"])
+            version, node_id = stats.node.version, stats.node.id
         self._record(BaseEntry(node_id, action.path, "file", version,
                                content_of_refs(stats.refs), stat_of(stats.source)))
         outcome.uploaded += 1
         log.debug("uploaded %s", action.path)
 
-    def _began(self, path: str, written: dict[str, Any]) -> None:
+    def _began(self, path: str, written: NodeOut) -> None:
         row = self.mirror.absorb(written)
         if row is not None:
             self._record(rules.began_upload(row.node_id, path, row.version, row.content))
