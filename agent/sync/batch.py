@@ -40,6 +40,7 @@ from protocol.ids import b64decode, new_node_id
 from protocol.limits import (
     MAX_BATCH_BLOCKS,
     MAX_BATCH_OPERATIONS,
+    MAX_BATCH_READ_BYTES,
     MAX_BLOCKS_BODY_BYTES,
     MAX_INLINE_BLOCK_BYTES,
     KiB,
@@ -192,16 +193,31 @@ class SmallDownload:
     written: os.stat_result | None = None
 
 
+def read_requests(sizes: dict[str, int]) -> list[list[str]]:
+    """The block ids of SIZES (id -> ciphertext bytes) in `POST /blocks/read` requests of at
+    most MAX_BATCH_READ_BYTES each (the appliance refuses what goes over)."""
+    requests: list[list[str]] = []
+    room = 0
+    for block_id, size in sizes.items():
+        if not requests or size > room:
+            requests.append([])
+            room = MAX_BATCH_READ_BYTES
+        requests[-1].append(block_id)
+        room -= size
+    return requests
+
+
 async def download_small(tree: RemoteTree, items: list[SmallDownload]) -> None:
     """Fetch ITEMS' blocks in batches and write each file; results set on each item."""
 
     async def one_batch(batch: list[SmallDownload]) -> None:
-        wanted = list(dict.fromkeys(item.node.meta.blocks[0].id_hex for item in batch
-                                    if item.node.meta.blocks))
+        wanted = {item.node.meta.blocks[0].id_hex: item.node.meta.blocks[0].cipher_size
+                  for item in batch if item.node.meta.blocks}
         blocks: dict[str, bytes] = {}
-        if wanted:
-            blocks = {entry.id: b64decode(entry.data)
-                      for entry in await tree.api.read_blocks(wanted) if entry.data is not None}
+        for request in read_requests(wanted):
+            blocks.update((entry.id, b64decode(entry.data))
+                          for entry in await tree.api.read_blocks(request)
+                          if entry.data is not None)
 
         def write(item: SmallDownload) -> None:
             try:
