@@ -54,7 +54,8 @@ def open_row(row: RemoteRow) -> NodeMeta:
 
 
 def node_of(row: RemoteRow) -> Node:
-    return Node(row.node_id, row.parent_id, row.name, row.kind, row.version, row.uploaded,
+    parent_id = None if row.parent_id is None else sys.intern(row.parent_id)
+    return Node(sys.intern(row.node_id), parent_id, row.name, row.kind, row.version, row.uploaded,
                 row.size, row.mtime_ns, row.mode, sys.intern(row.content),
                 sys.intern(row.device), row.created_at, row.updated_at)
 

@@ -106,7 +106,8 @@ def _base_row(row: tuple[Any, ...]) -> BaseEntry:
     stat = None if size is None else Stat(size, mtime_ns, mode, inode)
     # Interned: the same path and content id are held by the local tree and the remote
     # view too (one string each instead of three, at 100,000 files).
-    return BaseEntry(node_id, sys.intern(path), kind, version, sys.intern(content), stat)
+    return BaseEntry(sys.intern(node_id), sys.intern(path), kind, version, sys.intern(content),
+                     stat)
 
 
 _UNDER = "(path = ? OR (path >= ? AND path < ?))"
