@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel
 
 from agent.client import Connection
+from protocol import version
 from protocol.errors import ErrorInfo
 from protocol.ids import b64decode, b64encode
 from protocol.limits import MAX_CHANGES_PAGE, MAX_CHILDREN_PAGE, MAX_TRASH_PAGE
@@ -148,9 +149,21 @@ class Api:
         return await self._send(NodeOut, "POST", f"/files/{node_id}/restore",
                                 VersionBody(base_version=base_version))
 
-    async def batch(self, operations: Sequence[Operation]) -> list[BatchResult]:
-        """Operations applied in order in one transaction; each succeeds or fails alone."""
+    def supports(self, since: str) -> bool:
+        """Whether the appliance has what came in API version SINCE (known once it has
+        answered once)."""
+        theirs = self.connection.api_version
+        return theirs is not None and version.supports(theirs, since)
+
+    async def batch(self, operations: Sequence[Operation],
+                    blocks: Sequence[tuple[str, bytes]] = ()) -> list[BatchResult]:
+        """Operations applied in order in one transaction; each succeeds or fails alone.
+        BLOCKS (id, ciphertext; API 1.1, see `supports`): small blocks the operations list,
+        stored first, so their files are uploaded at once."""
         request = BatchRequest(operations=list(operations))
+        if blocks:
+            request = BatchRequest(operations=list(operations), blocks=[
+                BlockData(id=block_id, data=b64encode(data)) for block_id, data in blocks])
         return (await self._send(BatchResponse, "POST", "/batch/files", request)).results
 
     def children(self, folder_id: str, *, include_deleted: bool = False

@@ -164,6 +164,7 @@ class Connection:
                                                keepalive_expiry=30.0)
         self._rediscovery_lock = trio.Lock()
         self._version_checked = False
+        self.api_version: str | None = None     # the appliance's, from its first answer
 
     async def __aenter__(self) -> Connection:
         return self
@@ -203,8 +204,9 @@ class Connection:
         answer without the header comes from an appliance older than the header (API 1)."""
         if self._version_checked:
             return
+        self.api_version = response.headers.get(version.HEADER, "1")
         try:
-            version.check_compatible(response.headers.get(version.HEADER, "1"))
+            version.check_compatible(self.api_version)
         except version.IncompatibleApiError as exc:
             raise IncompatibleApplianceError(str(exc)) from None
         self._version_checked = True

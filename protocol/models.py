@@ -241,10 +241,21 @@ class BatchDelete(VersionBody):
     node_id: str = Field(pattern=NODE_ID_PATTERN)
 
 
+class BlockData(Strict):
+    id: str = Field(pattern=BLOCK_ID_PATTERN)
+    data: Base64 = Field(max_length=(MAX_BLOCK_BYTES * 4) // 3 + 8)
+
+
 class BatchRequest(Strict):
     operations: list[BatchCreate | BatchUpdate | BatchDelete] = Field(
         min_length=1, max_length=MAX_BATCH_OPERATIONS,
         description="Applied in order in one transaction; each succeeds or fails alone.")
+    blocks: list[BlockData] = Field(
+        default_factory=list, max_length=MAX_BATCH_BLOCKS,
+        description="API 1.1: small blocks (each up to 64 KiB) that the operations list, "
+                    "stored before they run, so a file whose blocks are all here is "
+                    "`uploaded` at once: one request and one change instead of a create, "
+                    "a POST /blocks and two changes.")
 
 
 class BatchResult(BaseModel):
@@ -255,11 +266,6 @@ class BatchResult(BaseModel):
 
 class BatchResponse(BaseModel):
     results: list[BatchResult]
-
-
-class BlockData(Strict):
-    id: str = Field(pattern=BLOCK_ID_PATTERN)
-    data: Base64 = Field(max_length=(MAX_BLOCK_BYTES * 4) // 3 + 8)
 
 
 class BlockBatch(Strict):

@@ -8,8 +8,11 @@ major version stops it with one clear line instead of a validation error later.
 
 from __future__ import annotations
 
-API_VERSION = "1.0"
+API_VERSION = "1.1"
 HEADER = "Cairn-Api-Version"
+
+INLINE_BATCH_BLOCKS = "1.1"
+"""Since this version POST /batch/files takes small blocks inline (`blocks`)."""
 
 
 class IncompatibleApiError(ValueError):
@@ -23,6 +26,20 @@ def major_of(version: str) -> int:
     if not head.isdigit():
         raise IncompatibleApiError(f"{version!r} is not an API version")
     return int(head)
+
+
+def _parts(version: str) -> tuple[int, int]:
+    major = major_of(version)
+    tail = version.strip().split(".", 1)[1:] or ["0"]
+    minor = tail[0].split(".", 1)[0]
+    return major, int(minor) if minor.isdigit() else 0
+
+
+def supports(theirs: str, since: str) -> bool:
+    """Whether an appliance of version THEIRS has what came in version SINCE (the same
+    major version, at least that minor one)."""
+    (major, minor), (need_major, need_minor) = _parts(theirs), _parts(since)
+    return major == need_major and minor >= need_minor
 
 
 def check_compatible(theirs: str, ours: str = API_VERSION) -> None:

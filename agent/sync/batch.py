@@ -36,6 +36,7 @@ from agent.errors import (
 )
 from agent.pipeline import first_error, run_jobs
 from agent.remote import RemoteNode, RemoteTree, node_create, node_update
+from protocol import version
 from protocol.ids import b64decode, new_node_id
 from protocol.limits import (
     MAX_BATCH_BLOCKS,
@@ -149,7 +150,18 @@ async def _in_batches(items: list[T], work: Callable[[list[T]], Awaitable[None]]
 
 
 async def _send_batch(tree: RemoteTree, items: list[SmallUpload], device: str) -> None:
-    results = await tree.api.batch([_operation(item, device) for item in items])
+    """The batch's creates and updates with as many of their blocks inline as fit (API
+    1.1: those files are uploaded at once, one change each); what the appliance still
+    lacks then goes by POST /blocks."""
+    inline: dict[str, bytes] = {}
+    if tree.api.supports(version.INLINE_BATCH_BLOCKS):
+        room = BATCH_BYTES
+        for item in items:
+            if item.refs and len(item._cipher) <= room:
+                inline[item.refs[0].id_hex] = item._cipher
+                room -= len(item._cipher)
+    results = await tree.api.batch([_operation(item, device) for item in items],
+                                   list(inline.items()))
     wanted: dict[str, bytes] = {}
     for item, result in zip(items, results, strict=True):
         if not result.ok or result.result is None:

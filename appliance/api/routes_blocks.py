@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import re
 import time
-from contextlib import AsyncExitStack
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
 
 import apsw
 import blake3
@@ -123,6 +124,36 @@ async def _store_or_verify(context: ApiContext, block_id: str, data: bytes,
     digest = await trio.to_thread.run_sync(lambda: blake3.blake3(data).hexdigest())
     if digest != block_id:
         raise BlockIdMismatchError("the block's bytes do not hash to its id")
+
+
+@asynccontextmanager
+async def blocks_held_and_stored(context: ApiContext,
+                                 blocks: dict[str, bytes]) -> AsyncIterator[None]:
+    """Store BLOCKS (id -> bytes, each id checked against its bytes) and hold their locks
+    until the caller has recorded them (`tree.mark_block_stored`, in its own transaction),
+    so GC cannot take one in between. Raises the first block's error."""
+    async with AsyncExitStack() as locks:
+        for block_id in sorted(blocks):
+            await locks.enter_async_context(context.block_locks.hold(block_id))
+        stored = await context.meta.read(
+            lambda db: {block_id for block_id in blocks if tree.block_is_stored(db, block_id)})
+        errors: list[CairnApplianceError] = []
+        limiter = trio.CapacityLimiter(BATCH_PARALLELISM)
+
+        async def put_one(block_id: str) -> None:
+            async with limiter:
+                try:
+                    await _store_or_verify(context, block_id, blocks[block_id],
+                                           block_id in stored)
+                except CairnApplianceError as exc:
+                    errors.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            for block_id in blocks:
+                nursery.start_soon(put_one, block_id)
+        if errors:
+            raise errors[0]
+        yield
 
 
 async def store_block(context: ApiContext, device_id: str, block_id: str,

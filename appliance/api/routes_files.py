@@ -11,7 +11,8 @@ from fastapi import APIRouter, Query
 
 from appliance.api.context import ApiContext, Caller, CallerDep, ContextDep
 from appliance.api.convert import change_out, decode_b64, node_out
-from appliance.errors import NotFoundError, RequestError
+from appliance.api.routes_blocks import blocks_held_and_stored
+from appliance.errors import BadRequestError, NotFoundError, RequestError
 from appliance.meta import journal as journal_queries
 from appliance.meta import tree
 from appliance.meta.journal import Journal
@@ -22,6 +23,7 @@ from protocol.limits import (
     MAX_BLOCKS_PER_NODE,
     MAX_CHILDREN_PAGE,
     MAX_HISTORY_PAGE,
+    MAX_INLINE_BLOCK_BYTES,
     MAX_SQL_INT,
     MAX_TRASH_PAGE,
 )
@@ -234,4 +236,31 @@ async def batch(body: BatchRequest, caller: CallerDep, context: ContextDep) -> B
                     code=exc.code, message=exc.message)))
         return results
 
-    return BatchResponse(results=await context.change(caller.device.id, run))
+    inline = _inline_blocks(body)
+
+    def record_then_run(db: apsw.Connection, journal: Journal) -> list[BatchResult]:
+        for block_id, data in inline.items():
+            tree.mark_block_stored(db, block_id, len(data), journal)
+        return run(db, journal)
+
+    async with blocks_held_and_stored(context, inline):
+        return BatchResponse(results=await context.change(caller.device.id, record_then_run))
+
+
+def _inline_blocks(body: BatchRequest) -> dict[str, bytes]:
+    """The request's inline blocks by id, each one an operation lists, with that size.
+    Raises BadRequestError (the whole request: nothing is stored or changed)."""
+    listed = {block.id: block.size for operation in body.operations
+              if not isinstance(operation, BatchDelete) and operation.blocks
+              for block in operation.blocks}
+    inline: dict[str, bytes] = {}
+    for item in body.blocks:
+        data = decode_b64(item.data, f"block {item.id[:16]}")
+        if not 0 < len(data) <= MAX_INLINE_BLOCK_BYTES:
+            raise BadRequestError(f"inline blocks have 1 to {MAX_INLINE_BLOCK_BYTES} bytes; "
+                                  "send bigger ones to their URL")
+        if listed.get(item.id) != len(data):
+            raise BadRequestError(f"block {item.id[:16]} is not one of the operations' "
+                                  "blocks (with this size)")
+        inline[item.id] = data
+    return inline

@@ -357,6 +357,50 @@ def test_batches_of_nodes_and_small_blocks(users: dict[str, Any]) -> None:
     assert bob.post("/blocks/read", json={"ids": []}).status_code == 422
 
 
+def test_a_batch_with_its_blocks_inline_uploads_files_at_once(
+        users: dict[str, Any]) -> None:
+    """API 1.1: blocks inline in POST /batch/files are stored first; each file is
+    `uploaded` in the same request, with one change in the feed instead of two."""
+    alice, phone = users["alice"], users["alice2"]
+    folder = mkdir(alice, root_of(users, "alice"))
+    start = alice.ok(alice.get("/me"))["latest_cursor"]
+    contents = [f"inline file {i}".encode() for i in range(5)]
+    operations = [{"op": "create", "parent": folder["id"], "kind": "file",
+                   "metadata": b64(b"m"), "wrapped_key": b64(b"k"), "size": len(c),
+                   "blocks": [block(c)]} for c in contents]
+    answer = alice.post("/batch/files", json={"operations": operations, "blocks": [
+        {"id": block(c)["id"], "data": b64(c)} for c in contents]})
+    assert answer.headers["Cairn-Api-Version"] == "1.1"
+    results = alice.ok(answer)["results"]
+    assert [r["result"]["node"]["status"] for r in results] == ["uploaded"] * 5
+    assert [r["result"]["upload"] for r in results] == [[]] * 5
+    node_ids = [r["result"]["node"]["id"] for r in results]
+    assert [download(phone, n) for n in node_ids] == contents
+    feed = phone.ok(phone.get("/changes", params={"cursor": start}))["changes"]
+    assert sorted(c["node_id"] for c in feed) == sorted(node_ids)     # one change each
+
+    # Refused as a whole (nothing created, nothing stored): a block no operation lists,
+    # one whose size differs from the listed one, bytes that are not the block's.
+    def create(content: bytes) -> dict[str, Any]:
+        return {"op": "create", "parent": folder["id"], "kind": "file",
+                "metadata": b64(b"m"), "wrapped_key": b64(b"k"), "size": len(content),
+                "blocks": [block(content)]}
+
+    before = len(alice.ok(alice.get(f"/files/{folder['id']}/children"))["nodes"])
+    unlisted = {"id": block(b"not listed")["id"], "data": b64(b"not listed")}
+    resized = {"id": block(b"resized")["id"], "data": b64(b"resized!")}
+    forged = {"id": block(b"forged")["id"], "data": b64(b"FORGED")}
+    for operation, inline in ((create(b"x"), unlisted), (create(b"resized"), resized),
+                              (create(b"forged"), forged)):
+        refused = alice.post("/batch/files", json={"operations": [operation],
+                                                   "blocks": [inline]})
+        assert refused.status_code == 400, refused.text
+        assert refused.json()["error"]["code"] in ("bad_request", "block_id_mismatch")
+    assert len(alice.ok(alice.get(f"/files/{folder['id']}/children"))["nodes"]) == before
+    read = alice.ok(alice.post("/blocks/read", json={"ids": [block(b"forged")["id"]]}))
+    assert read["blocks"][0]["data"] is None
+
+
 def test_key_bundle_and_public_keys(users: dict[str, Any]) -> None:
     alice, phone, bob = users["alice"], users["alice2"], users["bob"]
     assert alice.ok(alice.get("/me/key-bundle")) == {"public_key": None, "bundle": None,

@@ -60,3 +60,23 @@ async def test_a_full_batch_of_the_largest_small_files_downloads_in_one_pass(
         await download_small(tree, downloads)
     assert [d.error for d in downloads] == [None] * count       # none left for a next pass
     assert {p.name: p.read_bytes() for p in target.iterdir()} == contents
+
+
+async def test_a_small_file_goes_up_in_one_request_and_one_change(
+        appliance: Served, tmp_path: Path) -> None:
+    """Its block rides inline in POST /batch/files (API 1.1): the file is uploaded at once,
+    so other devices see one change, not an `uploading` one and then an `uploaded` one."""
+    user = make_user(appliance, "inline")
+    home = user.join(tmp_path / "device", "device")
+    (tmp_path / "edit.txt").write_bytes(b"a small edit")
+    async with ops.session(AgentHome(home)) as tree:
+        root = await tree.root()
+        start = (await tree.api.me()).latest_cursor
+        assert tree.api.supports("1.1")
+        upload = SmallUpload(tmp_path / "edit.txt", "edit.txt", root, None)
+        await upload_small(tree, [upload], "device")
+        assert upload.error is None and upload.node is not None
+        assert upload.node.status == "uploaded"
+        changes = [change async for page in tree.api.change_pages(start)
+                   for change in page.changes]
+        assert [c.node_id for c in changes] == [upload.node.id]
