@@ -260,8 +260,8 @@ class Executor(Transfers):
         row = self.db.remote_row(self.folder.id, action.node_id)
         if row is None:
             raise SkipAction("the node is gone")
-        self._record(BaseEntry(row.node_id, action.path, row.kind, row.version, row.content,
-                               action.stat))
+        self._record(BaseEntry(row.node_id, action.path, row.kind, action.version,
+                               action.content, action.stat))
 
     async def _forget(self, action: Forget, outcome: Outcome) -> None:
         self.db.forget_base(self.folder.id, action.node_id)

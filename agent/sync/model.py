@@ -181,10 +181,14 @@ class DeleteLocal:
 
 @dataclass(frozen=True, slots=True)
 class Adopt:
-    """Both sides already agree (same content): record it as synced."""
+    """Both sides already agree: record it as synced, as the planner saw it (VERSION and
+    CONTENT: what the appliance had then; a newer version arriving meanwhile is still
+    new to the next plan)."""
     node_id: str
     path: str
     stat: Stat | None
+    version: int
+    content: str
 
 
 @dataclass(frozen=True, slots=True)

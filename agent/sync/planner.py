@@ -142,8 +142,10 @@ def _moves(trees: _Trees) -> list[Action]:
             if here.path != there.path:
                 candidates.append((entry.path, MoveLocal(entry.node_id, here.path,
                                                          there.path)))
-            else:   # both moved it to the same place
-                records.append(Adopt(entry.node_id, there.path, here.stat))
+            else:   # both moved it to the same place: the base follows, and what else
+                # changed on either side (an edit) is compared by the next plan
+                records.append(Adopt(entry.node_id, there.path, entry.stat, entry.version,
+                                     entry.content))
         elif local_moved and there is not None:
             assert here is not None
             candidates.append((entry.path, MoveRemote(entry.node_id, here.path)))
@@ -309,7 +311,7 @@ def _with_base(trees: _Trees, path: str, base: BaseEntry, here: LocalEntry | Non
         if here.content is None:
             out.hashes.append(path)
         elif here.content == own.content:
-            out.records.append(Adopt(node, path, here.stat))
+            out.records.append(Adopt(node, path, here.stat, own.version, own.content))
         elif not here.stable or not own.uploaded:
             out.waiting.append(path)
         else:
@@ -341,7 +343,7 @@ def _folder(trees: _Trees, path: str, base: BaseEntry, here: LocalEntry | None,
             covered.append(path)
         return
     if own.version != base.version:
-        out.records.append(Adopt(node, path, here.stat))
+        out.records.append(Adopt(node, path, here.stat, own.version, own.content))
     return
 
 
@@ -349,13 +351,15 @@ def _without_base(path: str, here: LocalEntry | None, there: RemoteEntry | None,
                   out: _Buckets) -> None:
     if here is not None and there is not None:
         if here.kind == "dir" and there.kind == "dir":
-            out.records.append(Adopt(there.node_id, path, here.stat))
+            out.records.append(Adopt(there.node_id, path, here.stat, there.version,
+                                     there.content))
         elif here.kind != there.kind:
             out.asides.append(RenameLocalAside(path))
         elif here.content is None:
             out.hashes.append(path)
         elif here.content == there.content:
-            out.records.append(Adopt(there.node_id, path, here.stat))
+            out.records.append(Adopt(there.node_id, path, here.stat, there.version,
+                                     there.content))
         elif not there.uploaded:
             out.waiting.append(path)
         else:

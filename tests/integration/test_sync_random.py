@@ -570,6 +570,18 @@ KNOWN_PROGRAMS = {
         Step(Write(0, "d2/a.txt", False, False), 0.0),  # laptop, offline: new d2/a.txt
         Step(Move(1, 0, "d2/a.txt", False), 3.0),      # desktop: a.txt -> d2/a.txt
         Step(Online(0), 0.0)]),
+    # seed 337563: two devices moved a file to the same name, one of them also edited it;
+    # the other recorded the edited version as synced with its old bytes ("both moved it
+    # to the same place" adopted the appliance's version and content), so it kept the
+    # old file for good (and would have based its next edit on it)
+    "file-moved-to-one-name-on-two-devices-and-edited-on-one": pytest.param([
+        Step(Write(0, "a.txt", False, False), 0.0),
+        Step(Settle(), 0.0),
+        Step(Offline(0, False), 0.0),
+        Step(Move(1, 0, "b.txt", False), 0.3),         # desktop: a.txt -> b.txt
+        Step(Edit(1, 0, "append"), 3.0),               # ... and appends to it
+        Step(Move(0, 0, "b.txt", False), 0.0),         # laptop, offline: a.txt -> b.txt
+        Step(Online(0), 0.0)]),
 }
 
 

@@ -107,7 +107,7 @@ def test_both_edited_needs_hashes_then_keeps_both_or_merges() -> None:
         KeepBoth(nid("a"), "a"),)
     same = lf("a", 1, size=3, content="theirs")
     assert plan(*trees([same], [remote], [bf("a", "a", 1)])).actions == (
-        Adopt(nid("a"), "a", same.stat),)
+        Adopt(nid("a"), "a", same.stat, 2, "theirs"),)
 
 
 def test_unsynced_items_with_one_name_merge_or_step_aside() -> None:
@@ -115,7 +115,7 @@ def test_unsynced_items_with_one_name_merge_or_step_aside() -> None:
     assert plan(*trees([lf("x", 4)], [remote], [])).actions == (HashLocal(("x",)),)
     identical = lf("x", 4, content="theirs")
     assert plan(*trees([identical], [remote], [])).actions == (
-        Adopt(nid("x"), "x", identical.stat),)
+        Adopt(nid("x"), "x", identical.stat, 1, "theirs"),)
     assert plan(*trees([lf("x", 4, content="mine")], [remote], [])).actions == (
         RenameLocalAside("x"),)
     # a folder here, a file there
@@ -141,6 +141,26 @@ def test_move_into_a_new_local_folder_creates_it_first() -> None:
 def test_both_moved_the_remote_side_wins() -> None:
     result = plan(*trees([lf("mine", 1)], [rf("a", "theirs")], [bf("a", "a", 1)]))
     assert result.actions == (MoveLocal(nid("a"), "mine", "theirs"),)
+
+
+def test_both_moved_to_one_name_the_base_follows_and_an_edit_there_comes_next() -> None:
+    """Seed 337563: moved here and there to the same name, and edited there. Adopting the
+    appliance's version recorded its new content against the old bytes here: the edit was
+    never downloaded. The base follows the move as it was (version, content, stat), so
+    the next plan sees what else changed."""
+    synced = bf("a", "a", 1)
+    here = lf("b", 1)                                     # moved: same inode, same stat
+    there = rf("a", "b", version=3, content="c2")         # moved and edited there
+    assert plan(*trees([here], [there], [synced])).actions == (
+        Adopt(nid("a"), "b", synced.stat, 1, "c1"),)
+    followed = bf("a", "b", 1)
+    assert plan(*trees([here], [there], [followed])).actions == (
+        Download(nid("a"), "b", here.stat, 1),)
+    # edited here as well: compared (hashes, then both kept), never taken as synced
+    edited = lf("b", 1, size=7)
+    assert plan(*trees([edited], [there], [synced])).actions == (
+        Adopt(nid("a"), "b", synced.stat, 1, "c1"),)
+    assert plan(*trees([edited], [there], [followed])).actions == (HashLocal(("b",)),)
 
 
 def test_remote_deleted_folder_keeps_what_changed_here() -> None:

@@ -473,9 +473,13 @@ async def test_a_folder_moved_out_is_no_longer_watched(tmp_path: Path) -> None:
         assert not any("b.txt" in path for path in seen)
 
 
+def _max_queued_events() -> int:
+    return int(Path("/proc/sys/fs/inotify/max_queued_events").read_text())
+
+
 async def test_a_queue_overflow_ends_the_watcher_so_the_engine_walks_everything(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    limit = int(Path("/proc/sys/fs/inotify/max_queued_events").read_text())
+    limit = _max_queued_events()
     if limit > 50_000:
         pytest.skip(f"max_queued_events is {limit}: too many files to overflow it here")
     caplog.set_level(logging.INFO, logger="agent.sync.watch")
