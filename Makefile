@@ -7,7 +7,7 @@ VENV        := .venv
 PY          := $(VENV)/bin/python
 APPLIANCE   ?= ./var/appliance
 
-.PHONY: run test test-fast lint bench bench-api bench-transfer bench-sync bootstrap clean-run
+.PHONY: run test test-fast lint bench bench-api bench-transfer bench-sync bench-sync-100k bootstrap clean-run
 
 bootstrap:
 	@bash scripts/bootstrap.sh
@@ -51,6 +51,10 @@ bench-transfer: bootstrap
 
 bench-sync: bootstrap
 	@$(PY) bench/sync.py
+
+# The issue-11 figures with 100,000 files synced (edit propagation, agents' memory).
+bench-sync-100k: bootstrap
+	@$(PY) bench/sync.py --files 100000 --phases many,edits
 
 # Remove the embedded-defaults appliance made by `make run` (its blocks too).
 clean-run:

@@ -54,40 +54,51 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-BENCH = Path(__file__).resolve().parent
-PROJECT = BENCH.parent
-for folder in (PROJECT, BENCH, PROJECT / "tests"):
-    if str(folder) not in sys.path:
-        sys.path.insert(0, str(folder))
+PROJECT = Path(__file__).resolve().parent.parent
+if str(PROJECT) not in sys.path:
+    sys.path.insert(0, str(PROJECT))
 
 import apsw  # noqa: E402
 import httpx  # noqa: E402
 from api_clients import KINDS as CLIENT_KINDS  # noqa: E402
 from api_clients import ClientRun, Transfer, format_runs  # noqa: E402
-from api_helpers import add_user, enroll, pinned_context  # noqa: E402
 from blockstore import (  # noqa: E402
     BLOCK_SIZE,
     MIB,
     Blocks,
-    CacheDropper,
     Run,
-    current_rss_mib,
-    machine_info,
     make_store,
     measure_dd,
     parallel,
-    peak_rss_mib,
 )
-from cairnd_helpers import RunningAppliance, serving  # noqa: E402
-from report import Figure, format_table, say  # noqa: E402
+from harness import (  # noqa: E402
+    Appliance as Server,
+)
+from harness import (  # noqa: E402
+    BenchError,
+    CacheDropper,
+    Figure,
+    Layout,
+    cpu_seconds,
+    format_table,
+    join,
+    machine_info,
+    own_cpu_seconds,
+    own_peak_rss_mib,
+    own_rss_mib,
+    peak_rss_mib,
+    pinned_context,
+    say,
+)
+from harness import running_appliance as running_home  # noqa: E402
 
-from appliance.config import load_config, write_config  # noqa: E402
-from appliance.home import init_home  # noqa: E402
+from agent.home import AgentHome  # noqa: E402
+from appliance.config import load_config  # noqa: E402
 from appliance.meta import journal, tree  # noqa: E402
 
 DATA_SHARDS, PARITY_SHARDS, DISKS = 4, 2, 6
@@ -110,15 +121,13 @@ TARGET_TRANSFER = 0.8                # upload x (dd write x 4/6), download x dd 
 TARGET_CHANGES_FLAT = 1.5            # latency at the largest tree / at the smallest, at most
 
 
-class BenchError(Exception):
-    """A request answered something other than what the API promises (or a phase failed)."""
-
-
 # -- the appliance ------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class Appliance:
+class Endpoint:
+    """The API as one enrolled device sees it (or the bare ASGI app, which has no users)."""
+
     url: str
     certificate: Path
     token: str
@@ -132,38 +141,20 @@ class Appliance:
 
     def cpu_seconds(self) -> float:
         """User + system CPU time the server process has used so far."""
-        try:
-            fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            return 0.0
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return cpu_seconds(self.pid)
 
     def peak_rss_mib(self) -> float:
-        try:
-            for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-        except OSError:
-            pass
-        return 0.0
+        return peak_rss_mib(self.pid)
 
 
 @contextmanager
-def running_appliance(run_dir: Path) -> Iterator[tuple[Appliance, RunningAppliance]]:
-    """A fresh home, `cairnd serve` on 127.0.0.1:0, and one enrolled device."""
-    config = init_home(run_dir / "home", disks=DISKS, data_shards=DATA_SHARDS,
-                       parity_shards=PARITY_SHARDS, listen="127.0.0.1:0")
-    write_config(replace(config, rate_limit_per_s=BENCH_RATE_LIMIT,
-                         rate_limit_burst=int(BENCH_RATE_LIMIT), advertise=False))
-    code = add_user(config.home, USER)
-    with serving(config.home) as server:
-        device = enroll(server.url, config.tls_certificate, code, device_name="bench")
-        device.close()
-        try:
-            yield Appliance(server.url, config.tls_certificate, device.token,
-                            server.process.pid), server
-        finally:
-            server.stop()
+def running_appliance(run_dir: Path) -> Iterator[tuple[Endpoint, Server]]:
+    """A fresh home, `cairnd serve` on 127.0.0.1:0, and one device joined by `cairn join`."""
+    with running_home(run_dir, USER, Layout(DISKS, DATA_SHARDS, PARITY_SHARDS),
+                      rate_limit_per_s=BENCH_RATE_LIMIT,
+                      rate_limit_burst=int(BENCH_RATE_LIMIT)) as (server, code):
+        device = AgentHome(join(run_dir / "device", server.url, code, "bench")).load_device()
+        yield Endpoint(server.url, server.certificate, device.token, server.pid), server
 
 
 def expect(response: httpx.Response, status: int) -> Any:
@@ -202,7 +193,7 @@ class ClientPool:
     """One keep-alive connection per worker thread of `parallel`, opened (TLS handshake
     done) before the clock starts."""
 
-    def __init__(self, appliance: Appliance, size: int, warm_path: str = "/me") -> None:
+    def __init__(self, appliance: Endpoint, size: int, warm_path: str = "/me") -> None:
         self.clients = [appliance.client() for _ in range(size)]
         self._free: queue.SimpleQueue[httpx.Client] = queue.SimpleQueue()
         for client in self.clients:
@@ -219,14 +210,6 @@ class ClientPool:
     def close(self) -> None:
         for client in self.clients:
             client.close()
-
-
-# -- report -------------------------------------------------------------------------------
-
-
-def own_cpu_seconds() -> float:
-    times = os.times()
-    return times.user + times.system
 
 
 # -- block upload -------------------------------------------------------------------------
@@ -268,7 +251,7 @@ def store_put_in_child(folder: Path, count: int, concurrency: int,
     return Run(done, seconds, timed_out), cpu / max(done * BLOCK_SIZE / 1e9, 1e-9)
 
 
-def create_file(appliance: Appliance, root: str, blocks: Blocks) -> tuple[str, list[str], float]:
+def create_file(appliance: Endpoint, root: str, blocks: Blocks) -> tuple[str, list[str], float]:
     """POST /files of one file of every block; (node id, upload URLs in block order,
     seconds the create took)."""
     with appliance.client() as client:
@@ -285,14 +268,14 @@ def create_file(appliance: Appliance, root: str, blocks: Blocks) -> tuple[str, l
     return written["node"]["id"], [urls[block_id] for block_id in blocks.ids], create_seconds
 
 
-def check_uploaded(appliance: Appliance, node_id: str) -> None:
+def check_uploaded(appliance: Endpoint, node_id: str) -> None:
     with appliance.client() as client:
         status = expect(client.get(f"/files/{node_id}"), 200)["node"]["status"]
     if status != "uploaded":
         raise BenchError(f"every block was PUT but the file is {status!r}")
 
 
-def api_upload(appliance: Appliance, root: str, blocks: Blocks, concurrency: int,
+def api_upload(appliance: Endpoint, root: str, blocks: Blocks, concurrency: int,
                timeout: float) -> tuple[Run, float, str]:
     """Create one file of every block, PUT each block to its pre-signed URL; returns the
     upload run, the seconds the create took and the file's node id."""
@@ -314,7 +297,7 @@ def api_upload(appliance: Appliance, root: str, blocks: Blocks, concurrency: int
     return run, create_seconds, node_id
 
 
-def download_urls(appliance: Appliance, node_id: str, count: int) -> list[str]:
+def download_urls(appliance: Endpoint, node_id: str, count: int) -> list[str]:
     """The file's download URLs in block order (GET /files/{id})."""
     with appliance.client() as client:
         detail = expect(client.get(f"/files/{node_id}"), 200)
@@ -325,7 +308,7 @@ def download_urls(appliance: Appliance, node_id: str, count: int) -> list[str]:
     return urls
 
 
-def api_download(appliance: Appliance, urls: list[str], blocks: Blocks, concurrency: int,
+def api_download(appliance: Endpoint, urls: list[str], blocks: Blocks, concurrency: int,
                  timeout: float) -> Run:
     """GET every block from its pre-signed URL, `concurrency` in flight, one keep-alive
     connection per thread; each answer is checked (length and the index in its head)."""
@@ -391,7 +374,7 @@ def bare_server_main(home: Path) -> None:
 
 
 @contextmanager
-def bare_server(home: Path, certificate: Path) -> Iterator[Appliance]:
+def bare_server(home: Path, certificate: Path) -> Iterator[Endpoint]:
     process = subprocess.Popen([sys.executable, __file__, BARE_SERVER, str(home)],
                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
@@ -400,7 +383,7 @@ def bare_server(home: Path, certificate: Path) -> Iterator[Appliance]:
         line = process.stdout.readline() if ready else ""
         if not line.startswith("port "):
             raise BenchError(f"the bare ASGI server did not start (said {line!r})")
-        yield Appliance(f"https://127.0.0.1:{int(line.split()[1])}", certificate, "unused",
+        yield Endpoint(f"https://127.0.0.1:{int(line.split()[1])}", certificate, "unused",
                         process.pid)
     finally:
         process.kill()
@@ -409,7 +392,7 @@ def bare_server(home: Path, certificate: Path) -> Iterator[Appliance]:
             process.stdout.close()
 
 
-def bare_upload(server: Appliance, blocks: Blocks, concurrency: int, timeout: float) -> Run:
+def bare_upload(server: Endpoint, blocks: Blocks, concurrency: int, timeout: float) -> Run:
     """The same PUTs of the same blocks, to the bare ASGI app."""
     pool = ClientPool(server, concurrency, warm_path="/")
     try:
@@ -566,7 +549,7 @@ def single_creates(client: httpx.Client, parent: str, count: int,
     return len(latencies), time.perf_counter() - started, latencies
 
 
-def concurrent_creates(appliance: Appliance, parent: str, count: int, concurrency: int,
+def concurrent_creates(appliance: Endpoint, parent: str, count: int, concurrency: int,
                        timeout: float) -> Run:
     pool = ClientPool(appliance, concurrency)
 
@@ -591,14 +574,14 @@ class Results:
     client_table: str = ""
 
     def mark_rss(self, phase: str) -> None:
-        self.rss_mib[phase] = current_rss_mib()
+        self.rss_mib[phase] = own_rss_mib()
 
 
 def mbs(run: Run) -> float:
     return run.done * BLOCK_SIZE / run.seconds / 1e6
 
 
-def cpu_per_gb(server: Appliance, run_upload: Callable[[], Run]) -> tuple[Run, float, float]:
+def cpu_per_gb(server: Endpoint, run_upload: Callable[[], Run]) -> tuple[Run, float, float]:
     """Run an upload; also return server and bench CPU seconds per GB it took."""
     server_before, own_before = server.cpu_seconds(), own_cpu_seconds()
     run = run_upload()
@@ -608,7 +591,7 @@ def cpu_per_gb(server: Appliance, run_upload: Callable[[], Run]) -> tuple[Run, f
 
 
 def transfer_phase(res: Results, args: argparse.Namespace, run_dir: Path,
-                   appliance: Appliance, root: str) -> None:
+                   appliance: Endpoint, root: str) -> None:
     """dd write, store put, API upload, API download, bare-stack upload, store put again."""
     count, conc, timeout = max(1, args.size_mib * MIB // BLOCK_SIZE), args.concurrency, \
         args.phase_timeout
@@ -701,7 +684,7 @@ def transfer_phase(res: Results, args: argparse.Namespace, run_dir: Path,
         "store_put": round(store_cpu, 2)}
 
 
-def clients_phase(res: Results, args: argparse.Namespace, appliance: Appliance,
+def clients_phase(res: Results, args: argparse.Namespace, appliance: Endpoint,
                   root: str) -> None:
     """httpx.AsyncClient under trio against httpx.Client in worker threads, PUT then GET
     of a fresh file, at 4 and 8 in flight (bench/api_clients.py)."""
@@ -804,7 +787,7 @@ def tree_phase(res: Results, args: argparse.Namespace, run_dir: Path, client: ht
     return builder.nodes
 
 
-def creates_phase(res: Results, args: argparse.Namespace, appliance: Appliance,
+def creates_phase(res: Results, args: argparse.Namespace, appliance: Endpoint,
                   client: httpx.Client, root: str, nodes: int) -> None:
     """Single creates, one connection then --concurrency connections."""
     folder = create(client, root, "dir")
@@ -830,22 +813,17 @@ def bench(args: argparse.Namespace, run_dir: Path) -> Results:
     res = Results()
     say("starting cairnd serve on 127.0.0.1:0, enrolling one device ...")
     with running_appliance(run_dir) as (appliance, server), appliance.client() as client:
-        try:
-            root = create(client, None, "dir")
-            say(f"  {server.url}, appliance pid {appliance.pid}")
-            transfer_phase(res, args, run_dir, appliance, root)
-            if args.compare_clients:
-                clients_phase(res, args, appliance, root)
-            if not args.transfer_only:
-                nodes = tree_phase(res, args, run_dir, client, root)
-                creates_phase(res, args, appliance, client, root, nodes)
-            server_peak = appliance.peak_rss_mib()
-        except BaseException:
-            tail = server.stderr().strip().splitlines()[-20:]
-            if tail:
-                print("appliance log (last lines):\n  " + "\n  ".join(tail), file=sys.stderr)
-            raise
-    res.figures.append(Figure("peak RSS, bench process", peak_rss_mib(), "MiB",
+        # `cairn join` made the user's keys and root folder; the tree is built under it
+        root = expect(client.get("/me"), 200)["root_id"] or create(client, None, "dir")
+        say(f"  {server.url}, appliance pid {appliance.pid}")
+        transfer_phase(res, args, run_dir, appliance, root)
+        if args.compare_clients:
+            clients_phase(res, args, appliance, root)
+        if not args.transfer_only:
+            nodes = tree_phase(res, args, run_dir, client, root)
+            creates_phase(res, args, appliance, client, root, nodes)
+        server_peak = appliance.peak_rss_mib()
+    res.figures.append(Figure("peak RSS, bench process", own_peak_rss_mib(), "MiB",
                               note=f"data set {args.size_mib:,} MiB, {args.nodes:,} nodes; "
                                    "must not grow with them"))
     res.figures.append(Figure("peak RSS, appliance", server_peak, "MiB",

@@ -9,7 +9,6 @@ kind, checking every block. CPU is this process's own, which runs only the clien
 
 from __future__ import annotations
 
-import os
 import ssl
 import time
 from collections.abc import Awaitable, Callable
@@ -19,6 +18,7 @@ from typing import Any
 import httpx
 import trio
 from blockstore import BLOCK_SIZE, Blocks
+from harness import own_cpu_seconds
 
 KINDS = ("async", "threads")
 REQUEST_TIMEOUT_S = 60.0
@@ -45,11 +45,6 @@ class ClientRun:
         return {"client": self.kind, "method": self.method, "in_flight": self.in_flight,
                 "blocks": self.blocks, "seconds": round(self.seconds, 3),
                 "mb_s": round(self.mb_s, 1), "client_cpu_s_per_gb": round(self.cpu_s_per_gb, 2)}
-
-
-def _cpu() -> float:
-    times = os.times()
-    return times.user + times.system
 
 
 async def _run_workers(count: int, in_flight: int, deadline: float,
@@ -138,11 +133,11 @@ class Transfer:
 
     async def _timed(self, kind: str, method: str, urls: list[str], in_flight: int,
                      one: Callable[[int, int], Awaitable[None]]) -> ClientRun:
-        cpu, started = _cpu(), time.perf_counter()
+        cpu, started = own_cpu_seconds(), time.perf_counter()
         done = await _run_workers(len(urls), in_flight, trio.current_time() + self.timeout_s,
                                   one)
         return ClientRun(kind, method, in_flight, done, time.perf_counter() - started,
-                         _cpu() - cpu)
+                         own_cpu_seconds() - cpu)
 
 
 def format_runs(runs: list[ClientRun]) -> str:

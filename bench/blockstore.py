@@ -28,11 +28,7 @@ import contextlib
 import json
 import logging
 import os
-import platform
-import re
-import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
@@ -48,6 +44,14 @@ if str(PROJECT) not in sys.path:
     sys.path.insert(0, str(PROJECT))
 
 import blake3  # noqa: E402
+from harness import (  # noqa: E402
+    BenchError,
+    CacheDropper,
+    machine_info,
+    own_peak_rss_mib,
+    own_rss_mib,
+    run_dd,
+)
 
 from appliance.storage.blockstore import BlockStore  # noqa: E402
 from appliance.storage.disk import format_disk  # noqa: E402
@@ -69,75 +73,13 @@ TARGET_DEGRADED = 0.5   # x healthy get
 TARGET_SMALL = 1000.0   # durable 4 KiB puts per second
 
 
-class BenchError(Exception):
-    pass
-
-
-# -- machine ---------------------------------------------------------------------------
-
-
-def machine_info(path: Path) -> dict[str, Any]:
-    info: dict[str, Any] = {"nproc": os.cpu_count(), "kernel": platform.release(),
-                            "python": platform.python_version()}
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                info["memory_gib"] = round(int(line.split()[1]) / 1024 / 1024, 1)
-    with contextlib.suppress(OSError, subprocess.SubprocessError, IndexError):
-        out = subprocess.run(["df", "-T", str(path)], capture_output=True, text=True,
-                             timeout=10, check=True).stdout.splitlines()[-1].split()
-        info["filesystem"] = {"device": out[0], "type": out[1],
-                              "size_gib": round(int(out[2]) / 1024 / 1024),
-                              "mounted_on": out[-1]}
-    return info
-
-
-class CacheDropper:
-    """Evicts the page cache: drop_caches if permitted, else fadvise(DONTNEED) per file."""
-
-    def __init__(self) -> None:
-        self.method = "none yet"
-
-    def drop(self, root: Path) -> None:
-        os.sync()
-        try:
-            with open("/proc/sys/vm/drop_caches", "w") as handle:
-                handle.write("3\n")
-            self.method = "drop_caches"
-            return
-        except OSError:
-            pass
-        for path in _walk_files(root):
-            with contextlib.suppress(OSError):
-                fd = os.open(path, os.O_RDONLY)
-                try:
-                    os.fdatasync(fd)
-                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-                finally:
-                    os.close(fd)
-        self.method = "posix_fadvise(DONTNEED) per file"
-
-
 def _walk_files(root: Path) -> Iterator[str]:
     for folder, _, files in os.walk(root):
         for name in files:
             yield os.path.join(folder, name)
 
 
-_DD_LINE = re.compile(r"(\d+) bytes .* copied, ([0-9.]+) s")
-
-
-def run_dd(args: list[str], timeout: float) -> tuple[int, float]:
-    """(bytes, seconds) as dd reports them; our own clock if dd's line is not found."""
-    started = time.perf_counter()
-    proc = subprocess.run(["dd", *args], capture_output=True, text=True, timeout=timeout)
-    elapsed = time.perf_counter() - started
-    if proc.returncode != 0:
-        raise BenchError(f"dd {' '.join(args)} failed: {proc.stderr.strip()}")
-    match = _DD_LINE.search(proc.stderr)
-    if match:
-        return int(match.group(1)), float(match.group(2))
-    return 0, elapsed
+# -- machine ---------------------------------------------------------------------------
 
 
 def measure_dd(folder: Path, size_mib: int, dropper: CacheDropper,
@@ -190,18 +132,6 @@ def measure_small_files(folder: Path, count: int, concurrency: int, timeout: flo
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     return run.done / run.seconds
-
-
-def current_rss_mib() -> float:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
-
-
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 # -- workload --------------------------------------------------------------------------
@@ -373,7 +303,7 @@ def bench(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
         blocks = Blocks(count, BLOCK_SIZE)
         gen_ms = blocks.generation_ms()
         data_bytes = count * BLOCK_SIZE
-        rss["before_puts"] = current_rss_mib()
+        rss["before_puts"] = own_rss_mib()
 
         # 2. Put.
         def put(index: int) -> None:
@@ -389,7 +319,7 @@ def bench(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
                               TARGET_PUT,
                               f"{run.done} blocks in {run.seconds:.2f} s; block generation "
                               f"{gen_ms:.2f} ms/block counted in"))
-        rss["after_puts"] = current_rss_mib()
+        rss["after_puts"] = own_rss_mib()
         if run.timed_out:
             notes.append(f"put stopped at the {timeout:.0f} s limit after {run.done} blocks")
         stored = run.done
@@ -405,7 +335,7 @@ def bench(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
         figures.append(Figure(f"get, healthy, cold (x{args.concurrency})", get_mbs, "MB/s",
                               dd_read, "MB/s dd cold read", TARGET_GET,
                               f"{run.done} blocks in {run.seconds:.2f} s"))
-        rss["after_get"] = current_rss_mib()
+        rss["after_get"] = own_rss_mib()
 
         # 3a. The layout's own read ceiling: the same data shard files read cold with plain
         # reads, nothing verified or decoded. One file per 1 MiB shard reads slower than
@@ -455,7 +385,7 @@ def bench(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
         figures.append(Figure(f"get, {len(missing)} disks missing (x{args.concurrency})",
                               degraded_mbs, "MB/s", get_mbs, "MB/s healthy get",
                               TARGET_DEGRADED, f"{run.done} blocks in {run.seconds:.2f} s"))
-        rss["after_degraded_get"] = current_rss_mib()
+        rss["after_degraded_get"] = own_rss_mib()
 
         # 5. Rebuild one disk: replace it with an empty folder and scrub.
         victim = store.disks[min(m, 2) % disks]
@@ -476,7 +406,7 @@ def bench(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
                               f"{rebuilt / 1e6:,.0f} MB of shards rewritten "
                               f"({report.shards_rewritten} shards) in {report.seconds:.2f} s; "
                               f"{report.bytes_verified / 1e6:,.0f} MB read and verified"))
-        rss["after_rebuild"] = current_rss_mib()
+        rss["after_rebuild"] = own_rss_mib()
 
         # 6. Durable small puts.
         small_count = args.small_count
@@ -502,11 +432,11 @@ def bench(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
                               f"for scale, the filesystem made {raw_files:,.0f} new "
                               f"durable 4 KiB files/s on its own",
                               target_is_value=True))
-        rss["after_small_puts"] = current_rss_mib()
+        rss["after_small_puts"] = own_rss_mib()
     finally:
         store.close()
 
-    peak = peak_rss_mib()
+    peak = own_peak_rss_mib()
     figures.append(Figure("peak RSS", peak, "MiB", None, "", None,
                           f"data set {data_bytes / MIB:,.0f} MiB; must not grow with it"))
     return {"figures": figures, "dd_write_mbs": dd_write, "dd_read_mbs": dd_read,

@@ -18,6 +18,12 @@ own limits measured in the same run:
   files, one thread, same filesystem, the better of a run at the start and one at the end);
   then CHANGES/5 more latency changes with those files in the folder (for information:
   every round scans the whole folder);
+- edits among many (issue 11): once those FILES are synced and both agents settled,
+  EDITS small edits of random files among them (200-800 new bytes each, awaited on B,
+  1.5 s apart): the CPU that A, B and the appliance used over the phase, per edit (target
+  <= 0.05 CPU-s with 10,000 files), propagation p50 (<= 0.3 s with 10,000 files, <= 0.5 s
+  with 100,000), each agent's peak RSS (<= 200 MiB with 100,000 files); and the
+  near-empty p50 of the first latency phase no worse than 0.26 s;
 - one big file (1 GiB of random bytes) written and fsynced on A: from the end of writing
   until B has the complete file (size, then BLAKE3 compared): MB/s and its ratio to a
   `dd bs=4M oflag=direct conv=fdatasync` write on the same filesystem (the better of
@@ -36,7 +42,10 @@ Everything happens in a fresh folder under /tmp (--dir), deleted at the end unle
 the results go to bench/out/sync.json and the agents' -v logs to bench/out/sync-A.log and
 sync-B.log. Exits 1 if a target is missed or a figure could not be obtained.
 
-    .venv/bin/python bench/sync.py [--quick] [--keep] [--dir DIR]
+    .venv/bin/python bench/sync.py [--quick] [--files N] [--edits E] [--phases LIST]
+                                   [--keep] [--dir DIR]
+
+e.g. the 100,000-file figures alone: --files 100000 --phases many,edits
 
 See docs/benchmarks.md ("Sync") for the figures measured on the project's machines.
 """
@@ -50,36 +59,36 @@ import math
 import os
 import random
 import re
-import resource
 import shutil
 import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-BENCH = Path(__file__).resolve().parent
-PROJECT = BENCH.parent
-for folder in (PROJECT, BENCH, PROJECT / "tests"):
-    if str(folder) not in sys.path:
-        sys.path.insert(0, str(folder))
-
-import apsw  # noqa: E402
-from api_helpers import new_code  # noqa: E402
-from blockstore import machine_info, run_dd  # noqa: E402
-from report import Figure, format_table, say  # noqa: E402
-from sync_helpers import PART, Device, make_device  # noqa: E402
-from transfer import (  # noqa: E402
+import apsw
+from harness import (
     Appliance,
-    file_hash,
-    free_bytes,
-    running_appliance,
-    write_random_file,
+    Figure,
+    SyncAgent,
+    format_table,
+    machine_info,
+    new_code,
+    own_cpu_seconds,
+    peak_rss_mib,
+    rss_mib,
+    run_dd,
+    say,
+    sync_agent,
 )
+from harness import cpu_seconds as process_cpu_seconds
+from transfer import file_hash, free_bytes, running_appliance, write_random_file
 
+BENCH = Path(__file__).resolve().parent
+PART = ".cairn-part"           # agent/download.py PART_SUFFIX: a download in progress
 MIB = 1024 * 1024
 GIB = 1024 * MIB
 USER = "bench"                 # the user running_appliance adds
@@ -104,6 +113,16 @@ TARGET_P50_S = 0.5
 TARGET_P99_S = 2.0
 TARGET_FILES_PER_S = 1000.0
 TARGET_IDLE_CORE_PCT = 1.0
+# Issue 11 (a sync core whose cost follows the change): a small edit of one file among N
+# synced, all three processes' CPU per edit and its propagation; and the near-empty p50
+# no worse than before the rebuild.
+TARGET_NEAR_EMPTY_P50_S = 0.26
+TARGET_EDIT_CPU_S = 0.05           # with 10,000 files synced
+TARGET_EDIT_P50_S = 0.3            # with 10,000 files synced
+TARGET_EDIT_P50_100K_S = 0.5       # with 100,000 files synced
+TARGET_AGENT_RSS_MIB = 200.0       # with 100,000 files synced
+EDIT_SPACING_S = 1.5               # after each edit arrived, before the next
+PHASES = ("latency", "many", "edits", "big", "idle")
 
 
 @dataclass(frozen=True)
@@ -113,10 +132,12 @@ class Sizes:
     big_bytes: int
     idle_s: float
     dd_mib: int
+    edits: int
 
 
-FULL = Sizes(changes=100, files=10_000, big_bytes=GIB, idle_s=30.0, dd_mib=1024)
-QUICK = Sizes(changes=20, files=1_000, big_bytes=64 * MIB, idle_s=10.0, dd_mib=256)
+FULL = Sizes(changes=100, files=10_000, big_bytes=GIB, idle_s=30.0, dd_mib=1024, edits=20)
+QUICK = Sizes(changes=20, files=1_000, big_bytes=64 * MIB, idle_s=10.0, dd_mib=256,
+              edits=10)
 
 
 class PhaseFailed(Exception):
@@ -126,46 +147,32 @@ class PhaseFailed(Exception):
 # -- processes ----------------------------------------------------------------------------
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of PID so far (its own threads, not its children)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def cpu_seconds(device: SyncAgent) -> float:
+    return process_cpu_seconds(device.pid)
 
 
-def peak_rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
-def pid_of(device: Device) -> int:
-    assert device.process is not None
-    return device.process.pid
-
-
-def check_running(*devices: Device) -> None:
+def check_running(*devices: SyncAgent) -> None:
     for device in devices:
         if not device.running():
             code = None if device.process is None else device.process.poll()
             raise PhaseFailed(f"agent {device.name} is not running (exit code {code})")
 
 
-def log_size(device: Device) -> int:
+def log_size(device: SyncAgent) -> int:
     try:
         return device.log.stat().st_size
     except FileNotFoundError:
         return 0
 
 
-def log_since(device: Device, offset: int) -> str:
+def log_since(device: SyncAgent, offset: int) -> str:
     with contextlib.suppress(FileNotFoundError), open(device.log, "rb") as handle:
         handle.seek(offset)
         return handle.read().decode(errors="replace")
     return ""
 
 
-def log_tail(device: Device, lines: int = LOG_TAIL_LINES) -> list[str]:
+def log_tail(device: SyncAgent, lines: int = LOG_TAIL_LINES) -> list[str]:
     return device.log_text().strip().splitlines()[-lines:]
 
 
@@ -274,15 +281,15 @@ def wait_bytes(path: Path, expected: bytes, deadline: float) -> float | None:
         time.sleep(POLL_FILE_S)
 
 
-def settle(devices: tuple[Device, ...], timeout: float = SETTLE_TIMEOUT_S) -> float:
+def settle(devices: tuple[SyncAgent, ...], timeout: float = SETTLE_TIMEOUT_S) -> float:
     """Wait until every agent used under SETTLE_CPU_S over SETTLE_WINDOW_S; seconds
     waited. Raises PhaseFailed after TIMEOUT."""
     started = time.monotonic()
     while True:
         check_running(*devices)
-        before = [cpu_seconds(pid_of(d)) for d in devices]
+        before = [cpu_seconds(d) for d in devices]
         time.sleep(SETTLE_WINDOW_S)
-        used = [cpu_seconds(pid_of(d)) - b for d, b in zip(devices, before, strict=True)]
+        used = [cpu_seconds(d) - b for d, b in zip(devices, before, strict=True)]
         if max(used) <= SETTLE_CPU_S:
             return time.monotonic() - started
         if time.monotonic() - started > timeout:
@@ -311,11 +318,12 @@ class SyncBench:
     failures: list[dict[str, Any]] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
     appliance: Appliance | None = None
-    a: Device | None = None
-    b: Device | None = None
+    many_files: list[str] = field(default_factory=list)     # synced by `small_files`
+    a: SyncAgent | None = None
+    b: SyncAgent | None = None
 
     @property
-    def devices(self) -> tuple[Device, Device]:
+    def devices(self) -> tuple[SyncAgent, SyncAgent]:
         assert self.a is not None and self.b is not None
         return self.a, self.b
 
@@ -358,11 +366,10 @@ class SyncBench:
         for device in (self.a, self.b):
             if device is not None and device.running():
                 with contextlib.suppress(OSError):
-                    used[f"agent {device.name}"] = cpu_seconds(pid_of(device))
+                    used[f"agent {device.name}"] = cpu_seconds(device)
         if self.appliance is not None:
             used["appliance"] = self.appliance.cpu_seconds()
-        me = resource.getrusage(resource.RUSAGE_SELF)
-        used["bench"] = me.ru_utime + me.ru_stime
+        used["bench"] = own_cpu_seconds()
         return used
 
     # -- machine limits --
@@ -407,7 +414,7 @@ class SyncBench:
         a, b = self.devices
         a.start()
         b.start()
-        say(f"[start] cairn sync running: A pid {pid_of(a)}, B pid {pid_of(b)}; a first "
+        say(f"[start] cairn sync running: A pid {a.pid}, B pid {b.pid}; a first "
             "file A -> B ...")
         data = os.urandom(64)
         written = time.perf_counter()
@@ -504,6 +511,9 @@ class SyncBench:
         self.figures += [
             Figure(f"propagation A -> B, p50 ({len(samples)} changes)", p50, "s",
                    TARGET_P50_S, limit_name, 1.0, at_most=True, note=note),
+            Figure("near-empty p50, no worse than before the sync core rebuild", p50, "s",
+                   target=TARGET_NEAR_EMPTY_P50_S, at_most=True,
+                   note="0.26 s before issue 11"),
             Figure(f"propagation A -> B, p99 ({len(samples)} changes)", p99, "s",
                    TARGET_P99_S, limit_name, 1.0, at_most=True),
         ]
@@ -528,6 +538,7 @@ class SyncBench:
             data = os.urandom(SMALL_FILE)
             (a.folder / relative).write_bytes(data)
             expected[relative] = data
+        self.many_files = sorted(expected)
         write_s = time.perf_counter() - started
         say(f"  written in {write_s:.2f} s")
         arrivals: dict[str, float] = {}
@@ -541,7 +552,7 @@ class SyncBench:
             say(f"  on B: {on_b or 'nothing'}")
         seconds = arrivals["all"]
         rate = count / seconds
-        rss = {d.name: round(peak_rss_mib(pid_of(d)), 1) for d in self.devices}
+        rss = {d.name: round(peak_rss_mib(d.pid), 1) for d in self.devices}
         note = (f"{count:,} x 4 KiB in {SUBFOLDERS} folders in {seconds:.1f} s (writing on A "
                 f"{write_s:.1f} s); appliance journal: {timeline}; on B: {on_b}; {wrong} "
                 "reads on B saw other bytes before the right ones; peak RSS so far "
@@ -559,7 +570,7 @@ class SyncBench:
                                      "on_b_s": {k: round(v, 2) for k, v in arrivals.items()},
                                      "journal": timeline, "peak_rss_mib": rss}
 
-    def _await_files(self, b: Device, expected: dict[str, bytes], started: float,
+    def _await_files(self, b: SyncAgent, expected: dict[str, bytes], started: float,
                      arrivals: dict[str, float], timeout: float) -> int:
         """Wait until every file of EXPECTED is on B with its bytes; ARRIVALS gets the
         seconds after STARTED at which the first, half and all were there. How many reads
@@ -598,6 +609,69 @@ class SyncBench:
                 raise PhaseFailed(f"B had {len(verified):,} of {len(expected):,} files "
                                   f"{why} {min(now - started, now - last_progress):.0f} s")
             time.sleep(POLL_TREE_S)
+
+    # -- 2b. one edit among many --
+
+    def edits(self) -> None:
+        """Small edits of files among the FILES synced: each rewrites one with 200-800 new
+        bytes, is awaited on B, then EDIT_SPACING_S pass. The CPU every process used over
+        the whole phase (idle time between edits included, as a user's machine would see
+        it), per edit; propagation p50; and each process's memory."""
+        a, b = self.devices
+        assert self.appliance is not None
+        if not self.many_files:
+            raise PhaseFailed("no synced files to edit (the small files phase did not run)")
+        files, count = len(self.many_files), self.sizes.edits
+        say(f"[edits] {count} edits among {files:,} synced files, each awaited on B, "
+            f"{EDIT_SPACING_S:g} s apart; settling first ...")
+        say(f"  settled after {settle(self.devices):.1f} s")
+        rng = random.Random(20261205)
+        processes = {"A": a.pid, "B": b.pid, "appliance": self.appliance.pid}
+        before = {who: process_cpu_seconds(pid) for who, pid in processes.items()}
+        seconds: list[float] = []
+        for i in range(count):
+            name = rng.choice(self.many_files)
+            data = os.urandom(rng.randint(200, 800))
+            written = time.perf_counter()
+            with open(a.folder / name, "wb") as handle:
+                handle.write(data)
+            arrived = wait_bytes(b.folder / name, data, written + CHANGE_TIMEOUT_S)
+            check_running(a, b)
+            if arrived is None:
+                raise PhaseFailed(f"edit {i} of {name} did not reach B in "
+                                  f"{CHANGE_TIMEOUT_S:g} s")
+            seconds.append(arrived - written)
+            time.sleep(EDIT_SPACING_S)
+        used = {who: (process_cpu_seconds(pid) - before[who]) / count
+                for who, pid in processes.items()}
+        total = sum(used.values())
+        p50 = nearest_rank(seconds, 0.5)
+        many = files >= 100_000
+        per = ", ".join(f"{who} {cpu:.3f}" for who, cpu in used.items())
+        memory = {who: (peak_rss_mib(pid), rss_mib(pid)) for who, pid in processes.items()}
+        say(f"  p50 {p50:.3f} s, max {max(seconds):.3f} s; CPU-s per edit {per}; total "
+            f"{total:.3f}; RSS peak/now MiB " + ", ".join(
+                f"{who} {peak:.0f}/{now:.0f}" for who, (peak, now) in memory.items()))
+        self.figures += [
+            Figure(f"edit propagation p50, {files:,} files synced", p50, "s",
+                   target=TARGET_EDIT_P50_100K_S if many else TARGET_EDIT_P50_S,
+                   at_most=True, note=f"{count} edits; max {max(seconds):.3f} s"),
+            Figure(f"CPU per edit, A + B + appliance, {files:,} files synced", total,
+                   "CPU-s", target=None if many else TARGET_EDIT_CPU_S, at_most=True,
+                   note=f"{per} (over {count} edits {EDIT_SPACING_S:g} s apart, idle "
+                        "time included)"),
+        ]
+        for who in ("A", "B"):
+            peak, now = memory[who]
+            self.figures.append(Figure(
+                f"peak RSS, agent {who}, {files:,} files synced", peak, "MiB",
+                target=TARGET_AGENT_RSS_MIB if many else None, at_most=True,
+                note=f"now {now:.0f} MiB (VmHWM covers every phase so far)"))
+        self.extra["edits"] = {"files": files, "edits": count, "p50_s": round(p50, 4),
+                               "max_s": round(max(seconds), 4),
+                               "cpu_s_per_edit": {k: round(v, 4) for k, v in used.items()},
+                               "rss_mib_peak_now": {k: [round(x, 1) for x in v]
+                                                    for k, v in memory.items()}}
 
     # -- 3. one big file --
 
@@ -646,15 +720,15 @@ class SyncBench:
                                   "a_side_s": round(recorded_at - wall, 2)}
         say(f"  settled after {settle(self.devices):.1f} s")
         for device in self.devices:
-            rss = peak_rss_mib(pid_of(device))
+            rss = peak_rss_mib(device.pid)
             self.figures.append(Figure(f"peak RSS, agent {device.name}", rss, "MiB",
                                        note="VmHWM after the big file (all phases so far)"))
             self.extra[f"peak_rss_mib_{device.name}"] = round(rss, 1)
-        say("  peak RSS: " + ", ".join(f"{d.name} {peak_rss_mib(pid_of(d)):.0f} MiB"
+        say("  peak RSS: " + ", ".join(f"{d.name} {peak_rss_mib(d.pid):.0f} MiB"
                                        for d in self.devices))
 
     @staticmethod
-    def _parts(device: Device) -> str:
+    def _parts(device: SyncAgent) -> str:
         sizes = []
         for current, _, names in os.walk(device.folder):
             for name in names:
@@ -687,15 +761,15 @@ class SyncBench:
         say(f"[idle] settling, then {seconds:g} s without changes ...")
         say(f"  settled after {settle(self.devices):.1f} s")
         assert self.appliance is not None
-        pids = {d.name: pid_of(d) for d in self.devices}
-        before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+        pids = {d.name: d.pid for d in self.devices}
+        before = {name: process_cpu_seconds(pid) for name, pid in pids.items()}
         server_before = self.appliance.cpu_seconds()
         started = time.monotonic()
         time.sleep(seconds)
         check_running(*self.devices)
         elapsed = time.monotonic() - started
         for name, pid in pids.items():
-            used = cpu_seconds(pid) - before[name]
+            used = process_cpu_seconds(pid) - before[name]
             per_minute, share = used * 60 / elapsed, 100 * used / elapsed
             say(f"  agent {name}: {used:.2f} CPU-s in {elapsed:.1f} s = {per_minute:.2f} "
                 f"CPU-s/min, {share:.2f}% of a core")
@@ -715,6 +789,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true",
                         help=f"a smaller run: {QUICK.changes} changes, {QUICK.files:,} files, "
                              f"{QUICK.big_bytes // MIB} MiB, {QUICK.idle_s:g} s idle")
+    parser.add_argument("--files", type=int, default=None, metavar="N",
+                        help="files of 4 KiB in the small-files phase, which the edits phase "
+                             f"then edits among (default {FULL.files:,}; --quick "
+                             f"{QUICK.files:,}); 100000 judges the 100k targets")
+    parser.add_argument("--edits", type=int, default=None, metavar="E",
+                        help=f"edits in the edits phase (default {FULL.edits}; --quick "
+                             f"{QUICK.edits})")
+    parser.add_argument("--phases", default=",".join(PHASES),
+                        help="which phases to run, comma-separated, of "
+                             f"{', '.join(PHASES)} (default all; edits needs many); the "
+                             "start and the conflicted-copies check always run")
     parser.add_argument("--keep", action="store_true",
                         help="keep the run's folder (homes, folders, logs) at the end")
     parser.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()),
@@ -722,7 +807,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, default=BENCH / "out" / "sync.json",
                         help="also write the results here (default bench/out/sync.json); "
                              "the agents' logs are copied beside it (sync-A.log, sync-B.log)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.phases = {p.strip() for p in args.phases.split(",") if p.strip()}
+    unknown = args.phases - set(PHASES)
+    if unknown:
+        parser.error(f"unknown phases: {', '.join(sorted(unknown))} (known: "
+                     f"{', '.join(PHASES)})")
+    if "edits" in args.phases and "many" not in args.phases:
+        parser.error("the edits phase edits the files the many phase synced: add many")
+    if (args.files is not None and args.files < 1) or (args.edits is not None and args.edits < 1):
+        parser.error("--files and --edits take a positive number")
+    return args
 
 
 def report(bench: SyncBench, started: float) -> None:
@@ -738,9 +833,26 @@ def report(bench: SyncBench, started: float) -> None:
     say(f"  total {time.monotonic() - started:.0f} s")
 
 
+def run_phases(bench: SyncBench, phases: set[str]) -> None:
+    if "latency" in phases:
+        bench.phase("propagation latency", bench.latency)
+    if "many" in phases and bench.phase("small files", bench.small_files):
+        if "edits" in phases:
+            bench.phase("edits among many files", bench.edits)
+        if "latency" in phases:
+            bench.phase("propagation latency among many files", bench.latency_among_many)
+    if "big" in phases:
+        bench.phase("big file and peak RSS", bench.big_file)
+    if "idle" in phases:
+        bench.phase("idle CPU", bench.idle)
+    bench.phase("conflicted copies", bench.conflicts)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     sizes = QUICK if args.quick else FULL
+    sizes = replace(sizes, files=args.files or sizes.files, edits=args.edits or sizes.edits,
+                    big_bytes=sizes.big_bytes if "big" in args.phases else 0)
     args.dir.mkdir(parents=True, exist_ok=True)
     need = int((3.5 * sizes.big_bytes + sizes.dd_mib * MIB + 4 * sizes.files * 8192) * 1.1)
     free = free_bytes(args.dir)
@@ -760,19 +872,13 @@ def main(argv: list[str] | None = None) -> int:
         bench.limits("start")
         with running_appliance(run_dir) as (appliance, code):
             bench.appliance = appliance
-            home, url = appliance.database.parent, appliance.server.url
-            say(f"[start] cairnd serve at {url} (pid {appliance.pid}); joining A and B ...")
-            bench.a = make_device(run_dir, url, code, "A")
-            bench.b = make_device(run_dir, url, new_code(home, USER), "B")
+            say(f"[start] cairnd serve at {appliance.url} (pid {appliance.pid}); joining A "
+                "and B ...")
+            bench.a = sync_agent(run_dir, appliance, code, "A")
+            bench.b = sync_agent(run_dir, appliance, new_code(appliance.home, USER), "B")
             try:
                 if bench.phase("start (first file A -> B)", bench.warm_up):
-                    bench.phase("propagation latency", bench.latency)
-                    if bench.phase("small files", bench.small_files):
-                        bench.phase("propagation latency among many files",
-                                    bench.latency_among_many)
-                    bench.phase("big file and peak RSS", bench.big_file)
-                    bench.phase("idle CPU", bench.idle)
-                    bench.phase("conflicted copies", bench.conflicts)
+                    run_phases(bench, args.phases)
             finally:
                 for device in (bench.a, bench.b):
                     if device is not None:
@@ -791,7 +897,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             shutil.rmtree(run_dir, ignore_errors=True)
     report(bench, started)
-    payload = {"machine": info, "settings": asdict(sizes) | {"spacing_s": SPACING_S},
+    payload = {"machine": info, "settings": asdict(sizes) | {"spacing_s": SPACING_S,
+                                                             "phases": sorted(args.phases)},
                "figures": [f.to_json() for f in bench.figures], "failures": bench.failures,
                "details": bench.extra, "seconds": round(time.monotonic() - started, 1)}
     args.json.parent.mkdir(parents=True, exist_ok=True)

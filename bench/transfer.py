@@ -44,27 +44,28 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import blake3
+from harness import (
+    CAIRN,
+    PASSPHRASE,
+    Appliance,
+    BenchError,
+    CacheDropper,
+    Figure,
+    Layout,
+    agent_env,
+    format_table,
+    machine_info,
+    run_dd,
+    say,
+)
+from harness import running_appliance as running_home
+
 BENCH = Path(__file__).resolve().parent
-PROJECT = BENCH.parent
-for folder in (PROJECT, BENCH, PROJECT / "tests"):
-    if str(folder) not in sys.path:
-        sys.path.insert(0, str(folder))
-
-import apsw  # noqa: E402
-import blake3  # noqa: E402
-from agent_helpers import PASSPHRASE, agent_env  # noqa: E402
-from api_helpers import add_user  # noqa: E402
-from blockstore import CacheDropper, machine_info, run_dd  # noqa: E402
-from cairnd_helpers import RunningAppliance, serving  # noqa: E402
-from report import Figure, format_table, say  # noqa: E402
-
-from appliance.config import write_config  # noqa: E402
-from appliance.home import init_home  # noqa: E402
-
 MIB = 1024 * 1024
 GIB = 1024 * MIB
 BLOCK_SIZE = 4 * MIB
@@ -72,7 +73,6 @@ DATA_SHARDS, PARITY_SHARDS, DISKS = 4, 2, 6
 DD_MIB = 1024
 CHANGE_SIZE = MIB
 CHANGE_AFTER_MIDDLE = 3 * MIB + MIB // 2   # the change straddles a 4 MiB block boundary
-CAIRN = (sys.executable, "-m", "agent.cli")
 SENT_LINE = re.compile(r"sent (\d+) of (\d+) blocks")
 FETCHED_LINE = re.compile(r"fetched (\d+) of (\d+) blocks")
 PROFILE_RATE_HZ = 97
@@ -81,10 +81,6 @@ TARGET_PUT = 0.8          # x (dd write x k/(k+m))
 TARGET_GET = 0.8          # x dd write
 TARGET_RSS_MIB = 150e6 / MIB   # 150 MB
 TARGET_RSS_FLAT = 1.2     # peak RSS at the largest size / at the smallest, at most
-
-
-class BenchError(Exception):
-    pass
 
 
 # -- processes ----------------------------------------------------------------------------
@@ -153,58 +149,11 @@ class Agent:
         return run_process(argv, env, timeout)
 
 
-@dataclass(frozen=True)
-class Appliance:
-    server: RunningAppliance
-    database: Path
-
-    @property
-    def pid(self) -> int:
-        return self.server.process.pid
-
-    def cpu_seconds(self) -> float:
-        try:
-            fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            return 0.0
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def peak_rss_mib(self) -> float:
-        with contextlib.suppress(OSError):
-            for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-        return 0.0
-
-    def stored_blocks(self) -> int:
-        """Blocks the appliance records as durable in its store (its own count, read-only)."""
-        connection = apsw.Connection(str(self.database), flags=apsw.SQLITE_OPEN_READONLY)
-        try:
-            connection.set_busy_timeout(30_000)
-            row = connection.execute("SELECT count(*) FROM blocks WHERE stored = 1").fetchone()
-        finally:
-            connection.close()
-        assert row is not None
-        return int(row[0])
-
-
 @contextmanager
 def running_appliance(run_dir: Path) -> Iterator[tuple[Appliance, str]]:
     """A fresh home, `cairnd serve` on 127.0.0.1:0 (no mDNS), and a join code for a user."""
-    config = init_home(run_dir / "home", disks=DISKS, data_shards=DATA_SHARDS,
-                       parity_shards=PARITY_SHARDS, listen="127.0.0.1:0")
-    write_config(replace(config, advertise=False))
-    code = add_user(config.home, "bench")
-    with serving(config.home) as server:
-        try:
-            yield Appliance(server, config.home / "appliance.db"), code
-        except BaseException:
-            tail = server.stderr().strip().splitlines()[-20:]
-            if tail:
-                print("appliance log (last lines):\n  " + "\n  ".join(tail), file=sys.stderr)
-            raise
-        finally:
-            server.stop()
+    with running_home(run_dir, "bench", Layout(DISKS, DATA_SHARDS, PARITY_SHARDS)) as served:
+        yield served
 
 
 # -- files --------------------------------------------------------------------------------
@@ -401,9 +350,9 @@ def bench_size(args: argparse.Namespace, size_gib: float, run_dir: Path,
 
     with running_appliance(run_dir) as (appliance, code):
         agent = Agent(run_dir / "agent", args.py_spy)
-        say(f"[{label}] cairnd serve at {appliance.server.url} (pid {appliance.pid}); "
+        say(f"[{label}] cairnd serve at {appliance.url} (pid {appliance.pid}); "
             "joining an agent ...")
-        agent.run("join", code, "--url", appliance.server.url, "--name", "bench",
+        agent.run("join", code, "--url", appliance.url, "--name", "bench",
                   timeout=120, passphrase=True)
 
         def timed(name: str, *cli: str | Path) -> tuple[ProcessRun, float]:

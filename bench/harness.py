@@ -1,0 +1,450 @@
+"""What every bench script shares: one error type, the figures and their table, the
+machine's own limits (dd, page cache), a process's CPU and memory from /proc, a running
+appliance on 127.0.0.1, and `cairn` agents joined to it.
+
+Nothing here imports the tests' helpers: a benchmark drives the real commands (`cairnd`,
+`cairn`) as a user would, and the appliance's own modules only to lay out a home.
+Only loopback networking: every server listens on 127.0.0.1 with a port the kernel picks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import re
+import resource
+import signal
+import ssl
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import IO, Any
+
+PROJECT = Path(__file__).resolve().parent.parent
+if str(PROJECT) not in sys.path:
+    sys.path.insert(0, str(PROJECT))
+
+import apsw  # noqa: E402
+
+from appliance.config import load_config, write_config  # noqa: E402
+from appliance.home import init_home  # noqa: E402
+
+MIB = 1024 * 1024
+CAIRND = (sys.executable, "-m", "appliance.cli")
+CAIRN = (sys.executable, "-m", "agent.cli")
+PASSPHRASE = "bench passphrase, not a secret"
+SERVE_LINE = re.compile(r"^cairnd: serving (?P<url>https://127\.0\.0\.1:(?P<port>\d+)) ")
+
+
+class BenchError(Exception):
+    """A figure could not be obtained: a command failed, a bounded wait ran out."""
+
+
+def say(text: str) -> None:
+    print(text, flush=True)
+
+
+# -- figures ------------------------------------------------------------------------------
+
+@dataclass
+class Figure:
+    """A value, the machine's own limit it is judged against (if any), and a target: a
+    ratio to the limit, or the value itself when there is no limit."""
+
+    name: str
+    value: float
+    unit: str
+    limit: float | None = None
+    limit_name: str = ""
+    target: float | None = None
+    at_most: bool = False
+    note: str = ""
+
+    @property
+    def ratio(self) -> float | None:
+        return self.value / self.limit if self.limit else None
+
+    @property
+    def verdict(self) -> str:
+        if self.target is None:
+            return "info"
+        measured = self.ratio if self.limit is not None else self.value
+        if measured is None:
+            return "MISS"
+        met = measured <= self.target if self.at_most else measured >= self.target
+        return "PASS" if met else "MISS"
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.update(value=round(self.value, 4), verdict=self.verdict,
+                    ratio=None if self.ratio is None else round(self.ratio, 3))
+        if self.limit is not None:
+            data["limit"] = round(self.limit, 4)
+        return data
+
+
+def _number(value: float, unit: str) -> str:
+    if value >= 100:
+        return f"{value:,.0f} {unit}"
+    if value >= 10:
+        return f"{value:.1f} {unit}"
+    return f"{value:.2f} {unit}" if value >= 0.1 else f"{value:.3f} {unit}"
+
+
+def format_table(figures: list[Figure]) -> str:
+    rows = [("figure", "value", "limit", "ratio", "target", "result")]
+    for f in figures:
+        limit = _number(f.limit, f.limit_name) if f.limit is not None else "-"
+        ratio = f"{f.ratio:.2f}" if f.ratio is not None else "-"
+        if f.target is None:
+            target = "-"
+        else:
+            target = f"{'<=' if f.at_most else '>='} {f.target:g}"
+            if f.limit is None:
+                target += f" {f.unit}"
+        rows.append((f.name, _number(f.value, f.unit), limit, ratio, target, f.verdict))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip()
+             for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+# -- processes ----------------------------------------------------------------------------
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of PID so far (its threads, not its children); 0 once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _status_mib(pid: int | str, key: str) -> float:
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(key):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def peak_rss_mib(pid: int) -> float:
+    """PID's peak resident memory (VmHWM)."""
+    return _status_mib(pid, "VmHWM:")
+
+
+def rss_mib(pid: int) -> float:
+    """PID's resident memory now (VmRSS)."""
+    return _status_mib(pid, "VmRSS:")
+
+
+def own_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def own_rss_mib() -> float:
+    return _status_mib("self", "VmRSS:")
+
+
+def own_peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+# -- the machine ----------------------------------------------------------------------------
+
+def machine_info(path: Path) -> dict[str, Any]:
+    info: dict[str, Any] = {"nproc": os.cpu_count(), "kernel": platform.release(),
+                            "python": platform.python_version()}
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                info["memory_gib"] = round(int(line.split()[1]) / 1024 / 1024, 1)
+    with contextlib.suppress(OSError, subprocess.SubprocessError, IndexError):
+        out = subprocess.run(["df", "-T", str(path)], capture_output=True, text=True,
+                             timeout=10, check=True).stdout.splitlines()[-1].split()
+        info["filesystem"] = {"device": out[0], "type": out[1],
+                              "size_gib": round(int(out[2]) / 1024 / 1024),
+                              "mounted_on": out[-1]}
+    return info
+
+
+_DD_LINE = re.compile(r"(\d+) bytes .* copied, ([0-9.]+) s")
+
+
+def run_dd(args: list[str], timeout: float) -> tuple[int, float]:
+    """(bytes, seconds) as dd reports them; our own clock if dd's line is not found."""
+    started = time.perf_counter()
+    proc = subprocess.run(["dd", *args], capture_output=True, text=True, timeout=timeout)
+    elapsed = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise BenchError(f"dd {' '.join(args)} failed: {proc.stderr.strip()}")
+    match = _DD_LINE.search(proc.stderr)
+    if match:
+        return int(match.group(1)), float(match.group(2))
+    return 0, elapsed
+
+
+class CacheDropper:
+    """Evicts the page cache: drop_caches if permitted, else fadvise(DONTNEED) per file."""
+
+    def __init__(self) -> None:
+        self.method = "none yet"
+
+    def drop(self, root: Path) -> None:
+        os.sync()
+        try:
+            with open("/proc/sys/vm/drop_caches", "w") as handle:
+                handle.write("3\n")
+            self.method = "drop_caches"
+            return
+        except OSError:
+            pass
+        for folder, _, files in os.walk(root):
+            for name in files:
+                with contextlib.suppress(OSError):
+                    fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+                    try:
+                        os.fdatasync(fd)
+                        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                    finally:
+                        os.close(fd)
+        self.method = "posix_fadvise(DONTNEED) per file"
+
+
+# -- the appliance --------------------------------------------------------------------------
+
+def cairnd_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k != "CAIRN_APPLIANCE_HOME"}
+
+
+def cairnd(home: Path, *args: str, timeout: float = 120) -> str:
+    """`cairnd ARGS... --home HOME` to completion; its stdout. Raises BenchError."""
+    result = subprocess.run([*CAIRND, *args, "--home", str(home)], capture_output=True,
+                            text=True, timeout=timeout, env=cairnd_env(), check=False)
+    if result.returncode != 0:
+        raise BenchError(f"cairnd {' '.join(args)} exited {result.returncode}: "
+                         f"{result.stderr.strip()[-1000:]}")
+    return result.stdout
+
+
+def add_user(home: Path, name: str) -> str:
+    """`cairnd user add NAME`: the user's first enrollment code."""
+    return cairnd(home, "user", "add", name).strip().splitlines()[-1]
+
+
+def new_code(home: Path, name: str) -> str:
+    """`cairnd user code NAME`: a code for another device of NAME."""
+    return cairnd(home, "user", "code", name).strip().splitlines()[-1]
+
+
+@dataclass
+class Appliance:
+    """`cairnd serve` running on 127.0.0.1."""
+
+    process: subprocess.Popen[str]
+    url: str
+    home: Path
+    stderr_file: IO[str]
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
+    def database(self) -> Path:
+        return self.home / "appliance.db"
+
+    @property
+    def certificate(self) -> Path:
+        return load_config(self.home).tls_certificate
+
+    def cpu_seconds(self) -> float:
+        return cpu_seconds(self.pid)
+
+    def peak_rss_mib(self) -> float:
+        return peak_rss_mib(self.pid)
+
+    def stderr(self) -> str:
+        self.stderr_file.seek(0)
+        return self.stderr_file.read()
+
+    def stored_blocks(self) -> int:
+        """Blocks the appliance records as durable in its store (its own count, read-only)."""
+        connection = apsw.Connection(str(self.database), flags=apsw.SQLITE_OPEN_READONLY)
+        try:
+            connection.set_busy_timeout(30_000)
+            row = connection.execute("SELECT count(*) FROM blocks WHERE stored = 1").fetchone()
+        finally:
+            connection.close()
+        assert row is not None
+        return int(row[0])
+
+    def stop(self, timeout: float = 30) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=timeout)
+
+
+def _first_line(process: subprocess.Popen[str], timeout: float) -> str:
+    assert process.stdout is not None
+    stdout = process.stdout
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.append(stdout.readline()), daemon=True)
+    reader.start()
+    reader.join(timeout)
+    return lines[0].rstrip("\n") if lines else ""
+
+
+@contextlib.contextmanager
+def serving(home: Path, *extra: str, timeout: float = 60) -> Iterator[Appliance]:
+    """`cairnd serve --home HOME --listen 127.0.0.1:0` until the block ends (SIGTERM, then
+    killed if it does not stop); on an error, the last lines of its log on stderr."""
+    with tempfile.TemporaryFile("w+") as stderr_file:
+        process = subprocess.Popen(
+            [*CAIRND, "serve", "--home", str(home), "--listen", "127.0.0.1:0", *extra],
+            stdout=subprocess.PIPE, stderr=stderr_file, text=True, env=cairnd_env())
+        appliance = None
+        try:
+            line = _first_line(process, timeout)
+            match = SERVE_LINE.match(line)
+            if match is None:
+                stderr_file.seek(0)
+                raise BenchError(f"cairnd serve did not start: {line!r}\n"
+                                 f"{stderr_file.read()[-2000:]}")
+            appliance = Appliance(process, match["url"], home, stderr_file)
+            yield appliance
+        except BaseException:
+            if appliance is not None:
+                tail = appliance.stderr().strip().splitlines()[-20:]
+                if tail:
+                    print("appliance log (last lines):\n  " + "\n  ".join(tail),
+                          file=sys.stderr)
+            raise
+        finally:
+            if appliance is not None:
+                appliance.stop()
+            elif process.poll() is None:
+                process.kill()
+                process.wait(timeout=10)
+            if process.stdout is not None:
+                process.stdout.close()
+
+
+@dataclass(frozen=True)
+class Layout:
+    disks: int = 6
+    data_shards: int = 4
+    parity_shards: int = 2
+
+
+@contextlib.contextmanager
+def running_appliance(run_dir: Path, user: str = "bench", layout: Layout = Layout(),
+                      **settings: Any) -> Iterator[tuple[Appliance, str]]:
+    """A fresh home under RUN_DIR (its disks folders there too), served on 127.0.0.1 without
+    mDNS (SETTINGS: other config values), and USER's first enrollment code."""
+    config = init_home(run_dir / "home", disks=layout.disks, data_shards=layout.data_shards,
+                       parity_shards=layout.parity_shards, listen="127.0.0.1:0")
+    write_config(replace(config, advertise=False, **settings))
+    code = add_user(config.home, user)
+    with serving(config.home) as appliance:
+        yield appliance, code
+
+
+def pinned_context(certificate: Path) -> ssl.SSLContext:
+    """TLS to exactly this certificate (the appliance's self-signed one)."""
+    context = ssl.create_default_context(cafile=str(certificate))
+    context.check_hostname = False
+    return context
+
+
+# -- agents -------------------------------------------------------------------------------
+
+def agent_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("CAIRN_HOME", "CAIRN_PASSPHRASE", "CAIRN_APPLIANCE_HOME")}
+    env["CAIRN_DISCOVERY"] = "off"
+    env.update(extra)
+    return env
+
+
+def join(home: Path, url: str, code: str, name: str, timeout: float = 120) -> Path:
+    """`cairn --home HOME join CODE --url URL --name NAME`, as a user would (the real
+    passphrase cost included); returns HOME."""
+    result = subprocess.run([*CAIRN, "--home", str(home), "join", code, "--url", url,
+                             "--name", name], capture_output=True, text=True,
+                            timeout=timeout, env=agent_env(CAIRN_PASSPHRASE=PASSPHRASE),
+                            stdin=subprocess.DEVNULL, check=False)
+    if result.returncode != 0:
+        raise BenchError(f"cairn join ({name}) exited {result.returncode}: "
+                         f"{result.stderr.strip()[-1000:]}")
+    return home
+
+
+@dataclass
+class SyncAgent:
+    """A joined agent home and its folder; `start` runs `cairn sync DIR -v` (log in
+    HOME/sync.log), `stop` ends it with SIGTERM."""
+
+    home: Path
+    folder: Path
+    name: str
+    process: subprocess.Popen[bytes] | None = None
+    extra: tuple[str, ...] = field(default=())
+
+    @property
+    def log(self) -> Path:
+        return self.home / "sync.log"
+
+    @property
+    def pid(self) -> int:
+        if self.process is None:
+            raise BenchError(f"agent {self.name} is not running")
+        return self.process.pid
+
+    def start(self) -> SyncAgent:
+        if self.process is not None:
+            raise BenchError(f"agent {self.name} is already running")
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(
+                [*CAIRN, "--home", str(self.home), "sync", str(self.folder), "-v",
+                 *self.extra], stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+                env=agent_env())
+        return self
+
+    def stop(self, timeout: float = 30) -> int | None:
+        if self.process is None:
+            return None
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            code = self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            code = self.process.wait(timeout=timeout)
+        self.process = None
+        return code
+
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+def sync_agent(base: Path, appliance: Appliance, code: str, name: str) -> SyncAgent:
+    """A new device joined with CODE (BASE/NAME-home) with an empty folder BASE/NAME-folder."""
+    home = join(base / f"{name}-home", appliance.url, code, name)
+    folder = base / f"{name}-folder"
+    folder.mkdir(parents=True, exist_ok=True)
+    return SyncAgent(home, folder, name)
