@@ -35,7 +35,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,8 @@ import blake3  # noqa: E402
 from harness import (  # noqa: E402
     BenchError,
     CacheDropper,
+    Figure,
+    format_table,
     machine_info,
     own_peak_rss_mib,
     own_rss_mib,
@@ -215,61 +217,6 @@ def probe_all(store: BlockStore) -> dict[str, str]:
     return {disk.name: disk.probe().value for disk in store.disks}
 
 
-# -- report ----------------------------------------------------------------------------
-
-
-@dataclass
-class Figure:
-    name: str
-    value: float
-    unit: str
-    limit: float | None = None       # what the value is compared with
-    limit_name: str = ""
-    target: float | None = None      # minimum ratio, or minimum value if target_is_value
-    note: str = ""
-    target_is_value: bool = False
-
-    @property
-    def ratio(self) -> float | None:
-        return self.value / self.limit if self.limit else None
-
-    @property
-    def verdict(self) -> str:
-        if self.target is None:
-            return "info"
-        measured = self.value if self.target_is_value else self.ratio
-        return "PASS" if measured is not None and measured >= self.target else "MISS"
-
-    def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["ratio"] = None if self.ratio is None else round(self.ratio, 3)
-        data["verdict"] = self.verdict
-        data["value"] = round(self.value, 1)
-        if self.limit is not None:
-            data["limit"] = round(self.limit, 1)
-        return data
-
-
-def format_table(figures: list[Figure]) -> str:
-    rows = [("figure", "value", "limit", "ratio", "target", "result")]
-    for f in figures:
-        limit = f"{f.limit:,.0f} {f.limit_name}" if f.limit is not None else "-"
-        ratio = f"{f.ratio:.2f}" if f.ratio is not None else "-"
-        if f.target is None:
-            target = "-"
-        elif not f.target_is_value:
-            target = f">= {f.target:g}"
-        else:
-            target = f">= {f.target:,.0f} {f.unit}"
-        rows.append((f.name, f"{f.value:,.0f} {f.unit}" if f.value >= 100
-                     else f"{f.value:,.1f} {f.unit}", limit, ratio, target, f.verdict))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip()
-             for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
 # -- the run ---------------------------------------------------------------------------
 
 
@@ -317,7 +264,7 @@ def bench(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
         figures.append(Figure(f"put 4 MiB blocks (x{args.concurrency})", put_mbs, "MB/s",
                               dd_write * k / (k + m), f"MB/s dd write x {k}/{k + m}",
                               TARGET_PUT,
-                              f"{run.done} blocks in {run.seconds:.2f} s; block generation "
+                              note=f"{run.done} blocks in {run.seconds:.2f} s; block generation "
                               f"{gen_ms:.2f} ms/block counted in"))
         rss["after_puts"] = own_rss_mib()
         if run.timed_out:
@@ -334,7 +281,7 @@ def bench(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
         get_mbs = run.done * BLOCK_SIZE / run.seconds / 1e6
         figures.append(Figure(f"get, healthy, cold (x{args.concurrency})", get_mbs, "MB/s",
                               dd_read, "MB/s dd cold read", TARGET_GET,
-                              f"{run.done} blocks in {run.seconds:.2f} s"))
+                              note=f"{run.done} blocks in {run.seconds:.2f} s"))
         rss["after_get"] = own_rss_mib()
 
         # 3a. The layout's own read ceiling: the same data shard files read cold with plain
@@ -354,7 +301,7 @@ def bench(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
         figures.append(Figure(f"raw cold read of shard files (x{args.concurrency})",
                               file_bytes / run.seconds / 1e6, "MB/s", dd_read,
                               "MB/s dd cold read", None,
-                              f"{run.done} files in {run.seconds:.2f} s, plain reads, no "
+                              note=f"{run.done} files in {run.seconds:.2f} s, plain reads, no "
                               "verification: the ceiling for a cold get of file shards"))
 
         # 3b. The same gets again from the page cache: no disk at all, so this is what the
@@ -364,7 +311,7 @@ def bench(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
         warm_mbs = run.done * BLOCK_SIZE / run.seconds / 1e6
         figures.append(Figure(f"get, healthy, warm (x{args.concurrency})", warm_mbs, "MB/s",
                               dd_read, "MB/s dd cold read", None,
-                              f"{run.done} blocks in {run.seconds:.2f} s from the page cache: "
+                              note=f"{run.done} blocks in {run.seconds:.2f} s from the page cache: "
                               "what the CPU allows at this concurrency"))
 
         # 4. Degraded get: two disk folders renamed away.
@@ -384,7 +331,7 @@ def bench(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
         degraded_mbs = run.done * BLOCK_SIZE / run.seconds / 1e6
         figures.append(Figure(f"get, {len(missing)} disks missing (x{args.concurrency})",
                               degraded_mbs, "MB/s", get_mbs, "MB/s healthy get",
-                              TARGET_DEGRADED, f"{run.done} blocks in {run.seconds:.2f} s"))
+                              TARGET_DEGRADED, note=f"{run.done} blocks in {run.seconds:.2f} s"))
         rss["after_degraded_get"] = own_rss_mib()
 
         # 5. Rebuild one disk: replace it with an empty folder and scrub.
@@ -403,7 +350,7 @@ def bench(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
             raise BenchError(f"rebuild left blocks behind: {report.summary()}")
         figures.append(Figure("rebuild one disk (scrub)", rebuild_mbs, "MB/s", dd_write,
                               "MB/s dd write", None,
-                              f"{rebuilt / 1e6:,.0f} MB of shards rewritten "
+                              note=f"{rebuilt / 1e6:,.0f} MB of shards rewritten "
                               f"({report.shards_rewritten} shards) in {report.seconds:.2f} s; "
                               f"{report.bytes_verified / 1e6:,.0f} MB read and verified"))
         rss["after_rebuild"] = own_rss_mib()
@@ -427,18 +374,18 @@ def bench(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
         figures.append(Figure(f"durable 4 KiB puts (x{SMALL_CONCURRENCY})", small_rate,
                               "puts/s", raw_files / copies,
                               f"/s raw durable 4 KiB files / {copies}", TARGET_SMALL,
-                              f"{run.done} puts in {run.seconds:.2f} s, {copies} replicas "
+                              note=f"{run.done} puts in {run.seconds:.2f} s, {copies} replicas "
                               f"each, packed (group-committed rows of each disk's pack); "
                               f"for scale, the filesystem made {raw_files:,.0f} new "
                               f"durable 4 KiB files/s on its own",
-                              target_is_value=True))
+                              target_on_value=True))
         rss["after_small_puts"] = own_rss_mib()
     finally:
         store.close()
 
     peak = own_peak_rss_mib()
     figures.append(Figure("peak RSS", peak, "MiB", None, "", None,
-                          f"data set {data_bytes / MIB:,.0f} MiB; must not grow with it"))
+                          note=f"data set {data_bytes / MIB:,.0f} MiB; must not grow with it"))
     return {"figures": figures, "dd_write_mbs": dd_write, "dd_read_mbs": dd_read,
             "raw_small_files_per_s": raw_files,
             "cache_drop": dropper.method, "rss_mib": rss, "notes": notes}

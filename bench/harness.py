@@ -65,6 +65,7 @@ class Figure:
     target: float | None = None
     at_most: bool = False
     note: str = ""
+    target_on_value: bool = False     # judge the value even though a limit is shown
 
     @property
     def ratio(self) -> float | None:
@@ -74,7 +75,8 @@ class Figure:
     def verdict(self) -> str:
         if self.target is None:
             return "info"
-        measured = self.ratio if self.limit is not None else self.value
+        on_value = self.target_on_value or self.limit is None
+        measured = self.value if on_value else self.ratio
         if measured is None:
             return "MISS"
         met = measured <= self.target if self.at_most else measured >= self.target
@@ -106,7 +108,7 @@ def format_table(figures: list[Figure]) -> str:
             target = "-"
         else:
             target = f"{'<=' if f.at_most else '>='} {f.target:g}"
-            if f.limit is None:
+            if f.limit is None or f.target_on_value:
                 target += f" {f.unit}"
         rows.append((f.name, _number(f.value, f.unit), limit, ratio, target, f.verdict))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]

@@ -69,6 +69,8 @@ log = logging.getLogger("cairn.sync")
 DISK_RETRY_S = 30.0
 BUSY_RETRY_S = 1.0
 FAILED_RETRY_S = 5.0
+SETTLE_MARGIN_S = 0.005   # a settle timer fires this long after the file is stable (a
+                          # timer that fires early only costs a round that sets another)
 MAX_PHASES = 60
 MASS_DELETE_SHARE = 0.5
 MASS_DELETE_MIN = 10
@@ -207,7 +209,7 @@ class SyncEngine:
                 if scan.settles_in_s is not None:
                     # Before anything may return: this round may have been woken early by
                     # another timer, which consumed the one set for this file.
-                    self.wake_in("settle", scan.settles_in_s + 0.02)
+                    self.wake_in("settle", scan.settles_in_s + SETTLE_MARGIN_S)
                 paused = self._downloads_held()
                 if rules.nothing_new(self._settled, self._quiet(self.mirror.foreign_changes),
                                      bool(scan.changed), paused, self._shared_touched):
