@@ -34,10 +34,12 @@ test: bootstrap
 test-fast: bootstrap
 	@$(PYTEST) -m "not slow"
 
-# ruff, mypy (strict), and the import contracts in pyproject.toml ([tool.importlinter]).
+# ruff, mypy (strict; the packages, then the bench scripts), and the import contracts in
+# pyproject.toml ([tool.importlinter]).
 lint: bootstrap
 	@$(VENV)/bin/ruff check .
 	@$(VENV)/bin/mypy
+	@$(VENV)/bin/mypy bench/*.py
 	@$(VENV)/bin/lint-imports --no-cache
 
 bench: bootstrap
