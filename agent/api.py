@@ -141,9 +141,16 @@ class Api:
     async def update(self, node_id: str, update: NodeUpdate) -> NodeWrite:
         return await self._send(NodeWrite, "PUT", f"/files/{node_id}", update)
 
-    async def delete(self, node_id: str, base_version: int) -> NodeOut:
+    async def delete(self, node_id: str, base_version: int,
+                     unchanged_since: int | None = None) -> NodeOut:
+        """UNCHANGED_SINCE (a folder; API 1.1, ignored before): the feed cursor the delete
+        was decided at: the appliance refuses it (ConflictError) if anything under the
+        folder changed after."""
+        if unchanged_since is None:
+            return await self._send(NodeOut, "DELETE", f"/files/{node_id}",
+                                    base_version=base_version)
         return await self._send(NodeOut, "DELETE", f"/files/{node_id}",
-                                base_version=base_version)
+                                base_version=base_version, unchanged_since=unchanged_since)
 
     async def restore(self, node_id: str, base_version: int) -> NodeOut:
         return await self._send(NodeOut, "POST", f"/files/{node_id}/restore",

@@ -216,7 +216,11 @@ class Executor(Transfers):
             if changed is not None:
                 raise SkipAction(f"{changed} changed on another device meanwhile; "
                                  f"{action.path} is kept")
-        self.mirror.absorb(await self.tree.api.delete(action.node_id, action.version))
+        # ... and the appliance checks that again atomically: a change that lands after
+        # the pull above (an edit, a file moved in) refuses the delete (seed 638)
+        self.mirror.absorb(await self.tree.api.delete(
+            action.node_id, action.version,
+            unchanged_since=self.mirror.cursor if action.kind == "dir" else None))
         with self.db.transaction():
             self.db.forget_base_under(self.folder.id, action.path)
             self.db.forget_base(self.folder.id, action.node_id)

@@ -111,11 +111,16 @@ async def update_node(node_id: str, body: NodeUpdate, caller: CallerDep,
 
 @router.delete("/files/{node_id}", response_model=NodeOut)
 async def delete_node(node_id: str, base_version: Annotated[int, Query(ge=1)],
-                      caller: CallerDep, context: ContextDep) -> NodeOut:
+                      caller: CallerDep, context: ContextDep,
+                      unchanged_since: Annotated[int | None, Query(
+                          ge=0, le=MAX_SQL_INT, description="API 1.1, for a folder: the "
+                          "feed cursor the delete was decided at; 409 if anything under "
+                          "the folder changed after it")] = None) -> NodeOut:
     """Tombstone the node (a folder with everything under it). Its data is kept for the
     grace period (7 days by default): POST /files/{id}/restore brings it back."""
     node = await context.change(caller.device.id, lambda db, journal: tree.delete_node(
-        db, caller.user, journal, tree.check_node_id(node_id), base_version))
+        db, caller.user, journal, tree.check_node_id(node_id), base_version,
+        unchanged_since))
     return node_out(node)
 
 

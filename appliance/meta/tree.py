@@ -401,15 +401,20 @@ def _subtree(db: apsw.Connection, node_id: str, where: str, args: tuple[object, 
 
 
 def delete_node(db: apsw.Connection, user: User, journal: Journal, node_id: str,
-                base_version: int) -> Node:
+                base_version: int, unchanged_since: int | None = None) -> Node:
     """Tombstone the node and, for a folder, everything live under it. Blocks stay until
-    the grace period ends; `restore_node` undoes this until then."""
+    the grace period ends; `restore_node` undoes this until then. UNCHANGED_SINCE (a feed
+    cursor): refuse (ConflictError) if anything live under the folder changed after it —
+    the caller decided the delete on what it saw then, and an edit elsewhere beats it."""
     node = owned_node(db, user.id, node_id)
     if node.deleted:
         return node  # deleting twice is not a conflict
     _check_base(node, base_version)
+    members = _subtree(db, node.id, "n.deleted_at IS NULL", ())
+    if unchanged_since is not None:
+        _check_unchanged_under(db, node, members, unchanged_since)
     now = time.time()
-    for member in _subtree(db, node.id, "n.deleted_at IS NULL", ()):
+    for member in members:
         _unreference(db, member, now)
         db.execute("UPDATE nodes SET deleted_at = ?, deleted_root = ?, version = version + 1,"
                    " updated_at = ?, updated_by = ? WHERE id = ?",
@@ -420,6 +425,24 @@ def delete_node(db: apsw.Connection, user: User, journal: Journal, node_id: str,
     result = find_node(db, node.id)
     assert result is not None
     return result
+
+
+_IDS_PER_QUERY = 500
+
+
+def _check_unchanged_under(db: apsw.Connection, node: Node, members: list[str],
+                           cursor: int) -> None:
+    others = [member for member in members if member != node.id]
+    for start in range(0, len(others), _IDS_PER_QUERY):
+        chunk = others[start:start + _IDS_PER_QUERY]
+        row = db.execute(
+            f"SELECT node_id FROM changes WHERE node_id IN ({','.join('?' * len(chunk))}) "
+            "AND cursor > ? LIMIT 1", (*chunk, cursor)).fetchone()
+        if row is not None:
+            raise ConflictError(
+                f"node {row[0]} in folder {node.id} changed after cursor {cursor}: the "
+                "folder is kept; fetch the changes and decide again",
+                current_version=node.version)
 
 
 def restore_node(db: apsw.Connection, user: User, journal: Journal, node_id: str,

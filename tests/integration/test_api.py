@@ -209,6 +209,42 @@ def test_delete_and_restore_a_folder(users: dict[str, Any]) -> None:
     assert kinds[-2:] == ["deleted", "restored"]
 
 
+def test_a_folder_delete_decided_before_a_change_under_it_is_refused(
+        users: dict[str, Any]) -> None:
+    """API 1.1: `unchanged_since` names the feed cursor a folder delete was decided at;
+    anything live under the folder changed after it (an edit, a file moved in) refuses
+    the delete atomically, so an edit on another device beats a delete (seed 638 lost a
+    file that was moved into a folder between another device's check and its delete)."""
+    alice = users["alice"]
+    root = root_of(users, "alice")
+    folder = mkdir(alice, root)
+    inner = mkdir(alice, folder["id"])
+    seen = alice.ok(alice.get("/me"))["latest_cursor"]
+    # another device: a new version of something deep inside
+    renamed = alice.ok(alice.put(f"/files/{inner['id']}", json={
+        "base_version": 1, "metadata": b64(b"renamed"), "wrapped_key": b64(b"k")}))
+    refused = alice.delete(f"/files/{folder['id']}",
+                           params={"base_version": 1, "unchanged_since": seen})
+    assert refused.status_code == 409, refused.text
+    assert inner["id"] in refused.json()["error"]["message"]
+    assert not alice.ok(alice.get(f"/files/{inner['id']}"))["node"]["deleted"]
+    # a file moved in from elsewhere after the cursor counts too
+    outside = mkdir(alice, root)
+    seen = alice.ok(alice.get("/me"))["latest_cursor"]
+    alice.ok(alice.put(f"/files/{outside['id']}", json={
+        "base_version": 1, "parent": folder["id"], "metadata": b64(b"m"),
+        "wrapped_key": b64(b"k")}))
+    assert alice.delete(f"/files/{folder['id']}", params={
+        "base_version": 1, "unchanged_since": seen}).status_code == 409
+    # decided on what is there now: it goes, with everything in it
+    seen = alice.ok(alice.get("/me"))["latest_cursor"]
+    deleted = alice.ok(alice.delete(f"/files/{folder['id']}", params={
+        "base_version": 1, "unchanged_since": seen}))
+    assert deleted["deleted"]
+    assert alice.ok(alice.get(f"/files/{inner['id']}"))["node"]["deleted"]
+    assert renamed["node"]["version"] == 2
+
+
 def test_sharing_a_folder_covers_its_subtree_until_revoked(users: dict[str, Any]) -> None:
     alice, bob = users["alice"], users["bob"]
     shared = mkdir(alice, root_of(users, "alice"))
