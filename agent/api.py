@@ -32,7 +32,6 @@ from protocol.models import (
     BatchDelete,
     BatchRequest,
     BatchResponse,
-    BatchResult,
     BatchUpdate,
     BlockBatch,
     BlockBatchResult,
@@ -163,15 +162,16 @@ class Api:
         return theirs is not None and version.supports(theirs, since)
 
     async def batch(self, operations: Sequence[Operation],
-                    blocks: Sequence[tuple[str, bytes]] = ()) -> list[BatchResult]:
-        """Operations applied in order in one transaction; each succeeds or fails alone.
-        BLOCKS (id, ciphertext; API 1.1, see `supports`): small blocks the operations list,
-        stored first, so their files are uploaded at once."""
+                    blocks: Sequence[tuple[str, bytes]] = ()) -> BatchResponse:
+        """Operations applied in order in one transaction; each succeeds or fails alone
+        (`results`). BLOCKS (id, ciphertext; API 1.1, see `supports`): small blocks the
+        operations list, stored first, so their files are uploaded at once. API 1.1 also
+        says where the caller's feed stood before and after (`feed`)."""
         request = BatchRequest(operations=list(operations))
         if blocks:
             request = BatchRequest(operations=list(operations), blocks=[
                 BlockData(id=block_id, data=b64encode(data)) for block_id, data in blocks])
-        return (await self._send(BatchResponse, "POST", "/batch/files", request)).results
+        return await self._send(BatchResponse, "POST", "/batch/files", request)
 
     def children(self, folder_id: str, *, include_deleted: bool = False
                  ) -> AsyncIterator[NodeOut]:

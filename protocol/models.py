@@ -264,8 +264,21 @@ class BatchResult(BaseModel):
     error: ErrorInfo | None = None
 
 
+class FeedSpan(BaseModel):
+    """API 1.1: where the caller's changes feed stood just before and just after a
+    request's one transaction, and how many changes it added there. Nothing else can come
+    in between, so a client whose cursor was `before` and that took in every change this
+    request made (as many as `added`) may move its cursor to `after` without pulling them
+    back."""
+
+    before: int
+    after: int
+    added: int
+
+
 class BatchResponse(BaseModel):
     results: list[BatchResult]
+    feed: FeedSpan | None = None
 
 
 class BlockBatch(Strict):

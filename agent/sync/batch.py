@@ -46,7 +46,7 @@ from protocol.limits import (
     MAX_INLINE_BLOCK_BYTES,
     KiB,
 )
-from protocol.models import BatchCreate, BatchUpdate, NodeOut
+from protocol.models import BatchCreate, BatchResponse, BatchUpdate, FeedSpan, NodeOut
 
 SMALL_FILE = 48 * KiB           # one block whose ciphertext fits POST /blocks inline
 BATCH_FILES = 500
@@ -110,10 +110,13 @@ def _unchanged(item: SmallUpload) -> bool:
             and node.meta.mode == stat.S_IMODE(info.st_mode))
 
 
-async def upload_small(tree: RemoteTree, items: list[SmallUpload], device: str) -> None:
+async def upload_small(tree: RemoteTree, items: list[SmallUpload], device: str
+                       ) -> list[FeedSpan]:
     """Upload ITEMS (each SMALL_FILE bytes or less); results are set on each item.
     Batches overlap (BATCHES_AT_ONCE): one is read and encrypted while another is on the
-    wire, and only their ciphertexts are in memory."""
+    wire, and only their ciphertexts are in memory. The feed spans that only these
+    uploads filled (own_span): once their nodes are in the mirror, its cursor may pass
+    them."""
     secret = tree.keys.content_secret
 
     def prepare(item: SmallUpload) -> None:
@@ -122,15 +125,20 @@ async def upload_small(tree: RemoteTree, items: list[SmallUpload], device: str) 
         except CairnAgentError as exc:
             item.error = exc.message
 
+    spans: list[FeedSpan] = []
+
     async def one_batch(batch: list[SmallUpload]) -> None:
         await run_jobs(batch, prepare, parallel=WORKERS)
         ready = [i for i in batch if i.error is None and not _unchanged(i)]
         if ready:
-            await _send_batch(tree, ready, device)
+            span = await _send_batch(tree, ready, device)
+            if span is not None:
+                spans.append(span)
         for item in batch:
             item._cipher = b""
 
     await _in_batches(items, one_batch)
+    return spans
 
 
 async def _in_batches(items: list[T], work: Callable[[list[T]], Awaitable[None]]) -> None:
@@ -149,10 +157,12 @@ async def _in_batches(items: list[T], work: Callable[[list[T]], Awaitable[None]]
         raise first_error(group) from None
 
 
-async def _send_batch(tree: RemoteTree, items: list[SmallUpload], device: str) -> None:
+async def _send_batch(tree: RemoteTree, items: list[SmallUpload], device: str
+                      ) -> FeedSpan | None:
     """The batch's creates and updates with as many of their blocks inline as fit (API
     1.1: those files are uploaded at once, one change each); what the appliance still
-    lacks then goes by POST /blocks."""
+    lacks then goes by POST /blocks. The feed span the batch filled when it holds exactly
+    the changes of these items, each complete as its answer says (see own_span)."""
     inline: dict[str, bytes] = {}
     if tree.api.supports(version.INLINE_BATCH_BLOCKS):
         room = BATCH_BYTES
@@ -160,8 +170,10 @@ async def _send_batch(tree: RemoteTree, items: list[SmallUpload], device: str) -
             if item.refs and len(item._cipher) <= room:
                 inline[item.refs[0].id_hex] = item._cipher
                 room -= len(item._cipher)
-    results = await tree.api.batch([_operation(item, device) for item in items],
-                                   list(inline.items()))
+    answer = await tree.api.batch([_operation(item, device) for item in items],
+                                  list(inline.items()))
+    results = answer.results
+    span = own_span(answer)
     wanted: dict[str, bytes] = {}
     for item, result in zip(items, results, strict=True):
         if not result.ok or result.result is None:
@@ -184,6 +196,20 @@ async def _send_batch(tree: RemoteTree, items: list[SmallUpload], device: str) -
         if item.node is not None and item.refs and item.node.status != "uploaded":
             # its one block is now stored
             item.node = item.node.model_copy(update={"status": "uploaded"})
+    return span
+
+
+def own_span(answer: BatchResponse) -> FeedSpan | None:
+    """ANSWER's feed span if it is only this batch's doing: one change per operation that
+    succeeded (a create or an update records exactly one), each file complete in its
+    answer (nothing left to send: the feed will not say more of it). None otherwise — a
+    block that completed someone else's upload added a change we did not see, say."""
+    span = answer.feed
+    done = [r.result for r in answer.results if r.ok and r.result is not None]
+    if span is None or span.added != len(done) or any(w.upload for w in done) \
+            or any(w.node.status != "uploaded" for w in done):
+        return None
+    return span
 
 
 async def _post_blocks(tree: RemoteTree, blocks: list[tuple[str, bytes]]) -> None:

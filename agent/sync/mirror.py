@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Iterable
 
 from agent.crypto.nodes import NodeMeta, open_metadata
 from agent.errors import CairnAgentError, IntegrityError, RemoteNotFoundError
@@ -25,7 +26,7 @@ from agent.sync.model import RemoteEntry, content_of_refs
 from agent.sync.state import FolderRecord, RemoteRow, SyncDb
 from agent.sync.view import Node, RemoteView
 from protocol.ids import b64decode
-from protocol.models import ChangeOut, NodeOut
+from protocol.models import ChangeOut, FeedSpan, NodeOut
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +150,19 @@ class Mirror:
     def _has_children(self, node_id: str) -> bool:
         return self.db.db.execute("SELECT 1 FROM remote WHERE folder = ? AND parent_id = ? "
                                   "LIMIT 1", (self.folder.id, node_id)).fetchone() is not None
+
+    def pass_own(self, spans: Iterable[FeedSpan]) -> None:
+        """SPANS: feed positions only our own writes filled, whose nodes are absorbed
+        already. The cursor moves past each that starts where it stands (nothing from
+        anyone else can be in between), so the feed is not pulled just to bring our own
+        changes back; a gap stops it, and the next pull covers the rest."""
+        moved = False
+        for span in sorted(spans, key=lambda s: s.before):
+            if not self.listed or span.before != self.cursor:
+                break
+            self.cursor, moved = span.after, True
+        if moved:
+            self.db.set_cursor(self.folder.id, self.cursor)
 
     def absorb(self, raw: NodeOut) -> RemoteRow | None:
         """Take the node as the appliance now has it (from the feed or from the answer to

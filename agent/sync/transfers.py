@@ -126,7 +126,7 @@ class Transfers(Context):
             planned.append((action, info))
         for start in range(0, len(operations), MAX_BATCH_OPERATIONS):
             end = start + MAX_BATCH_OPERATIONS
-            results = await self.tree.api.batch(operations[start:end])
+            results = (await self.tree.api.batch(operations[start:end])).results
             with self.db.transaction():
                 for (action, info), result in zip(planned[start:end], results, strict=True):
                     if not result.ok or result.result is None:
@@ -167,9 +167,10 @@ class Transfers(Context):
                                                   self._folder_node(action.path), existing)))
             except CairnAgentError as exc:
                 outcome.failed.append((action.path, exc.message))
-        await upload_small(self.tree, [item for _, item in items], self.device_name)
+        spans = await upload_small(self.tree, [item for _, item in items], self.device_name)
         with self.db.transaction():
             self._record_uploads(items, outcome)
+            self.mirror.pass_own(spans)     # our own changes need not come back by a pull
         log.debug("uploaded %d small files in a batch", sum(
             1 for _, i in items if i.error is None))
 

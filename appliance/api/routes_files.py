@@ -34,6 +34,7 @@ from protocol.models import (
     BatchResponse,
     BatchResult,
     BlockIn,
+    FeedSpan,
     NodeCreate,
     NodeDetail,
     NodeHistory,
@@ -243,13 +244,17 @@ async def batch(body: BatchRequest, caller: CallerDep, context: ContextDep) -> B
 
     inline = _inline_blocks(body)
 
-    def record_then_run(db: apsw.Connection, journal: Journal) -> list[BatchResult]:
+    def record_then_run(db: apsw.Connection, journal: Journal) -> BatchResponse:
+        before = journal_queries.latest_cursor(db, caller.user.id)
         for block_id, data in inline.items():
             tree.mark_block_stored(db, block_id, len(data), journal)
-        return run(db, journal)
+        results = run(db, journal)
+        return BatchResponse(results=results, feed=FeedSpan(
+            before=before, after=journal_queries.latest_cursor(db, caller.user.id),
+            added=journal_queries.added_since(db, caller.user.id, before)))
 
     async with blocks_held_and_stored(context, inline):
-        return BatchResponse(results=await context.change(caller.device.id, record_then_run))
+        return await context.change(caller.device.id, record_then_run)
 
 
 def _inline_blocks(body: BatchRequest) -> dict[str, bytes]:

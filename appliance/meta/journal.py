@@ -62,6 +62,13 @@ def feed_page(db: apsw.Connection, user_id: int, after: int, limit: int) -> list
     return [_change(row) for row in rows]
 
 
+def added_since(db: apsw.Connection, user_id: int, cursor: int) -> int:
+    """How many changes the user's feed holds after CURSOR."""
+    row = db.execute("SELECT count(*) FROM feed WHERE user_id = ? AND cursor > ?",
+                     (user_id, cursor)).fetchone()
+    return int(row[0]) if row else 0
+
+
 def latest_cursor(db: apsw.Connection, user_id: int) -> int:
     row = db.execute("SELECT max(cursor) FROM feed WHERE user_id = ?", (user_id,)).fetchone()
     return int(row[0]) if row and row[0] is not None else 0

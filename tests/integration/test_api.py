@@ -414,6 +414,9 @@ def test_a_batch_with_its_blocks_inline_uploads_files_at_once(
     assert [download(phone, n) for n in node_ids] == contents
     feed = phone.ok(phone.get("/changes", params={"cursor": start}))["changes"]
     assert sorted(c["node_id"] for c in feed) == sorted(node_ids)     # one change each
+    # ... and where the caller's feed stood around the batch's one transaction
+    latest = alice.ok(alice.get("/me"))["latest_cursor"]
+    assert answer.json()["feed"] == {"before": start, "after": latest, "added": 5}
 
     # Refused as a whole (nothing created, nothing stored): a block no operation lists,
     # one whose size differs from the listed one, bytes that are not the block's.

@@ -22,6 +22,7 @@ from agent.sync.batch import (
     upload_small,
 )
 from protocol.limits import MAX_BATCH_READ_BYTES
+from protocol.models import FeedSpan
 
 
 def test_read_requests_stay_within_the_appliances_budget() -> None:
@@ -74,9 +75,12 @@ async def test_a_small_file_goes_up_in_one_request_and_one_change(
         start = (await tree.api.me()).latest_cursor
         assert tree.api.supports("1.1")
         upload = SmallUpload(tmp_path / "edit.txt", "edit.txt", root, None)
-        await upload_small(tree, [upload], "device")
+        spans = await upload_small(tree, [upload], "device")
         assert upload.error is None and upload.node is not None
         assert upload.node.status == "uploaded"
         changes = [change async for page in tree.api.change_pages(start)
                    for change in page.changes]
         assert [c.node_id for c in changes] == [upload.node.id]
+        # ... and says which feed positions it filled: the mirror may pass them unpulled
+        latest = (await tree.api.me()).latest_cursor
+        assert spans == [FeedSpan(before=start, after=latest, added=1)]
