@@ -145,11 +145,10 @@ class Api:
         """UNCHANGED_SINCE (a folder; API 1.1, ignored before): the feed cursor the delete
         was decided at: the appliance refuses it (ConflictError) if anything under the
         folder changed after."""
-        if unchanged_since is None:
-            return await self._send(NodeOut, "DELETE", f"/files/{node_id}",
-                                    base_version=base_version)
-        return await self._send(NodeOut, "DELETE", f"/files/{node_id}",
-                                base_version=base_version, unchanged_since=unchanged_since)
+        params = {"base_version": base_version}
+        if unchanged_since is not None:
+            params["unchanged_since"] = unchanged_since
+        return await self._send(NodeOut, "DELETE", f"/files/{node_id}", None, **params)
 
     async def restore(self, node_id: str, base_version: int) -> NodeOut:
         return await self._send(NodeOut, "POST", f"/files/{node_id}/restore",

@@ -83,8 +83,6 @@ class Transfers(Context):
         small_down = [a for a in actions if isinstance(a, Download) and a.size <= SMALL_FILE]
         if small_up:
             await self._guarded(self._upload_batch(small_up, outcome))
-        else:
-            small_up = []
         if small_down and self.downloads_allowed:
             await self._guarded(self._download_batch(small_down, outcome))
         else:

@@ -60,23 +60,6 @@ def _warn_once(message: str) -> None:
     log.warning("%s", message)
 
 
-def inotify_available() -> bool:
-    """Whether this process can create an inotify instance (else only periodic rescans
-    find local changes)."""
-    return inotify.available()
-
-
-def relative_to_root(root: str, path: str) -> str | None:
-    """PATH as '/'-separated and relative to ROOT (both absolute), ROOT_GONE for ROOT
-    itself, None for anything outside it."""
-    relative = os.path.relpath(path, root)
-    if relative == os.curdir:
-        return ROOT_GONE
-    if relative == os.pardir or relative.startswith(os.pardir + os.sep):
-        return None
-    return relative.replace(os.sep, "/")
-
-
 def wanted(rules: IgnoreRules, relative_path: str, is_dir: bool | None) -> bool:
     """Whether a change to RELATIVE_PATH is worth reporting. IS_DIR is None when the path
     is gone and its kind unknown: reported unless ignored both as a file and as a folder

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from contextlib import AsyncExitStack, asynccontextmanager
 
 import apsw
@@ -41,6 +41,7 @@ from protocol.limits import MAX_BATCH_READ_BYTES, MAX_BLOCK_BYTES, MAX_INLINE_BL
 from protocol.models import (
     BlockBatch,
     BlockBatchResult,
+    BlockData,
     BlockRead,
     BlockReadRequest,
     BlockReadResult,
@@ -126,33 +127,58 @@ async def _store_or_verify(context: ApiContext, block_id: str, data: bytes,
         raise BlockIdMismatchError("the block's bytes do not hash to its id")
 
 
+def inline_block(item: BlockData) -> bytes:
+    """The bytes of a block sent inline (POST /blocks, POST /batch/files). Raises
+    BadRequestError for bad base64 or a size outside 1..MAX_INLINE_BLOCK_BYTES."""
+    data = decode_b64(item.data, f"block {item.id[:16]}")
+    if not 0 < len(data) <= MAX_INLINE_BLOCK_BYTES:
+        raise BadRequestError(f"inline blocks have 1 to {MAX_INLINE_BLOCK_BYTES} bytes; "
+                              "send bigger ones to their URL")
+    return data
+
+
+async def _hold_all(locks: AsyncExitStack, context: ApiContext, block_ids: Iterable[str]
+                    ) -> None:
+    """Take the per-block locks (the ones GC takes), in one order so two requests never
+    deadlock."""
+    for block_id in sorted(block_ids):
+        await locks.enter_async_context(context.block_locks.hold(block_id))
+
+
+async def _store_all(context: ApiContext, blocks: dict[str, bytes],
+                     stored: dict[str, bool]) -> dict[str, CairnApplianceError]:
+    """Store (or, if STORED says it is there, verify) every block of BLOCKS, several at
+    once; the ones that failed, with why."""
+    failed: dict[str, CairnApplianceError] = {}
+    limiter = trio.CapacityLimiter(BATCH_PARALLELISM)
+
+    async def put_one(block_id: str) -> None:
+        async with limiter:
+            try:
+                await _store_or_verify(context, block_id, blocks[block_id], stored[block_id])
+            except CairnApplianceError as exc:
+                failed[block_id] = exc
+
+    async with trio.open_nursery() as nursery:
+        for block_id in blocks:
+            nursery.start_soon(put_one, block_id)
+    return failed
+
+
 @asynccontextmanager
 async def blocks_held_and_stored(context: ApiContext,
                                  blocks: dict[str, bytes]) -> AsyncIterator[None]:
     """Store BLOCKS (id -> bytes, each id checked against its bytes) and hold their locks
     until the caller has recorded them (`tree.mark_block_stored`, in its own transaction),
-    so GC cannot take one in between. Raises the first block's error."""
+    so GC cannot take one in between. Raises the first failed block's error."""
     async with AsyncExitStack() as locks:
-        for block_id in sorted(blocks):
-            await locks.enter_async_context(context.block_locks.hold(block_id))
+        await _hold_all(locks, context, blocks)
         stored = await context.meta.read(
-            lambda db: {block_id for block_id in blocks if tree.block_is_stored(db, block_id)})
-        errors: list[CairnApplianceError] = []
-        limiter = trio.CapacityLimiter(BATCH_PARALLELISM)
-
-        async def put_one(block_id: str) -> None:
-            async with limiter:
-                try:
-                    await _store_or_verify(context, block_id, blocks[block_id],
-                                           block_id in stored)
-                except CairnApplianceError as exc:
-                    errors.append(exc)
-
-        async with trio.open_nursery() as nursery:
-            for block_id in blocks:
-                nursery.start_soon(put_one, block_id)
-        if errors:
-            raise errors[0]
+            lambda db: {block_id: tree.block_is_stored(db, block_id) for block_id in blocks})
+        failed = await _store_all(context, blocks, stored)
+        for block_id in blocks:
+            if block_id in failed:
+                raise failed[block_id]
         yield
 
 
@@ -242,11 +268,7 @@ async def put_blocks(body: BlockBatch, caller: CallerDep,
     blocks: dict[str, bytes] = {}
     for item in body.blocks:
         try:
-            data = decode_b64(item.data, f"block {item.id[:16]}")
-            if not 0 < len(data) <= MAX_INLINE_BLOCK_BYTES:
-                raise BadRequestError(f"batched blocks have 1 to {MAX_INLINE_BLOCK_BYTES} "
-                                      "bytes; send bigger ones to their URL")
-            blocks[item.id] = data
+            blocks[item.id] = inline_block(item)
         except RequestError as exc:
             errors[item.id] = ErrorInfo(code=exc.code, message=exc.message)
 
@@ -264,23 +286,12 @@ async def put_blocks(body: BlockBatch, caller: CallerDep,
 
     completed: dict[str, list[str]] = {}
     async with AsyncExitStack() as locks:
-        for block_id in sorted(blocks):
-            await locks.enter_async_context(context.block_locks.hold(block_id))
+        await _hold_all(locks, context, blocks)
         allowed = await context.meta.read(triage)
-        limiter = trio.CapacityLimiter(BATCH_PARALLELISM)
-        done: list[str] = []
-
-        async def put_one(block_id: str, stored: bool) -> None:
-            async with limiter:
-                try:
-                    await _store_or_verify(context, block_id, blocks[block_id], stored)
-                    done.append(block_id)
-                except CairnApplianceError as exc:
-                    errors[block_id] = ErrorInfo(code=exc.code, message=exc.message)
-
-        async with trio.open_nursery() as nursery:
-            for block_id, stored in allowed.items():
-                nursery.start_soon(put_one, block_id, stored)
+        failed = await _store_all(context, {b: blocks[b] for b in allowed}, allowed)
+        errors.update({block_id: ErrorInfo(code=exc.code, message=exc.message)
+                       for block_id, exc in failed.items()})
+        done = [block_id for block_id in allowed if block_id not in failed]
 
         def record(db: apsw.Connection, journal: Journal) -> None:
             for block_id in done:

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Query
 
 from appliance.api.context import ApiContext, Caller, CallerDep, ContextDep
 from appliance.api.convert import change_out, decode_b64, node_out
-from appliance.api.routes_blocks import blocks_held_and_stored
+from appliance.api.routes_blocks import blocks_held_and_stored, inline_block
 from appliance.errors import BadRequestError, NotFoundError, RequestError
 from appliance.meta import journal as journal_queries
 from appliance.meta import tree
@@ -23,7 +23,6 @@ from protocol.limits import (
     MAX_BLOCKS_PER_NODE,
     MAX_CHILDREN_PAGE,
     MAX_HISTORY_PAGE,
-    MAX_INLINE_BLOCK_BYTES,
     MAX_SQL_INT,
     MAX_TRASH_PAGE,
 )
@@ -265,10 +264,7 @@ def _inline_blocks(body: BatchRequest) -> dict[str, bytes]:
               for block in operation.blocks}
     inline: dict[str, bytes] = {}
     for item in body.blocks:
-        data = decode_b64(item.data, f"block {item.id[:16]}")
-        if not 0 < len(data) <= MAX_INLINE_BLOCK_BYTES:
-            raise BadRequestError(f"inline blocks have 1 to {MAX_INLINE_BLOCK_BYTES} bytes; "
-                                  "send bigger ones to their URL")
+        data = inline_block(item)
         if listed.get(item.id) != len(data):
             raise BadRequestError(f"block {item.id[:16]} is not one of the operations' "
                                   "blocks (with this size)")

@@ -21,8 +21,6 @@ from agent.sync.ignore import BUILTIN_TEMPORARY_FILES, IgnoreRules
 from agent.sync.inotify import Event, parse_events
 from agent.sync.watch import (
     ROOT_GONE,
-    inotify_available,
-    relative_to_root,
     wanted,
     watch_changes,
 )
@@ -173,13 +171,6 @@ def test_load_warns_about_invalid_patterns(
 
 # --- pure pieces of the watcher ---------------------------------------------------------
 
-def test_relative_to_root() -> None:
-    assert relative_to_root("/r/dir", "/r/dir/a/b.txt") == "a/b.txt"
-    assert relative_to_root("/r/dir", "/r/dir") == ROOT_GONE
-    assert relative_to_root("/r/dir", "/r/dir2/x") is None
-    assert relative_to_root("/r/dir", "/r/x") is None
-
-
 def test_a_vanished_path_is_reported_unless_ignored_either_way() -> None:
     rules = IgnoreRules.from_text("build/\n")
     assert wanted(rules, "build", None)               # it may have been a file
@@ -258,7 +249,7 @@ def inotify_descriptors() -> int:
 
 
 def test_inotify_is_available_here() -> None:
-    assert inotify_available()
+    assert inotify.available()
 
 
 async def test_a_new_file_is_reported(tmp_path: Path) -> None:
