@@ -3,11 +3,12 @@ coding and disk I/O never block the event loop. A capacity limiter bounds the th
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TypeVar
 
 import trio
 
+from appliance.errors import CairnApplianceError
 from appliance.storage.blockstore import BlockStore, PutResult, RepairResult
 from appliance.storage.disk import DiskStatus
 
@@ -25,6 +26,10 @@ class AsyncBlockStore:
 
     async def put(self, block_id: str, data: bytes) -> PutResult:
         return await self._run(lambda: self.store.put(block_id, data))
+
+    async def put_many(self, blocks: Mapping[str, bytes]
+                       ) -> dict[str, PutResult | CairnApplianceError]:
+        return await self._run(lambda: self.store.put_many(blocks))
 
     async def get(self, block_id: str) -> bytes:
         return await self._run(lambda: self.store.get(block_id))

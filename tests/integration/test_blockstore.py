@@ -207,3 +207,44 @@ def test_small_put_is_acknowledged_only_after_its_pack_committed(
         store.put(block_id_of(other), other)
     monkeypatch.undo()
     assert not store.has(block_id_of(other))
+
+
+def test_put_many_shares_commits_and_fails_each_block_alone(tmp_path: Path) -> None:
+    store = make_store(tmp_path)
+    small = [os.urandom(4096) for _ in range(200)]
+    big = os.urandom(MIB)
+    stored_before = os.urandom(3000)
+    store.put(block_id_of(stored_before), stored_before)
+    commits_before = sum(d.pack.commits for d in store.disks)
+    blocks = {block_id_of(b): b for b in [*small, big, stored_before]}
+    blocks[block_id_of(b"one")] = b"two"  # bytes that are not the block
+    results = store.put_many(blocks)
+
+    assert isinstance(results.pop(block_id_of(b"one")), BlockIdMismatchError)
+    assert all(not isinstance(r, Exception) for r in results.values()), results
+    assert results[block_id_of(stored_before)].already_stored  # type: ignore[union-attr]
+    for block_id, data in blocks.items():
+        if block_id != block_id_of(b"one"):
+            assert store.get(block_id) == data
+            assert len(shard_files(store, block_id)) == (6 if data is big else 3)
+    # 200 small puts, 3 replicas each over 6 disks: a handful of group commits, not 600.
+    assert sum(d.pack.commits for d in store.disks) - commits_before <= 12
+    assert not store.has(block_id_of(b"one"))
+
+
+def test_small_read_takes_the_general_path_when_a_replica_moved_or_is_missing(
+        tmp_path: Path) -> None:
+    """The fast path reads one packed replica and the others' headers on the disks the
+    block belongs on; a replica missing there sends the read down the general path, which
+    still finds the block and queues the repair."""
+    store = make_store(tmp_path)
+    data = os.urandom(5000)
+    block_id = block_id_of(data)
+    store.put(block_id, data)
+    holders = [d for d in store.ranking(bytes.fromhex(block_id))[:3]]
+    assert all(d.pack.size(block_id) is not None for d in holders)
+    assert store.get(block_id) == data
+    assert store.repair_queue is not None and len(store.repair_queue) == 0
+    assert holders[1].pack.remove(block_id)
+    assert store.get(block_id) == data
+    assert block_id in store.repair_queue.pending(limit=10)
