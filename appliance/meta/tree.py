@@ -41,10 +41,13 @@ from protocol.limits import (
     MAX_WRAPPED_KEY_BYTES,
 )
 
-NODE_COLUMNS = ("n.id, n.owner_id, u.name, n.parent_id, n.kind, n.version, n.status, "
-                 "n.deleted_at, n.metadata, n.wrapped_key, n.size, n.block_count, "
-                 "n.content_tag, n.created_at, n.updated_at, n.updated_by")
-NODE_FROM = "FROM nodes n JOIN users u ON u.id = n.owner_id"
+# The owner's name by a subquery, not a join: SQLite's join with `users` (whose rows carry
+# the key bundles) made a node lookup cost 27 µs instead of 7.
+NODE_COLUMNS = ("n.id, n.owner_id, (SELECT name FROM users WHERE id = n.owner_id), "
+                "n.parent_id, n.kind, n.version, n.status, n.deleted_at, n.metadata, "
+                "n.wrapped_key, n.size, n.block_count, n.content_tag, n.created_at, "
+                "n.updated_at, n.updated_by")
+NODE_FROM = "FROM nodes n"
 
 
 @dataclass(frozen=True)
