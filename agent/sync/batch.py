@@ -68,7 +68,18 @@ class SmallUpload:
     node: NodeOut | None = None        # as written (None with no error: unchanged)
     refs: tuple[BlockRef, ...] = ()
     source: os.stat_result | None = None
+    written: Written | None = None     # what the batch's operation sealed
     _cipher: bytes = b""
+
+
+@dataclass(frozen=True)
+class Written:
+    """The key and metadata an upload sealed into its node, and the sealed bytes (base64):
+    the mirror takes the answer's node from them instead of decrypting it again."""
+
+    key: bytes
+    meta: NodeMeta
+    sealed: str
 
 
 def _read_and_encrypt(secret: bytes, item: SmallUpload) -> None:
@@ -97,9 +108,13 @@ def _operation(item: SmallUpload, device: str) -> BatchCreate | BatchUpdate:
                     mtime_ns=item.source.st_mtime_ns, mode=stat.S_IMODE(item.source.st_mode),
                     blocks=item.refs, device=device)
     if item.existing is None:
-        return create_op(node_create(new_node_id(), new_node_key(), meta, item.parent.id,
-                                     item.parent.key))
-    return update_op(item.existing.id, node_update(item.existing, meta, item.parent))
+        key = new_node_key()
+        create = node_create(new_node_id(), key, meta, item.parent.id, item.parent.key)
+        item.written = Written(key, meta, create.metadata)
+        return create_op(create)
+    update = node_update(item.existing, meta, item.parent)
+    item.written = Written(item.existing.key, meta, update.metadata)
+    return update_op(item.existing.id, update)
 
 
 def _unchanged(item: SmallUpload) -> bool:

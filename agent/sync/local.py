@@ -17,7 +17,13 @@ from pathlib import Path
 
 from agent.sync.ignore import IGNORE_FILE, IgnoreRules
 from agent.sync.names import is_conflicted_copy
-from agent.sync.scan import MAX_DIRTY, LocalScan, changed_between, rescan_paths, scan_tree
+from agent.sync.scan import (
+    LocalScan,
+    changed_between,
+    rescan_paths,
+    scan_tree,
+    walk_is_cheaper,
+)
 from agent.sync.shared_plan import SHARED_FOLDER
 from agent.sync.state import SyncDb
 from agent.sync.watch import ROOT_GONE
@@ -40,8 +46,9 @@ class LocalTree:
         """Paths to look at again in the next scan; a whole walk when that is simpler."""
         if self.dirty is None:
             return
+        known = 0 if self.last is None else len(self.last.entries)
         if everything or ROOT_GONE in paths or IGNORE_FILE in paths \
-                or len(self.dirty) + len(paths) > MAX_DIRTY:
+                or walk_is_cheaper(len(self.dirty) + len(paths), known):
             self.dirty = None
         else:
             self.dirty |= paths

@@ -184,8 +184,8 @@ class Mirror:
             row = row_from(raw, root.key, meta)
             self._put(row)
             return row
-        parent = None if raw.parent is None else self.db.remote_row(folder, raw.parent)
-        if parent is None or parent.kind != "dir" or raw.owner != self.tree.user:
+        parent = self._parent_in_folder(raw)
+        if parent is None:
             self._drop(raw.id)       # moved out of the folder
             return None
         known = self.db.remote_row(folder, raw.id)
@@ -197,6 +197,27 @@ class Mirror:
             return None
         self._put(opened)
         return opened
+
+    def absorb_written(self, raw: NodeOut, key: bytes, meta: NodeMeta,
+                       sealed: str) -> RemoteRow | None:
+        """Our own write as the appliance answered it. KEY and META are what we sealed
+        (SEALED, base64) into it: when the answer carries exactly those bytes, its row is
+        made from them instead of opening what we have just encrypted; anything else goes
+        through `absorb`."""
+        if raw.deleted or raw.id == self.root_id or raw.metadata != sealed \
+                or raw.kind != meta.kind or self._parent_in_folder(raw) is None:
+            return self.absorb(raw)
+        row = row_from(raw, key, meta)
+        self._put(row)
+        return row
+
+    def _parent_in_folder(self, raw: NodeOut) -> RemoteRow | None:
+        """RAW's parent if it is one of ours, a folder in the synced folder's mirror."""
+        parent = None if raw.parent is None else self.db.remote_row(self.folder.id,
+                                                                    raw.parent)
+        if parent is None or parent.kind != "dir" or raw.owner != self.tree.user:
+            return None
+        return parent
 
     def _put(self, row: RemoteRow) -> None:
         self.db.put_remote(self.folder.id, row)

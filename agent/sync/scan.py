@@ -21,7 +21,7 @@ from pathlib import Path
 from agent.crypto.blocks import BLOCK_SIZE, plain_hash_of
 from agent.errors import LocalFileError
 from agent.sync.ignore import IgnoreRules
-from agent.sync.model import Kind, LocalEntry, Stat, content_id, is_within, parent_of
+from agent.sync.model import Kind, LocalEntry, Stat, content_id, parent_of
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,13 @@ def kind_at(path: Path) -> Kind | None:
 
 
 CachedContent = Callable[[str], "tuple[Stat, str] | None"]
-MAX_DIRTY = 256      # more changed paths than this: a full walk is cheaper
+MAX_DIRTY = 256      # more changed paths than this (and than a quarter of the folder's
+DIRTY_SHARE = 4      # entries, 1/DIRTY_SHARE): a whole walk is cheaper
+
+
+def walk_is_cheaper(dirty: int, entries: int) -> bool:
+    """Whether looking at DIRTY paths again costs more than walking ENTRIES."""
+    return dirty > max(MAX_DIRTY, entries // DIRTY_SHARE)
 
 
 def scan_tree(root: Path, rules: IgnoreRules, cached: Mapping[str, tuple[Stat, str]],
@@ -98,15 +104,23 @@ def rescan_paths(root: Path, rules: IgnoreRules, previous: dict[str, LocalEntry]
     given, is where each inode was (kept by the caller; else built from PREVIOUS)."""
     result = LocalScan(entries=previous)
     window_ns = int(stable_s * 1e9)
-    done: list[str] = []
+    done: set[str] = set()
     before: dict[str, LocalEntry] = {}       # what the looked-at paths held
+
+    def looked_at(path: str) -> bool:
+        """Whether PATH or a folder above it was looked at already."""
+        while path:
+            if path in done:
+                return True
+            path = parent_of(path)
+        return False
 
     def look(path: str) -> None:
         while path and parent_of(path) and parent_of(path) not in result.entries:
             path = parent_of(path)
-        if not path or any(is_within(path, d) for d in done):
+        if not path or looked_at(path):
             return
-        done.append(path)
+        done.add(path)
         for gone, entry in _forget(result.entries, path).items():
             before.setdefault(gone, entry)
             result.changed.add(gone)

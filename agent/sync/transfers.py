@@ -182,7 +182,11 @@ class Transfers(Context):
                 assert item.existing is not None
                 version, node_id = item.existing.version, item.existing.id
             else:
-                self.mirror.absorb(item.node)
+                if item.written is None:
+                    self.mirror.absorb(item.node)
+                else:
+                    self.mirror.absorb_written(item.node, item.written.key, item.written.meta,
+                                               item.written.sealed)
                 version, node_id = item.node.version, item.node.id
             self._record(BaseEntry(node_id, action.path, "file", version,
                                    content_of_refs(item.refs), stat_of(item.source)))
