@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import AsyncIterator, Iterable
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import apsw
 import blake3
@@ -136,14 +136,6 @@ def inline_block(item: BlockData) -> bytes:
     return data
 
 
-async def _hold_all(locks: AsyncExitStack, context: ApiContext, block_ids: Iterable[str]
-                    ) -> None:
-    """Take the per-block locks (the ones GC takes), in one order so two requests never
-    deadlock."""
-    for block_id in sorted(block_ids):
-        await locks.enter_async_context(context.block_locks.hold(block_id))
-
-
 async def _store_all(context: ApiContext, blocks: dict[str, bytes],
                      stored: dict[str, bool]) -> dict[str, CairnApplianceError]:
     """Store every block of BLOCKS that STORED says is not there yet (all of them in one
@@ -175,8 +167,7 @@ async def blocks_held_and_stored(context: ApiContext,
     """Store BLOCKS (id -> bytes, each id checked against its bytes) and hold their locks
     until the caller has recorded them (`tree.mark_block_stored`, in its own transaction),
     so GC cannot take one in between. Raises the first failed block's error."""
-    async with AsyncExitStack() as locks:
-        await _hold_all(locks, context, blocks)
+    async with context.block_locks.hold_all(blocks):
         stored = await context.meta.read(
             lambda db: {block_id: tree.block_is_stored(db, block_id) for block_id in blocks})
         failed = await _store_all(context, blocks, stored)
@@ -289,8 +280,7 @@ async def put_blocks(body: BlockBatch, caller: CallerDep,
         return allowed
 
     completed: dict[str, list[str]] = {}
-    async with AsyncExitStack() as locks:
-        await _hold_all(locks, context, blocks)
+    async with context.block_locks.hold_all(blocks):
         allowed = await context.meta.read(triage)
         failed = await _store_all(context, {b: blocks[b] for b in allowed}, allowed)
         errors.update({block_id: ErrorInfo(code=exc.code, message=exc.message)

@@ -32,7 +32,7 @@ from appliance.errors import (
     NotFoundError,
 )
 from appliance.meta.journal import Journal
-from appliance.meta.records import BlockRef, Node, NodeKind, User
+from appliance.meta.records import BlockRef, Node, NodeKind, NodeStatus, User
 from protocol.ids import is_block_id, is_node_id
 from protocol.limits import (
     MAX_BLOCK_BYTES,
@@ -216,22 +216,29 @@ def _write_blocks(db: apsw.Connection, node_id: str, blocks: tuple[BlockRef, ...
                    [(node_id, i, b.block_id, b.size) for i, b in enumerate(blocks)])
 
 
-def _reference(db: apsw.Connection, node_id: str) -> int:
-    """Count the node's blocks as referenced; list those not stored as pending. Returns
-    how many distinct blocks are pending."""
-    db.execute(
-        "INSERT INTO blocks(block_id, size, refs) "
-        "SELECT block_id, max(size), count(*) FROM node_blocks WHERE node_id = ? "
-        "GROUP BY block_id "
-        "ON CONFLICT(block_id) DO UPDATE SET refs = refs + excluded.refs, "
-        "unreferenced_since = NULL", (node_id,))
-    db.execute("INSERT OR IGNORE INTO pending_blocks(node_id, block_id) "
-               "SELECT DISTINCT nb.node_id, nb.block_id FROM node_blocks nb "
-               "JOIN blocks b ON b.block_id = nb.block_id "
-               "WHERE nb.node_id = ? AND b.stored = 0", (node_id,))
-    row = db.execute("SELECT count(*) FROM pending_blocks WHERE node_id = ?",
-                     (node_id,)).fetchone()
-    return int(row[0]) if row else 0
+def _reference(db: apsw.Connection, node_id: str,
+               blocks: tuple[BlockRef, ...] | None = None) -> int:
+    """Count the node's blocks (BLOCKS, its node_blocks rows; read from there when None)
+    as referenced; list those not stored as pending. Returns how many distinct blocks are
+    pending (the node has none pending before: new, or unreferenced first)."""
+    if blocks is None:
+        blocks = tuple(node_blocks(db, node_id))
+    counts: dict[str, tuple[int, int]] = {}          # block id -> (positions, size)
+    for block in blocks:
+        positions, size = counts.get(block.block_id, (0, 0))
+        counts[block.block_id] = (positions + 1, max(size, block.size))
+    pending = []
+    for block_id, (positions, size) in counts.items():
+        row = db.execute(
+            "INSERT INTO blocks(block_id, size, refs) VALUES (?, ?, ?) "
+            "ON CONFLICT(block_id) DO UPDATE SET refs = refs + excluded.refs, "
+            "unreferenced_since = NULL RETURNING stored", (block_id, size, positions)
+        ).fetchone()
+        if not (row and row[0]):
+            pending.append((node_id, block_id))
+    db.executemany("INSERT OR IGNORE INTO pending_blocks(node_id, block_id) VALUES (?, ?)",
+                   pending)
+    return len(pending)
 
 
 def _unreference(db: apsw.Connection, node_id: str, now: float) -> None:
@@ -307,17 +314,20 @@ def create_node(db: apsw.Connection, user: User, journal: Journal, *, kind: Node
     else:
         _check_parent(db, user, parent_id)
     now = time.time()
+    blocks = content.block_list
+    _write_blocks(db, node_id, blocks)
+    status: NodeStatus = "uploading" if _reference(db, node_id, blocks) else "uploaded"
+    node = Node(id=node_id, owner_id=user.id, owner_name=user.name, parent_id=parent_id,
+                kind=kind, version=1, status=status, deleted_at=None,
+                metadata=content.metadata, wrapped_key=content.wrapped_key, size=content.size,
+                block_count=len(blocks), content_tag=tag, created_at=now, updated_at=now,
+                updated_by=journal.device_id)
     db.execute(
         "INSERT INTO nodes(id, owner_id, parent_id, kind, version, status, metadata, "
         "wrapped_key, size, block_count, content_tag, created_at, updated_at, updated_by) "
-        "VALUES (?, ?, ?, ?, 1, 'uploading', ?, ?, ?, ?, ?, ?, ?, ?)",
-        (node_id, user.id, parent_id, kind, content.metadata, content.wrapped_key,
-         content.size, len(content.block_list), tag, now, now, journal.device_id))
-    _write_blocks(db, node_id, content.block_list)
-    if _reference(db, node_id) == 0:
-        db.execute("UPDATE nodes SET status = 'uploaded' WHERE id = ?", (node_id,))
-    node = find_node(db, node_id)
-    assert node is not None
+        "VALUES (?, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (node_id, user.id, parent_id, kind, status, content.metadata, content.wrapped_key,
+         content.size, len(blocks), tag, now, now, journal.device_id))
     journal.record(node, "created")
     return node, True
 
@@ -371,7 +381,7 @@ def update_node(db: apsw.Connection, user: User, journal: Journal, node_id: str,
         _unreference(db, node.id, now)
         db.execute("DELETE FROM node_blocks WHERE node_id = ?", (node.id,))
         _write_blocks(db, node.id, content.block_list)
-        pending = _reference(db, node.id)
+        pending = _reference(db, node.id, content.block_list)
     db.execute(
         "UPDATE nodes SET parent_id = ?, version = version + 1, status = ?, metadata = ?, "
         "wrapped_key = ?, size = ?, block_count = ?, content_tag = ?, updated_at = ?, "
