@@ -127,7 +127,10 @@ def error_from_status(status: int, content: bytes) -> ApiError | NotEnrolledErro
 
 
 def _transient(status: int, content: bytes) -> bool:
-    """Whether an error answer may go away if we wait and retry."""
+    """Whether an answer is an error that may go away if we wait and retry. (A success
+    is not: its body, megabytes of blocks say, is never parsed here.)"""
+    if status < 400:
+        return False
     code = _error_body(content)[0] if content else None
     if code is not None:
         return code in TRANSIENT_CODES

@@ -29,6 +29,7 @@ from protocol.ids import b64decode
 from protocol.models import ChangeOut, FeedSpan, NodeOut
 
 log = logging.getLogger(__name__)
+OPENED_KEPT = 4096   # opened node metadata kept for the transfers that follow a pull
 
 
 def row_from(raw: NodeOut, key: bytes, meta: NodeMeta) -> RemoteRow:
@@ -72,6 +73,9 @@ class Mirror:
         self.foreign_changes = 0      # changes to what others shared with us (or unshares)
         self._view: RemoteView | None = None
         self.relisted = True          # the view was rebuilt: plan everything
+        # Metadata opened lately (node id -> the sealed bytes and what they say): a node
+        # pulled is about to be downloaded, and opening it twice is waste. Bounded.
+        self._opened: dict[str, tuple[bytes, NodeMeta]] = {}
 
     async def refresh(self) -> int:
         """Bring the mirror up to date; the number of changes applied."""
@@ -100,14 +104,15 @@ class Mirror:
     async def _list_under(self, folder_id: str, folder_key: bytes, rows: list[RemoteRow]
                           ) -> None:
         async for raw in self.tree.api.children(folder_id):
-            row = self._open(raw, folder_key)
-            if row is None:
+            opened = self._open(raw, folder_key)
+            if opened is None:
                 continue
+            row = opened[0]
             rows.append(row)
             if row.kind == "dir":
                 await self._list_under(row.node_id, row.key, rows)
 
-    def _open(self, raw: NodeOut, parent_key: bytes) -> RemoteRow | None:
+    def _open(self, raw: NodeOut, parent_key: bytes) -> tuple[RemoteRow, NodeMeta] | None:
         """Decrypt a node under a parent we hold the key of; None (logged) if it does not
         open — a tampered node is left out, never synced."""
         try:
@@ -115,7 +120,7 @@ class Mirror:
         except (IntegrityError, ValueError) as exc:
             log.warning("skipping remote node %s: %s", raw.id, exc)
             return None
-        return row_from(raw, node.key, node.meta)
+        return row_from(raw, node.key, node.meta), node.meta
 
     async def pull(self) -> int:
         applied = 0
@@ -182,7 +187,7 @@ class Mirror:
                 log.warning("the synced folder's own metadata does not open: %s", exc)
                 return None
             row = row_from(raw, root.key, meta)
-            self._put(row)
+            self._put(row, meta)
             return row
         parent = self._parent_in_folder(raw)
         if parent is None:
@@ -195,8 +200,8 @@ class Mirror:
         if opened is None:
             self._drop(raw.id)
             return None
-        self._put(opened)
-        return opened
+        self._put(*opened)
+        return opened[0]
 
     def absorb_written(self, raw: NodeOut, key: bytes, meta: NodeMeta,
                        sealed: str) -> RemoteRow | None:
@@ -208,7 +213,7 @@ class Mirror:
                 or raw.kind != meta.kind or self._parent_in_folder(raw) is None:
             return self.absorb(raw)
         row = row_from(raw, key, meta)
-        self._put(row)
+        self._put(row, meta)
         return row
 
     def _parent_in_folder(self, raw: NodeOut) -> RemoteRow | None:
@@ -219,10 +224,15 @@ class Mirror:
             return None
         return parent
 
-    def _put(self, row: RemoteRow) -> None:
+    def _put(self, row: RemoteRow, meta: NodeMeta | None = None) -> None:
         self.db.put_remote(self.folder.id, row)
         if self._view is not None:
             self._view.put(node_of(row))
+        if meta is None:
+            return
+        if len(self._opened) >= OPENED_KEPT:
+            del self._opened[next(iter(self._opened))]
+        self._opened[row.node_id] = (row.meta, meta)
 
     def _drop(self, node_id: str) -> None:
         self.db.drop_remote_subtree(self.folder.id, node_id)
@@ -251,4 +261,8 @@ class Mirror:
                           version=row.version,
                           status="uploaded" if row.uploaded else "uploading", deleted=False,
                           owner=self.tree.user, created_at=row.created_at,
-                          updated_at=row.updated_at, key=row.key, meta=open_row(row))
+                          updated_at=row.updated_at, key=row.key, meta=self._meta_of(row))
+
+    def _meta_of(self, row: RemoteRow) -> NodeMeta:
+        sealed, meta = self._opened.get(row.node_id, (b"", None))
+        return meta if meta is not None and sealed == row.meta else open_row(row)

@@ -64,7 +64,8 @@ def test_error_bodies_become_agent_errors_by_code(status: int, code: str,
 @pytest.mark.parametrize(("status", "code", "transient"), [
     (429, "rate_limited", True), (503, "storage", True), (503, "block_unrecoverable", False),
     (404, "block_not_found", False), (507, "insufficient_disks", False),
-    (502, None, True), (503, None, True), (504, None, True), (500, None, False)])
+    (502, None, True), (503, None, True), (504, None, True), (500, None, False),
+    (200, "rate_limited", False)])   # a success is never retried (nor its body parsed)
 def test_what_is_worth_a_retry(status: int, code: str | None, transient: bool) -> None:
     body = b"<html>proxy</html>" if code is None else json.dumps(
         {"error": {"code": code, "message": "m"}}).encode()
