@@ -17,6 +17,7 @@ NodeCreate or NodeUpdate into one of its operations.
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -67,9 +68,16 @@ FEED_PAGE = 2000
 assert FEED_PAGE <= MAX_CHANGES_PAGE
 
 
+def wire_body(model: BaseModel) -> bytes:
+    """A request model as the JSON that goes on the wire, with only the fields that were
+    set (pydantic's own encoder: a batch of 500 files is megabytes of JSON)."""
+    return model.model_dump_json(exclude_unset=True).encode()
+
+
 def body_of(model: BaseModel) -> dict[str, Any]:
-    """A request model as JSON, with only the fields that were set."""
-    return model.model_dump(mode="json", exclude_unset=True)
+    """What `wire_body` sends, decoded."""
+    body: dict[str, Any] = json.loads(wire_body(model))
+    return body
 
 
 def create_op(create: NodeCreate) -> BatchCreate:
@@ -97,13 +105,17 @@ class Api:
         self.connection = connection
 
     async def _get(self, answer: type[M], path: str, **params: Any) -> M:
-        return answer.model_validate(await self.connection.call("GET", path, params=params
-                                                                or None))
+        return answer.model_validate_json(await self.connection.exchange(
+            "GET", path, params=params or None))
 
     async def _send(self, answer: type[M], method: str, path: str,
                     body: BaseModel | None = None, **params: Any) -> M:
-        return answer.model_validate(await self.connection.call(
-            method, path, json=None if body is None else body_of(body), params=params or None))
+        """BODY encoded and the answer decoded by pydantic's own JSON code (a batch of 500
+        files is megabytes of JSON each way; going through dicts and the json module cost
+        the agent a tenth of its time per small file)."""
+        content = None if body is None else wire_body(body)
+        return answer.model_validate_json(await self.connection.exchange(
+            method, path, content=content, params=params or None))
 
     # --- the appliance and the account ------------------------------------------------
 

@@ -61,6 +61,8 @@ TRANSIENT_CODES = frozenset({ErrorCode.RATE_LIMITED, ErrorCode.STORAGE, ErrorCod
 # An answer without a Cairn error body with one of these statuses comes from something in
 # between (a proxy) or a server still starting: worth a retry too.
 TRANSIENT_STATUSES = frozenset({502, 503, 504})
+_JSON_HEADERS = {"Content-Type": "application/json"}
+_dumps, _loads = json.dumps, json.loads   # `call` has a parameter named json
 ERROR_CLASSES: dict[ErrorCode, type[ApiError]] = {
     ErrorCode.NOT_FOUND: RemoteNotFoundError,
     ErrorCode.BLOCK_NOT_FOUND: RemoteNotFoundError,
@@ -185,10 +187,20 @@ class Connection:
     async def call(self, method: str, path: str, *, json: Any = None,
                    params: dict[str, Any] | None = None) -> Any:
         """One JSON request, retried when transient; its decoded answer (None if empty)."""
+        content = None if json is None else _dumps(json).encode()
+        answer = await self.exchange(method, path, content=content, params=params)
+        return _loads(answer) if answer else None
+
+    async def exchange(self, method: str, path: str, *, content: bytes | None = None,
+                       params: dict[str, Any] | None = None) -> bytes:
+        """One request with a JSON body already encoded (CONTENT), retried when transient;
+        the answer's body as it came (the caller parses it straight into its model)."""
+        headers = None if content is None else _JSON_HEADERS
         for attempt in range(self.retry.attempts):
             url_before = self.device.url
             try:
-                response = await self._async.request(method, path, json=json, params=params)
+                response = await self._async.request(method, path, content=content,
+                                                     headers=headers, params=params)
             except httpx.TransportError as exc:
                 await self._after_transport_error(exc, attempt, url_before)
                 continue
@@ -199,7 +211,7 @@ class Connection:
                 continue
             if response.status_code >= 400:
                 raise error_from_response(response)
-            return response.json() if response.content else None
+            return response.content
         raise AssertionError("unreachable")  # the last attempt raises or returns
 
     def _check_version(self, response: httpx.Response) -> None:

@@ -3,6 +3,7 @@ batch operation, and how the pager walks the changes feed and folder listings.""
 
 from __future__ import annotations
 
+import json
 from typing import Any, cast
 
 from agent.api import FEED_PAGE, Api, body_of, create_op, item_error, update_op
@@ -23,11 +24,11 @@ class FakeConnection:
         self.answers = answers
         self.requests: list[tuple[str, str, dict[str, Any] | None]] = []
 
-    async def call(self, method: str, path: str, *, json: Any = None,
-                   params: dict[str, Any] | None = None) -> Any:
+    async def exchange(self, method: str, path: str, *, content: bytes | None = None,
+                       params: dict[str, Any] | None = None) -> bytes:
         self.requests.append((method, path, params))
         place = (params or {}).get("cursor", (params or {}).get("after"))
-        return self.answers[(method, path, place)]
+        return json.dumps(self.answers[(method, path, place)]).encode()
 
 
 def _node(node_id: str) -> dict[str, Any]:
