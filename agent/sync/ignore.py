@@ -23,7 +23,7 @@ import functools
 import logging
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
@@ -53,6 +53,14 @@ _RESERVED_NAME: Final = _name_matcher(BUILTIN_RESERVED)
 _TEMPORARY_FILE_NAME: Final = _name_matcher(BUILTIN_TEMPORARY_FILES)
 
 
+FOLDERS_REMEMBERED = 65_536
+
+
+@functools.lru_cache(maxsize=8)
+def _rules_from_text(text: str) -> IgnoreRules:
+    return IgnoreRules._compile(text)
+
+
 @functools.lru_cache(maxsize=64)
 def _warn_once(message: str) -> None:
     """The engine reloads the rules every round: say each problem once, not every time."""
@@ -66,10 +74,18 @@ class IgnoreRules:
 
     user_patterns: pathspec.GitIgnoreSpec
     rejected_lines: tuple[str, ...] = ()
+    # folder -> whether it or a folder above it is ignored: every watcher event and every
+    # file a scan meets asks about its folders. Bounded; the rules never change.
+    _folders: dict[str, bool] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def from_text(cls, text: str) -> IgnoreRules:
-        """Rules from the text of a .cairnignore file (pure)."""
+        """Rules from the text of a .cairnignore file (pure). The same text gives the same
+        (immutable) rules: the engine loads them every round."""
+        return _rules_from_text(text)
+
+    @classmethod
+    def _compile(cls, text: str) -> IgnoreRules:
         accepted: list[str] = []
         rejected: list[str] = []
         for line in text.splitlines():
@@ -105,11 +121,21 @@ class IgnoreRules:
     def ignores(self, relative_path: str, is_dir: bool) -> bool:
         """Whether sync leaves RELATIVE_PATH ('/'-separated, relative to DIR, no leading
         slash) alone, because of its own name or because a parent folder is ignored."""
-        parts = relative_path.split("/")
-        for depth in range(1, len(parts)):
-            if self._ignores_itself("/".join(parts[:depth]), parts[depth - 1], True):
-                return True
-        return self._ignores_itself(relative_path, parts[-1], is_dir)
+        parent, _, name = relative_path.rpartition("/")
+        if parent and self._folder_ignored(parent):
+            return True
+        return self._ignores_itself(relative_path, name, is_dir)
+
+    def _folder_ignored(self, folder: str) -> bool:
+        ignored = self._folders.get(folder)
+        if ignored is None:
+            parent, _, name = folder.rpartition("/")
+            ignored = (bool(parent) and self._folder_ignored(parent)) \
+                or self._ignores_itself(folder, name, True)
+            if len(self._folders) >= FOLDERS_REMEMBERED:
+                self._folders.clear()
+            self._folders[folder] = ignored
+        return ignored
 
     def _ignores_itself(self, path: str, name: str, is_dir: bool) -> bool:
         if not path or path == IGNORE_FILE:
