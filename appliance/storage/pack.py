@@ -38,6 +38,7 @@ import apsw
 
 PACK_NAME = "small-shards.sqlite"
 READER_RECHECK_S = 1.0
+READER_CACHE_KIB = 256
 FAILURES_KEPT = 1024  # failed commit generations remembered for their waiters
 _SCHEMA = ("CREATE TABLE IF NOT EXISTS shards ("
            " block_id TEXT PRIMARY KEY,"   # hex BLAKE3 id of the block
@@ -152,6 +153,9 @@ class ShardPack:
             return None
         reader = apsw.Connection(str(self.path), flags=apsw.SQLITE_OPEN_READWRITE)
         reader.setbusytimeout(10_000)
+        # The kernel's page cache holds these pages anyway; SQLite's own cache (2 MiB per
+        # connection by default) would be one more copy in every store thread, per disk.
+        reader.execute(f"PRAGMA cache_size = -{READER_CACHE_KIB}")
         self._local.reader, self._local.inode = reader, inode
         with self._readers_lock:
             self._readers.append(reader)
