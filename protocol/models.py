@@ -159,8 +159,10 @@ class NodeWrite(BaseModel):
 class NodeDetail(BaseModel):
     node: NodeOut
     method: Literal["GET", "PUT"] | None = Field(description="GET: download URLs for the "
-                                                 "node's blocks in order; PUT: upload URLs "
-                                                 "for the blocks still missing")
+                                                 "node's blocks in order (with stored_only, "
+                                                 "of a file still uploading: those stored so "
+                                                 "far, each once); PUT: upload URLs for the "
+                                                 "blocks still missing")
     blocks: list[BlockUrl]
     urls_expire_at: int | None
 

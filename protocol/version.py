@@ -8,11 +8,16 @@ major version stops it with one clear line instead of a validation error later.
 
 from __future__ import annotations
 
-API_VERSION = "1.1"
+API_VERSION = "1.2"
 HEADER = "Cairn-Api-Version"
 
 INLINE_BATCH_BLOCKS = "1.1"
 """Since this version POST /batch/files takes small blocks inline (`blocks`)."""
+
+STORED_BLOCK_URLS = "1.2"
+"""Since this version GET /files/{id}/presigned-url?stored_only=true answers, for a file
+still uploading, download URLs of the blocks stored so far: another device can fetch a big
+file while it is being uploaded."""
 
 
 class IncompatibleApiError(ValueError):

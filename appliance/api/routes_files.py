@@ -134,12 +134,13 @@ async def restore_node(node_id: str, body: VersionBody, caller: CallerDep,
 
 
 def _detail(db: apsw.Connection, context: ApiContext, caller: Caller, node_id: str,
-            offset: int, limit: int) -> NodeDetail:
+            offset: int, limit: int, stored_only: bool = False) -> NodeDetail:
     node = tree.readable_node(db, caller.user.id, node_id)
     if node.deleted or node.kind == "dir":
         return NodeDetail(node=node_out(node), method=None, blocks=[], urls_expire_at=None)
-    if node.status == "uploaded":
-        blocks = tree.node_blocks(db, node.id, offset, limit)
+    if node.status == "uploaded" or stored_only:
+        blocks = tree.node_blocks(db, node.id, offset, limit) if node.status == "uploaded" \
+            else tree.stored_blocks(db, node.id, offset, limit)
         urls = [context.sign("GET", block, caller.device.id) for block in blocks]
         return NodeDetail(node=node_out(node), method="GET", blocks=urls,
                           urls_expire_at=context.urls_expire_at() if urls else None)
@@ -163,11 +164,16 @@ async def get_node(node_id: str, caller: CallerDep, context: ContextDep) -> Node
 async def presigned_urls(node_id: str, caller: CallerDep, context: ContextDep,
                          offset: Annotated[int, Query(ge=0, le=MAX_SQL_INT)] = 0,
                          limit: Annotated[int, Query(ge=1, le=MAX_BLOCKS_PER_NODE)] = 1000,
+                         stored_only: Annotated[bool, Query(description=(
+                             "API 1.2: for a file still uploading, download URLs of the "
+                             "blocks stored so far (each once, in order of first use; "
+                             "`offset` counts those), so another device can fetch it while "
+                             "it is uploaded"))] = False,
                          ) -> NodeDetail:
     """Fresh pre-signed URLs for a window of the node's blocks (the seed's route); use it
     to refresh expired URLs during a long transfer."""
     return await context.meta.read(lambda db: _detail(
-        db, context, caller, node_id, offset, limit))
+        db, context, caller, node_id, offset, limit, stored_only))
 
 
 @router.get("/files/{node_id}/children", response_model=NodeList)

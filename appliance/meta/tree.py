@@ -177,6 +177,18 @@ def node_blocks(db: apsw.Connection, node_id: str, offset: int = 0,
     return [BlockRef(str(b), int(s)) for b, s in rows]  # type: ignore[arg-type]
 
 
+def stored_blocks(db: apsw.Connection, node_id: str, offset: int = 0,
+                  limit: int = MAX_BLOCKS_PER_NODE) -> list[BlockRef]:
+    """The node's distinct blocks that are stored, in order of first position, from the
+    OFFSET-th of them (a file still uploading: what another device may fetch already)."""
+    rows = db.execute(
+        "SELECT nb.block_id, nb.size FROM node_blocks nb JOIN blocks b "
+        "ON b.block_id = nb.block_id WHERE nb.node_id = ? AND b.stored = 1 "
+        "GROUP BY nb.block_id ORDER BY min(nb.position) LIMIT ? OFFSET ?",
+        (node_id, limit, offset)).fetchall()
+    return [BlockRef(str(b), int(s)) for b, s in rows]  # type: ignore[arg-type]
+
+
 def missing_blocks(db: apsw.Connection, node_id: str) -> list[BlockRef]:
     rows = db.execute("SELECT p.block_id, b.size FROM pending_blocks p JOIN blocks b "
                       "ON b.block_id = p.block_id WHERE p.node_id = ? ORDER BY p.block_id",

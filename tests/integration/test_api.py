@@ -30,6 +30,8 @@ from api_helpers import (
 )
 from cairnd_helpers import MakeHome, Served, serving
 
+from protocol.version import INLINE_BATCH_BLOCKS, supports
+
 
 @pytest.fixture(scope="module")
 def users(appliance: Served) -> Iterator[dict[str, Any]]:
@@ -103,6 +105,39 @@ def test_create_resumable_upload_download_and_dedup(users: dict[str, Any]) -> No
     again = alice.client.put(created["upload"][0]["url"], content=next(
         b for b in blocks if block(b)["id"] == created["upload"][0]["block_id"]))
     assert again.status_code == 200
+
+
+def test_a_file_still_uploading_can_be_fetched_block_by_block_as_blocks_arrive(
+        users: dict[str, Any]) -> None:
+    """API 1.2, stored_only: another device of the owner gets download URLs for the blocks
+    stored so far (each once, in order of first use), and those URLs work at once."""
+    alice, phone = users["alice"], users["alice2"]
+    first, second = os.urandom(70_000), os.urandom(80_000)
+    blocks = [first, second, first]
+    created = create_file(alice, root_of(users, "alice"), blocks)
+    node_id = created["node"]["id"]
+    path = f"/files/{node_id}/presigned-url"
+
+    def stored_urls() -> dict[str, Any]:
+        return dict(phone.ok(phone.get(path, params={"stored_only": "true"})))
+
+    nothing = stored_urls()
+    assert nothing["method"] == "GET" and nothing["blocks"] == []
+    assert nothing["node"]["status"] == "uploading"
+    assert phone.ok(phone.get(path))["method"] == "PUT"     # without it: as before
+    upload(alice, [u for u in created["upload"] if u["block_id"] == block(second)["id"]],
+           blocks)
+    some = stored_urls()
+    assert [u["block_id"] for u in some["blocks"]] == [block(second)["id"]]
+    fetched = phone.client.get(some["blocks"][0]["url"])
+    assert fetched.status_code == 200 and fetched.content == second
+    upload(alice, created["upload"], blocks)
+    done = stored_urls()                     # uploaded now: every position, in order
+    assert done["node"]["status"] == "uploaded"
+    assert [u["block_id"] for u in done["blocks"]] == [block(b)["id"] for b in blocks]
+    # Someone who cannot read the node gets nothing of it, stored_only or not.
+    other = users["bob"].get(path, params={"stored_only": "true"})
+    assert other.status_code == 404
 
 
 def test_empty_file_is_uploaded_at_once(users: dict[str, Any]) -> None:
@@ -406,7 +441,7 @@ def test_a_batch_with_its_blocks_inline_uploads_files_at_once(
                    "blocks": [block(c)]} for c in contents]
     answer = alice.post("/batch/files", json={"operations": operations, "blocks": [
         {"id": block(c)["id"], "data": b64(c)} for c in contents]})
-    assert answer.headers["Cairn-Api-Version"] == "1.1"
+    assert supports(answer.headers["Cairn-Api-Version"], INLINE_BATCH_BLOCKS)
     results = alice.ok(answer)["results"]
     assert [r["result"]["node"]["status"] for r in results] == ["uploaded"] * 5
     assert [r["result"]["upload"] for r in results] == [[]] * 5
