@@ -27,7 +27,7 @@ from agent.client import Connection
 from protocol import version
 from protocol.errors import ErrorInfo
 from protocol.ids import b64decode, b64encode
-from protocol.limits import MAX_CHANGES_PAGE, MAX_CHILDREN_PAGE, MAX_TRASH_PAGE
+from protocol.limits import MAX_BLOCKS_PER_NODE, MAX_CHANGES_PAGE, MAX_CHILDREN_PAGE, MAX_TRASH_PAGE
 from protocol.models import (
     BatchCreate,
     BatchDelete,
@@ -145,6 +145,12 @@ class Api:
     async def node(self, node_id: str) -> NodeDetail:
         """The node, with download URLs for its blocks (or upload URLs while uploading)."""
         return await self._get(NodeDetail, f"/files/{node_id}")
+
+    async def stored_urls(self, node_id: str) -> NodeDetail:
+        """API 1.2 (see `supports`): the node with download URLs for the blocks stored so
+        far — of a file still uploading, those that are in; of an uploaded one, all."""
+        return await self._get(NodeDetail, f"/files/{node_id}/presigned-url",
+                               stored_only="true", limit=MAX_BLOCKS_PER_NODE)
 
     async def create(self, create: NodeCreate) -> NodeWrite:
         return await self._send(NodeWrite, "POST", "/files", create)

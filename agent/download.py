@@ -12,6 +12,14 @@
    hash matches the metadata are kept or copied instead of fetched.
 4. Done: fsync, set mode and mtime, rename over the target, fsync the folder. A crash leaves
    the old file intact and, at worst, a temporary file the next get resumes from.
+
+Streaming (`stream=True`, the sync engine, API 1.2): a file another device is still
+uploading is fetched as its blocks arrive — the blocks stored so far, then again every
+moment, until every block is in — so the two hops (device → appliance → device) overlap
+instead of running one after the other. Each block is verified exactly as above, and the
+file is renamed into place only once all of them are in; a node that moves on to another
+version, or one that gets no new block for STREAM_STALL_S, stops the download (the
+temporary file stays for the next try).
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ import errno
 import hmac
 import os
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +37,7 @@ import trio
 from agent.crypto.blocks import BlockRef, decrypt_block, plain_hash_of
 from agent.errors import (
     DiskFullError,
+    FileChangedError,
     ForbiddenError,
     IntegrityError,
     LocalFileError,
@@ -37,12 +46,16 @@ from agent.errors import (
 from agent.pipeline import run_jobs
 from agent.progress import Progress
 from agent.remote import RemoteNode, RemoteTree
-from protocol.models import BlockUrl
+from protocol.models import BlockUrl, NodeDetail
+from protocol.version import STORED_BLOCK_URLS
 
 PART_SUFFIX = ".cairn-part"
 # Blocks in flight. A download waits mostly on the appliance's reads, so more in flight than
 # an upload's 4 pays: 1 GiB took ~16 s with 4 and ~12 s with 6 (8: no faster, more memory).
 DOWNLOAD_PARALLEL = 6
+STREAM_POLL_S = 0.2          # between two looks at what is stored, for a file of few blocks
+STREAM_POLL_PER_BLOCK_S = 0.0005   # ... and this much longer per block (50 GB: ~6.6 s)
+STREAM_STALL_S = 60.0        # no new block stored for this long: give up for now
 
 
 @dataclass
@@ -81,18 +94,31 @@ def plan_blocks(node: RemoteNode, urls: list[BlockUrl]) -> list[BlockJob]:
     if len(urls) != len(refs):
         raise IntegrityError(f"the appliance lists {len(urls)} blocks for {node.name}, its "
                              f"metadata {len(refs)}: tampered with")
-    offsets: dict[bytes, list[int]] = defaultdict(list)
-    first: dict[bytes, tuple[BlockRef, str]] = {}
+    if any(entry.block_id != ref.id_hex for ref, entry in zip(refs, urls, strict=True)):
+        raise IntegrityError(f"the appliance serves other blocks for {node.name} than "
+                             "its metadata lists: tampered with")
+    return plan_some(node, urls)
+
+
+def plan_some(node: RemoteNode, urls: list[BlockUrl]) -> list[BlockJob]:
+    """Jobs for the distinct blocks of URLS, each with every offset it fills in NODE.
+    Raises IntegrityError for a block the metadata does not list."""
+    offsets: dict[str, list[int]] = defaultdict(list)
+    refs: dict[str, BlockRef] = {}
     position = 0
-    for ref, entry in zip(refs, urls, strict=True):
-        if entry.block_id != ref.id_hex:
-            raise IntegrityError(f"the appliance serves other blocks for {node.name} than "
-                                 "its metadata lists: tampered with")
-        offsets[ref.block_id].append(position)
-        first.setdefault(ref.block_id, (ref, entry.url))
+    for ref in node.meta.blocks:
+        offsets[ref.id_hex].append(position)
+        refs.setdefault(ref.id_hex, ref)
         position += ref.plain_size
-    return [BlockJob(ref, tuple(offsets[block_id]), url)
-            for block_id, (ref, url) in first.items()]
+    jobs: dict[str, BlockJob] = {}
+    for entry in urls:
+        listed = refs.get(entry.block_id)
+        if listed is None:
+            raise IntegrityError(f"the appliance serves a block for {node.name} that its "
+                                 "metadata does not list: tampered with")
+        jobs.setdefault(entry.block_id, BlockJob(listed, tuple(offsets[entry.block_id]),
+                                                 entry.url))
+    return list(jobs.values())
 
 
 def _region_matches(fd: int, ref: BlockRef, offset: int) -> bytes | None:
@@ -129,10 +155,13 @@ def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
 async def download_file(tree: RemoteTree, node: RemoteNode, target: Path, *,
                         show_progress: bool | None = None,
                         parallel: int = DOWNLOAD_PARALLEL,
-                        guard: Callable[[], None] | None = None) -> DownloadStats:
+                        guard: Callable[[], None] | None = None,
+                        stream: bool = False) -> DownloadStats:
     """Download NODE to TARGET. GUARD, if given, runs just before the rename into place
     and may raise to keep the target as it is (the sync engine checks that the local file
-    did not change meanwhile); the temporary file is then removed."""
+    did not change meanwhile); the temporary file is then removed. STREAM: a file still
+    being uploaded is fetched as its blocks arrive (see the module's docstring) instead of
+    being refused."""
     if node.is_dir:
         raise LocalFileError(f"{node.name} is a folder")
     detail = await tree.fetch(node.id)
@@ -140,10 +169,11 @@ async def download_file(tree: RemoteTree, node: RemoteNode, target: Path, *,
         node = await tree.open(detail.node)   # changed since it was listed
     if node.deleted:
         raise RemoteNotFoundError(f"{node.name} was deleted")
-    if detail.method != "GET" and node.meta.blocks:
+    streaming = detail.method != "GET" and bool(node.meta.blocks)
+    if streaming and not (stream and tree.api.supports(STORED_BLOCK_URLS)):
         raise LocalFileError(f"{node.name} is still being uploaded by another device; try "
                              "again when it is complete")
-    jobs = plan_blocks(node, detail.blocks)
+    jobs = [] if streaming else plan_blocks(node, detail.blocks)
     part = partial_path(target, node)
     try:
         resuming = part.exists()
@@ -158,8 +188,12 @@ async def download_file(tree: RemoteTree, node: RemoteNode, target: Path, *,
             os.ftruncate(fd, node.meta.size)
         except OSError as exc:
             raise _write_error(part, exc) from None
-        stats.blocks_fetched = await _fetch(tree, node, jobs, fd, part, target, resuming,
-                                            progress, parallel)
+        if streaming:
+            stats.blocks_fetched = await _stream(tree, node, fd, part, target, resuming,
+                                                 progress, parallel)
+        else:
+            stats.blocks_fetched = await _fetch(tree, node, jobs, fd, part, target,
+                                                resuming, progress, parallel)
         _finish(fd, part, target, node, guard)
     finally:
         progress.close()
@@ -167,9 +201,48 @@ async def download_file(tree: RemoteTree, node: RemoteNode, target: Path, *,
     return stats
 
 
+async def _stream(tree: RemoteTree, node: RemoteNode, fd: int, part: Path, target: Path,
+                  resuming: bool, progress: Progress, parallel: int) -> int:
+    """Fetch the blocks of NODE, still being uploaded, as they are stored: how many came
+    over the network. Raises FileChangedError if the node moved on to another version,
+    RemoteNotFoundError if it was deleted, LocalFileError if nothing new was stored for
+    STREAM_STALL_S."""
+    left = {ref.id_hex for ref in node.meta.blocks}
+    interval = STREAM_POLL_S + STREAM_POLL_PER_BLOCK_S * len(node.meta.blocks)
+    fetched = 0
+    last_news = trio.current_time()
+
+    async def look() -> NodeDetail:
+        detail = await tree.api.stored_urls(node.id)
+        if detail.node.deleted:
+            raise RemoteNotFoundError(f"{node.name} was deleted")
+        if detail.node.version != node.version:
+            raise FileChangedError(f"{node.name} changed again while it was fetched")
+        return detail
+
+    while left:
+        detail = await look()
+        jobs = [job for job in plan_some(node, detail.blocks) if job.ref.id_hex in left]
+        if jobs:
+            fetched += await _fetch(tree, node, jobs, fd, part, target, resuming, progress,
+                                    parallel, refresh=look)
+            left.difference_update(job.ref.id_hex for job in jobs)
+            last_news = trio.current_time()
+        elif trio.current_time() - last_news > STREAM_STALL_S:
+            raise LocalFileError(f"{node.name} is still being uploaded by another device "
+                                 f"and no new part of it arrived for {STREAM_STALL_S:.0f} "
+                                 "s; it is fetched once it is complete")
+        if left:
+            await trio.sleep(interval)
+    return fetched
+
+
 async def _fetch(tree: RemoteTree, node: RemoteNode, jobs: list[BlockJob], fd: int,
                  part: Path, target: Path, resuming: bool, progress: Progress,
-                 parallel: int) -> int:
+                 parallel: int,
+                 refresh: Callable[[], Awaitable[NodeDetail]] | None = None) -> int:
+    """Fetch and place JOBS; how many came over the network. REFRESH gives fresh URLs
+    (default: the node's detail) when one expired."""
     connection = tree.connection
     try:
         old_fd: int | None = _open_existing(target)
@@ -190,7 +263,8 @@ async def _fetch(tree: RemoteTree, node: RemoteNode, jobs: list[BlockJob], fd: i
         try:
             ciphertext = connection.get_block(fresh_urls.get(job.ref.id_hex, job.url))
         except ForbiddenError:   # expired during a long download, or access revoked
-            detail = trio.from_thread.run(tree.fetch, node.id)
+            detail = trio.from_thread.run(refresh) if refresh is not None \
+                else trio.from_thread.run(tree.fetch, node.id)
             fresh_urls.update({e.block_id: e.url for e in detail.blocks})
             ciphertext = connection.get_block(fresh_urls[job.ref.id_hex])
         return decrypt_block(job.ref, ciphertext), True

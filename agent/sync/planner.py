@@ -22,6 +22,11 @@ The rules, per node (L local, R remote, B base):
   re-created and only the unchanged items in it are deleted;
 - an unsynced local item meets a remote one of the same name: identical files merge, else
   the local one is renamed aside as a conflicted copy — nothing is overwritten.
+
+A remote file still being uploaded by another device is downloaded at once when it is big
+(STREAM_FROM_BYTES or more: its blocks are fetched as they arrive, and it is renamed into
+place only once complete) and waited for otherwise; where both sides changed, it is always
+waited for.
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ from agent.sync.model import (
 )
 
 E = TypeVar("E", BaseEntry, RemoteEntry)
+STREAM_FROM_BYTES = 4 * 1024 * 1024   # one block: smaller files are complete in a moment
 
 
 @dataclass(frozen=True)
@@ -385,7 +391,7 @@ def _upload(here: LocalEntry, node: str | None, version: int | None, out: _Bucke
 
 def _download(there: RemoteEntry, path: str, here: LocalEntry | None, out: _Buckets
               ) -> None:
-    if there.uploaded:
+    if there.uploaded or there.size >= STREAM_FROM_BYTES:
         out.transfers.append(Download(there.node_id, path,
                                       None if here is None else here.stat, there.size))
     else:

@@ -273,7 +273,7 @@ class Transfers(Context):
         except OSError as exc:
             raise LocalFileError(f"cannot create {target.parent}: {exc.strerror}") from None
         stats = await download_file(self.tree, node, target, show_progress=False,
-                                    guard=unchanged_meanwhile)
+                                    guard=unchanged_meanwhile, stream=True)
         written = stats.node or node
         self._record(BaseEntry(written.id, action.path, "file", written.version,
                                content_of_refs(written.meta.blocks),

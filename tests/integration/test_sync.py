@@ -14,7 +14,7 @@ import signal
 import socket
 import stat
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -32,11 +32,13 @@ from sync_helpers import (
 )
 
 from agent import operations as ops
+from agent.crypto.blocks import BLOCK_SIZE, encrypt_block
+from agent.crypto.nodes import NodeMeta
 from agent.home import AgentHome
 from agent.remote import Target
 from agent.sync.engine import SyncEngine, SyncOptions, open_folder
 from agent.sync.state import SyncDb
-from agent.upload import upload_file
+from agent.upload import announce, upload_file
 from appliance.home import init_home
 
 COPY = "conflicted copy from"
@@ -427,3 +429,59 @@ def test_links_special_files_and_ignored_paths_stay_local(
     names = {entry["name"] for entry in ls_json(laptop.home)}
     assert names == {".cairnignore", "keep.log", "real.txt"}
     assert secret.read_text() == "outside the synced folder"
+
+
+def test_a_big_file_is_fetched_while_another_device_is_still_uploading_it(
+        devices: list[Device], tmp_path: Path) -> None:
+    """Issue 12: the two hops overlap. The laptop uploads a 3-block file one block at a
+    time (in-process, pausing before the last); the desktop's `cairn sync` already holds
+    the first blocks, verified, in its temporary file — and renames it into place only
+    once the last block is in."""
+    _, desktop, _ = devices
+    laptop = devices[0]
+    blocks = [os.urandom(BLOCK_SIZE), os.urandom(BLOCK_SIZE), os.urandom(1000)]
+    source = write(tmp_path / "big.bin", b"".join(blocks))
+    desktop.start()
+    wait_for(lambda: "syncing" in desktop.log_text(), what="the desktop to start")
+
+    def part_holds_first_blocks() -> bool:
+        parts = [desktop.folder / p for p in part_files(desktop.folder)]
+        return any(p.stat().st_size == source.stat().st_size
+                   and p.read_bytes()[:2 * BLOCK_SIZE] == blocks[0] + blocks[1]
+                   for p in parts)
+
+    async def upload_slowly() -> tuple[bool, bool]:
+        async with ops.session(AgentHome(laptop.home)) as tree:
+            root = await tree.resolve("/")
+            secret = tree.keys.content_secret
+            refs = [encrypt_block(secret, b)[0] for b in blocks]
+            meta = NodeMeta(name="big.bin", kind="file", size=source.stat().st_size,
+                            mtime_ns=source.stat().st_mtime_ns, mode=0o644,
+                            blocks=tuple(refs), device="laptop")
+            answer = await announce(tree, Target(root, "big.bin", None), meta)
+            urls = {u.block_id: u.url for u in answer.upload}
+            for data in blocks[:2]:
+                ref, cipher = encrypt_block(secret, data)
+                await trio.to_thread.run_sync(tree.connection.put_block, urls[ref.id_hex],
+                                              cipher)
+            early = await trio.to_thread.run_sync(lambda: _poll(part_holds_first_blocks))
+            not_yet = not (desktop.folder / "big.bin").exists()
+            ref, cipher = encrypt_block(secret, blocks[2])
+            await trio.to_thread.run_sync(tree.connection.put_block, urls[ref.id_hex], cipher)
+            return early, not_yet
+
+    early, not_yet = trio.run(upload_slowly)
+    assert early, "the desktop did not fetch blocks before the upload was complete"
+    assert not_yet, "the file was in place before its last block was uploaded"
+    wait_for(lambda: read_or_none(desktop.folder / "big.bin") == source.read_bytes(),
+             what="the complete file on the desktop")
+    assert part_files(desktop.folder) == []
+
+
+def _poll(condition: Callable[[], bool], timeout: float = 20) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return False

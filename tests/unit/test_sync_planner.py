@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from agent.sync.model import (
     Adopt,
     BaseEntry,
@@ -21,7 +23,7 @@ from agent.sync.model import (
     Stat,
     Upload,
 )
-from agent.sync.planner import plan
+from agent.sync.planner import STREAM_FROM_BYTES, plan
 
 ROOT = "r" * 32
 
@@ -193,6 +195,19 @@ def test_files_being_written_or_uploaded_wait() -> None:
     result = plan(*trees([lf("a", 1, stable=False)], [], []))
     assert result.empty and result.waiting == ("a",)
     result = plan(*trees([], [rf("b", "b", uploaded=False)], []))
+    assert result.empty and result.waiting == ("b",)
+
+
+def test_a_big_file_still_uploading_is_downloaded_as_it_arrives_unless_both_changed() -> None:
+    big = replace(rf("b", "b", uploaded=False), size=STREAM_FROM_BYTES)
+    result = plan(*trees([], [big], []))
+    assert result.actions == (Download(nid("b"), "b", None, STREAM_FROM_BYTES),)
+    base = [bf("b", "b", 1, content="c0")]
+    changed = replace(big, version=2, content="c2")
+    result = plan(*trees([lf("b", 1)], [changed], base))      # only the remote changed
+    assert [type(a) for a in result.actions] == [Download]
+    edited_here = lf("b", 1, mtime=2, content="c3")           # both changed: wait for it
+    result = plan(*trees([edited_here], [changed], base))
     assert result.empty and result.waiting == ("b",)
 
 
