@@ -310,12 +310,24 @@ class Disk:
 
     def commit_shard(self, block_hex: str, staged: Path) -> None:
         """Rename a staged shard into place and fsync its folder."""
+        self.sync_shard_folder(self.publish_shard(block_hex, staged))
+
+    def publish_shard(self, block_hex: str, staged: Path) -> Path:
+        """Rename a staged shard into place (durable once `sync_shard_folder` returns);
+        its final path."""
         final = self.shard_path(block_hex)
         try:
             os.rename(staged, final)
-            _fsync_directory(final.parent)
         except OSError as exc:
             self.discard_staged(staged)
+            raise self._failed(exc, "committing a shard") from exc
+        return final
+
+    def sync_shard_folder(self, final: Path) -> None:
+        """Make the rename of the shard at FINAL durable (fsync of its folder)."""
+        try:
+            _fsync_directory(final.parent)
+        except OSError as exc:
             raise self._failed(exc, "committing a shard") from exc
 
     @staticmethod
