@@ -42,6 +42,7 @@ from agent.errors import (
     IntegrityError,
     LocalFileError,
     RemoteNotFoundError,
+    UploadStalledError,
 )
 from agent.pipeline import run_jobs
 from agent.progress import Progress
@@ -205,7 +206,7 @@ async def _stream(tree: RemoteTree, node: RemoteNode, fd: int, part: Path, targe
                   resuming: bool, progress: Progress, parallel: int) -> int:
     """Fetch the blocks of NODE, still being uploaded, as they are stored: how many came
     over the network. Raises FileChangedError if the node moved on to another version,
-    RemoteNotFoundError if it was deleted, LocalFileError if nothing new was stored for
+    RemoteNotFoundError if it was deleted, UploadStalledError if nothing new was stored for
     STREAM_STALL_S."""
     left = {ref.id_hex for ref in node.meta.blocks}
     interval = STREAM_POLL_S + STREAM_POLL_PER_BLOCK_S * len(node.meta.blocks)
@@ -229,9 +230,10 @@ async def _stream(tree: RemoteTree, node: RemoteNode, fd: int, part: Path, targe
             left.difference_update(job.ref.id_hex for job in jobs)
             last_news = trio.current_time()
         elif trio.current_time() - last_news > STREAM_STALL_S:
-            raise LocalFileError(f"{node.name} is still being uploaded by another device "
-                                 f"and no new part of it arrived for {STREAM_STALL_S:.0f} "
-                                 "s; it is fetched once it is complete")
+            raise UploadStalledError(f"{node.name} is still being uploaded by another "
+                                     "device and no new part of it arrived for "
+                                     f"{STREAM_STALL_S:.0f} s; it is fetched once it is "
+                                     "complete")
         if left:
             await trio.sleep(interval)
     return fetched

@@ -87,6 +87,12 @@ class FileChangedError(LocalFileError):
     written: NodeOut | None = None   # the node version an aborted upload began
 
 
+class UploadStalledError(CairnAgentError):
+    """A file another device is uploading got no new block for a while: it is fetched
+    once it is complete."""
+    code = "upload_stalled"
+
+
 class TransportError(CairnAgentError):
     code = "unreachable"
     exit_code = 4

@@ -76,6 +76,9 @@ class Mirror:
         # Metadata opened lately (node id -> the sealed bytes and what they say): a node
         # pulled is about to be downloaded, and opening it twice is waste. Bounded.
         self._opened: dict[str, tuple[bytes, NodeMeta]] = {}
+        # (node id, version) of files whose upload by another device stalled while we
+        # fetched them as they arrived: waited for until complete, not fetched again.
+        self.stalled: set[tuple[str, int]] = set()
 
     async def refresh(self) -> int:
         """Bring the mirror up to date; the number of changes applied."""

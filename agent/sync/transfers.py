@@ -26,6 +26,7 @@ from agent.errors import (
     FileChangedError,
     LocalFileError,
     TransportError,
+    UploadStalledError,
 )
 from agent.remote import Target, node_create
 from agent.sync import rules
@@ -272,8 +273,17 @@ class Transfers(Context):
             os.makedirs(target.parent, exist_ok=True)
         except OSError as exc:
             raise LocalFileError(f"cannot create {target.parent}: {exc.strerror}") from None
-        stats = await download_file(self.tree, node, target, show_progress=False,
-                                    guard=unchanged_meanwhile, stream=True)
+        streamed = (node.id, node.version)
+        if node.status != "uploaded" and streamed in self.mirror.stalled:
+            raise SkipAction(f"{action.path} is still being uploaded by another device")
+        try:
+            stats = await download_file(self.tree, node, target, show_progress=False,
+                                        guard=unchanged_meanwhile, stream=True)
+        except UploadStalledError:
+            # Not again for this version until it is complete: a round must not wait
+            # STREAM_STALL_S each time for an upload that stopped.
+            self.mirror.stalled.add(streamed)
+            raise
         written = stats.node or node
         self._record(BaseEntry(written.id, action.path, "file", written.version,
                                content_of_refs(written.meta.blocks),

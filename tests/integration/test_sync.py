@@ -31,9 +31,12 @@ from sync_helpers import (
     wait_for,
 )
 
+from agent import download as download_module
 from agent import operations as ops
 from agent.crypto.blocks import BLOCK_SIZE, encrypt_block
 from agent.crypto.nodes import NodeMeta
+from agent.download import download_file
+from agent.errors import LocalFileError, UploadStalledError
 from agent.home import AgentHome
 from agent.remote import Target
 from agent.sync.engine import SyncEngine, SyncOptions, open_folder
@@ -485,3 +488,39 @@ def _poll(condition: Callable[[], bool], timeout: float = 20) -> bool:
             return True
         time.sleep(0.05)
     return False
+
+
+def test_a_fetch_of_an_upload_that_stopped_gives_up_and_keeps_what_it_has(
+        devices: list[Device], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The other device stops uploading halfway: the streaming download gives up after
+    STREAM_STALL_S (1 s here) with UploadStalledError, nothing is put in place, and the
+    verified first block stays in the temporary file for the next try."""
+    laptop, desktop, _ = devices
+    monkeypatch.setattr(download_module, "STREAM_STALL_S", 1.0)
+    blocks = [os.urandom(BLOCK_SIZE), os.urandom(5000)]
+    target = desktop.folder / "half.bin"
+
+    async def scenario() -> None:
+        async with ops.session(AgentHome(laptop.home)) as up, \
+                ops.session(AgentHome(desktop.home)) as down:
+            root = await up.resolve("/")
+            secret = up.keys.content_secret
+            refs = [encrypt_block(secret, b)[0] for b in blocks]
+            meta = NodeMeta(name="half.bin", kind="file", size=sum(map(len, blocks)),
+                            blocks=tuple(refs), device="laptop")
+            answer = await announce(up, Target(root, "half.bin", None), meta)
+            first_ref, cipher = encrypt_block(secret, blocks[0])
+            url = next(u.url for u in answer.upload if u.block_id == first_ref.id_hex)
+            await trio.to_thread.run_sync(up.connection.put_block, url, cipher)
+            node = await down.node(answer.node.id)
+            assert node.status == "uploading"
+            with pytest.raises(UploadStalledError):
+                await download_file(down, node, target, show_progress=False, stream=True)
+            with pytest.raises(LocalFileError, match="still being uploaded"):
+                await download_file(down, node, target, show_progress=False)
+
+    trio.run(scenario)
+    assert not target.exists()
+    parts = part_files(desktop.folder)
+    assert len(parts) == 1
+    assert (desktop.folder / parts[0]).read_bytes()[:BLOCK_SIZE] == blocks[0]
