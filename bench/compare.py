@@ -89,6 +89,7 @@ GIB = 1024 * MIB
 USER = "bench"                     # the user running_appliance adds
 PART = ".cairn-part"               # agent/download.py PART_SUFFIX
 SYSTEMS = ("cairn", "syncthing")
+DISPLAY = {"cairn": "Cairn", "syncthing": "Syncthing"}
 WORKLOADS = ("near-empty", "small", "edits", "big")
 LOG_TAIL_LINES = 8
 
@@ -271,7 +272,7 @@ class Comparison:
                 self.fail(pair.system, f"edits-{files}", "no synced files to edit")
         if "big" in chosen:
             size = self.sizes.big_bytes
-            say(f"[{pair.system}] big file: {size / MIB:,.0f} MiB written on A ...")
+            say(f"[{pair.system}] big file: {size_label(size)} written on A ...")
             self._run(pair, "big", lambda: workloads.big_file(pair, size))
 
     def _run(self, pair: Pair, key: str, work: Callable[[], Result]) -> None:
@@ -292,11 +293,15 @@ class Comparison:
 # -- the report -----------------------------------------------------------------------------
 
 
+def size_label(size: int) -> str:
+    return f"{size // GIB} GiB" if size % GIB == 0 else f"{size / MIB:,.0f} MiB"
+
+
 def title(key: str, sizes: Sizes) -> str:
     if key == "near-empty":
         return f"one small edit in a near-empty folder (p50 of {sizes.near_empty_edits})"
     if key == "big":
-        return f"one {sizes.big_bytes / MIB:,.0f} MiB file, A -> B"
+        return f"one {size_label(sizes.big_bytes)} file, A -> B"
     kind, files = key.split("-")
     if kind == "small":
         return f"{int(files):,} x 4 KiB files, A -> B"
@@ -379,10 +384,11 @@ def target_figures(bench: Comparison, sizes: Sizes) -> tuple[list[Figure], list[
                                target=TARGET_RSS_MIB, at_most=True)
                         for name, rss in cairn.peak_rss_mib.items()]
         elif key == "big":
-            label = f"{sizes.big_bytes / MIB:,.0f} MiB A -> B"
+            label = f"{size_label(sizes.big_bytes)} A -> B"
             for system, result in results.items():
                 if bench.dd:
-                    figures.append(Figure(f"{label}: {system} MB/s vs dd write", result.value,
+                    figures.append(Figure(f"{label}: {DISPLAY[system]} MB/s vs dd write",
+                                          result.value,
                                           "MB/s", limit=max(bench.dd),
                                           limit_name="MB/s dd write"))
             if cairn is None:

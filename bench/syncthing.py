@@ -272,8 +272,8 @@ class Device:
 
     def check(self) -> None:
         if self.process is not None and self.process.poll() is not None:
-            raise BenchError(f"syncthing {self.name} exited {self.process.returncode}: "
-                             + " | ".join(self.log_tail(5)))
+            raise BenchError(f"syncthing {self.name} exited {self.process.returncode} (its "
+                             f"log: {self.log})")
 
     def log_tail(self, lines: int = 15) -> list[str]:
         text = self.log.read_text(errors="replace") if self.log.exists() else ""
