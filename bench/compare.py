@@ -87,7 +87,6 @@ BENCH = Path(__file__).resolve().parent
 MIB = 1024 * 1024
 GIB = 1024 * MIB
 USER = "bench"                     # the user running_appliance adds
-PART = ".cairn-part"               # agent/download.py PART_SUFFIX
 SYSTEMS = ("cairn", "syncthing")
 DISPLAY = {"cairn": "Cairn", "syncthing": "Syncthing"}
 WORKLOADS = ("near-empty", "small", "edits", "big")
@@ -152,7 +151,7 @@ def cairn_pair(run_dir: Path, log_dir: Path) -> Iterator[Pair]:
             yield Pair("cairn", a.folder, b.folder,
                        lambda: {"A": _agent_pids(a), "B": _agent_pids(b),
                                 "appliance": process_tree(appliance.pid)},
-                       check, lambda name: name.endswith(PART), diagnostics)
+                       check, diagnostics)
         finally:
             for agent in (a, b):
                 agent.stop()
@@ -175,7 +174,7 @@ def syncthing_devices(run_dir: Path, log_dir: Path) -> Iterator[Pair]:
         try:
             yield Pair("syncthing", a.folder, b.folder,
                        lambda: {"A": a.pids(), "B": b.pids()}, check,
-                       syncthing.is_temporary, diagnostics)
+                       diagnostics)
         finally:
             for device in (a, b):
                 with contextlib.suppress(OSError):

@@ -56,7 +56,6 @@ START_TIMEOUT_S = 60.0
 CONNECT_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 30.0
 INSTALL_TIMEOUT_S = 600.0
-TEMP_NAME = re.compile(r"^\.syncthing\..*\.tmp$")     # a file being pulled
 DEVICE_ID_LINE = re.compile(r"Device ID: ([A-Z0-9-]{63})")
 
 # options/ELEMENT -> the value written (see the module's docstring)
@@ -72,11 +71,6 @@ OPTIONS = {
 }
 FOLDER_SETTINGS = {"type": "sendreceive", "fsWatcherEnabled": "true",
                    "fsWatcherDelayS": str(WATCHER_DELAY_S)}
-
-
-def is_temporary(name: str) -> bool:
-    """Whether NAME is one of Syncthing's files in progress (`.syncthing.NAME.tmp`)."""
-    return TEMP_NAME.match(name) is not None
 
 
 def ensure_installed() -> str:

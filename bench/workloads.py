@@ -1,8 +1,8 @@
 """The workloads of bench/compare.py, for any system of two syncing devices A and B.
 
 A system is given as a `Pair`: A's and B's folders, the processes to measure (a name ->
-the pids of its process tree now), a check that raises if one of them died, and which file
-names are its downloads in progress. Every workload writes on A and awaits the result on B,
+the pids of its process tree now), a check that raises if one of them died, and its logs'
+last lines for a failure. Every workload writes on A and awaits the result on B,
 byte for byte, with bounded waits (a wait that runs out raises BenchError: that figure is
 not obtained). Each measures, from its first write until the system settled again (every
 process under SETTLE_CPU_S over SETTLE_WINDOW_S, at most SETTLE_TIMEOUT_S; not settling is
@@ -17,9 +17,10 @@ its tree: VmHWM would cover the process's whole life, not the workload).
   later (as a user's occasional edit would be), while edits 0.5 s after the previous one
   arrived lock to its timer's phase and wait 1.5 delays;
 - `small_files`: COUNT files of 4 KiB (random) written into 100 new subfolders of A (no
-  fsync), from the first write until B has them all: B's folders are listed every
-  POLL_TREE_S (names and sizes; temporary names ignored), and once every name has its
-  size, every file is read and compared: files/s;
+  fsync), from the first write until B has them all: every POLL_TREE_S, which of the
+  expected names B has with their size (`Presence`: a download's temporary name, such as
+  Syncthing's `.syncthing.NAME.tmp` or Cairn's `NAME.cairn-part`, is never one of them),
+  and once every one has, every file is read and compared: files/s;
 - `edits`: COUNT edits of random files among those (200-800 new bytes each), each awaited
   on B, EDIT_SPACING_S apart: p50, and the CPU of the whole phase (idle time between the
   edits included) per edit;
@@ -59,6 +60,9 @@ MIB = 1024 * 1024
 SMALL_FILE = 4096
 SUBFOLDERS = 100
 POLL_TREE_S = 0.25
+STAT_NAMES = 32                  # a folder missing at most this many: stat them, not list it
+MTIME_MARGIN_NS = 50_000_000     # >> the file system clock's tick (a jiffy)
+REPORT_S = 30.0
 POLL_BIG_S = 0.02
 RSS_SAMPLE_S = 0.2
 CHANGE_TIMEOUT_S = 20.0
@@ -80,7 +84,6 @@ class Pair:
     b: Path                                          # B's synced folder
     processes: Callable[[], dict[str, list[int]]]    # name -> pids of its tree, now
     check: Callable[[], None]                        # raises BenchError if one died
-    is_temporary: Callable[[str], bool]              # a download in progress on B
     diagnostics: Callable[[], str]                   # the logs' last lines, for a failure
 
 
@@ -256,70 +259,114 @@ def small_files(pair: Pair, count: int) -> tuple[Result, list[str]]:
             sorted(expected))
 
 
+class Presence:
+    """Which of the files expected under ROOT are there with their SIZE, found cheaply
+    enough to ask every POLL_TREE_S about 100,000 files: a folder missing at most
+    STAT_NAMES files has those stat'ed; a bigger one is listed (names only, then a stat of
+    each expected name present), but not again while its mtime stays what it was when a
+    listing began at least MTIME_MARGIN_NS after it (a later rename into it would have
+    changed it). Other names (a download's temporary file) are never looked at."""
+
+    def __init__(self, root: Path, relatives: list[str], size: int) -> None:
+        self.root, self.size, self.total, self.found = root, size, len(relatives), 0
+        self.missing: dict[str, set[str]] = {}
+        for relative in relatives:
+            folder, name = relative.rsplit("/", 1)
+            self.missing.setdefault(folder, set()).add(name)
+        self.listed: dict[str, tuple[int, int]] = {}    # folder -> (mtime, listed at), ns
+        self.verified: set[str] = set()                   # read and found identical
+
+    def poll(self) -> None:
+        for folder, names in self.missing.items():
+            if names:
+                self._poll(folder, names)
+
+    def _poll(self, folder: str, names: set[str]) -> None:
+        path = os.path.join(self.root, folder)
+        candidates: set[str] | list[str] = list(names)
+        if len(names) > STAT_NAMES:
+            listed_at = time.time_ns()
+            try:
+                mtime = os.stat(path).st_mtime_ns
+                seen = self.listed.get(folder)
+                if seen is not None and seen[0] == mtime and seen[1] - mtime > MTIME_MARGIN_NS:
+                    return
+                candidates = names.intersection(os.listdir(path))
+            except FileNotFoundError:
+                return
+            self.listed[folder] = (mtime, listed_at)
+        for name in candidates:
+            try:
+                size = os.stat(os.path.join(path, name)).st_size
+            except OSError:
+                continue
+            if size == self.size:
+                names.discard(name)
+                self.found += 1
+            else:                  # written in place, perhaps: list the folder again
+                self.listed.pop(folder, None)
+
+    def verify(self, expected: dict[str, bytes]) -> int:
+        """Read every file of EXPECTED (relative path -> BLAKE2b of its bytes) not verified
+        yet; those with other bytes are missing again. How many were."""
+        wrong = 0
+        for relative, digest in expected.items():
+            if relative in self.verified:
+                continue
+            try:
+                same = _digest((self.root / relative).read_bytes()) == digest
+            except OSError:
+                same = False
+            if same:
+                self.verified.add(relative)
+                continue
+            folder, name = relative.rsplit("/", 1)
+            self.missing[folder].add(name)
+            self.listed.pop(folder, None)
+            self.found -= 1
+            wrong += 1
+        return wrong
+
+
 def await_files(pair: Pair, expected: dict[str, bytes], started: float,
                 timeout: float) -> dict[str, float]:
     """Wait until B has every file of EXPECTED (relative path -> BLAKE2b of its bytes):
-    list B's folders that still miss some, every POLL_TREE_S, for names of the right size;
-    once all are there, read and compare them all (those with other bytes are awaited
-    again). The seconds after STARTED at which the first, half and all were there.
-    Raises BenchError past TIMEOUT or after STALL_S without progress."""
-    missing: dict[str, set[str]] = {}
-    for relative in expected:
-        folder, name = relative.rsplit("/", 1)
-        missing.setdefault(folder, set()).add(name)
-    total, found = len(expected), 0
+    every POLL_TREE_S, which have their size (`Presence`); once all have, read and compare
+    them all (those with other bytes are awaited again). The seconds after STARTED at
+    which the first, half and all were there. Raises BenchError past TIMEOUT or after
+    STALL_S without progress."""
+    presence = Presence(pair.b, list(expected), SMALL_FILE)
+    total = presence.total
     arrivals: dict[str, float] = {}
     last_progress = last_report = time.perf_counter()
+    progress = last_wrong = 0
     while True:
-        before = found
-        for folder, names in missing.items():
-            if not names:
-                continue
-            with contextlib.suppress(FileNotFoundError), os.scandir(pair.b / folder) as it:
-                for entry in it:
-                    if entry.name in names and not pair.is_temporary(entry.name):
-                        with contextlib.suppress(OSError):
-                            if entry.stat(follow_symlinks=False).st_size == SMALL_FILE:
-                                names.discard(entry.name)
-                                found += 1
+        presence.poll()
         now = time.perf_counter()
+        if presence.found + len(presence.verified) > progress:
+            progress = presence.found + len(presence.verified)
+            last_progress = now
         for key, share in (("first", 1 / total), ("half", 0.5), ("all", 1.0)):
-            if key not in arrivals and found >= share * total:
+            if key not in arrivals and presence.found >= share * total:
                 arrivals[key] = now - started
-        if found == total:
-            wrong = _verify(pair.b, expected, missing)
+        if presence.found == total:
+            wrong = presence.verify(expected)
             if not wrong:
                 return arrivals
-            say(f"  {wrong} files on B have other bytes; awaiting them again")
-            found -= wrong
+            if wrong != last_wrong:
+                say(f"  {wrong} files on B have other bytes; awaiting them again")
+            last_wrong = wrong
             del arrivals["all"]
-        if found > before:
-            last_progress = now
-        if now - last_report >= 10:
+        if now - last_report >= REPORT_S:
             last_report = now
-            say(f"  B has {found:,}/{total:,} after {now - started:.0f} s")
+            say(f"  B has {presence.found:,}/{total:,} after {now - started:.0f} s")
         pair.check()
         if now - started > timeout or now - last_progress > STALL_S:
             why = "in" if now - started > timeout else "with no progress for"
-            raise BenchError(f"B had {found:,} of {total:,} files {why} "
+            raise BenchError(f"B had {presence.found:,} of {total:,} files "
+                             f"({len(presence.verified):,} verified) {why} "
                              f"{min(now - started, now - last_progress):.0f} s")
         time.sleep(POLL_TREE_S)
-
-
-def _verify(root: Path, expected: dict[str, bytes], missing: dict[str, set[str]]) -> int:
-    """Read every file of EXPECTED under ROOT; those with other bytes go back into
-    MISSING. How many did."""
-    wrong = 0
-    for relative, digest in expected.items():
-        try:
-            same = _digest((root / relative).read_bytes()) == digest
-        except OSError:
-            same = False
-        if not same:
-            folder, name = relative.rsplit("/", 1)
-            missing[folder].add(name)
-            wrong += 1
-    return wrong
 
 
 def edits(pair: Pair, files: list[str], count: int) -> Result:
