@@ -7,7 +7,7 @@ VENV        := .venv
 PY          := $(VENV)/bin/python
 APPLIANCE   ?= ./var/appliance
 
-.PHONY: run test test-fast lint bench bench-api bench-transfer bench-sync bench-sync-100k bootstrap clean-run
+.PHONY: run test test-fast lint bench bench-api bench-transfer bench-sync bench-sync-100k bench-compare bootstrap clean-run
 
 bootstrap:
 	@bash scripts/bootstrap.sh
@@ -57,6 +57,12 @@ bench-sync: bootstrap
 # The issue-11 figures with 100,000 files synced (edit propagation, agents' memory).
 bench-sync-100k: bootstrap
 	@$(PY) bench/sync.py --files 100000 --phases many,edits
+
+# Cairn and Syncthing side by side (issue 12): 10,000 and 100,000 small files, edits among
+# them, a near-empty edit and a 1 GiB file, each system alone (~30 minutes; Syncthing is
+# installed from Debian when missing). --quick and the other options: bench/compare.py --help.
+bench-compare: bootstrap
+	@$(PY) bench/compare.py
 
 # Remove the embedded-defaults appliance made by `make run` (its blocks too).
 clean-run:

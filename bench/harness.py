@@ -1,6 +1,7 @@
 """What every bench script shares: one error type, the figures and their table, the
-machine's own limits (dd, page cache), a process's CPU and memory from /proc, a running
-appliance on 127.0.0.1, and `cairn` agents joined to it.
+machine's own limits (dd, page cache), a process's (or process tree's) CPU and memory from
+/proc and waiting for processes to go quiet, random files and their BLAKE3, waiting for a
+file's bytes, a running appliance on 127.0.0.1, and `cairn` agents joined to it.
 
 Nothing here imports the tests' helpers: a benchmark drives the real commands (`cairnd`,
 `cairn`) as a user would, and the appliance's own modules only to lay out a home.
@@ -10,6 +11,7 @@ Only loopback networking: every server listens on 127.0.0.1 with a port the kern
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import platform
 import re
@@ -21,7 +23,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
@@ -31,6 +33,7 @@ if str(PROJECT) not in sys.path:
     sys.path.insert(0, str(PROJECT))
 
 import apsw  # noqa: E402
+import blake3  # noqa: E402
 
 from appliance.config import load_config, write_config  # noqa: E402
 from appliance.home import init_home  # noqa: E402
@@ -160,6 +163,49 @@ def own_peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def process_tree(pid: int) -> list[int]:
+    """PID and its descendants alive now (from /proc/PID/task/*/children), PID first; []
+    once PID is gone. A child's CPU counts in its parent only after the parent reaps it,
+    so a process that forks a worker is measured as the sum over this tree."""
+    found: list[int] = []
+    pending = [pid]
+    while pending and len(found) < 10_000:
+        current = pending.pop()
+        if not Path(f"/proc/{current}").exists():
+            continue
+        found.append(current)
+        with contextlib.suppress(OSError):
+            for task in Path(f"/proc/{current}/task").iterdir():
+                with contextlib.suppress(OSError):
+                    pending += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+def settle(cpu: Callable[[], Mapping[str, float]], check: Callable[[], None] = lambda: None,
+           window_s: float = 2.0, cpu_s: float = 0.04, timeout_s: float = 120.0) -> float:
+    """Wait until every process that CPU names (name -> its CPU seconds so far) used at most
+    CPU_S over one WINDOW_S; the seconds waited. CHECK runs before every window (it raises
+    if a process is gone). Raises BenchError once TIMEOUT_S has passed without that."""
+    started = time.monotonic()
+    while True:
+        check()
+        before = cpu()
+        time.sleep(window_s)
+        used = {name: seconds - before.get(name, 0.0) for name, seconds in cpu().items()}
+        if max(used.values(), default=0.0) <= cpu_s:
+            return time.monotonic() - started
+        if time.monotonic() - started > timeout_s:
+            raise BenchError(f"the processes did not settle in {timeout_s:.0f} s (CPU-s in "
+                             f"the last {window_s:g} s: "
+                             + ", ".join(f"{name} {u:.2f}" for name, u in used.items()) + ")")
+
+
+def nearest_rank(values: list[float], share: float) -> float:
+    """The nearest-rank percentile SHARE (0.5 = the median) of VALUES (not empty)."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(share * len(ordered)) - 1)]
+
+
 # -- the machine ----------------------------------------------------------------------------
 
 def machine_info(path: Path) -> dict[str, Any]:
@@ -192,6 +238,62 @@ def run_dd(args: list[str], timeout: float) -> tuple[int, float]:
     if match:
         return int(match.group(1)), float(match.group(2))
     return 0, elapsed
+
+
+def dd_write_mbs(folder: Path, size_mib: int) -> float:
+    """`dd if=/dev/zero bs=4M oflag=direct conv=fdatasync` of SIZE_MIB into FOLDER: MB/s."""
+    target = folder / "dd.bin"
+    try:
+        written, seconds = run_dd(["if=/dev/zero", f"of={target}", "bs=4M",
+                                   f"count={size_mib // 4}", "oflag=direct",
+                                   "conv=fdatasync"], timeout=600)
+    finally:
+        with contextlib.suppress(OSError):
+            target.unlink()
+    return (written or size_mib * MIB) / seconds / 1e6
+
+
+def free_bytes(path: Path) -> int:
+    stat = os.statvfs(path)
+    return stat.f_bavail * stat.f_frsize
+
+
+# -- files ----------------------------------------------------------------------------------
+
+def write_random_file(path: Path, size: int) -> bytes:
+    """SIZE bytes of fresh randomness (so every block is distinct), fsynced; its BLAKE3."""
+    digest = blake3.blake3(max_threads=blake3.blake3.AUTO)
+    with open(path, "wb") as handle:
+        left = size
+        while left:
+            chunk = os.urandom(min(16 * MIB, left))
+            handle.write(chunk)
+            digest.update(chunk)
+            left -= len(chunk)
+        handle.flush()
+        os.fsync(handle.fileno())
+    return digest.digest()
+
+
+def file_hash(path: Path) -> bytes:
+    digest = blake3.blake3(max_threads=blake3.blake3.AUTO)
+    with open(path, "rb") as handle:
+        while chunk := handle.read(16 * MIB):
+            digest.update(chunk)
+    return digest.digest()
+
+
+def wait_bytes(path: Path, expected: bytes, deadline: float, poll_s: float = 0.002
+               ) -> float | None:
+    """perf_counter() when PATH first holds exactly EXPECTED (read every POLL_S); None
+    once perf_counter() is past DEADLINE."""
+    while True:
+        with contextlib.suppress(OSError):
+            if path.read_bytes() == expected:
+                return time.perf_counter()
+        if time.perf_counter() > deadline:
+            return None
+        time.sleep(poll_s)
 
 
 class CacheDropper:

@@ -72,20 +72,27 @@ from typing import Any
 import apsw
 from harness import (
     Appliance,
+    BenchError,
     Figure,
     SyncAgent,
+    dd_write_mbs,
+    file_hash,
     format_table,
+    free_bytes,
     machine_info,
+    nearest_rank,
     new_code,
     own_cpu_seconds,
     peak_rss_mib,
     rss_mib,
-    run_dd,
     say,
     sync_agent,
+    wait_bytes,
+    write_random_file,
 )
 from harness import cpu_seconds as process_cpu_seconds
-from transfer import file_hash, free_bytes, running_appliance, write_random_file
+from harness import settle as harness_settle
+from transfer import running_appliance
 
 BENCH = Path(__file__).resolve().parent
 PART = ".cairn-part"           # agent/download.py PART_SUFFIX: a download in progress
@@ -93,7 +100,6 @@ MIB = 1024 * 1024
 GIB = 1024 * MIB
 USER = "bench"                 # the user running_appliance adds
 SPACING_S = 0.3                # between two latency changes, at least
-POLL_FILE_S = 0.002            # B's file, while waiting for one change
 POLL_TREE_S = 0.25             # B's folder, while waiting for many files
 POLL_BIG_S = 0.02              # B's big file (a stat)
 CHANGE_TIMEOUT_S = 10.0
@@ -140,7 +146,7 @@ QUICK = Sizes(changes=20, files=1_000, big_bytes=64 * MIB, idle_s=10.0, dd_mib=2
               edits=10)
 
 
-class PhaseFailed(Exception):
+class PhaseFailed(BenchError):
     """A figure could not be obtained (a bounded wait ran out, an agent exited...)."""
 
 
@@ -234,18 +240,6 @@ def _query(database: Path, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[A
 # -- machine limits -----------------------------------------------------------------------
 
 
-def dd_write_mbs(folder: Path, size_mib: int) -> float:
-    target = folder / "dd.bin"
-    try:
-        written, seconds = run_dd(["if=/dev/zero", f"of={target}", "bs=4M",
-                                   f"count={size_mib // 4}", "oflag=direct",
-                                   "conv=fdatasync"], timeout=600)
-    finally:
-        with contextlib.suppress(OSError):
-            target.unlink()
-    return (written or size_mib * MIB) / seconds / 1e6
-
-
 def fsync_files_per_s(folder: Path, count: int = FSYNC_PROBE_FILES) -> float:
     """Create + write 4 KiB + fsync, one file after another, in 20 folders (one thread)."""
     probe = folder / "fsync-probe"
@@ -270,41 +264,15 @@ def fsync_files_per_s(folder: Path, count: int = FSYNC_PROBE_FILES) -> float:
 # -- waiting on B -------------------------------------------------------------------------
 
 
-def wait_bytes(path: Path, expected: bytes, deadline: float) -> float | None:
-    """perf_counter() when PATH first holds exactly EXPECTED; None past DEADLINE."""
-    while True:
-        with contextlib.suppress(OSError):
-            if path.read_bytes() == expected:
-                return time.perf_counter()
-        if time.perf_counter() > deadline:
-            return None
-        time.sleep(POLL_FILE_S)
-
-
 def settle(devices: tuple[SyncAgent, ...], timeout: float = SETTLE_TIMEOUT_S) -> float:
     """Wait until every agent used under SETTLE_CPU_S over SETTLE_WINDOW_S; seconds
-    waited. Raises PhaseFailed after TIMEOUT."""
-    started = time.monotonic()
-    while True:
-        check_running(*devices)
-        before = [cpu_seconds(d) for d in devices]
-        time.sleep(SETTLE_WINDOW_S)
-        used = [cpu_seconds(d) - b for d, b in zip(devices, before, strict=True)]
-        if max(used) <= SETTLE_CPU_S:
-            return time.monotonic() - started
-        if time.monotonic() - started > timeout:
-            raise PhaseFailed(f"the agents did not settle in {timeout:.0f} s (CPU-s in the "
-                              f"last {SETTLE_WINDOW_S:g} s: "
-                              + ", ".join(f"{d.name} {u:.2f}" for d, u in
-                                          zip(devices, used, strict=True)) + ")")
+    waited. Raises a BenchError after TIMEOUT (PhaseFailed if an agent exited)."""
+    return harness_settle(lambda: {d.name: cpu_seconds(d) for d in devices},
+                          check=lambda: check_running(*devices), window_s=SETTLE_WINDOW_S,
+                          cpu_s=SETTLE_CPU_S, timeout_s=timeout)
 
 
 # -- the run ------------------------------------------------------------------------------
-
-
-def nearest_rank(values: list[float], share: float) -> float:
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(share * len(ordered)) - 1)]
 
 
 @dataclass
@@ -340,7 +308,7 @@ class SyncBench:
         try:
             work()
             return True
-        except (PhaseFailed, AssertionError, OSError, apsw.Error) as exc:
+        except (BenchError, AssertionError, OSError, apsw.Error) as exc:
             tails = {d.name: log_tail(d) for d in self.devices} if self.a else {}
             self.failures.append({"figure": name, "why": str(exc), "log_tails": tails})
             say(f"  FAILED ({name}): {exc}")

@@ -48,7 +48,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import blake3
 from harness import (
     CAIRN,
     PASSPHRASE,
@@ -58,10 +57,13 @@ from harness import (
     Figure,
     Layout,
     agent_env,
+    file_hash,
     format_table,
+    free_bytes,
     machine_info,
     run_dd,
     say,
+    write_random_file,
 )
 from harness import running_appliance as running_home
 
@@ -159,29 +161,6 @@ def running_appliance(run_dir: Path) -> Iterator[tuple[Appliance, str]]:
 # -- files --------------------------------------------------------------------------------
 
 
-def write_random_file(path: Path, size: int) -> bytes:
-    """SIZE bytes of fresh randomness (so every block is distinct), fsynced; its BLAKE3."""
-    digest = blake3.blake3(max_threads=blake3.blake3.AUTO)
-    with open(path, "wb") as handle:
-        left = size
-        while left:
-            chunk = os.urandom(min(16 * MIB, left))
-            handle.write(chunk)
-            digest.update(chunk)
-            left -= len(chunk)
-        handle.flush()
-        os.fsync(handle.fileno())
-    return digest.digest()
-
-
-def file_hash(path: Path) -> bytes:
-    digest = blake3.blake3(max_threads=blake3.blake3.AUTO)
-    with open(path, "rb") as handle:
-        while chunk := handle.read(16 * MIB):
-            digest.update(chunk)
-    return digest.digest()
-
-
 def change_middle(path: Path, size: int) -> tuple[int, set[int]]:
     """Overwrite CHANGE_SIZE bytes at size/2 + 3.5 MiB with new random bytes; the offset
     and the indexes of the blocks it touches."""
@@ -193,11 +172,6 @@ def change_middle(path: Path, size: int) -> tuple[int, set[int]]:
     finally:
         os.close(fd)
     return offset, {offset // BLOCK_SIZE, (offset + CHANGE_SIZE - 1) // BLOCK_SIZE}
-
-
-def free_bytes(path: Path) -> int:
-    stat = os.statvfs(path)
-    return stat.f_bavail * stat.f_frsize
 
 
 def needed_bytes(size: int, profile: bool) -> int:
