@@ -4,8 +4,10 @@
 running at once), everything written on A and awaited on B byte for byte.
 
 Cairn: a fresh `cairnd serve` (harness.running_appliance: six disk folders, k=4, m=2, mDNS
-off) and two `cairn sync DIR -v` agents joined with codes (harness.sync_agent,
-CAIRN_DISCOVERY=off), all at their defaults; processes measured: A, B and the appliance.
+off) and two `cairn sync DIR` agents joined with codes (harness.sync_agent,
+CAIRN_DISCOVERY=off), all at their defaults (no -v: a line per file costs CPU that a user
+does not pay, and Syncthing logs nothing per file either); processes measured: A, B and
+the appliance.
 Syncthing: 1.19.2 from Debian (installed with apt-get when missing), two devices driven by
 bench/syncthing.py: only 127.0.0.1 (GUI/REST and one tcp:// listen address each, the peer at
 an explicit address), global and local discovery, relays, NAT traversal, usage and crash
@@ -132,6 +134,7 @@ def cairn_pair(run_dir: Path, log_dir: Path) -> Iterator[Pair]:
     with running_appliance(run_dir, USER) as (appliance, code):
         a = sync_agent(run_dir, appliance, code, "A")
         b = sync_agent(run_dir, appliance, new_code(appliance.home, USER), "B")
+        a.verbose = b.verbose = False       # the defaults
 
         def check() -> None:
             for agent in (a, b):

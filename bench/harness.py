@@ -499,13 +499,15 @@ def join(home: Path, url: str, code: str, name: str, timeout: float = 120) -> Pa
 @dataclass
 class SyncAgent:
     """A joined agent home and its folder; `start` runs `cairn sync DIR -v` (log in
-    HOME/sync.log), `stop` ends it with SIGTERM."""
+    HOME/sync.log; without -v when VERBOSE is false: the defaults a user runs), `stop`
+    ends it with SIGTERM."""
 
     home: Path
     folder: Path
     name: str
     process: subprocess.Popen[bytes] | None = None
     extra: tuple[str, ...] = field(default=())
+    verbose: bool = True
 
     @property
     def log(self) -> Path:
@@ -522,8 +524,9 @@ class SyncAgent:
             raise BenchError(f"agent {self.name} is already running")
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(
-                [*CAIRN, "--home", str(self.home), "sync", str(self.folder), "-v",
-                 *self.extra], stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+                [*CAIRN, "--home", str(self.home), "sync", str(self.folder),
+                 *(["-v"] if self.verbose else []), *self.extra], stdout=log, stderr=log,
+                stdin=subprocess.DEVNULL,
                 env=agent_env())
         return self
 
