@@ -392,13 +392,19 @@ class Appliance:
         return int(row[0])
 
     def stop(self, timeout: float = 30) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=timeout)
+        terminate(self.process, timeout)
+
+
+def terminate(process: subprocess.Popen[Any], timeout: float) -> int:
+    """End a process this bench started: SIGTERM, then SIGKILL after TIMEOUT; its exit
+    code."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            return process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+    return process.wait(timeout=timeout)
 
 
 def _first_line(process: subprocess.Popen[str], timeout: float) -> str:
@@ -533,12 +539,7 @@ class SyncAgent:
     def stop(self, timeout: float = 30) -> int | None:
         if self.process is None:
             return None
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            code = self.process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            code = self.process.wait(timeout=timeout)
+        code = terminate(self.process, timeout)
         self.process = None
         return code
 

@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness import BenchError, cpu_seconds, process_tree, rss_mib, say
+from harness import BenchError, cpu_seconds, process_tree, rss_mib, say, terminate
 
 FOLDER_ID = "cairn-bench"
 WATCHER_DELAY_S = 1
@@ -278,13 +278,7 @@ class Device:
         if self.process is None:
             return
         children = [pid for pid in (self.pids() or self._tree) if pid != self.process.pid]
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=timeout)
+        terminate(self.process, timeout)
         for pid in children:
             with contextlib.suppress(OSError):
                 if "syncthing" in Path(f"/proc/{pid}/cmdline").read_text(errors="replace"):
