@@ -524,3 +524,52 @@ def test_a_fetch_of_an_upload_that_stopped_gives_up_and_keeps_what_it_has(
     parts = part_files(desktop.folder)
     assert len(parts) == 1
     assert (desktop.folder / parts[0]).read_bytes()[:BLOCK_SIZE] == blocks[0]
+
+
+def test_a_stalled_upload_is_not_streamed_again_each_round(
+        devices: list[Device], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Driven round by round in-process: the desktop's round streams the laptop's file,
+    which stops after its first block; the round gives up after STREAM_STALL_S (0.5 s
+    here) and the next rounds skip that version at once instead of waiting again — until
+    the upload completes and the file is downloaded as usual."""
+    laptop, desktop, _ = devices
+    monkeypatch.setattr(download_module, "STREAM_STALL_S", 0.5)
+    blocks = [os.urandom(BLOCK_SIZE), os.urandom(3000)]
+
+    async def scenario() -> tuple[float, float, bytes | None]:
+        async with ops.session(AgentHome(laptop.home)) as up, \
+                ops.session(AgentHome(desktop.home)) as down:
+            root = await up.resolve("/")
+            secret = up.keys.content_secret
+            refs = [encrypt_block(secret, b)[0] for b in blocks]
+            meta = NodeMeta(name="slow.bin", kind="file", size=sum(map(len, blocks)),
+                            blocks=tuple(refs), device="laptop")
+            answer = await announce(up, Target(root, "slow.bin", None), meta)
+            urls = {u.block_id: u.url for u in answer.upload}
+
+            async def put(data: bytes) -> None:
+                ref, cipher = encrypt_block(secret, data)
+                await trio.to_thread.run_sync(up.connection.put_block, urls[ref.id_hex],
+                                              cipher)
+
+            await put(blocks[0])
+            db = SyncDb.of_home(desktop.home)
+            try:
+                folder = await open_folder(down, db, desktop.folder, "/")
+                engine = SyncEngine(down, db, folder, SyncOptions(once=True))
+                started = trio.current_time()
+                await engine.sync_round()                 # streams, then gives up
+                stalled = trio.current_time() - started
+                started = trio.current_time()
+                await engine.sync_round()                 # skipped at once
+                skipped = trio.current_time() - started
+                await put(blocks[1])
+                await engine.sync_round()                 # complete now: downloaded
+                return stalled, skipped, read_or_none(desktop.folder / "slow.bin")
+            finally:
+                db.close()
+
+    stalled, skipped, content = trio.run(scenario)
+    assert stalled >= 0.5
+    assert skipped < 0.5, f"the second round waited {skipped:.2f} s on the stalled upload"
+    assert content == b"".join(blocks)
