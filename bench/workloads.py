@@ -213,18 +213,8 @@ def near_empty(pair: Pair, count: int) -> Result:
     names = [f"near-empty/note-{i}.txt" for i in range(NEAR_EMPTY_FILES)]
     for name in names:
         _edit(pair, name, os.urandom(100), "a new file")
-    details: dict[str, Any] = {}
-    quiet(pair, details, "settled_before_s")
-    rng = random.Random(20261205)
-    meter = Meter(pair).start()
-    seconds = []
-    for i in range(count):
-        data = os.urandom(rng.randint(200, 800))
-        seconds.append(_edit(pair, names[i % len(names)], data, f"edit {i}"))
-        time.sleep(EDIT_SPACING_S)
-    cpu, peaks, own = meter.stop()
-    details.update(_latencies(seconds), bench_cpu_s=round(own, 2))
-    return Result(nearest_rank(seconds, 0.5), "s", count, "edit", cpu, peaks, details)
+    return _timed_edits(pair, count, random.Random(20261205), {},
+                        lambda i, _: names[i % len(names)])
 
 
 def _digest(data: bytes) -> bytes:
@@ -371,14 +361,20 @@ def await_files(pair: Pair, expected: dict[str, bytes], started: float,
 
 def edits(pair: Pair, files: list[str], count: int) -> Result:
     """COUNT edits among FILES (synced by `small_files`), EDIT_SPACING_S apart."""
-    details: dict[str, Any] = {"files": len(files)}
+    return _timed_edits(pair, count, random.Random(20261206), {"files": len(files)},
+                        lambda _, rng: rng.choice(files))
+
+
+def _timed_edits(pair: Pair, count: int, rng: random.Random, details: dict[str, Any],
+                 pick: Callable[[int, random.Random], str]) -> Result:
+    """Once settled, COUNT edits (200-800 random bytes) of the files PICK names for edit
+    i, each awaited on B, EDIT_SPACING_S apart: p50, and the CPU of the whole phase."""
     quiet(pair, details, "settled_before_s")
-    rng = random.Random(20261206)
     meter = Meter(pair).start()
     seconds = []
     for i in range(count):
         data = os.urandom(rng.randint(200, 800))
-        seconds.append(_edit(pair, rng.choice(files), data, f"edit {i}"))
+        seconds.append(_edit(pair, pick(i, rng), data, f"edit {i}"))
         time.sleep(EDIT_SPACING_S)
     cpu, peaks, own = meter.stop()
     details.update(_latencies(seconds), bench_cpu_s=round(own, 2))

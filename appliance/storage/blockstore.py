@@ -43,6 +43,7 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
 import blake3
 
@@ -73,6 +74,7 @@ from appliance.storage.shard_format import (
 from protocol.ids import is_block_id
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 RECENTLY_QUEUED_MAX = 4096
 SHARD_WRITERS = 32  # threads writing the shards of concurrent puts (mostly waiting on fsync)
 
@@ -90,30 +92,27 @@ def _shard_writers() -> ThreadPoolExecutor:
         return _writers
 
 
-def _all_at_once(steps: list[Callable[[], None]]) -> list[bool]:
+def _all_at_once(steps: list[Callable[[], T]]) -> list[T | DiskError]:
     """Run STEPS at the same time (the first in this thread, the rest in the shard
-    writers' pool); which of them succeeded (a DiskError is logged)."""
+    writers' pool) and wait for all of them, even when one fails (never leave a write
+    behind a put); each one's result, or the DiskError it raised."""
     pool = _shard_writers()
     futures = [pool.submit(step) for step in steps[1:]]
-    done: list[bool] = []
+    results: list[T | DiskError] = []
     try:
         for step in steps[:1]:
             try:
-                step()
-                done.append(True)
+                results.append(step())
             except DiskError as exc:
-                log.warning("%s", exc)
-                done.append(False)
+                results.append(exc)
     finally:
         wait(futures)
     for future in futures:
         try:
-            future.result()
-            done.append(True)
+            results.append(future.result())
         except DiskError as exc:
-            log.warning("%s", exc)
-            done.append(False)
-    return done
+            results.append(exc)
+    return results
 
 
 def parse_block_id(block_id: str) -> bytes:
@@ -417,35 +416,25 @@ class BlockStore:
                 log.warning("%s", exc)
         # Then every folder's fsync at once: on ext4 each one is a journal commit, and
         # concurrent ones share it (six in a row made most of a big put's latency).
-        return sum(_all_at_once([partial(disk.sync_shard_folder, final)
-                                 for disk, final in published]))
+        synced = _all_at_once([partial(disk.sync_shard_folder, final)
+                               for disk, final in published])
+        for failure in (r for r in synced if isinstance(r, DiskError)):
+            log.warning("%s", failure)
+        return sum(1 for r in synced if not isinstance(r, DiskError))
 
     def _stage_shards(self, block_id: str, assignments: list[tuple[int, Disk]],
                       headers: list[bytes], payloads: list[bytes]
                       ) -> dict[int, tuple[Disk, Path]]:
-        """Stage shard `index` on `disk` for every pair at the same time (the first in this
-        thread, the rest in the shared pool); returns what was staged, by index."""
-
-        def stage(index: int, disk: Disk) -> Path:
-            return disk.stage_shard(block_id, headers[index], payloads[index])
-
-        pool = _shard_writers()
-        pending = [(index, disk, pool.submit(stage, index, disk))
-                   for index, disk in assignments[1:]]
+        """Stage shard `index` on `disk` for every pair at the same time; returns what was
+        staged, by index."""
+        results = _all_at_once([partial(disk.stage_shard, block_id, headers[index],
+                                        payloads[index]) for index, disk in assignments])
         staged: dict[int, tuple[Disk, Path]] = {}
-        try:
-            for index, disk in assignments[:1]:
-                try:
-                    staged[index] = (disk, stage(index, disk))
-                except DiskError as exc:
-                    log.warning("%s; trying the next disk", exc)
-        finally:
-            wait([future for _, _, future in pending])  # never leave a write behind a put
-        for index, disk, future in pending:
-            try:
-                staged[index] = (disk, future.result())
-            except DiskError as exc:
-                log.warning("%s; trying the next disk", exc)
+        for (index, disk), result in zip(assignments, results, strict=True):
+            if isinstance(result, DiskError):
+                log.warning("%s; trying the next disk", result)
+            else:
+                staged[index] = (disk, result)
         return staged
 
     @staticmethod

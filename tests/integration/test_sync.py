@@ -14,7 +14,7 @@ import signal
 import socket
 import stat
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -38,7 +38,7 @@ from agent.crypto.nodes import NodeMeta
 from agent.download import download_file
 from agent.errors import LocalFileError, UploadStalledError
 from agent.home import AgentHome
-from agent.remote import Target
+from agent.remote import RemoteTree, Target
 from agent.sync.engine import SyncEngine, SyncOptions, open_folder
 from agent.sync.state import SyncDb
 from agent.upload import announce, upload_file
@@ -435,7 +435,7 @@ def test_links_special_files_and_ignored_paths_stay_local(
 
 
 def test_a_big_file_is_fetched_while_another_device_is_still_uploading_it(
-        devices: list[Device], tmp_path: Path) -> None:
+        devices: list[Device]) -> None:
     """Issue 12: the two hops overlap. The laptop uploads a 3-block file one block at a
     time (in-process, pausing before the last); the desktop's `cairn sync` already holds
     the first blocks, verified, in its temporary file — and renames it into place only
@@ -443,42 +443,51 @@ def test_a_big_file_is_fetched_while_another_device_is_still_uploading_it(
     _, desktop, _ = devices
     laptop = devices[0]
     blocks = [os.urandom(BLOCK_SIZE), os.urandom(BLOCK_SIZE), os.urandom(1000)]
-    source = write(tmp_path / "big.bin", b"".join(blocks))
+    content = b"".join(blocks)
     desktop.start()
     wait_for(lambda: "syncing" in desktop.log_text(), what="the desktop to start")
 
     def part_holds_first_blocks() -> bool:
         parts = [desktop.folder / p for p in part_files(desktop.folder)]
-        return any(p.stat().st_size == source.stat().st_size
+        return any(p.stat().st_size == len(content)
                    and p.read_bytes()[:2 * BLOCK_SIZE] == blocks[0] + blocks[1]
                    for p in parts)
 
     async def upload_slowly() -> tuple[bool, bool]:
         async with ops.session(AgentHome(laptop.home)) as tree:
-            root = await tree.resolve("/")
-            secret = tree.keys.content_secret
-            refs = [encrypt_block(secret, b)[0] for b in blocks]
-            meta = NodeMeta(name="big.bin", kind="file", size=source.stat().st_size,
-                            mtime_ns=source.stat().st_mtime_ns, mode=0o644,
-                            blocks=tuple(refs), device="laptop")
-            answer = await announce(tree, Target(root, "big.bin", None), meta)
-            urls = {u.block_id: u.url for u in answer.upload}
+            _, put = await begin_upload(tree, "big.bin", blocks)
             for data in blocks[:2]:
-                ref, cipher = encrypt_block(secret, data)
-                await trio.to_thread.run_sync(tree.connection.put_block, urls[ref.id_hex],
-                                              cipher)
+                await put(data)
             early = await trio.to_thread.run_sync(lambda: _poll(part_holds_first_blocks))
             not_yet = not (desktop.folder / "big.bin").exists()
-            ref, cipher = encrypt_block(secret, blocks[2])
-            await trio.to_thread.run_sync(tree.connection.put_block, urls[ref.id_hex], cipher)
+            await put(blocks[2])
             return early, not_yet
 
     early, not_yet = trio.run(upload_slowly)
     assert early, "the desktop did not fetch blocks before the upload was complete"
     assert not_yet, "the file was in place before its last block was uploaded"
-    wait_for(lambda: read_or_none(desktop.folder / "big.bin") == source.read_bytes(),
+    wait_for(lambda: read_or_none(desktop.folder / "big.bin") == content,
              what="the complete file on the desktop")
     assert part_files(desktop.folder) == []
+
+
+async def begin_upload(tree: RemoteTree, name: str, blocks: list[bytes]
+                       ) -> tuple[str, Callable[[bytes], Awaitable[None]]]:
+    """A device's upload of NAME (at the root, made of BLOCKS) driven block by block: the
+    node is announced, `uploading`; returns its id and what sends one of its blocks."""
+    root = await tree.resolve("/")
+    secret = tree.keys.content_secret
+    meta = NodeMeta(name=name, kind="file", size=sum(map(len, blocks)),
+                    blocks=tuple(encrypt_block(secret, b)[0] for b in blocks),
+                    device="laptop")
+    answer = await announce(tree, Target(root, name, None), meta)
+    urls = {u.block_id: u.url for u in answer.upload}
+
+    async def put(data: bytes) -> None:
+        ref, cipher = encrypt_block(secret, data)
+        await trio.to_thread.run_sync(tree.connection.put_block, urls[ref.id_hex], cipher)
+
+    return answer.node.id, put
 
 
 def _poll(condition: Callable[[], bool], timeout: float = 20) -> bool:
@@ -503,16 +512,9 @@ def test_a_fetch_of_an_upload_that_stopped_gives_up_and_keeps_what_it_has(
     async def scenario() -> None:
         async with ops.session(AgentHome(laptop.home)) as up, \
                 ops.session(AgentHome(desktop.home)) as down:
-            root = await up.resolve("/")
-            secret = up.keys.content_secret
-            refs = [encrypt_block(secret, b)[0] for b in blocks]
-            meta = NodeMeta(name="half.bin", kind="file", size=sum(map(len, blocks)),
-                            blocks=tuple(refs), device="laptop")
-            answer = await announce(up, Target(root, "half.bin", None), meta)
-            first_ref, cipher = encrypt_block(secret, blocks[0])
-            url = next(u.url for u in answer.upload if u.block_id == first_ref.id_hex)
-            await trio.to_thread.run_sync(up.connection.put_block, url, cipher)
-            node = await down.node(answer.node.id)
+            node_id, put = await begin_upload(up, "half.bin", blocks)
+            await put(blocks[0])
+            node = await down.node(node_id)
             assert node.status == "uploading"
             with pytest.raises(UploadStalledError):
                 await download_file(down, node, target, show_progress=False, stream=True)
@@ -539,19 +541,7 @@ def test_a_stalled_upload_is_not_streamed_again_each_round(
     async def scenario() -> tuple[float, float, bytes | None]:
         async with ops.session(AgentHome(laptop.home)) as up, \
                 ops.session(AgentHome(desktop.home)) as down:
-            root = await up.resolve("/")
-            secret = up.keys.content_secret
-            refs = [encrypt_block(secret, b)[0] for b in blocks]
-            meta = NodeMeta(name="slow.bin", kind="file", size=sum(map(len, blocks)),
-                            blocks=tuple(refs), device="laptop")
-            answer = await announce(up, Target(root, "slow.bin", None), meta)
-            urls = {u.block_id: u.url for u in answer.upload}
-
-            async def put(data: bytes) -> None:
-                ref, cipher = encrypt_block(secret, data)
-                await trio.to_thread.run_sync(up.connection.put_block, urls[ref.id_hex],
-                                              cipher)
-
+            _, put = await begin_upload(up, "slow.bin", blocks)
             await put(blocks[0])
             db = SyncDb.of_home(desktop.home)
             try:
