@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.errors import DiskError
+from appliance.storage.direct_io import open_new_file, read_direct, write_direct
 from appliance.storage.pack import ShardPack
 from appliance.storage.settings import DiskSpec
 
@@ -54,6 +55,7 @@ PROBE_INTERVAL = 2.0
 FAILING_ERRORS = 3           # this many I/O errors ...
 FAILING_WINDOW = 600.0       # ... within this many seconds make a disk `failing`
 TMP_STALE_AFTER = 3600.0     # temp files older than this are crash leftovers
+DIRECT_FROM_BYTES = 256 * 1024   # shards this big bypass the page cache (direct_io.py)
 FULL_HOLD = 30.0             # after ENOSPC, stay `full` this long before probing again
 _IGNORED_ON_BLANK = {"lost+found"}
 
@@ -177,6 +179,7 @@ class Disk:
         self._detail = ""
         self._probed_at = float("-inf")
         self.pack = ShardPack(self.root, self.root / MARKER_NAME)
+        self._direct = True   # write big shards with O_DIRECT until the filesystem refuses
         self.probe()
 
     def close(self) -> None:
@@ -292,14 +295,20 @@ class Disk:
         is visible as a shard until `commit_shard` renames it; `discard_staged` drops it."""
         leaf = self.shard_path(block_hex).parent
         tmp = leaf / f".{block_hex}.{secrets.token_hex(6)}{TMP_SUFFIX}"
+        wanted = self._direct and len(payload) >= DIRECT_FROM_BYTES
         try:
             try:
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                fd, direct = open_new_file(tmp, wanted)
             except FileNotFoundError:
                 self._make_dirs(leaf)  # first shard in this fan-out folder
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                fd, direct = open_new_file(tmp, wanted)
+            if wanted and not direct:
+                self._direct = False   # the filesystem does not take O_DIRECT
             try:
-                _write_all(fd, [header, payload])
+                if direct:
+                    write_direct(fd, [header, payload])
+                else:
+                    _write_all(fd, [header, payload])
                 os.fdatasync(fd)
             finally:
                 os.close(fd)
@@ -369,8 +378,12 @@ class Disk:
     def read_shard(self, block_hex: str, limit: int | None = None) -> bytes | None:
         """The shard's bytes (the first `limit` of them) from its file or, for small blocks,
         the pack; None if this disk holds no shard of the block."""
+        path = self.shard_path(block_hex)
         try:
-            with open(self.shard_path(block_hex), "rb", buffering=0) as handle:
+            whole = read_direct(path) if limit is None and self._direct else None
+            if whole is not None:
+                return whole
+            with open(path, "rb", buffering=0) as handle:
                 return handle.read() if limit is None else handle.read(limit)
         except FileNotFoundError:
             pass

@@ -2,8 +2,8 @@
 go to other disks, and repeated errors make the disk `failing` — still read, never written.
 
 Real folders cannot produce EIO on demand, so the disk module's file I/O is wrapped: `open`
-(shard reads) and `_write_all` (shard writes) raise OSError(EIO) for files under the faulty
-disk's folder. Everything else — Disk's error handling and state, the store — is real.
+and `read_direct` (shard reads), `_write_all` and `write_direct` (shard writes) raise
+OSError(EIO) for files under the faulty disk's folder. Everything else — Disk's error handling and state, the store — is real.
 """
 
 from __future__ import annotations
@@ -68,8 +68,26 @@ def faults(monkeypatch: pytest.MonkeyPatch) -> Faults:
             raise _eio(target)
         real_write_all(fd, parts)
 
+    real_read_direct, real_write_direct = disk_module.read_direct, disk_module.write_direct
+
+    def faulty_read_direct(path: str | os.PathLike[str]) -> bytes | None:
+        if faults.hits(path):
+            faults.opened += 1
+            if faults.reads:
+                raise _eio(path)
+        return real_read_direct(path)
+
+    def faulty_write_direct(fd: int, parts: list[bytes | memoryview]) -> None:
+        target = os.readlink(f"/proc/self/fd/{fd}")
+        if faults.writes and faults.hits(target):
+            raise _eio(target)
+        real_write_direct(fd, parts)
+
     monkeypatch.setattr(disk_module, "open", faulty_open, raising=False)
     monkeypatch.setattr(disk_module, "_write_all", faulty_write_all)
+    # Big shards bypass the page cache (direct_io.py): the same faults on that path.
+    monkeypatch.setattr(disk_module, "read_direct", faulty_read_direct)
+    monkeypatch.setattr(disk_module, "write_direct", faulty_write_direct)
     return faults
 
 
