@@ -30,9 +30,9 @@ import logging
 import random
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import httpcore
 import httpx
@@ -305,7 +305,7 @@ class Connection:
 
     # --- the data plane (blocking: call from worker threads) ------------------------
 
-    def put_block(self, url: str, data: bytes) -> list[str]:
+    def put_block(self, url: str, data: bytes | memoryview) -> list[str]:
         """PUT a block to its pre-signed URL; the nodes it completed."""
         answer = self._block_request("PUT", url, data)
         return list(json.loads(answer).get("completed_nodes", []))
@@ -313,16 +313,19 @@ class Connection:
     def get_block(self, url: str) -> bytes:
         return self._block_request("GET", url, None)
 
-    def _block_request(self, method: str, url: str, content: bytes | None) -> bytes:
+    def _block_request(self, method: str, url: str,
+                       content: bytes | memoryview | None) -> bytes:
         """The body of a successful answer to METHOD on a pre-signed URL (relative to the
         appliance's current address)."""
         headers = [(b"Content-Length", str(len(content or b"")).encode())] \
             if method == "PUT" else []
         for attempt in range(self.retry.attempts):
             url_before = self.device.url
+            body = cast(Iterator[bytes], iter([content])) \
+                if isinstance(content, memoryview) else content   # a view: one chunk
             try:
                 response = self._blocks.request(
-                    method, url_before + url, headers=headers, content=content,
+                    method, url_before + url, headers=headers, content=body,
                     extensions={"timeout": BLOCK_TIMEOUTS})
             except BLOCK_TRANSPORT_ERRORS as exc:
                 if attempt + 1 >= self.retry.attempts:

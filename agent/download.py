@@ -34,7 +34,9 @@ from pathlib import Path
 
 import trio
 
-from agent.crypto.blocks import BlockRef, decrypt_block, plain_hash_of
+from agent.buffers import thread_buffer
+from agent.crypto.blocks import BlockRef, decrypt_block, decrypt_block_into, plain_hash_of
+from agent.direct_write import DIRECT_FROM_BYTES, open_direct, write_block
 from agent.errors import (
     DiskFullError,
     FileChangedError,
@@ -146,13 +148,6 @@ def _write_error(path: Path, exc: OSError) -> LocalFileError:
     return LocalFileError(f"cannot write {path}: {exc.strerror or exc}")
 
 
-def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.pwrite(fd, view, offset)
-        view, offset = view[written:], offset + written
-
-
 async def download_file(tree: RemoteTree, node: RemoteNode, target: Path, *,
                         show_progress: bool | None = None,
                         parallel: int = DOWNLOAD_PARALLEL,
@@ -251,8 +246,13 @@ async def _fetch(tree: RemoteTree, node: RemoteNode, jobs: list[BlockJob], fd: i
     except OSError:
         old_fd = None
     fresh_urls: dict[str, str] = {}
+    try:
+        direct_fd = open_direct(part) if any(job.ref.plain_size >= DIRECT_FROM_BYTES
+                                             for job in jobs) else None
+    except OSError:
+        direct_fd = None
 
-    def obtain(job: BlockJob) -> tuple[bytes, bool]:
+    def obtain(job: BlockJob) -> tuple[bytes | memoryview, bool]:
         """The block's plaintext and whether it came over the network."""
         for source, offsets in ((fd if resuming else None, job.offsets),
                                 (old_fd, job.offsets)):
@@ -269,13 +269,16 @@ async def _fetch(tree: RemoteTree, node: RemoteNode, jobs: list[BlockJob], fd: i
                 else trio.from_thread.run(tree.fetch, node.id)
             fresh_urls.update({e.block_id: e.url for e in detail.blocks})
             ciphertext = connection.get_block(fresh_urls[job.ref.id_hex])
+        if job.ref.plain_size >= DIRECT_FROM_BYTES:   # into this thread's aligned buffer
+            return decrypt_block_into(job.ref, ciphertext,
+                                      thread_buffer(job.ref.plain_size, "plain")), True
         return decrypt_block(job.ref, ciphertext), True
 
     def place(job: BlockJob) -> tuple[int, bool]:
         plaintext, fetched = obtain(job)
         try:
             for offset in job.offsets:
-                _pwrite_all(fd, plaintext, offset)
+                write_block(fd, direct_fd, plaintext, offset)
         except OSError as exc:
             raise _write_error(part, exc) from None
         return len(plaintext) * len(job.offsets), fetched
@@ -290,8 +293,9 @@ async def _fetch(tree: RemoteTree, node: RemoteNode, jobs: list[BlockJob], fd: i
     try:
         await run_jobs(jobs, place, parallel=parallel, done=done)
     finally:
-        if old_fd is not None:
-            os.close(old_fd)
+        for extra in (old_fd, direct_fd):
+            if extra is not None:
+                os.close(extra)
     return fetched_count
 
 

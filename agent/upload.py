@@ -22,7 +22,14 @@ from pathlib import Path
 
 import trio
 
-from agent.crypto.blocks import BLOCK_SIZE, BlockRef, encrypt_block
+from agent.buffers import thread_buffer
+from agent.crypto.blocks import (
+    BLOCK_SIZE,
+    TAG_BYTES,
+    BlockRef,
+    encrypt_again_into,
+    encrypt_block_into,
+)
 from agent.crypto.nodes import NodeMeta, new_node_key
 from agent.errors import FileChangedError, ForbiddenError, LocalFileError, UsageError
 from agent.pipeline import DEFAULT_PARALLEL, run_jobs
@@ -63,12 +70,17 @@ def _fingerprint(st: os.stat_result) -> tuple[int, int, int]:
     return (st.st_size, st.st_mtime_ns, st.st_ino)
 
 
-def _read_block(fd: int, index: int, path: Path) -> bytes:
+def _read_block(fd: int, index: int, path: Path) -> memoryview:
+    """Block INDEX of the file, as far as it goes, in this thread's `plain` buffer."""
+    buffer = thread_buffer(BLOCK_SIZE, "plain")[:BLOCK_SIZE]
+    done = 0
     try:
-        data = os.pread(fd, BLOCK_SIZE, index * BLOCK_SIZE)
+        while done < BLOCK_SIZE and (count := os.preadv(fd, [buffer[done:]],
+                                                        index * BLOCK_SIZE + done)):
+            done += count
     except OSError as exc:
         raise _local_error(path, exc) from None
-    return data
+    return buffer[:done]
 
 
 def block_count(size: int) -> int:
@@ -84,7 +96,8 @@ async def scan_file(fd: int, path: Path, size: int, content_secret: bytes,
         expected = min(BLOCK_SIZE, size - index * BLOCK_SIZE)
         if len(data) != expected:
             raise FileChangedError(f"{path} changed while it was being read; try again")
-        return encrypt_block(content_secret, data)[0]
+        return encrypt_block_into(content_secret, data,
+                                  thread_buffer(len(data) + TAG_BYTES, "cipher"))[0]
 
     def done(index: int, ref: BlockRef) -> None:
         refs[index] = ref
@@ -155,7 +168,7 @@ async def upload_file(tree: RemoteTree, path: Path, target: Target, *,
                 progress = Progress(sum(e.size for e in urls), f"sending {path.name}",
                                     enabled=show_progress)
                 try:
-                    stats.blocks_sent += await _send(tree, fd, path, first_index, urls,
+                    stats.blocks_sent += await _send(tree, fd, path, refs, first_index, urls,
                                                      progress, parallel, node_id)
                 finally:
                     progress.close()
@@ -176,10 +189,10 @@ async def upload_file(tree: RemoteTree, path: Path, target: Target, *,
         os.close(fd)
 
 
-async def _send(tree: RemoteTree, fd: int, path: Path, first_index: dict[str, int],
+async def _send(tree: RemoteTree, fd: int, path: Path, refs: list[BlockRef],
+                first_index: dict[str, int],
                 urls: list[BlockUrl], progress: Progress, parallel: int,
                 node_id: str) -> int:
-    secret = tree.keys.content_secret
     connection = tree.connection
     refreshed: dict[str, str] = {}
 
@@ -189,8 +202,10 @@ async def _send(tree: RemoteTree, fd: int, path: Path, first_index: dict[str, in
         if index is None:
             raise LocalFileError(f"the appliance asked for block {block_id[:16]}, which "
                                  f"is not in {path}")
-        ref, ciphertext = encrypt_block(secret, _read_block(fd, index, path))
-        if ref.id_hex != block_id:
+        ref = refs[index]
+        ciphertext = encrypt_again_into(ref, _read_block(fd, index, path),
+                                        thread_buffer(ref.cipher_size, "cipher"))
+        if ciphertext is None:
             raise FileChangedError(f"{path} changed while it was being uploaded; run put "
                                    "again once it is complete")
         try:

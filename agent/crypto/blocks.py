@@ -69,31 +69,82 @@ def plain_hash_of(plaintext: bytes | memoryview) -> bytes:
 def encrypt_block(content_secret: bytes, plaintext: bytes) -> tuple[BlockRef, bytes]:
     """The block's reference and its ciphertext. Empty blocks do not exist (an empty file
     has no blocks)."""
-    if not 0 < len(plaintext) <= BLOCK_SIZE:
-        raise ValueError(f"a block has 1 to {BLOCK_SIZE} bytes, not {len(plaintext)}")
+    _check_size(plaintext)
     plain_hash = plain_hash_of(plaintext)
     key = block_key(content_secret, plain_hash)
     ciphertext = AESGCM(key).encrypt(ZERO_NONCE, plaintext, BLOCK_FORMAT)
     return BlockRef(len(plaintext), plain_hash_of(ciphertext), key, plain_hash), ciphertext
 
 
+def encrypt_block_into(content_secret: bytes, plaintext: bytes | memoryview,
+                       out: memoryview) -> tuple[BlockRef, memoryview]:
+    """`encrypt_block` into OUT (at least `len(plaintext) + TAG_BYTES` bytes): the
+    reference, and the part of OUT that holds the ciphertext."""
+    _check_size(plaintext)
+    plain_hash = plain_hash_of(plaintext)
+    key = block_key(content_secret, plain_hash)
+    ciphertext = out[:len(plaintext) + TAG_BYTES]
+    AESGCM(key).encrypt_into(ZERO_NONCE, plaintext, BLOCK_FORMAT, ciphertext)
+    return BlockRef(len(plaintext), plain_hash_of(ciphertext), key, plain_hash), ciphertext
+
+
+def encrypt_again_into(ref: BlockRef, plaintext: bytes | memoryview,
+                       out: memoryview) -> memoryview | None:
+    """The ciphertext of REF's block, into OUT, if PLAINTEXT is still that block's (its
+    plain hash checked: a key is never used on other bytes); None if it is not. The id is
+    not hashed again: the same key and plaintext give the same ciphertext, and the
+    appliance checks every block it stores against its id."""
+    if len(plaintext) != ref.plain_size or not hmac.compare_digest(
+            plain_hash_of(plaintext), ref.plain_hash):
+        return None
+    ciphertext = out[:ref.cipher_size]
+    AESGCM(ref.key).encrypt_into(ZERO_NONCE, plaintext, BLOCK_FORMAT, ciphertext)
+    return ciphertext
+
+
+def _check_size(plaintext: bytes | memoryview) -> None:
+    if not 0 < len(plaintext) <= BLOCK_SIZE:
+        raise ValueError(f"a block has 1 to {BLOCK_SIZE} bytes, not {len(plaintext)}")
+
+
 def decrypt_block(ref: BlockRef, ciphertext: bytes) -> bytes:
     """The plaintext of a downloaded block, after checking it is exactly the block REF
     names. Raises IntegrityError otherwise."""
+    _check_ciphertext(ref, ciphertext)
+    try:
+        plaintext = AESGCM(ref.key).decrypt(ZERO_NONCE, ciphertext, BLOCK_FORMAT)
+    except InvalidTag:
+        raise IntegrityError(f"block {ref.id_hex[:16]} failed authentication") from None
+    _check_plaintext(ref, plaintext)
+    return plaintext
+
+
+def decrypt_block_into(ref: BlockRef, ciphertext: bytes, out: memoryview) -> memoryview:
+    """`decrypt_block` into OUT (at least `ref.plain_size` bytes): the part of OUT that
+    holds the plaintext. Nothing in OUT may be used if this raises."""
+    _check_ciphertext(ref, ciphertext)
+    plaintext = out[:ref.plain_size]
+    try:
+        AESGCM(ref.key).decrypt_into(ZERO_NONCE, ciphertext, BLOCK_FORMAT, plaintext)
+    except InvalidTag:
+        raise IntegrityError(f"block {ref.id_hex[:16]} failed authentication") from None
+    _check_plaintext(ref, plaintext)
+    return plaintext
+
+
+def _check_ciphertext(ref: BlockRef, ciphertext: bytes) -> None:
     if len(ciphertext) != ref.cipher_size:
         raise IntegrityError(f"block {ref.id_hex[:16]} has {len(ciphertext)} bytes, "
                              f"expected {ref.cipher_size}")
     if not hmac.compare_digest(plain_hash_of(ciphertext), ref.block_id):
         raise IntegrityError(f"block {ref.id_hex[:16]} does not match its id: corrupted "
                              "or substituted on the appliance")
-    try:
-        plaintext = AESGCM(ref.key).decrypt(ZERO_NONCE, ciphertext, BLOCK_FORMAT)
-    except InvalidTag:
-        raise IntegrityError(f"block {ref.id_hex[:16]} failed authentication") from None
+
+
+def _check_plaintext(ref: BlockRef, plaintext: bytes | memoryview) -> None:
     if not hmac.compare_digest(plain_hash_of(plaintext), ref.plain_hash):
         raise IntegrityError(f"block {ref.id_hex[:16]} decrypts to other content than "
                              "its metadata records")
-    return plaintext
 
 
 def pack_refs(refs: list[BlockRef]) -> bytes:
