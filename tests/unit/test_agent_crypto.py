@@ -12,9 +12,13 @@ from hypothesis import strategies as st
 
 from agent.crypto.blocks import (
     BLOCK_SIZE,
+    TAG_BYTES,
     BlockRef,
     decrypt_block,
+    decrypt_block_into,
+    encrypt_again_into,
     encrypt_block,
+    encrypt_block_into,
     pack_refs,
     unpack_refs,
 )
@@ -84,6 +88,27 @@ def test_another_block_under_a_ref_is_rejected(secret: bytes, first: bytes,
     if other_ref.block_id != ref.block_id:
         with pytest.raises(IntegrityError):
             decrypt_block(ref, other)
+
+
+@settings(max_examples=40, deadline=None)
+@given(secrets_, plaintexts, plaintexts, indexes, masks)
+def test_the_in_place_variants_are_the_same_crypto(secret: bytes, plaintext: bytes,
+                                                   other: bytes, index: int, mask: int) -> None:
+    """What uploads and downloads of big files use (into reused buffers): the same
+    references and bytes as the plain functions, the same refusals."""
+    ref, ciphertext = encrypt_block(secret, plaintext)
+    out = memoryview(bytearray(len(plaintext) + TAG_BYTES + 7))   # buffers may be bigger
+    assert encrypt_block_into(secret, plaintext, out) == (ref, ciphertext)
+    again = encrypt_again_into(ref, plaintext, memoryview(bytearray(ref.cipher_size)))
+    assert again is not None and bytes(again) == ciphertext
+    if other != plaintext:   # a key is never used on other bytes
+        assert encrypt_again_into(ref, other, memoryview(bytearray(BLOCK_SIZE))) is None
+    plain_out = memoryview(bytearray(len(plaintext) + 3))
+    assert bytes(decrypt_block_into(ref, ciphertext, plain_out)) == plaintext
+    with pytest.raises(IntegrityError):
+        decrypt_block_into(ref, flip(ciphertext, index, mask), plain_out)
+    with pytest.raises(IntegrityError):
+        decrypt_block_into(ref, ciphertext[:-1], plain_out)
 
 
 def test_block_sizes_are_bounded() -> None:
