@@ -38,6 +38,7 @@ import httpcore
 import httpx
 import trio
 
+from agent.bulk_tls import BulkTLSBackend
 from agent.discovery import discovery_enabled, find_appliances
 from agent.errors import (
     ApiError,
@@ -166,7 +167,8 @@ class Connection:
                                         headers=headers, timeout=timeout)
         self._blocks = httpcore.ConnectionPool(ssl_context=self._context,
                                                max_connections=block_connections,
-                                               keepalive_expiry=30.0)
+                                               keepalive_expiry=30.0,
+                                               network_backend=BulkTLSBackend())
         self._rediscovery_lock = trio.Lock()
         self._version_checked = False
         self.api_version: str | None = None     # the appliance's, from its first answer
