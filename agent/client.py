@@ -152,6 +152,23 @@ def retry_after(response: httpx.Response | httpcore.Response) -> float | None:
         return None
 
 
+def _read_into(response: httpcore.Response, buffer_for: Callable[[int], memoryview]
+               ) -> bytes | memoryview:
+    """A successful answer's body, streamed into BUFFER_FOR(its Content-Length); as bytes
+    when it has no length. h11 holds the body to its Content-Length (more or fewer bytes
+    raise RemoteProtocolError)."""
+    declared = next((value for name, value in response.headers
+                     if name.lower() == b"content-length"), None)
+    if declared is None or not declared.isdigit():
+        return response.read()
+    buffer = buffer_for(int(declared))
+    position = 0
+    for chunk in response.iter_stream():
+        buffer[position:position + len(chunk)] = chunk
+        position += len(chunk)
+    return buffer[:position]
+
+
 class Connection:
     """One device's connection to its appliance. Use `async with`."""
 
@@ -310,15 +327,21 @@ class Connection:
     def put_block(self, url: str, data: bytes | memoryview) -> list[str]:
         """PUT a block to its pre-signed URL; the nodes it completed."""
         answer = self._block_request("PUT", url, data)
-        return list(json.loads(answer).get("completed_nodes", []))
+        return list(json.loads(bytes(answer)).get("completed_nodes", []))
 
     def get_block(self, url: str) -> bytes:
-        return self._block_request("GET", url, None)
+        return bytes(self._block_request("GET", url, None))
 
-    def _block_request(self, method: str, url: str,
-                       content: bytes | memoryview | None) -> bytes:
+    def get_block_into(self, url: str, buffer_for: Callable[[int], memoryview]) -> memoryview:
+        """GET a block into BUFFER_FOR(its length): the part of that buffer holding it. A
+        big block then takes no fresh memory and no joining of its pieces."""
+        return memoryview(self._block_request("GET", url, None, buffer_for))
+
+    def _block_request(self, method: str, url: str, content: bytes | memoryview | None,
+                       buffer_for: Callable[[int], memoryview] | None = None
+                       ) -> bytes | memoryview:
         """The body of a successful answer to METHOD on a pre-signed URL (relative to the
-        appliance's current address)."""
+        appliance's current address); in BUFFER_FOR(length) if given."""
         headers = [(b"Content-Length", str(len(content or b"")).encode())] \
             if method == "PUT" else []
         for attempt in range(self.retry.attempts):
@@ -326,9 +349,12 @@ class Connection:
             body = cast(Iterator[bytes], iter([content])) \
                 if isinstance(content, memoryview) else content   # a view: one chunk
             try:
-                response = self._blocks.request(
-                    method, url_before + url, headers=headers, content=body,
-                    extensions={"timeout": BLOCK_TIMEOUTS})
+                with self._blocks.stream(method, url_before + url, headers=headers,
+                                         content=body,
+                                         extensions={"timeout": BLOCK_TIMEOUTS}) as response:
+                    answer: bytes | memoryview = response.read() \
+                        if response.status >= 400 or buffer_for is None \
+                        else _read_into(response, buffer_for)
             except BLOCK_TRANSPORT_ERRORS as exc:
                 if attempt + 1 >= self.retry.attempts:
                     raise self._unreachable(exc) from None
@@ -338,13 +364,13 @@ class Connection:
                 if self.device.url == url_before:
                     time.sleep(self.retry.delay(attempt))
                 continue
+            if response.status < 400:
+                return answer
             if _transient(response.status, response.content) \
                     and attempt + 1 < self.retry.attempts:
                 time.sleep(self.retry.delay(attempt, retry_after(response)))
                 continue
-            if response.status >= 400:
-                raise error_from_status(response.status, response.content)
-            return response.content
+            raise error_from_status(response.status, response.content)
         raise AssertionError("unreachable")
 
 

@@ -30,6 +30,7 @@ import os
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import trio
@@ -262,17 +263,23 @@ async def _fetch(tree: RemoteTree, node: RemoteNode, jobs: list[BlockJob], fd: i
                 data = _region_matches(source, job.ref, offset)
                 if data is not None:
                     return data, False
+        big = job.ref.plain_size >= DIRECT_FROM_BYTES
+
+        def get(url: str) -> bytes | memoryview:   # a big block: into this thread's buffer
+            return connection.get_block_into(url, partial(thread_buffer, use="cipher")) \
+                if big else connection.get_block(url)
+
         try:
-            ciphertext = connection.get_block(fresh_urls.get(job.ref.id_hex, job.url))
+            ciphertext = get(fresh_urls.get(job.ref.id_hex, job.url))
         except ForbiddenError:   # expired during a long download, or access revoked
             detail = trio.from_thread.run(refresh) if refresh is not None \
                 else trio.from_thread.run(tree.fetch, node.id)
             fresh_urls.update({e.block_id: e.url for e in detail.blocks})
-            ciphertext = connection.get_block(fresh_urls[job.ref.id_hex])
-        if job.ref.plain_size >= DIRECT_FROM_BYTES:   # into this thread's aligned buffer
+            ciphertext = get(fresh_urls[job.ref.id_hex])
+        if big:   # decrypted into this thread's aligned buffer, written from it directly
             return decrypt_block_into(job.ref, ciphertext,
                                       thread_buffer(job.ref.plain_size, "plain")), True
-        return decrypt_block(job.ref, ciphertext), True
+        return decrypt_block(job.ref, bytes(ciphertext)), True
 
     def place(job: BlockJob) -> tuple[int, bool]:
         plaintext, fetched = obtain(job)

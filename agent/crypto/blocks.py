@@ -119,7 +119,8 @@ def decrypt_block(ref: BlockRef, ciphertext: bytes) -> bytes:
     return plaintext
 
 
-def decrypt_block_into(ref: BlockRef, ciphertext: bytes, out: memoryview) -> memoryview:
+def decrypt_block_into(ref: BlockRef, ciphertext: bytes | memoryview,
+                       out: memoryview) -> memoryview:
     """`decrypt_block` into OUT (at least `ref.plain_size` bytes): the part of OUT that
     holds the plaintext. Nothing in OUT may be used if this raises."""
     _check_ciphertext(ref, ciphertext)
@@ -132,7 +133,7 @@ def decrypt_block_into(ref: BlockRef, ciphertext: bytes, out: memoryview) -> mem
     return plaintext
 
 
-def _check_ciphertext(ref: BlockRef, ciphertext: bytes) -> None:
+def _check_ciphertext(ref: BlockRef, ciphertext: bytes | memoryview) -> None:
     if len(ciphertext) != ref.cipher_size:
         raise IntegrityError(f"block {ref.id_hex[:16]} has {len(ciphertext)} bytes, "
                              f"expected {ref.cipher_size}")
