@@ -30,7 +30,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 ALIGN = 4096                  # memory, offset and length alignment: safe for any device
-POOL_KEEP = 32                # free buffers kept for reuse (each about one shard)
+POOL_KEEP = 8                 # free buffers kept for reuse (each about one shard)
 _ROUND = 64 * 1024            # buffer sizes are rounded up to this, so they are reusable
 
 
