@@ -31,10 +31,20 @@ from cairnd_helpers import MakeHome, Served, run_cairnd, served_appliance
 
 from appliance.config import ApplianceConfig
 from appliance.home import init_home
+from appliance.tls import write_self_signed_certificate
 
 # An agent started by any test must never look for its appliance on the machine's real LAN;
 # namespace tests turn discovery back on for the agents they run inside their namespaces.
 os.environ["CAIRN_DISCOVERY"] = "off"
+
+
+@pytest.fixture(scope="session")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A self-signed certificate and its key (the appliance's kind), for TLS tests."""
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    write_self_signed_certificate(cert, key)
+    return cert, key
 
 
 @pytest.fixture

@@ -3,7 +3,8 @@ go to other disks, and repeated errors make the disk `failing` — still read, n
 
 Real folders cannot produce EIO on demand, so the disk module's file I/O is wrapped: `open`
 and `read_direct` (shard reads), `_write_all` and `write_direct` (shard writes) raise
-OSError(EIO) for files under the faulty disk's folder. Everything else — Disk's error handling and state, the store — is real.
+OSError(EIO) for files under the faulty disk's folder. Everything else — Disk's error
+handling and state, the store — is real.
 """
 
 from __future__ import annotations

@@ -24,14 +24,6 @@ VERSIONS = [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3]
 BODY = bytes(range(256)) * (4 * 4096 + 3)   # a 4 MiB block and then some
 
 
-@pytest.fixture(scope="module")
-def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    folder = tmp_path_factory.mktemp("tls")
-    cert, key = folder / "cert.pem", folder / "key.pem"
-    write_self_signed_certificate(cert, key)
-    return cert, key
-
-
 def _read_request(stream: ssl.SSLSocket) -> tuple[bytes, bytes] | None:
     """(request line, body) of one HTTP/1.1 request; None at EOF."""
     reader = stream.makefile("rb")

@@ -15,18 +15,9 @@ import pytest
 import trio
 import trio.testing
 
-from appliance.tls import write_self_signed_certificate
 from appliance.tls_stream import TLSServerStream
 
 VERSIONS = [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3]
-
-
-@pytest.fixture(scope="module")
-def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    folder = tmp_path_factory.mktemp("tls")
-    cert, key = folder / "cert.pem", folder / "key.pem"
-    write_self_signed_certificate(cert, key)
-    return cert, key
 
 
 def contexts(certificate: tuple[Path, Path],
