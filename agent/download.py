@@ -283,9 +283,12 @@ async def _fetch(tree: RemoteTree, node: RemoteNode, jobs: list[BlockJob], fd: i
 
     def place(job: BlockJob) -> tuple[int, bool]:
         plaintext, fetched = obtain(job)
+        # Only a thread buffer is aligned for O_DIRECT; bytes (a small block, or a region
+        # kept from a partial file) go through the page cache.
+        direct = direct_fd if isinstance(plaintext, memoryview) else None
         try:
             for offset in job.offsets:
-                write_block(fd, direct_fd, plaintext, offset)
+                write_block(fd, direct, plaintext, offset)
         except OSError as exc:
             raise _write_error(part, exc) from None
         return len(plaintext) * len(job.offsets), fetched
