@@ -44,6 +44,7 @@ from agent.errors import (
     ApiError,
     ForbiddenError,
     IncompatibleApplianceError,
+    IntegrityError,
     NotEnrolledError,
     RemoteConflictError,
     RemoteNotFoundError,
@@ -52,6 +53,7 @@ from agent.errors import (
 from agent.home import AgentHome, DeviceRecord
 from protocol import version
 from protocol.errors import ErrorCode
+from protocol.limits import MAX_BLOCK_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +163,9 @@ def _read_into(response: httpcore.Response, buffer_for: Callable[[int], memoryvi
                      if name.lower() == b"content-length"), None)
     if declared is None or not declared.isdigit():
         return response.read()
+    if int(declared) > MAX_BLOCK_BYTES:
+        raise IntegrityError(f"the appliance answered a block of {int(declared)} bytes; "
+                             f"a block has at most {MAX_BLOCK_BYTES}")
     buffer = buffer_for(int(declared))
     position = 0
     for chunk in response.iter_stream():

@@ -18,7 +18,10 @@ import pytest
 
 from agent import bulk_tls
 from agent.bulk_tls import BulkTLSBackend
+from agent.client import _read_into
+from agent.errors import IntegrityError
 from appliance.tls import write_self_signed_certificate
+from protocol.limits import MAX_BLOCK_BYTES
 
 VERSIONS = [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3]
 BODY = bytes(range(256)) * (4 * 4096 + 3)   # a 4 MiB block and then some
@@ -143,3 +146,23 @@ def test_a_certificate_not_pinned_is_refused(certificate: tuple[Path, Path],
             client_pool(certificate) as pool, pytest.raises(httpcore.ConnectError,
                                                             match="CERTIFICATE_VERIFY_FAILED"):
         pool.request("GET", f"{url}/block")
+
+
+def test_a_block_answer_is_streamed_into_its_buffer_and_bounded() -> None:
+    """`_read_into` (client.py): the body lands in the buffer asked for by its length; a
+    length no block can have is refused before any buffer is asked for."""
+    asked: list[int] = []
+
+    def buffer_for(size: int) -> memoryview:
+        asked.append(size)
+        return memoryview(bytearray(size + 100))
+
+    body = bytes(range(256)) * 40
+    answer = httpcore.Response(200, headers=[(b"Content-Length", str(len(body)).encode())],
+                               content=[body[:1000], body[1000:]])
+    assert bytes(_read_into(answer, buffer_for)) == body and asked == [len(body)]
+    huge = httpcore.Response(200, headers=[(b"Content-Length", b"%d" % (MAX_BLOCK_BYTES + 1))],
+                             content=[b"x"])
+    with pytest.raises(IntegrityError, match="a block has at most"):
+        _read_into(huge, buffer_for)
+    assert asked == [len(body)]
