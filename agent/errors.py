@@ -10,6 +10,7 @@
     │                              tampered with, corrupted, or moved between nodes
     ├── LocalFileError             a local file cannot be read or written
     │   ├── DiskFullError          no space left for a download
+    │   ├── CacheFullError         the block cache's budget is taken by pinned blocks
     │   └── FileChangedError       a file changed while it was being uploaded
     ├── TransportError             the appliance cannot be reached (after retries and,
     │                              if enabled, an mDNS search for its new address)
@@ -80,6 +81,10 @@ class LocalFileError(CairnAgentError):
 
 class DiskFullError(LocalFileError):
     code = "disk_full"
+
+
+class CacheFullError(LocalFileError):
+    code = "cache_full"
 
 
 class FileChangedError(LocalFileError):
