@@ -5,8 +5,8 @@ copy (page allocation, LRU and reclaim included) costs the writer ~1.5 CPU-s of 
 per GiB: 1.5 GiB of 1 MiB files, each fdatasync'd, took 2.33 s of system time buffered and
 0.23 s with O_DIRECT, at the same speed (the disk's). A big put writes 1.5 x its block in
 shards (4+2), so that copy was the largest single cost of an upload on the appliance
-(docs/benchmarks.md, "Issue 12"). Every shard is fdatasync'd before it counts anyway, so
-the page cache only held data on its way to the disk.
+(docs/benchmarks.md, "Issue 12, second session"). Every shard is fdatasync'd before it
+counts anyway, so the page cache only held data on its way to the disk.
 
 How: the parts are copied into a page-aligned buffer from a small pool (a user-space copy
 costs ~0.1 CPU-s per GiB), the aligned prefix goes out with O_DIRECT, then O_DIRECT is
