@@ -3,8 +3,7 @@
 Why: a buffered write copies every byte into the page cache, and on the test machines that
 copy costs ~1.5 CPU-s of kernel time per GiB (page allocation and reclaim included): a fifth
 of what a device spent receiving a big file. A download fsyncs its file before renaming it
-into place anyway, so the page cache only held the bytes on their way to the disk — and
-streaming a 50 GB file through it evicted everything else the user had cached. Decrypting
+into place anyway, so the page cache only held the bytes on their way to the disk. Decrypting
 straight into a page-aligned buffer of the worker thread (`decrypt_block_into`, buffers.py) and
 writing that buffer with O_DIRECT costs neither the copy nor a fresh 4 MiB allocation.
 
