@@ -78,6 +78,7 @@ class BlockCache:
                                 "FROM blocks")
         self._used: int = used
         self._clock: int = clock
+        self._reserved = 0     # bytes of the budget held for something else (staged writes)
 
     # -- the operations ----------------------------------------------------------------
 
@@ -124,6 +125,31 @@ class BlockCache:
             self._db.execute("INSERT INTO blocks (id, size, used, pins) VALUES (?, ?, ?, ?)",
                              (block_id, len(data), self._tick(), int(pin)))
             self._used += len(data)
+
+    def has(self, block_id: str) -> bool:
+        """Whether the index holds the block (not verified: `get` does that)."""
+        with self._lock:
+            return self._db.execute("SELECT 1 FROM blocks WHERE id = ?",
+                                    (block_id,)).fetchone() is not None
+
+    def holds_all(self, block_ids: Iterable[str]) -> bool:
+        with self._lock:
+            return all(self._db.execute("SELECT 1 FROM blocks WHERE id = ?",
+                                        (block_id,)).fetchone() is not None
+                       for block_id in block_ids)
+
+    def reserve(self, size: int) -> None:
+        """Hold SIZE bytes of the budget for something else that shares it (the drive's
+        staged writes), evicting unpinned blocks to make room. Raises CacheFullError,
+        reserving nothing, when pinned blocks and SIZE do not fit together."""
+        with self._lock:
+            if size > self._reserved:
+                self._make_room(0, reserved=size)
+            self._reserved = size
+
+    @property
+    def reserved_bytes(self) -> int:
+        return self._reserved
 
     def pin(self, block_ids: Iterable[str]) -> list[str]:
         """Pin each block that is here once more; the ids that are not here (to fetch and
@@ -181,17 +207,18 @@ class BlockCache:
         self._clock += 1
         return self._clock
 
-    def _make_room(self, size: int) -> None:
-        if size > self.budget:
-            raise CacheFullError(f"a block of {size} bytes is larger than the whole cache "
+    def _make_room(self, size: int, reserved: int | None = None) -> None:
+        held = self._reserved if reserved is None else reserved
+        if size + held > self.budget:
+            raise CacheFullError(f"{size + held} bytes do not fit in the cache's budget "
                                  f"({self.budget} bytes)")
-        while self._used + size > self.budget:
+        while self._used + held + size > self.budget:
             row = self._db.execute("SELECT id FROM blocks WHERE pins = 0 ORDER BY used "
                                    "LIMIT 1").fetchone()
             if row is None:
-                raise CacheFullError(f"the cache is full of pinned blocks ({self._used} of "
-                                     f"{self.budget} bytes); unpin or free some, or give "
-                                     "it a larger budget")
+                raise CacheFullError(f"the cache is full ({self._used} bytes pinned, "
+                                     f"{held} held for unsent writes, of {self.budget}); "
+                                     "unpin or free some, or give it a larger budget")
             self._remove(row[0])
 
     def _write(self, block_id: str, data: bytes | memoryview) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -155,38 +156,55 @@ async def upload_file(tree: RemoteTree, path: Path, target: Target, *,
         if _unchanged(target.existing, meta):
             return stats
         answer = await announce(tree, target, meta)
-        node_id = answer.node.id
         stats.node = answer.node
         try:
-            first_index: dict[str, int] = {}
-            for index, ref in enumerate(refs):
-                first_index.setdefault(ref.id_hex, index)
-            urls = answer.upload
-            for _ in range(MAX_SEND_ROUNDS):
-                if not urls:
-                    break
-                progress = Progress(sum(e.size for e in urls), f"sending {path.name}",
-                                    enabled=show_progress)
-                try:
-                    stats.blocks_sent += await _send(tree, fd, path, refs, first_index, urls,
-                                                     progress, parallel, node_id)
-                finally:
-                    progress.close()
-                detail = await tree.fetch(node_id)
-                stats.node = detail.node
-                urls = detail.blocks if detail.method == "PUT" else []
+            stats.node, stats.blocks_sent = await send_missing(
+                tree, fd, path, refs, answer,
+                lambda total: Progress(total, f"sending {path.name}", enabled=show_progress),
+                parallel)
             if _fingerprint(os.fstat(fd)) != _fingerprint(before):
                 raise FileChangedError(f"{path} changed while it was being uploaded; run put "
                                        "again once it is complete")
-            if urls:
-                raise LocalFileError(f"{path}: the appliance still lacks {len(urls)} blocks "
-                                     "after several rounds; run put again")
         except FileChangedError as exc:
-            exc.written = stats.node    # the version this put began: the next one is based on it
+            if exc.written is None:     # the version this put began: the next one builds on it
+                exc.written = stats.node
             raise
         return stats
     finally:
         os.close(fd)
+
+
+async def send_missing(tree: RemoteTree, fd: int, path: Path, refs: list[BlockRef],
+                       answer: NodeWrite, progress_for: Callable[[int], Progress],
+                       parallel: int = DEFAULT_PARALLEL) -> tuple[NodeOut, int]:
+    """Send the blocks ANSWER (to the announce of REFS, read from FD) asks for, and any
+    the appliance still lacks after that (a few rounds); the node as it is then and the
+    number of blocks sent. PROGRESS_FOR(bytes to send) reports each round."""
+    node = answer.node
+    first_index: dict[str, int] = {}
+    for index, ref in enumerate(refs):
+        first_index.setdefault(ref.id_hex, index)
+    urls = answer.upload
+    sent = 0
+    for _ in range(MAX_SEND_ROUNDS):
+        if not urls:
+            break
+        progress = progress_for(sum(e.size for e in urls))
+        try:
+            sent += await _send(tree, fd, path, refs, first_index, urls, progress, parallel,
+                                node.id)
+        except FileChangedError as exc:
+            exc.written = node
+            raise
+        finally:
+            progress.close()
+        detail = await tree.fetch(node.id)
+        node = detail.node
+        urls = detail.blocks if detail.method == "PUT" else []
+    if urls:
+        raise LocalFileError(f"{path}: the appliance still lacks {len(urls)} blocks "
+                             "after several rounds; try again")
+    return node, sent
 
 
 async def _send(tree: RemoteTree, fd: int, path: Path, refs: list[BlockRef],

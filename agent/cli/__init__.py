@@ -14,10 +14,17 @@ which may prompt, keep Python's Ctrl-C: exit 130).
 
 from __future__ import annotations
 
+from importlib.metadata import entry_points
+
 from agent.cli import device, files, sync
-from agent.cli.shell import cli
+from agent.cli.shell import cli, status_sections
 
 __all__ = ["cli", "device", "files", "main", "sync"]
+
+# Commands other packages add (the FUSE drive: `cairn mount` and its friends), without the
+# agent importing them: each entry point is `register(cli, status_sections)`.
+for _plugin in entry_points(group="cairn.commands"):
+    _plugin.load()(cli, status_sections)
 
 
 def main() -> None:

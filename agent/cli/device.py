@@ -10,7 +10,7 @@ import sys
 import click
 
 from agent.api import Api
-from agent.cli.shell import cli, home_of, run_prompting, run_stoppable
+from agent.cli.shell import cli, home_of, run_prompting, run_stoppable, status_sections
 from agent.cli.sync import sync_folders, sync_records
 from agent.client import Connection
 from agent.enroll import enroll, unlock_keys
@@ -113,6 +113,9 @@ def status(ctx: click.Context, as_json: bool) -> None:
               "root_id": me.root_id if me else None,
               "latest_cursor": me.latest_cursor if me else None,
               "sync": sync_records(home)}
+    sections = [section(home) for section in status_sections]
+    for key, value, _ in sections:
+        report[key] = value
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
@@ -123,3 +126,6 @@ def status(ctx: click.Context, as_json: bool) -> None:
         click.echo("keys: missing — run `cairn unlock`")
     for line in folders:
         click.echo(line)
+    for _, _, lines in sections:
+        for line in lines:
+            click.echo(line)

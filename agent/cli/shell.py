@@ -21,6 +21,10 @@ from agent.stopping import Interrupted, Stopped, until_signalled
 
 T = TypeVar("T")
 
+# What `cairn status` shows besides the device and its sync folders, added by plugins
+# (agent/cli/__init__.py): each gives (its key in --json, its value, its lines).
+status_sections: list[Callable[[AgentHome], tuple[str, Any, list[str]]]] = []
+
 
 class ErrorsAsLines(click.Group):
     """Our errors become one line on stderr and their exit code, never a traceback."""

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from agent.crypto.nodes import NodeMeta, open_metadata
 from agent.errors import CairnAgentError, IntegrityError, RemoteNotFoundError
@@ -79,6 +79,9 @@ class Mirror:
         # (node id, version) of files whose upload by another device stalled while we
         # fetched them as they arrived: waited for until complete, not fetched again.
         self.stalled: set[tuple[str, int]] = set()
+        # Told of every row written or dropped (the row before, the row after; None for
+        # none): the drive invalidates the kernel's caches from it.
+        self.on_change: Callable[[RemoteRow | None, RemoteRow | None], None] | None = None
 
     async def refresh(self) -> int:
         """Bring the mirror up to date; the number of changes applied."""
@@ -126,17 +129,36 @@ class Mirror:
         return row_from(raw, node.key, node.meta), node.meta
 
     async def pull(self) -> int:
+        """Apply the feed from the cursor. No transaction stays open across a request
+        (the drive writes to the same database between them): a page's changes commit
+        together, then the folders that appeared are listed, and only then the cursor
+        moves past the page — after a crash in between, the page is applied again (its
+        changes are upserts) and the folders are listed then."""
         applied = 0
         async for page in self.tree.api.change_pages(self.cursor):
+            appeared: list[RemoteRow] = []
             with self.db.transaction():
                 for change in page.changes:
-                    await self._apply(change)
+                    self._apply(change, appeared)
                     applied += 1
+            for row in appeared:
+                rows: list[RemoteRow] = []
+                try:
+                    await self._list_under(row.node_id, row.key, rows)
+                except CairnAgentError as exc:
+                    log.warning("cannot list %s: %s", row.name, exc.message)
+                with self.db.transaction():
+                    if self.db.remote_row(self.folder.id, row.node_id) is not None:
+                        for child in rows:
+                            self._put(child)
+            with self.db.transaction():
                 self.cursor = page.cursor
                 self.db.set_cursor(self.folder.id, self.cursor)
         return applied
 
-    async def _apply(self, change: ChangeOut) -> None:
+    def _apply(self, change: ChangeOut, appeared: list[RemoteRow]) -> None:
+        """Apply one change; a folder that appeared without contents (moved in, restored)
+        goes to APPEARED, to be listed."""
         raw = change.node
         if raw is None or raw.owner != self.tree.user:
             self.foreign_changes += 1
@@ -146,14 +168,9 @@ class Mirror:
         self.absorb(raw)
         if raw.kind == "dir" and raw.id != self.root_id:
             row = self.db.remote_row(self.folder.id, raw.id)
-            if row is not None and not self._has_children(row.node_id):
-                rows: list[RemoteRow] = []
-                try:
-                    await self._list_under(row.node_id, row.key, rows)
-                except CairnAgentError as exc:
-                    log.warning("cannot list %s: %s", row.name, exc.message)
-                for child in rows:
-                    self._put(child)
+            if row is not None and not self._has_children(row.node_id) \
+                    and all(other.node_id != row.node_id for other in appeared):
+                appeared.append(row)
 
     def _has_children(self, node_id: str) -> bool:
         return self.db.db.execute("SELECT 1 FROM remote WHERE folder = ? AND parent_id = ? "
@@ -228,6 +245,10 @@ class Mirror:
         return parent
 
     def _put(self, row: RemoteRow, meta: NodeMeta | None = None) -> None:
+        if self.on_change is not None:
+            old = self.db.remote_row(self.folder.id, row.node_id)
+            if old != row:
+                self.on_change(old, row)
         self.db.put_remote(self.folder.id, row)
         if self._view is not None:
             self._view.put(node_of(row))
@@ -238,6 +259,10 @@ class Mirror:
         self._opened[row.node_id] = (row.meta, meta)
 
     def _drop(self, node_id: str) -> None:
+        if self.on_change is not None:
+            old = self.db.remote_row(self.folder.id, node_id)
+            if old is not None:
+                self.on_change(old, None)
         self.db.drop_remote_subtree(self.folder.id, node_id)
         if self._view is not None:
             self._view.drop(node_id)

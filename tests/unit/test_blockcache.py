@@ -85,7 +85,7 @@ def test_pinned_blocks_stay_and_a_full_cache_refuses_early(tmp_path: Path) -> No
     cache.unpin([kept[0], shared[0]])            # shared is still pinned once
     cache.put(*extra)
     assert cache.get(kept[0]) is None and cache.get(shared[0]) == shared[1]
-    with pytest.raises(CacheFullError, match="larger than the whole cache"):
+    with pytest.raises(CacheFullError, match="do not fit in the cache"):
         cache.put(*block(26 * KIB))
     missing = block()[0]
     assert cache.pin([missing]) == [missing]

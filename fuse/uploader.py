@@ -1,0 +1,348 @@
+"""Write-back: the pending changes made through the mount go to the appliance.
+
+A change is sent once its file has no writer left and WRITE_BACK_S passed since its last
+change (an editor's save, a build's output: a burst of writes becomes one version), in the
+order the changes were made, a folder before what was made in it. Each is the request the
+command line would make for it — create, a new version (content, or just name, place,
+mode and time), delete — naming the version it was based on, so the appliance refuses it
+if another device changed the node meanwhile; then:
+
+- a newer version of a file we changed: that version is kept as a conflicted copy (the
+  sync engine's naming; a new node with the same blocks, nothing re-sent), and ours
+  becomes the node's next version;
+- a file deleted elsewhere that we changed: restored from the trash, then updated (an edit
+  beats a delete);
+- a delete of a node changed elsewhere: not done (the edit wins) and the node comes back;
+- anything else the appliance refuses: kept, marked `conflict` with the reason (in
+  `cairn status`), tried again later.
+
+Content is read from the staging area; the blocks go into the block cache as they are
+uploaded (the file stays readable offline) and the staged copy is dropped once the
+appliance has the version and no newer change came in meanwhile (compared by generation:
+a write during the upload keeps the row for the next round). An unreachable appliance
+stops the round; it is tried again with backoff.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import trio
+
+from agent.blockcache import BlockCache
+from agent.buffers import thread_buffer
+from agent.crypto.blocks import BlockRef, encrypt_again_into
+from agent.crypto.nodes import NodeMeta, new_node_key
+from agent.errors import (
+    CacheFullError,
+    CairnAgentError,
+    FileChangedError,
+    RemoteConflictError,
+    RemoteNotFoundError,
+    TransportError,
+)
+from agent.progress import Progress
+from agent.remote import RemoteNode, RemoteTree, node_create, node_update
+from agent.sync.mirror import Mirror
+from agent.sync.names import unique_copy_name
+from agent.upload import _read_block, scan_file, send_missing
+from fuse.index import DriveIndex, Pending
+from fuse.staging import Staging
+from protocol.ids import new_node_id
+from protocol.models import NodeOut
+
+log = logging.getLogger("cairn.drive")
+
+WRITE_BACK_S = 1.0          # quiet time after a file's last close before it is uploaded
+RETRY_S = (1.0, 30.0)       # offline: first and longest wait before trying again
+ATTEMPTS = 3                # conflicts resolved per change in one go
+
+
+@dataclass
+class Transfer:
+    """An upload in progress, for `cairn status`."""
+
+    name: str
+    total: int
+    done: int = 0
+
+
+class _Counting(Progress):
+    def __init__(self, transfer: Transfer, total: int) -> None:
+        super().__init__(total, "", enabled=False)
+        self.transfer = transfer
+        transfer.total, transfer.done = total, 0
+
+    def advance(self, nbytes: int) -> None:
+        self.transfer.done += nbytes
+
+
+def _stub(node_id: str, key: bytes, version: int, kind: str, owner: str) -> RemoteNode:
+    """What node_update needs of a node: its id, key and the version we change."""
+    return RemoteNode(id=node_id, parent=None, kind="dir" if kind == "dir" else "file",
+                      version=version, status="uploaded", deleted=False, owner=owner,
+                      created_at=0.0, updated_at=0.0, key=key,
+                      meta=NodeMeta(name="-", kind="dir" if kind == "dir" else "file"))
+
+
+@dataclass
+class Uploader:
+    index: DriveIndex
+    tree: RemoteTree
+    mirror: Mirror
+    staging: Staging
+    cache: BlockCache
+    device_name: str
+    busy: Callable[[str], bool]           # whether a node is open for writing
+    write_generation: Callable[[str], int]   # writes so far to a node (in memory)
+    wake_event: trio.Event = field(default_factory=trio.Event)
+    transfers: dict[str, Transfer] = field(default_factory=dict)
+    online: bool = True
+    uploaded: int = 0
+
+    def wake(self) -> None:
+        self.wake_event.set()
+
+    async def run(self) -> None:
+        """Send what is due, forever; back off while the appliance is unreachable."""
+        failures = 0
+        while True:
+            try:
+                next_due = await self.round(flush=False)
+                failures, self.online = 0, True
+            except TransportError as exc:
+                failures += 1
+                self.online = False
+                next_due = min(RETRY_S[1], RETRY_S[0] * 2 ** (failures - 1))
+                log.info("uploads wait: %s (trying again in %.0f s)", exc.message, next_due)
+            with trio.move_on_after(next_due):
+                await self.wake_event.wait()
+            self.wake_event = trio.Event()
+
+    async def round(self, *, flush: bool, report: Callable[[str], None] | None = None
+                    ) -> float:
+        """Send every change that is due (all of them if FLUSH: the mount is going away);
+        the seconds until the next one is. Raises TransportError when offline."""
+        wait = 3600.0
+        for _ in range(100):                 # each pass may unblock changes under new folders
+            progressed = False
+            for change in self.index.all_pending():
+                if not flush and self.busy(change.node_id):
+                    continue
+                due_in = change.changed_at + WRITE_BACK_S - time.time()
+                if not flush and due_in > 0:
+                    wait = min(wait, due_in)
+                    continue
+                if change.state == "conflict" and not flush \
+                        and change.changed_at + RETRY_S[1] > time.time():
+                    wait = min(wait, RETRY_S[1])
+                    continue
+                if not self._parent_ready(change):
+                    continue
+                if report is not None:
+                    report(change.name)
+                progressed |= await self._push_logged(change)
+            if not progressed:
+                break
+        return max(0.05, wait)
+
+    def _parent_ready(self, change: Pending) -> bool:
+        """A change under a folder made here waits until that folder is on the appliance."""
+        parent = self.index.pending(change.parent_id)
+        return parent is None or parent.base_version is not None
+
+    async def _push_logged(self, change: Pending) -> bool:
+        try:
+            await self._push(change)
+        except (TransportError, trio.Cancelled):
+            raise
+        except CairnAgentError as exc:
+            log.warning("could not upload %s: %s", change.name, exc.message)
+            self.index.set_state(change.node_id, "conflict", exc.message)
+            return False
+        finally:
+            self.transfers.pop(change.node_id, None)
+        return True
+
+    async def _push(self, change: Pending) -> None:
+        for _ in range(ATTEMPTS):
+            current = self.index.pending(change.node_id)
+            if current is None or current.generation != change.generation:
+                return                         # changed again meanwhile: the next round
+            try:
+                await self._send(change)
+                return
+            except RemoteConflictError:
+                change = await self._resolve(change)
+        raise RemoteConflictError(f"{change.name} keeps changing on the appliance; will try "
+                                  "again")
+
+    async def _send(self, change: Pending) -> None:
+        if change.deleted:
+            await self._delete(change)
+            return
+        parent_key = self.index.key_of(change.parent_id)
+        if parent_key is None:
+            raise RemoteNotFoundError(f"the folder of {change.name} is gone")
+        remote = self.index.remote_row(change.node_id)
+        moved = remote is not None and remote.parent_id != change.parent_id
+        parent = _stub(change.parent_id, parent_key, 0, "dir", self.tree.user)
+        base = None if change.base_version is None else \
+            _stub(change.node_id, change.key, change.base_version, change.kind, self.tree.user)
+        if change.kind == "dir" or not change.staged:
+            meta = self._metadata_only(change)
+            if base is None:
+                answer = await self.tree.api.create(node_create(
+                    change.node_id, change.key, meta, change.parent_id, parent_key))
+            else:
+                answer = await self.tree.api.update(change.node_id, node_update(
+                    base, meta, parent, move=moved, content=False))
+            self._done(change, answer.node, meta)
+            return
+        await self._send_content(change, base, parent, moved)
+
+    def _metadata_only(self, change: Pending) -> NodeMeta:
+        if change.kind == "dir":
+            return NodeMeta(name=change.name, kind="dir", mtime_ns=change.mtime_ns,
+                            mode=change.mode, device=self.device_name)
+        opened = self.index.remote_meta(change.node_id)
+        if opened is None:
+            raise RemoteNotFoundError(f"{change.name}: its content is neither staged nor on "
+                                      "the appliance")
+        return replace(opened[1], name=change.name, mtime_ns=change.mtime_ns,
+                       mode=change.mode, device=self.device_name)
+
+    async def _send_content(self, change: Pending, base: RemoteNode | None,
+                            parent: RemoteNode, moved: bool) -> None:
+        path = self.staging.path(change.node_id)
+        transfer = self.transfers[change.node_id] = Transfer(change.name, 0)
+        written_before = self.write_generation(change.node_id)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            size = os.fstat(fd).st_size
+            transfer.total = size
+            refs = await scan_file(fd, path, size, self.tree.keys.content_secret,
+                                   _Counting(transfer, size), 4)
+            if self.write_generation(change.node_id) != written_before:
+                raise FileChangedError(f"{change.name} was written to while it was read")
+            meta = NodeMeta(name=change.name, kind="file", size=size,
+                            mtime_ns=change.mtime_ns, mode=change.mode,
+                            blocks=tuple(refs), device=self.device_name)
+            if base is None:
+                answer = await self.tree.api.create(node_create(
+                    change.node_id, change.key, meta, change.parent_id, parent.key))
+            else:
+                answer = await self.tree.api.update(change.node_id, node_update(
+                    base, meta, parent, move=moved))
+            self.index.rebase(change.node_id, answer.node.version)
+            node, _ = await send_missing(self.tree, fd, path, refs, answer,
+                                         lambda total: _Counting(transfer, total))
+            await trio.to_thread.run_sync(self._keep_blocks, fd, path, refs)
+        except FileChangedError:
+            return                              # the next round sends the newer content
+        finally:
+            os.close(fd)
+        self._done(change, node, meta)
+
+    def _keep_blocks(self, fd: int, path: Path, refs: list[BlockRef]) -> None:
+        """The uploaded blocks into the cache, so the file stays readable offline once
+        its staged copy is gone (best effort: a full cache keeps fewer)."""
+        for index, ref in enumerate(refs):
+            cipher = encrypt_again_into(ref, _read_block(fd, index, path),
+                                        thread_buffer(ref.cipher_size, "cipher"))
+            if cipher is None:
+                return
+            try:
+                self.cache.put(ref.id_hex, cipher)
+            except CacheFullError:
+                return
+
+    def _done(self, change: Pending, node: NodeOut, meta: NodeMeta) -> None:
+        """The appliance has the change: into the mirror, and the pending row (and staged
+        copy) gone unless something newer came in meanwhile."""
+        with self.index.transaction():
+            self.mirror.absorb(node)
+            if self.busy(change.node_id) \
+                    or not self.index.drop_pending(change.node_id, change.generation):
+                self.index.rebase(change.node_id, node.version)   # newer content pending
+                return
+        if change.staged:
+            self.staging.remove(change.node_id)
+        self.uploaded += 1
+        log.info("uploaded %s", change.name)
+
+    async def _delete(self, change: Pending) -> None:
+        node: NodeOut | None = None
+        if change.base_version is not None:
+            try:
+                node = await self.tree.api.delete(change.node_id, change.base_version)
+            except RemoteNotFoundError:
+                node = None                    # gone already
+            except RemoteConflictError:        # changed elsewhere: the edit wins
+                log.warning("%s changed on another device; not deleted", change.name)
+                node = (await self.tree.fetch(change.node_id)).node
+        with self.index.transaction():
+            if node is not None:
+                self.mirror.absorb(node)
+            else:
+                self.mirror._drop(change.node_id)
+            self.index.drop_pending(change.node_id, change.generation)
+        self.staging.remove(change.node_id)
+
+    async def _resolve(self, change: Pending) -> Pending:
+        """The appliance refused CHANGE as based on an old version (or an id it holds):
+        settle it as the module says; the change to send next."""
+        try:
+            current = (await self.tree.fetch(change.node_id)).node
+        except RemoteNotFoundError:
+            if change.base_version is None:
+                raise                             # a create refused for another reason
+            current = None
+        if current is None:
+            self.index.rebase(change.node_id, None)
+        elif current.deleted:
+            log.info("%s was deleted on another device; restoring it", change.name)
+            current = await self.tree.api.restore(change.node_id, current.version)
+        elif change.base_version is not None and change.staged \
+                and current.version != change.base_version:
+            await self._keep_theirs(current)
+        if current is not None:
+            with self.index.transaction():
+                self.mirror.absorb(current)
+            self.index.rebase(change.node_id, current.version)
+        found = self.index.pending(change.node_id)
+        if found is None:
+            raise RemoteNotFoundError(f"{change.name}: the change is gone")
+        return found
+
+    async def _keep_theirs(self, current: NodeOut) -> None:
+        """Another device's version of a file we changed, kept as a conflicted copy."""
+        theirs = await self.tree.open(current)
+        parent_id = current.parent
+        parent_key = None if parent_id is None else self.index.key_of(parent_id)
+        if parent_id is None or parent_key is None:
+            return
+        taken = set(self.index.children(parent_id))
+        name = unique_copy_name(theirs.name, theirs.meta.device, current.updated_at, taken)
+        meta = replace(theirs.meta, name=name)
+        answer = await self.tree.api.create(node_create(new_node_id(), new_node_key(), meta,
+                                                        parent_id, parent_key))
+        with self.index.transaction():
+            self.mirror.absorb(answer.node)
+        log.warning("%s changed here and on %s: their version is kept as %s", theirs.name,
+                    theirs.meta.device or "another device", name)
+
+    async def flush(self) -> int:
+        """Send everything pending now (the mount is going away), with a line per file on
+        stderr; the changes left (0 unless the appliance is unreachable)."""
+        def report(name: str) -> None:
+            print(f"cairn: uploading {name}", file=sys.stderr, flush=True)
+
+        await self.round(flush=True, report=report)
+        return self.index.pending_count()
