@@ -651,15 +651,13 @@ class DriveFs(pyfuse3.Operations):
             return "conflict" if pending.state == "conflict" else "dirty"
         if is_conflicted_copy(entry.name):
             return "conflict"
-        if self.pinned(entry.node_id):
-            return "pinned"
+        pinned = self.pinned(entry.node_id)
         if entry.is_dir:
-            return "cached"
+            return "pinned" if pinned else "cached"
         opened = self.index.remote_meta(entry.node_id)
-        if opened is None:
-            return "cloud"
-        ids = [ref.id_hex for ref in opened[1].blocks]
-        return "cached" if self.cache.holds_all(ids) else "cloud"
+        if opened is None or not self.cache.holds_all(ref.id_hex for ref in opened[1].blocks):
+            return "cloud"                  # a pinned one: still being fetched
+        return "pinned" if pinned else "cached"
 
     def pinned(self, node_id: str) -> bool:
         """Whether the node or a folder above it is pinned."""

@@ -56,6 +56,8 @@ def prepare(mountpoint: Path) -> str | None:
 
 def unmount(mountpoint: Path, *, lazy: bool = False) -> None:
     """Unmount the drive at MOUNTPOINT (LAZY: even if busy, detached at once)."""
+    if not is_mounted(mountpoint):
+        raise UsageError(f"nothing is mounted at {mountpoint}")
     args = [_fusermount(), "-u", *(["-z"] if lazy else []), str(mountpoint)]
     result = subprocess.run(args, capture_output=True, text=True, check=False)
     if result.returncode != 0:

@@ -19,8 +19,9 @@ trap 'rm -f "$LOG"' EXIT
 
 # fuse3 + libfuse3-dev: FUSE mounts and building pyfuse3 (sdist only); gcc, pkg-config and
 # python3-dev: the compiler, flags and headers that build; python3-venv: `python3 -m venv`;
-# make: the README's commands themselves.
-APT_PACKAGES=(fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv make)
+# make: the README's commands themselves. rsync, sqlite3, git: real programs the drive's
+# tests use as its clients.
+APT_PACKAGES=(fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv make rsync sqlite3 git)
 
 say() { printf 'bootstrap: %s\n' "$*"; }
 die() { printf 'bootstrap: error: %s\n' "$*" >&2; exit 1; }

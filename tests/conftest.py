@@ -80,3 +80,21 @@ def fresh_user(appliance: Served) -> MakeUser:
         return make_user(appliance, hint, keys=keys)
 
     return make
+
+
+@pytest.fixture
+def drives() -> Iterator[Callable[..., Any]]:
+    """A factory: `drives(home, mountpoint)` is a Drive (not started) that is stopped and
+    unmounted after the test whatever happens."""
+    from drive_helpers import Drive
+
+    made: list[Drive] = []
+
+    def make(home: Path, mountpoint: Path, *extra: str) -> Drive:
+        drive = Drive(home, mountpoint, extra)
+        made.append(drive)
+        return drive
+
+    yield make
+    for drive in made:
+        drive.cleanup()
