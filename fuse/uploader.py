@@ -60,7 +60,7 @@ from protocol.models import NodeOut
 log = logging.getLogger("cairn.drive")
 
 WRITE_BACK_S = 1.0          # quiet time after a file's last close before it is uploaded
-RETRY_S = (1.0, 30.0)       # offline: first and longest wait before trying again
+RETRY_S = (1.0, 10.0)       # offline: first and longest wait before trying again
 ATTEMPTS = 3                # conflicts resolved per change in one go
 
 
@@ -221,7 +221,7 @@ class Uploader:
     async def _send_content(self, change: Pending, base: RemoteNode | None,
                             parent: RemoteNode, moved: bool) -> None:
         path = self.staging.path(change.node_id)
-        transfer = self.transfers[change.node_id] = Transfer(change.name, 0)
+        transfer = Transfer(change.name, 0)      # listed once the appliance took it
         written_before = self.write_generation(change.node_id)
         fd = os.open(path, os.O_RDONLY)
         try:
@@ -241,6 +241,7 @@ class Uploader:
                 answer = await self.tree.api.update(change.node_id, node_update(
                     base, meta, parent, move=moved))
             self.index.rebase(change.node_id, answer.node.version)
+            self.transfers[change.node_id] = transfer
             node, _ = await send_missing(self.tree, fd, path, refs, answer,
                                          lambda total: _Counting(transfer, total))
             await trio.to_thread.run_sync(self._keep_blocks, fd, path, refs)

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -120,6 +121,14 @@ def serving(home: Path, *extra: str, timeout: float = 30) -> Iterator[RunningApp
                 process.wait(timeout=10)
             if process.stdout is not None:
                 process.stdout.close()
+
+
+def free_port() -> int:
+    """A port free on 127.0.0.1 now (for an appliance that must keep its address across a
+    restart)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 class Served(NamedTuple):

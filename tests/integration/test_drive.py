@@ -108,7 +108,7 @@ def test_real_programs_write_through_the_mount(fresh_user, drives, tmp_path: Pat
     target = mnt / "letter.txt"
     target.write_text("draft 1\n")
     wait_for(lambda: state_of(target) == "cached", timeout=30, what="letter.txt uploaded")
-    first_id = [e for e in ls_json(home_b, "/") if e["name"] == "letter.txt"][0]["id"]
+    first_id = next(e for e in ls_json(home_b, "/") if e["name"] == "letter.txt")["id"]
     shutil.copy2(target, mnt / "letter.txt~")
     (mnt / ".letter.txt.swp").write_text("draft 2\n")
     os.rename(mnt / ".letter.txt.swp", target)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import os
 import signal
-import socket
 import stat
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -20,7 +19,7 @@ from pathlib import Path
 import pytest
 import trio
 from agent_helpers import MakeUser, ls_json, make_user, run_cairn, write
-from cairnd_helpers import Served, serving
+from cairnd_helpers import Served, free_port, serving
 from sync_helpers import (
     Device,
     devices_of,
@@ -45,12 +44,6 @@ from agent.upload import announce, upload_file
 from appliance.home import init_home
 
 COPY = "conflicted copy from"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @pytest.fixture
