@@ -170,18 +170,26 @@ class DriveFs(pyfuse3.Operations):
             raise fail(errno.ENOENT)
         return found
 
+    @staticmethod
+    def writable(entry: Entry) -> Entry:
+        """ENTRY, if it may be changed: what others shared is read-only (EROFS)."""
+        if entry.readonly:
+            raise fail(errno.EROFS)
+        return entry
+
     def attrs(self, entry: Entry) -> pyfuse3.EntryAttributes:
         attr = pyfuse3.EntryAttributes()
         attr.st_ino = pyfuse3.InodeT(self.ino(entry.node_id))
         attr.entry_timeout = ENTRY_TIMEOUT_S
         attr.attr_timeout = ATTR_TIMEOUT_S
         size = self.staging.size(entry.node_id) if entry.staged else entry.size
+        mask = 0o7555 if entry.readonly else 0o7777
         if entry.is_dir:
-            attr.st_mode = stat.S_IFDIR | (stat.S_IMODE(entry.mode) or 0o755)
+            attr.st_mode = stat.S_IFDIR | ((stat.S_IMODE(entry.mode) or 0o755) & mask)
             attr.st_nlink = 2
             size = 0
         else:
-            attr.st_mode = stat.S_IFREG | stat.S_IMODE(entry.mode)
+            attr.st_mode = stat.S_IFREG | (stat.S_IMODE(entry.mode) & mask)
             attr.st_nlink = 1
         attr.st_uid, attr.st_gid = self.uid, self.gid
         attr.st_size = size
@@ -251,6 +259,8 @@ class DriveFs(pyfuse3.Operations):
         if entry.is_dir:
             raise fail(errno.EISDIR)
         writable = flags & os.O_ACCMODE != os.O_RDONLY
+        if writable:
+            self.writable(entry)
         handle = Handle(entry.node_id, writable)
         node_id = entry.node_id
         if writable:
@@ -439,7 +449,7 @@ class DriveFs(pyfuse3.Operations):
     # --- creating, removing, renaming ----------------------------------------------------
 
     def _new(self, parent_inode: int, raw_name: bytes, kind: str, mode: int) -> Entry:
-        parent = self.entry(parent_inode)
+        parent = self.writable(self.entry(parent_inode))
         if not parent.is_dir:
             raise fail(errno.ENOTDIR)
         name = name_of(raw_name)
@@ -473,14 +483,14 @@ class DriveFs(pyfuse3.Operations):
 
     @_guarded
     async def unlink(self, parent_inode: int, name: bytes, ctx: Ctx) -> None:
-        entry = self._child(parent_inode, name)
+        entry = self._removable_child(parent_inode, name)
         if entry.is_dir:
             raise fail(errno.EISDIR)
         self._remove(entry)
 
     @_guarded
     async def rmdir(self, parent_inode: int, name: bytes, ctx: Ctx) -> None:
-        entry = self._child(parent_inode, name)
+        entry = self._removable_child(parent_inode, name)
         if not entry.is_dir:
             raise fail(errno.ENOTDIR)
         if self.index.has_children(entry.node_id):
@@ -492,6 +502,9 @@ class DriveFs(pyfuse3.Operations):
         if found is None:
             raise fail(errno.ENOENT)
         return found
+
+    def _removable_child(self, parent_inode: int, raw_name: bytes) -> Entry:
+        return self.writable(self._child(parent_inode, raw_name))
 
     def _remove(self, entry: Entry) -> None:
         pending = self.index.pending(entry.node_id)
@@ -509,8 +522,8 @@ class DriveFs(pyfuse3.Operations):
                      name_new: bytes, flags: int, ctx: Ctx) -> None:
         if flags & pyfuse3.RENAME_EXCHANGE:
             raise fail(errno.EINVAL)
-        source = self._child(parent_inode_old, name_old)
-        new_parent = self.entry(parent_inode_new)
+        source = self._removable_child(parent_inode_old, name_old)
+        new_parent = self.writable(self.entry(parent_inode_new))
         if not new_parent.is_dir:
             raise fail(errno.ENOTDIR)
         new_name = name_of(name_new)
@@ -520,6 +533,7 @@ class DriveFs(pyfuse3.Operations):
         if target is not None:
             if flags & pyfuse3.RENAME_NOREPLACE:
                 raise fail(errno.EEXIST)
+            self.writable(target)
             if target.is_dir:
                 if not source.is_dir:
                     raise fail(errno.EISDIR)
@@ -563,7 +577,7 @@ class DriveFs(pyfuse3.Operations):
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
                       fields: pyfuse3.SetattrFields, fh: int | None, ctx: Ctx
                       ) -> pyfuse3.EntryAttributes:
-        entry = self.entry(inode)
+        entry = self.writable(self.entry(inode))
         changes: dict[str, Any] = {}
         if fields.update_size:
             if entry.is_dir:

@@ -26,9 +26,10 @@ from typing import Any
 
 from agent.crypto.nodes import NodeKind, NodeMeta, open_metadata
 from agent.sync.names import unique_copy_name
-from agent.sync.state import FolderRecord, RemoteRow, SyncDb
+from agent.sync.state import REMOTE_COLUMNS, FolderRecord, RemoteRow, SyncDb, remote_row_of
 
 DRIVE_FOLDER = "<drive>"     # the folder record of the whole tree in drive.db
+SHARED_RECORD = "<shared>"   # the folder record of what others shared (fuse/shared.py)
 DB_FILE = "drive.db"
 
 PENDING_SCHEMA = """
@@ -49,10 +50,13 @@ CREATE TABLE IF NOT EXISTS pins (node_id TEXT PRIMARY KEY);
 
 _ENTRY_COLUMNS = ("node_id, parent_id, name, kind, size, mtime_ns, mode, version, uploaded, "
                   "device, created_at")
-_REMOTE_ENTRIES = (f"SELECT {_ENTRY_COLUMNS}, 0, 0, '' FROM remote r WHERE folder = ?1 AND "
+# Named parameters: :drive and :shared (the two folder records), :device (this device's
+# name, for pending rows), and :node, :parent, :name as a query needs.
+_REMOTE_ENTRIES = (f"SELECT {_ENTRY_COLUMNS}, 0, 0, '', folder = :shared FROM remote r "
+                   "WHERE folder IN (:drive, :shared) AND "
                    "NOT EXISTS (SELECT 1 FROM pending p WHERE p.node_id = r.node_id)")
 _PENDING_ENTRIES = ("SELECT node_id, parent_id, name, kind, size, mtime_ns, mode, base_version, "
-                    "1, ?2, created_at, 1, staged, state FROM pending WHERE NOT deleted")
+                    "1, :device, created_at, 1, staged, state, 0 FROM pending WHERE NOT deleted")
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +77,7 @@ class Entry:
     local: bool               # a change made here, not uploaded yet
     staged: bool              # the content is in the staging area
     state: str                # the pending change's state ('' for a clean node)
+    readonly: bool            # shared with the user by someone else
 
     @property
     def is_dir(self) -> bool:
@@ -81,9 +86,10 @@ class Entry:
 
 def _entry(row: tuple[Any, ...]) -> Entry:
     (node_id, parent_id, name, kind, size, mtime_ns, mode, version, uploaded, device,
-     created_at, local, staged, state) = row
+     created_at, local, staged, state, readonly) = row
     return Entry(node_id, parent_id, name, kind, size, mtime_ns, mode, version,
-                 bool(uploaded), device, created_at, bool(local), bool(staged), state)
+                 bool(uploaded), device, created_at, bool(local), bool(staged), state,
+                 bool(readonly))
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +153,7 @@ class DriveIndex:
         self.db = self.sync_db.db
         self.db.execute(PENDING_SCHEMA)
         self.device_name = device_name
+        self._folders: tuple[int, int] | None = None
 
     def close(self) -> None:
         self.sync_db.close()
@@ -168,40 +175,43 @@ class DriveIndex:
             return found
         return self.sync_db.add_folder(DRIVE_FOLDER, root_id, "/")
 
-    @property
-    def _folder_id(self) -> int:
-        found = self.folder()
-        assert found is not None, "DriveIndex.start first"
-        return found.id
+    def _params(self, **extra: object) -> dict[str, object]:
+        if self._folders is None:
+            drive = self.folder()
+            assert drive is not None, "DriveIndex.start first"
+            shared = self.sync_db.folder(SHARED_RECORD)
+            self._folders = (drive.id, -1 if shared is None else shared.id)
+        return {"drive": self._folders[0], "shared": self._folders[1],
+                "device": self.device_name, **extra}
+
+    def forget_folders(self) -> None:
+        """A folder record was added: look the ids up again."""
+        self._folders = None
 
     # --- what the drive shows ----------------------------------------------------------
 
     def entry(self, node_id: str) -> Entry | None:
-        folder = self._folder_id
-        row = self.db.execute(f"{_PENDING_ENTRIES} AND node_id = ?3",
-                              (folder, self.device_name, node_id)).fetchone()
+        params = self._params(node=node_id)
+        row = self.db.execute(f"{_PENDING_ENTRIES} AND node_id = :node", params).fetchone()
         if row is not None:
             return _entry(row)
         if self.db.execute("SELECT 1 FROM pending WHERE node_id = ?", (node_id,)).fetchone():
             return None                       # deleted here
-        row = self.db.execute(f"{_REMOTE_ENTRIES} AND node_id = ?2",
-                              (folder, node_id)).fetchone()
+        row = self.db.execute(f"{_REMOTE_ENTRIES} AND node_id = :node", params).fetchone()
         return None if row is None else _entry(row)
 
     def children(self, parent_id: str) -> dict[str, Entry]:
         """The folder's entries by the name shown."""
-        folder = self._folder_id
         rows = self.db.execute(
-            f"{_REMOTE_ENTRIES} AND parent_id = ?3 UNION ALL "
-            f"{_PENDING_ENTRIES} AND parent_id = ?3", (folder, self.device_name, parent_id))
+            f"{_REMOTE_ENTRIES} AND parent_id = :parent UNION ALL "
+            f"{_PENDING_ENTRIES} AND parent_id = :parent", self._params(parent=parent_id))
         return layout([_entry(row) for row in rows])
 
     def lookup(self, parent_id: str, name: str) -> Entry | None:
-        folder = self._folder_id
         rows = self.db.execute(
-            f"{_REMOTE_ENTRIES} AND parent_id = ?3 AND name = ?4 UNION ALL "
-            f"{_PENDING_ENTRIES} AND parent_id = ?3 AND name = ?4",
-            (folder, self.device_name, parent_id, name)).fetchall()
+            f"{_REMOTE_ENTRIES} AND parent_id = :parent AND name = :name UNION ALL "
+            f"{_PENDING_ENTRIES} AND parent_id = :parent AND name = :name",
+            self._params(parent=parent_id, name=name)).fetchall()
         if len(rows) == 1:
             return _entry(rows[0])
         if rows:
@@ -211,14 +221,17 @@ class DriveIndex:
         return None
 
     def has_children(self, parent_id: str) -> bool:
-        folder = self._folder_id
         return self.db.execute(
-            f"SELECT 1 FROM ({_REMOTE_ENTRIES} AND parent_id = ?3 UNION ALL "
-            f"{_PENDING_ENTRIES} AND parent_id = ?3) LIMIT 1",
-            (folder, self.device_name, parent_id)).fetchone() is not None
+            f"SELECT 1 FROM ({_REMOTE_ENTRIES} AND parent_id = :parent UNION ALL "
+            f"{_PENDING_ENTRIES} AND parent_id = :parent) LIMIT 1",
+            self._params(parent=parent_id)).fetchone() is not None
 
     def remote_row(self, node_id: str) -> RemoteRow | None:
-        return self.sync_db.remote_row(self._folder_id, node_id)
+        """The mirrored node (the user's, or one shared with them)."""
+        params = self._params(node=node_id)
+        row = self.db.execute(f"SELECT {REMOTE_COLUMNS} FROM remote WHERE node_id = :node "
+                              "AND folder IN (:drive, :shared)", params).fetchone()
+        return None if row is None else remote_row_of(row)
 
     def remote_meta(self, node_id: str) -> tuple[bytes, NodeMeta] | None:
         """The mirrored node's key and decrypted metadata (its block list)."""

@@ -42,6 +42,7 @@ from fuse.index import DB_FILE, DriveIndex
 from fuse.kernel import Invalidator
 from fuse.mountpoint import prepare
 from fuse.pins import Pinner
+from fuse.shared import SharedTree
 from fuse.staging import Staging
 from fuse.status import DriveStatus, Upload, clear_status, write_status
 from fuse.uploader import Uploader
@@ -176,6 +177,8 @@ async def _serve(home: AgentHome, device, keys, index: DriveIndex,  # type: igno
                      pins_changed=pinner.wake)
         invalidator = Invalidator(fs)
         mirror.on_change = invalidator.note
+        shared = SharedTree(tree, index, record.remote_root, invalidator.note)
+        index.forget_folders()
         pull_wanted = trio.Event()
 
         def wake_pull() -> None:
@@ -185,16 +188,20 @@ async def _serve(home: AgentHome, device, keys, index: DriveIndex,  # type: igno
 
         async def puller() -> None:
             nonlocal pull_wanted
+            shares_seen = -1             # list what is shared at the start, then on changes
             while True:
                 await pull_wanted.wait()
                 pull_wanted = trio.Event()
-                if not follower.must_pull(mirror.cursor):
-                    continue
                 try:
-                    if await mirror.pull():
+                    if follower.must_pull(mirror.cursor) and await mirror.pull():
                         pinner.wake()
+                    if mirror.foreign_changes != shares_seen:
+                        shares_seen = mirror.foreign_changes
+                        if await shared.refresh():
+                            pinner.wake()
                 except CairnAgentError as exc:
                     log.info("cannot pull changes: %s", exc.message)
+                    shares_seen = -1
 
         async def status_writer() -> None:
             while True:

@@ -95,7 +95,7 @@ REMOTE_COLUMNS = ("node_id, parent_id, name, kind, version, uploaded, size, mtim
                   "content, device, created_at, updated_at, key, meta")
 
 
-def _remote_row(row: tuple[Any, ...]) -> RemoteRow:
+def remote_row_of(row: tuple[Any, ...]) -> RemoteRow:
     values = list(row)
     values[5] = bool(values[5])
     return RemoteRow(*values)
@@ -222,13 +222,13 @@ class SyncDb:
     # --- the remote mirror --------------------------------------------------------------
 
     def remote_rows(self, folder: int) -> list[RemoteRow]:
-        return [_remote_row(row) for row in self.db.execute(
+        return [remote_row_of(row) for row in self.db.execute(
             f"SELECT {REMOTE_COLUMNS} FROM remote WHERE folder = ?", (folder,))]
 
     def remote_row(self, folder: int, node_id: str) -> RemoteRow | None:
         row = self.db.execute(f"SELECT {REMOTE_COLUMNS} FROM remote WHERE folder = ? AND "
                               "node_id = ?", (folder, node_id)).fetchone()
-        return None if row is None else _remote_row(row)
+        return None if row is None else remote_row_of(row)
 
     def put_remote(self, folder: int, row: RemoteRow) -> None:
         if self.remote_row(folder, row.node_id) == row:

@@ -265,3 +265,31 @@ def test_states_pins_and_free(fresh_user, drives, tmp_path: Path) -> None:
     status = cairn_ok(home, "status")
     assert f"drive mounted at {mnt}" in status
     assert drive.stop(signal.SIGTERM) == 0
+
+
+def test_shared_with_me_is_read_only(fresh_user, drives, tmp_path: Path) -> None:
+    owner: User = fresh_user("owner")
+    reader: User = fresh_user("reader")
+    home_owner = owner.join(tmp_path / "o", "owner-laptop")
+    home_reader = reader.join(tmp_path / "r", "reader-laptop")
+    write(tmp_path / "plan.txt", "the plan\n")
+    cairn_ok(home_owner, "put", tmp_path / "plan.txt", "/project/plan.txt")
+    cairn_ok(home_owner, "share", "/project", reader.name)
+    mnt = drives(home_reader, tmp_path / "mnt").start().mountpoint
+    shared = mnt / "Shared with me" / owner.name / "project"
+    wait_for(shared.exists, timeout=10, what="the shared folder")
+    assert (shared / "plan.txt").read_text() == "the plan\n"
+    assert not os.stat(shared / "plan.txt").st_mode & 0o222
+    for action in (lambda: (shared / "plan.txt").write_text("mine now"),
+                   lambda: (shared / "new.txt").write_text("x"),
+                   lambda: os.unlink(shared / "plan.txt"),
+                   lambda: os.rename(shared / "plan.txt", mnt / "taken.txt"),
+                   lambda: os.mkdir(shared / "sub")):
+        with pytest.raises(OSError) as raised:
+            action()
+        assert raised.value.errno in (errno.EROFS, errno.EACCES), raised.value
+    write(tmp_path / "more.txt", "more\n")
+    cairn_ok(home_owner, "put", tmp_path / "more.txt", "/project/more.txt")
+    wait_for(lambda: (shared / "more.txt").exists(), timeout=10, what="the owner's new file")
+    cairn_ok(home_owner, "unshare", "/project", reader.name)
+    wait_for(lambda: not shared.exists(), timeout=10, what="the unshare")
