@@ -149,6 +149,26 @@ def _write_error(path: Path, exc: OSError) -> LocalFileError:
     return LocalFileError(f"cannot write {path}: {exc.strerror or exc}")
 
 
+def place_link(node: RemoteNode, link: str, target: Path,
+               guard: Callable[[], None] | None = None) -> None:
+    """A link node becomes a symbolic link at TARGET (made beside it, then renamed into
+    place; never followed)."""
+    part = partial_path(target, node)
+    try:
+        part.unlink(missing_ok=True)
+        os.symlink(link, part)
+        os.utime(part, ns=(node.meta.mtime_ns, node.meta.mtime_ns), follow_symlinks=False)
+        if guard is not None:
+            guard()
+        os.replace(part, target)
+    except OSError as exc:
+        part.unlink(missing_ok=True)
+        raise _write_error(target, exc) from None
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
+
+
 async def download_file(tree: RemoteTree, node: RemoteNode, target: Path, *,
                         show_progress: bool | None = None,
                         parallel: int = DOWNLOAD_PARALLEL,
@@ -166,6 +186,9 @@ async def download_file(tree: RemoteTree, node: RemoteNode, target: Path, *,
         node = await tree.open(detail.node)   # changed since it was listed
     if node.deleted:
         raise RemoteNotFoundError(f"{node.name} was deleted")
+    if node.meta.link is not None:
+        place_link(node, node.meta.link, target, guard)
+        return DownloadStats(files=1, bytes=0, blocks=0, node=node)
     streaming = detail.method != "GET" and bool(node.meta.blocks)
     if streaming and not (stream and tree.api.supports(STORED_BLOCK_URLS)):
         raise LocalFileError(f"{node.name} is still being uploaded by another device; try "

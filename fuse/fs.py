@@ -33,8 +33,8 @@ import trio
 
 from agent.blockcache import BlockCache
 from agent.crypto.blocks import BLOCK_SIZE, BlockRef
-from agent.crypto.nodes import MAX_NAME_BYTES, new_node_key
-from agent.errors import CacheFullError, CairnAgentError
+from agent.crypto.nodes import MAX_LINK_BYTES, MAX_NAME_BYTES, check_link, new_node_key
+from agent.errors import CacheFullError, CairnAgentError, UsageError
 from agent.sync.names import is_conflicted_copy
 from fuse.blocks import PREFETCH_BLOCKS, BlockSource
 from fuse.index import DriveIndex, Entry, Pending
@@ -184,7 +184,11 @@ class DriveFs(pyfuse3.Operations):
         attr.attr_timeout = ATTR_TIMEOUT_S
         size = self.staging.size(entry.node_id) if entry.staged else entry.size
         mask = 0o7555 if entry.readonly else 0o7777
-        if entry.is_dir:
+        if entry.link is not None:
+            attr.st_mode = stat.S_IFLNK | 0o777
+            attr.st_nlink = 1
+            size = len(os.fsencode(entry.link))
+        elif entry.is_dir:
             attr.st_mode = stat.S_IFDIR | ((stat.S_IMODE(entry.mode) or 0o755) & mask)
             attr.st_nlink = 2
             size = 0
@@ -366,7 +370,7 @@ class DriveFs(pyfuse3.Operations):
             current = Pending(entry.node_id, entry.parent_id or self.root_id, entry.name,
                               entry.kind, entry.size, entry.mtime_ns, entry.mode,
                               entry.version, entry.staged, False, key, entry.created_at,
-                              time.time(), 0, 0, "dirty", "")
+                              time.time(), 0, 0, "dirty", "", entry.link)
         change = self.index.put_pending(replace(current, **fields))
         self.wake_uploads()
         return change
@@ -448,7 +452,8 @@ class DriveFs(pyfuse3.Operations):
 
     # --- creating, removing, renaming ----------------------------------------------------
 
-    def _new(self, parent_inode: int, raw_name: bytes, kind: str, mode: int) -> Entry:
+    def _new(self, parent_inode: int, raw_name: bytes, kind: str, mode: int,
+             link: str | None = None) -> Entry:
         parent = self.writable(self.entry(parent_inode))
         if not parent.is_dir:
             raise fail(errno.ENOTDIR)
@@ -460,7 +465,7 @@ class DriveFs(pyfuse3.Operations):
         self.index.put_pending(Pending(
             node_id, parent.node_id, name, "dir" if kind == "dir" else "file", 0,
             time.time_ns(), stat.S_IMODE(mode), None, kind == "file", False, new_node_key(),
-            now, now, 0, 0, "dirty", ""))
+            now, now, 0, 0, "dirty", "", link))
         self.wake_uploads()
         created = self.index.entry(node_id)
         assert created is not None
@@ -614,6 +619,24 @@ class DriveFs(pyfuse3.Operations):
                 self._record_content(node_id)
         finally:
             self._writer_gone(node_id)
+
+    @_guarded
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: Ctx
+                      ) -> pyfuse3.EntryAttributes:
+        text = os.fsdecode(target)
+        try:
+            check_link(text)
+        except UsageError:
+            raise fail(errno.ENAMETOOLONG if len(target) > MAX_LINK_BYTES
+                       else errno.EINVAL) from None
+        return self.attrs(self._new(parent_inode, name, "link", 0o777, link=text))
+
+    @_guarded
+    async def readlink(self, inode: int, ctx: Ctx) -> bytes:
+        entry = self.entry(inode)
+        if entry.link is None:
+            raise fail(errno.EINVAL)
+        return os.fsencode(entry.link)
 
     # --- refused -------------------------------------------------------------------------
 

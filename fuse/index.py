@@ -43,20 +43,22 @@ CREATE TABLE IF NOT EXISTS pending (
     key BLOB NOT NULL, created_at REAL NOT NULL, changed_at REAL NOT NULL,
     generation INTEGER NOT NULL DEFAULT 0,   -- bumped by every change (uploads compare)
     seq INTEGER NOT NULL,              -- order of the changes, for the uploads
-    state TEXT NOT NULL DEFAULT 'dirty', detail TEXT NOT NULL DEFAULT '');
+    state TEXT NOT NULL DEFAULT 'dirty', detail TEXT NOT NULL DEFAULT '',
+    link TEXT);                        -- a symbolic link's target
 CREATE INDEX IF NOT EXISTS pending_by_parent ON pending (parent_id, name);
 CREATE TABLE IF NOT EXISTS pins (node_id TEXT PRIMARY KEY);
 """
 
 _ENTRY_COLUMNS = ("node_id, parent_id, name, kind, size, mtime_ns, mode, version, uploaded, "
-                  "device, created_at")
+                  "device, created_at, link")
 # Named parameters: :drive and :shared (the two folder records), :device (this device's
 # name, for pending rows), and :node, :parent, :name as a query needs.
 _REMOTE_ENTRIES = (f"SELECT {_ENTRY_COLUMNS}, 0, 0, '', folder = :shared FROM remote r "
                    "WHERE folder IN (:drive, :shared) AND "
                    "NOT EXISTS (SELECT 1 FROM pending p WHERE p.node_id = r.node_id)")
 _PENDING_ENTRIES = ("SELECT node_id, parent_id, name, kind, size, mtime_ns, mode, base_version, "
-                    "1, :device, created_at, 1, staged, state, 0 FROM pending WHERE NOT deleted")
+                    "1, :device, created_at, link, 1, staged, state, 0 FROM pending "
+                    "WHERE NOT deleted")
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +76,7 @@ class Entry:
     uploaded: bool
     device: str
     created_at: float
+    link: str | None          # a symbolic link's target
     local: bool               # a change made here, not uploaded yet
     staged: bool              # the content is in the staging area
     state: str                # the pending change's state ('' for a clean node)
@@ -86,9 +89,9 @@ class Entry:
 
 def _entry(row: tuple[Any, ...]) -> Entry:
     (node_id, parent_id, name, kind, size, mtime_ns, mode, version, uploaded, device,
-     created_at, local, staged, state, readonly) = row
+     created_at, link, local, staged, state, readonly) = row
     return Entry(node_id, parent_id, name, kind, size, mtime_ns, mode, version,
-                 bool(uploaded), device, created_at, bool(local), bool(staged), state,
+                 bool(uploaded), device, created_at, link, bool(local), bool(staged), state,
                  bool(readonly))
 
 
@@ -113,11 +116,12 @@ class Pending:
     seq: int
     state: str
     detail: str
+    link: str | None = None
 
 
 _PENDING_COLUMNS = ("node_id, parent_id, name, kind, size, mtime_ns, mode, base_version, "
                     "staged, deleted, key, created_at, changed_at, generation, seq, state, "
-                    "detail")
+                    "detail, link")
 
 
 def _pending(row: tuple[Any, ...]) -> Pending:
@@ -152,6 +156,9 @@ class DriveIndex:
         self.sync_db = SyncDb(path)
         self.db = self.sync_db.db
         self.db.execute(PENDING_SCHEMA)
+        columns = {row[1] for row in self.db.execute("PRAGMA table_info(pending)")}
+        if "link" not in columns:
+            self.db.execute("ALTER TABLE pending ADD COLUMN link TEXT")
         self.device_name = device_name
         self._folders: tuple[int, int] | None = None
 
@@ -271,13 +278,13 @@ class DriveIndex:
         row = Pending(change.node_id, change.parent_id, change.name, change.kind, change.size,
                       change.mtime_ns, change.mode, change.base_version, change.staged,
                       change.deleted, change.key, change.created_at, time.time(), generation,
-                      seq, "dirty", "")
+                      seq, "dirty", "", change.link)
         self.db.execute(f"INSERT OR REPLACE INTO pending ({_PENDING_COLUMNS}) VALUES "
-                        f"({', '.join('?' * 17)})",
+                        f"({', '.join('?' * 18)})",
                         (row.node_id, row.parent_id, row.name, row.kind, row.size,
                          row.mtime_ns, row.mode, row.base_version, int(row.staged),
                          int(row.deleted), row.key, row.created_at, row.changed_at,
-                         row.generation, row.seq, row.state, row.detail))
+                         row.generation, row.seq, row.state, row.detail, row.link))
         return row
 
     def _one(self, query: str, *params: object) -> Any:

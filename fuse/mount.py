@@ -23,6 +23,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -289,7 +290,7 @@ def _status(mountpoint: Path, index: DriveIndex, uploader: Uploader, cache: Bloc
         uploads=[Upload(t.name, t.done, t.total) for t in uploader.transfers.values()],
         queued=[p.name for p in pending[:20]], cache_used=cache.used_bytes,
         cache_pinned=cache.pinned_bytes(), staged=staging.staged_bytes,
-        cache_budget=cache.budget)
+        cache_budget=cache.budget, written_at=time.time())
 
 
 def parse_size(text: str) -> int:

@@ -31,6 +31,7 @@ class DriveStatus:
     cache_pinned: int = 0
     staged: int = 0
     cache_budget: int = 0
+    written_at: float = 0.0       # time.time() when the mount wrote this
 
 
 def write_status(folder: Path, status: DriveStatus) -> None:

@@ -211,6 +211,9 @@ class Uploader:
         if change.kind == "dir":
             return NodeMeta(name=change.name, kind="dir", mtime_ns=change.mtime_ns,
                             mode=change.mode, device=self.device_name)
+        if change.link is not None and change.base_version is None:
+            return NodeMeta(name=change.name, kind="file", mtime_ns=change.mtime_ns,
+                            mode=change.mode, device=self.device_name, link=change.link)
         opened = self.index.remote_meta(change.node_id)
         if opened is None:
             raise RemoteNotFoundError(f"{change.name}: its content is neither staged nor on "

@@ -5,9 +5,12 @@ Every node (file or folder) has its own random 32-byte node key.
 Sealed metadata:  0x01 ‖ nonce (12) ‖ AES-256-GCM(node key, plaintext) ‖ tag (16)
     associated data: "cairn-meta-v1" ‖ node id (16 bytes) ‖ kind ("file" or "dir")
     plaintext:       length of H (4, big-endian) ‖ H ‖ block table
-    H:               UTF-8 JSON {"name", "size", "mtime_ns", "mode"[, "device"]} — device:
-                     the name of the device that wrote this version (conflicted copies are
-                     named after it); optional, absent in older metadata
+    H:               UTF-8 JSON {"name", "size", "mtime_ns", "mode"[, "device"][, "link"]}
+                     — device: the name of the device that wrote this version (conflicted
+                     copies are named after it); optional, absent in older metadata.
+                     link: a symbolic link's target; the node is then a "file" node with
+                     no blocks (size 0), so the appliance cannot tell a link from an
+                     empty file, and the target is as private as a name
     block table:     per block, in file order: plain size (4) ‖ block id (32) ‖ key (32)
                      ‖ plain hash (32) — see blocks.py; empty for folders and empty files
 
@@ -51,6 +54,7 @@ FOLDER_ID_FORMAT = b"cairn-folder-id-v1"
 WRAP_FORMAT = b"cairn-wrap-v1"
 NO_PARENT = bytes(16)
 MAX_NAME_BYTES = 255
+MAX_LINK_BYTES = 4095        # PATH_MAX less its NUL
 NodeKind = Literal["file", "dir"]
 
 
@@ -65,6 +69,7 @@ class NodeMeta:
     mode: int = 0o644
     blocks: tuple[BlockRef, ...] = field(default=())
     device: str = ""
+    link: str | None = None      # a symbolic link's target (kind "file", no blocks)
 
 
 def check_name(name: str) -> str:
@@ -75,6 +80,14 @@ def check_name(name: str) -> str:
     if len(name.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES:
         raise UsageError(f"file name {name[:40]!r}… is over {MAX_NAME_BYTES} bytes")
     return name
+
+
+def check_link(target: str) -> str:
+    """A symbolic link's target we can create on Linux (never followed by Cairn)."""
+    size = len(target.encode("utf-8", "surrogateescape"))
+    if not 0 < size <= MAX_LINK_BYTES or "\0" in target:
+        raise UsageError(f"{target[:40]!r} is not a usable link target")
+    return target
 
 
 def new_node_key() -> bytes:
@@ -100,6 +113,10 @@ def seal_metadata(node_key: bytes, node_id: str, meta: NodeMeta) -> bytes:
                                  "mtime_ns": meta.mtime_ns, "mode": meta.mode}
     if meta.device:
         fields["device"] = meta.device
+    if meta.link is not None:
+        if meta.kind != "file" or meta.blocks:
+            raise UsageError("a link is a file node without content")
+        fields["link"] = check_link(meta.link)
     header = json.dumps(fields, ensure_ascii=False).encode("utf-8", "surrogateescape")
     plaintext = struct.pack(">I", len(header)) + header + pack_refs(list(meta.blocks))
     return bytes([FORMAT_VERSION]) + seal(node_key, plaintext, _meta_ad(node_id, meta.kind))
@@ -116,9 +133,11 @@ def open_metadata(node_key: bytes, node_id: str, kind: NodeKind, sealed: bytes) 
         (header_size,) = struct.unpack_from(">I", plain)
         header = json.loads(plain[4:4 + header_size].decode("utf-8", "surrogateescape"))
         blocks = tuple(unpack_refs(plain[4 + header_size:]))
+        link = header.get("link")
         meta = NodeMeta(name=str(header["name"]), kind=kind, size=int(header["size"]),
                         mtime_ns=int(header["mtime_ns"]), mode=int(header["mode"]) & 0o7777,
-                        blocks=blocks, device=str(header.get("device", ""))[:64])
+                        blocks=blocks, device=str(header.get("device", ""))[:64],
+                        link=None if link is None else str(link))
     except (struct.error, ValueError, KeyError, TypeError):
         raise IntegrityError(f"metadata of node {node_id} is malformed") from None
     try:
@@ -126,6 +145,13 @@ def open_metadata(node_key: bytes, node_id: str, kind: NodeKind, sealed: bytes) 
     except UsageError:
         raise IntegrityError(f"node {node_id} has an unusable name {meta.name[:40]!r}"
                              ) from None
+    if meta.link is not None:
+        try:
+            check_link(meta.link)
+        except UsageError:
+            raise IntegrityError(f"node {node_id} has an unusable link target") from None
+        if kind != "file" or blocks or meta.size:
+            raise IntegrityError(f"node {node_id}: a link with content")
     if sum(b.plain_size for b in blocks) != meta.size:
         raise IntegrityError(f"node {node_id}: block sizes do not add up to its size")
     return meta

@@ -38,7 +38,7 @@ def row_from(raw: NodeOut, key: bytes, meta: NodeMeta) -> RemoteRow:
                      mtime_ns=meta.mtime_ns, mode=meta.mode,
                      content=content_of_refs(meta.blocks), device=meta.device,
                      created_at=raw.created_at, updated_at=raw.updated_at,
-                     key=key, meta=b64decode(raw.metadata))
+                     key=key, meta=b64decode(raw.metadata), link=meta.link)
 
 
 def _same_node(row: RemoteRow, raw: NodeOut) -> bool:

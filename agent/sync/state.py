@@ -41,7 +41,7 @@ CREATE TABLE IF NOT EXISTS remote (
     kind TEXT NOT NULL, version INTEGER NOT NULL, uploaded INTEGER NOT NULL,
     size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, mode INTEGER NOT NULL,
     content TEXT NOT NULL, device TEXT NOT NULL, created_at REAL NOT NULL,
-    updated_at REAL NOT NULL, key BLOB NOT NULL, meta BLOB NOT NULL,
+    updated_at REAL NOT NULL, key BLOB NOT NULL, meta BLOB NOT NULL, link TEXT,
     PRIMARY KEY (folder, node_id));
 CREATE INDEX IF NOT EXISTS remote_by_parent ON remote (folder, parent_id);
 CREATE TABLE IF NOT EXISTS base (
@@ -89,10 +89,11 @@ class RemoteRow:
     updated_at: float
     key: bytes
     meta: bytes      # the sealed metadata as the appliance serves it (opened with key)
+    link: str | None = None     # a symbolic link's target (the node is a "file")
 
 
 REMOTE_COLUMNS = ("node_id, parent_id, name, kind, version, uploaded, size, mtime_ns, mode, "
-                  "content, device, created_at, updated_at, key, meta")
+                  "content, device, created_at, updated_at, key, meta, link")
 
 
 def remote_row_of(row: tuple[Any, ...]) -> RemoteRow:
@@ -178,6 +179,9 @@ class SyncDb:
         self._bases: dict[int, _Base] = {}      # folder -> its base in memory, once read
         self.db.execute("PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;")
         self.db.execute(SCHEMA)
+        columns = {row[1] for row in self.db.execute("PRAGMA table_info(remote)")}
+        if "link" not in columns:           # a database from before links were carried
+            self.db.execute("ALTER TABLE remote ADD COLUMN link TEXT")
 
     @classmethod
     def of_home(cls, home: Path) -> SyncDb:
@@ -235,10 +239,11 @@ class SyncDb:
             return                    # our own write coming back through the feed
         self.remote_revision += 1
         self.db.execute(f"INSERT OR REPLACE INTO remote (folder, {REMOTE_COLUMNS}) VALUES "
-                        "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         (folder, row.node_id, row.parent_id, row.name, row.kind, row.version,
                          int(row.uploaded), row.size, row.mtime_ns, row.mode, row.content,
-                         row.device, row.created_at, row.updated_at, row.key, row.meta))
+                         row.device, row.created_at, row.updated_at, row.key, row.meta,
+                         row.link))
 
     def drop_remote_subtree(self, folder: int, node_id: str) -> None:
         self.remote_revision += 1

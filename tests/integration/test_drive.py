@@ -5,6 +5,7 @@ mount. Every mount is unmounted after its test (the `drives` fixture)."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import signal
@@ -189,7 +190,7 @@ def test_a_killed_mount_loses_no_written_file(fresh_user, drives, tmp_path: Path
     assert "cleared a stale mount" in drive.log_text()
     for name, data in contents.items():
         assert (drive.mountpoint / name).read_bytes() == data, name
-    wait_for(lambda: not drive_pending(home_a), timeout=30, what="the uploads")
+    wait_uploaded(home_a)
     local = tmp_path / "from-b"
     local.mkdir()
     for name, data in contents.items():
@@ -197,12 +198,18 @@ def test_a_killed_mount_loses_no_written_file(fresh_user, drives, tmp_path: Path
         assert (local / name.replace("/", "_")).read_bytes() == data, name
 
 
-def drive_pending(home: Path) -> int:
-    import json
+def drive_pending(home: Path, since: float = 0.0) -> int | None:
+    """The drive's pending changes as `cairn status --json` reports them; None while its
+    status is older than SINCE (written once a second)."""
     report = json.loads(cairn_ok(home, "status", "--json"))
     drive = report.get("drive")
     assert drive is not None, report
-    return int(drive["pending"])
+    return int(drive["pending"]) if drive["written_at"] > since else None
+
+
+def wait_uploaded(home: Path, timeout: float = 30) -> None:
+    since = time.time()
+    wait_for(lambda: drive_pending(home, since) == 0, timeout=timeout, what="the uploads")
 
 
 def test_errors_are_the_errnos_programs_expect(fresh_user, drives, tmp_path: Path) -> None:
@@ -293,3 +300,39 @@ def test_shared_with_me_is_read_only(fresh_user, drives, tmp_path: Path) -> None
     wait_for(lambda: (shared / "more.txt").exists(), timeout=10, what="the owner's new file")
     cairn_ok(home_owner, "unshare", "/project", reader.name)
     wait_for(lambda: not shared.exists(), timeout=10, what="the unshare")
+
+
+def test_symbolic_links_are_kept_never_followed(fresh_user, drives, tmp_path: Path) -> None:
+    user: User = fresh_user()
+    home_a = user.join(tmp_path / "a", "laptop")
+    home_b = user.join(tmp_path / "b", "desktop")
+    mnt = drives(home_a, tmp_path / "mnt").start().mountpoint
+    (mnt / "real.txt").write_text("real\n")
+    os.symlink("real.txt", mnt / "relative")
+    os.symlink("/etc/hostname", mnt / "outside")
+    os.symlink("missing/target", mnt / "dangling")
+    assert os.readlink(mnt / "relative") == "real.txt"
+    assert (mnt / "relative").read_text() == "real\n"       # the kernel follows, in the mount
+    assert os.path.islink(mnt / "dangling")
+    os.rename(mnt / "relative", mnt / "renamed")
+    assert os.readlink(mnt / "renamed") == "real.txt"
+
+    repo = tmp_path / "repo"                                # a repository with a link
+    run("git", "init", "-q", "-b", "main", repo)
+    write(repo / "docs" / "guide.md", "guide\n")
+    os.symlink("docs/guide.md", repo / "GUIDE")
+    run("git", "add", "-A", cwd=repo)
+    run("git", "commit", "-qm", "links", cwd=repo)
+    run("git", "clone", "-q", repo, mnt / "clone")
+    assert os.readlink(mnt / "clone" / "GUIDE") == "docs/guide.md"
+    assert run("git", "status", "--porcelain", cwd=mnt / "clone") == ""
+
+    wait_uploaded(home_a)
+    local = tmp_path / "from-b"
+    local.mkdir()
+    for name in ("renamed", "outside", "dangling", "clone"):
+        cairn_ok(home_b, "get", f"/{name}", local / name)
+    assert os.readlink(local / "renamed") == "real.txt"
+    assert os.readlink(local / "outside") == "/etc/hostname"
+    assert os.readlink(local / "dangling") == "missing/target"
+    assert os.readlink(local / "clone" / "GUIDE") == "docs/guide.md"

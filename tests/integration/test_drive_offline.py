@@ -81,10 +81,10 @@ def test_a_tiny_cache_is_never_exceeded(fresh_user, drives, tmp_path: Path) -> N
     for name, data in files.items():                      # 18 MiB through an 8 MiB cache
         assert (mnt / name).read_bytes() == data
         assert cache_bytes(home) <= 8 * MiB
-    with pytest.raises(OSError) as raised:                  # unsent writes share the budget
-        with open(mnt / "huge.bin", "wb") as handle:
-            for _ in range(12):
-                handle.write(os.urandom(MiB))
+    # unsent writes share the budget
+    with pytest.raises(OSError) as raised, open(mnt / "huge.bin", "wb") as handle:
+        for _ in range(12):
+            handle.write(os.urandom(MiB))
     assert raised.value.errno == errno.ENOSPC
     assert cache_bytes(home) <= 8 * MiB
     os.unlink(mnt / "huge.bin")
