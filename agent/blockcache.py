@@ -113,18 +113,39 @@ class BlockCache:
         if blake3.blake3(data).hexdigest() != block_id:
             raise IntegrityError(f"block {block_id[:16]}… does not match its id; not cached")
         with self._lock:
-            known = self._db.execute("SELECT 1 FROM blocks WHERE id = ?",
-                                     (block_id,)).fetchone()
-            if known is not None and self._path(block_id).exists():
-                self._db.execute("UPDATE blocks SET used = ?, pins = pins + ? WHERE id = ?",
-                                 (self._tick(), int(pin), block_id))
-                return
-            self._forget(block_id)
-            self._make_room(len(data))
-            self._write(block_id, data)
-            self._db.execute("INSERT INTO blocks (id, size, used, pins) VALUES (?, ?, ?, ?)",
-                             (block_id, len(data), self._tick(), int(pin)))
-            self._used += len(data)
+            self._keep(block_id, data, pin)
+
+    def put_many(self, blocks: Iterable[tuple[str, bytes | memoryview]]) -> int:
+        """`put` each (id, data) of BLOCKS, unpinned, in one transaction (many small
+        blocks at once); stops at the first that finds no room. The number kept."""
+        checked = []
+        for block_id, data in blocks:
+            _check_id(block_id)
+            if blake3.blake3(data).hexdigest() != block_id:
+                raise IntegrityError(f"block {block_id[:16]}… does not match its id")
+            checked.append((block_id, data))
+        kept = 0
+        with self._lock, self._db:
+            for block_id, data in checked:
+                try:
+                    self._keep(block_id, data, False)
+                except CacheFullError:
+                    break
+                kept += 1
+        return kept
+
+    def _keep(self, block_id: str, data: bytes | memoryview, pin: bool) -> None:
+        known = self._db.execute("SELECT 1 FROM blocks WHERE id = ?", (block_id,)).fetchone()
+        if known is not None and self._path(block_id).exists():
+            self._db.execute("UPDATE blocks SET used = ?, pins = pins + ? WHERE id = ?",
+                             (self._tick(), int(pin), block_id))
+            return
+        self._forget(block_id)
+        self._make_room(len(data))
+        self._write(block_id, data)
+        self._db.execute("INSERT INTO blocks (id, size, used, pins) VALUES (?, ?, ?, ?)",
+                         (block_id, len(data), self._tick(), int(pin)))
+        self._used += len(data)
 
     def has(self, block_id: str) -> bool:
         """Whether the index holds the block (not verified: `get` does that)."""

@@ -71,7 +71,7 @@ def _fingerprint(st: os.stat_result) -> tuple[int, int, int]:
     return (st.st_size, st.st_mtime_ns, st.st_ino)
 
 
-def _read_block(fd: int, index: int, path: Path) -> memoryview:
+def read_block(fd: int, index: int, path: Path) -> memoryview:
     """Block INDEX of the file, as far as it goes, in this thread's `plain` buffer."""
     buffer = thread_buffer(BLOCK_SIZE, "plain")[:BLOCK_SIZE]
     done = 0
@@ -93,7 +93,7 @@ async def scan_file(fd: int, path: Path, size: int, content_secret: bytes,
     refs: list[BlockRef | None] = [None] * block_count(size)
 
     def scan(index: int) -> BlockRef:
-        data = _read_block(fd, index, path)
+        data = read_block(fd, index, path)
         expected = min(BLOCK_SIZE, size - index * BLOCK_SIZE)
         if len(data) != expected:
             raise FileChangedError(f"{path} changed while it was being read; try again")
@@ -132,7 +132,7 @@ async def upload_file(tree: RemoteTree, path: Path, target: Target, *,
     if target.existing is not None and target.existing.is_dir:
         raise UsageError(f"a folder named {target.name!r} is already there")
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)   # a link is never read through
     except OSError as exc:
         raise _local_error(path, exc) from None
     try:
@@ -221,7 +221,7 @@ async def _send(tree: RemoteTree, fd: int, path: Path, refs: list[BlockRef],
             raise LocalFileError(f"the appliance asked for block {block_id[:16]}, which "
                                  f"is not in {path}")
         ref = refs[index]
-        ciphertext = encrypt_again_into(ref, _read_block(fd, index, path),
+        ciphertext = encrypt_again_into(ref, read_block(fd, index, path),
                                         thread_buffer(ref.cipher_size, "cipher"))
         if ciphertext is None:
             raise FileChangedError(f"{path} changed while it was being uploaded; run put "

@@ -198,7 +198,7 @@ CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("TLS send", ("SSLSocket.send ", "SSLSocket.sendall ")),
     ("TLS handshake", ("do_handshake ", "wrap_socket ")),
     ("HTTP in Python (httpx, httpcore, h11)", ("httpx/", "httpcore/", "h11/")),
-    ("file read", ("_read_block ", "_region_matches ")),
+    ("file read", ("read_block ", "_region_matches ")),
     ("file write, fsync", ("_pwrite_all ", "_finish ")),
     ("idle worker (no job)", ("WorkerThread._work ",)),
     ("event loop waiting (epoll)", ("get_events ",)),

@@ -114,7 +114,7 @@ class Listing:
 class DriveFs(pyfuse3.Operations):
     supports_dot_lookup = False
     enable_writeback_cache = False
-    enable_acl = False
+    enable_acl = True
 
     def __init__(self, index: DriveIndex, root_id: str, blocks: BlockSource,
                  cache: BlockCache, staging: Staging, *, wake_uploads: Callable[[], None],

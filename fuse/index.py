@@ -46,6 +46,8 @@ CREATE TABLE IF NOT EXISTS pending (
     state TEXT NOT NULL DEFAULT 'dirty', detail TEXT NOT NULL DEFAULT '',
     link TEXT);                        -- a symbolic link's target
 CREATE INDEX IF NOT EXISTS pending_by_parent ON pending (parent_id, name);
+CREATE INDEX IF NOT EXISTS pending_by_seq ON pending (seq);
+CREATE INDEX IF NOT EXISTS pending_by_change ON pending (changed_at);
 CREATE TABLE IF NOT EXISTS pins (node_id TEXT PRIMARY KEY);
 """
 
@@ -156,6 +158,9 @@ class DriveIndex:
         self.sync_db = SyncDb(path)
         self.db = self.sync_db.db
         self.db.execute(PENDING_SCHEMA)
+        # The drive looks names up in folders of any size: by name, not by scanning.
+        self.db.execute("CREATE INDEX IF NOT EXISTS remote_by_name "
+                        "ON remote (folder, parent_id, name)")
         columns = {row[1] for row in self.db.execute("PRAGMA table_info(pending)")}
         if "link" not in columns:
             self.db.execute("ALTER TABLE pending ADD COLUMN link TEXT")
@@ -266,13 +271,24 @@ class DriveIndex:
         return [_pending(row) for row in self.db.execute(
             f"SELECT {_PENDING_COLUMNS} FROM pending ORDER BY seq")]
 
+    def changed_before(self, cutoff: float) -> list[Pending]:
+        """The pending changes last changed at CUTOFF or before, in the order made."""
+        return [_pending(row) for row in self.db.execute(
+            f"SELECT {_PENDING_COLUMNS} FROM pending WHERE changed_at <= ? ORDER BY seq",
+            (cutoff,))]
+
+    def first_change_after(self, cutoff: float) -> float | None:
+        """When the earliest change after CUTOFF was made (None if there is none)."""
+        found = self._one("SELECT MIN(changed_at) FROM pending WHERE changed_at > ?", cutoff)
+        return None if found is None else float(found)
+
     def pending_count(self) -> int:
         return int(self._one("SELECT COUNT(*) FROM pending"))
 
     def put_pending(self, change: Pending) -> Pending:
         """Record CHANGE (a new row, or one replacing the node's row): a new sequence
         number and generation, changed now."""
-        seq = int(self._one("SELECT COALESCE(MAX(seq), 0) + 1 FROM pending"))
+        seq = int(self._one("SELECT COALESCE(MAX(seq), 0) + 1 FROM pending"))  # indexed
         generation = int(self._one("SELECT COALESCE(MAX(generation), 0) + 1 FROM pending "
                                    "WHERE node_id = ?", change.node_id))
         row = Pending(change.node_id, change.parent_id, change.name, change.kind, change.size,

@@ -31,6 +31,7 @@ class Staging:
                 entry.unlink(missing_ok=True)     # a copy-in that a crash cut short
             else:
                 self._sizes[entry.name] = entry.stat().st_size
+        self._total = sum(self._sizes.values())
 
     def path(self, node_id: str) -> Path:
         return self.folder / node_id
@@ -40,7 +41,11 @@ class Staging:
 
     @property
     def staged_bytes(self) -> int:
-        return sum(self._sizes.values())
+        return self._total
+
+    def _set(self, node_id: str, size: int) -> None:
+        self._total += size - self._sizes.get(node_id, 0)
+        self._sizes[node_id] = size
 
     def size(self, node_id: str) -> int:
         return self._sizes.get(node_id, 0)
@@ -53,9 +58,23 @@ class Staging:
         flags = os.O_RDWR | os.O_CREAT | (os.O_TRUNC if truncate else 0)
         fd = os.open(self.path(node_id), flags, 0o600)
         if truncate or node_id not in self._sizes:
-            self._sizes[node_id] = os.fstat(fd).st_size
-            self.cache.reserve(self.staged_bytes)
+            before = self._total
+            self._set(node_id, os.fstat(fd).st_size)
+            if self._total != before:
+                self.cache.reserve(self._total)
         return fd
+
+    def read_small(self, node_id: str, limit: int) -> bytes:
+        """The whole staged content of a file of at most LIMIT bytes (OSError if it is
+        bigger now)."""
+        fd = os.open(self.path(node_id), os.O_RDONLY)
+        try:
+            data = os.pread(fd, limit + 1, 0)
+        finally:
+            os.close(fd)
+        if len(data) > limit:
+            raise OSError(f"{node_id} grew past {limit} bytes")
+        return data
 
     def temp_path(self, node_id: str) -> Path:
         return self.folder / f"{node_id}.part"
@@ -71,19 +90,23 @@ class Staging:
         changed) if that does not fit in the budget."""
         old = self._sizes.get(node_id, 0)
         if size > old:
-            self.cache.reserve(self.staged_bytes - old + size)
-        self._sizes[node_id] = size
+            self.cache.reserve(self._total - old + size)
+        self._set(node_id, size)
         if size < old:
-            self.cache.reserve(self.staged_bytes)
+            self.cache.reserve(self._total)
 
     def rename(self, source: str, target: str) -> None:
         """The content staged for SOURCE becomes TARGET's (a save by rename)."""
         os.replace(self.path(source), self.path(target))
-        self._sizes.pop(target, None)
-        self._sizes[target] = self._sizes.pop(source, 0)
+        moved = self._sizes.pop(source, 0)
+        self._total -= moved
+        self._set(target, moved)
 
     def remove(self, node_id: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.path(node_id).unlink()
-        if self._sizes.pop(node_id, None) is not None:
-            self.cache.reserve(self.staged_bytes)
+        size = self._sizes.pop(node_id, None)
+        if size is not None:
+            self._total -= size
+            if size:
+                self.cache.reserve(self._total)

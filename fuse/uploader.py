@@ -35,33 +35,52 @@ from pathlib import Path
 
 import trio
 
+from agent.api import create_op, item_error, update_op
 from agent.blockcache import BlockCache
 from agent.buffers import thread_buffer
-from agent.crypto.blocks import BlockRef, encrypt_again_into
+from agent.crypto.blocks import BlockRef, encrypt_again_into, encrypt_block
 from agent.crypto.nodes import NodeMeta, new_node_key
 from agent.errors import (
     CacheFullError,
     CairnAgentError,
     FileChangedError,
+    LocalFileError,
     RemoteConflictError,
     RemoteNotFoundError,
     TransportError,
 )
 from agent.progress import Progress
 from agent.remote import RemoteNode, RemoteTree, node_create, node_update
+from agent.sync.batch import SMALL_FILE, own_span
 from agent.sync.mirror import Mirror
 from agent.sync.names import unique_copy_name
-from agent.upload import _read_block, scan_file, send_missing
+from agent.upload import read_block, scan_file, send_missing
 from fuse.index import DriveIndex, Pending
 from fuse.staging import Staging
 from protocol.ids import new_node_id
-from protocol.models import NodeOut
+from protocol.limits import MAX_BATCH_BLOCKS, MAX_BLOCKS_BODY_BYTES
+from protocol.models import BatchCreate, BatchUpdate, NodeOut
 
 log = logging.getLogger("cairn.drive")
 
 WRITE_BACK_S = 1.0          # quiet time after a file's last close before it is uploaded
+ROUND_GAP_S = 0.5           # the least time between two rounds while changes keep coming
 RETRY_S = (1.0, 10.0)       # offline: first and longest wait before trying again
 ATTEMPTS = 3                # conflicts resolved per change in one go
+PROGRESS_S = 2.0            # between progress lines while the mount finishes its uploads
+BATCH_FILES = 500           # changes per POST /batch/files
+BATCH_BYTES = MAX_BLOCKS_BODY_BYTES // 2   # inline block data per batch (base64 adds a third)
+
+
+@dataclass
+class _Item:
+    """A change in a batch: what it seals, and the answer."""
+
+    change: Pending
+    meta: NodeMeta
+    operation: BatchCreate | BatchUpdate
+    cipher: bytes
+    node: NodeOut | None = None
 
 
 @dataclass
@@ -110,7 +129,8 @@ class Uploader:
         self.wake_event.set()
 
     async def run(self) -> None:
-        """Send what is due, forever; back off while the appliance is unreachable."""
+        """Send what is due, forever; back off while the appliance is unreachable. A wake
+        (a change made) only makes the loop look at when the next change falls due."""
         failures = 0
         while True:
             try:
@@ -121,39 +141,172 @@ class Uploader:
                 self.online = False
                 next_due = min(RETRY_S[1], RETRY_S[0] * 2 ** (failures - 1))
                 log.info("uploads wait: %s (trying again in %.0f s)", exc.message, next_due)
-            with trio.move_on_after(next_due):
-                await self.wake_event.wait()
-            self.wake_event = trio.Event()
+            deadline = trio.current_time() + next_due
+            while trio.current_time() < deadline:
+                with trio.move_on_at(deadline):
+                    await self.wake_event.wait()
+                self.wake_event = trio.Event()
+                if failures == 0:        # a new change may fall due before the deadline
+                    deadline = min(deadline, trio.current_time() + WRITE_BACK_S)
 
     async def round(self, *, flush: bool, report: Callable[[str], None] | None = None
                     ) -> float:
         """Send every change that is due (all of them if FLUSH: the mount is going away);
-        the seconds until the next one is. Raises TransportError when offline."""
-        wait = 3600.0
+        the seconds until the next one is. Small changes go in batches, the rest one by
+        one. Raises TransportError when offline."""
+        uploaded_before = self.uploaded
         for _ in range(100):                 # each pass may unblock changes under new folders
-            progressed = False
-            for change in self.index.all_pending():
+            now = time.time()
+            due: list[Pending] = []
+            for change in self.index.changed_before(now if flush else now - WRITE_BACK_S):
                 if not flush and self.busy(change.node_id):
                     continue
-                due_in = change.changed_at + WRITE_BACK_S - time.time()
-                if not flush and due_in > 0:
-                    wait = min(wait, due_in)
-                    continue
                 if change.state == "conflict" and not flush \
-                        and change.changed_at + RETRY_S[1] > time.time():
-                    wait = min(wait, RETRY_S[1])
+                        and change.changed_at + RETRY_S[1] > now:
                     continue
-                if not self._parent_ready(change):
-                    continue
-                if report is not None:
-                    report(change.name)
-                progressed |= await self._push_logged(change)
+                due.append(change)
+            progressed = await self._send_due(due, report)
             if not progressed:
                 break
+        if self.uploaded > uploaded_before:
+            log.info("uploaded %d change(s)", self.uploaded - uploaded_before)
+        later = self.index.first_change_after(time.time() - WRITE_BACK_S)
+        # Rounds at most every ROUND_GAP_S while changes keep coming: a burst of small
+        # files goes in a few big batches, not in many small ones.
+        wait = 3600.0 if later is None else \
+            max(ROUND_GAP_S, later + WRITE_BACK_S - time.time())
+        if self.index.pending_count() > 0:  # busy, in conflict or waiting on a folder
+            wait = min(wait, RETRY_S[1])
         return max(0.05, wait)
 
-    def _parent_ready(self, change: Pending) -> bool:
-        """A change under a folder made here waits until that folder is on the appliance."""
+    async def _send_due(self, due: list[Pending], report: Callable[[str], None] | None
+                        ) -> bool:
+        """DUE in order: runs of small changes as batches, the others alone; whether any
+        went (a change under a folder not yet on the appliance waits for the next pass)."""
+        progressed = False
+        batch: list[Pending] = []
+        in_batch: set[str] = set()
+        for change in due:
+            if not self._parent_ready(change, in_batch):
+                continue
+            if report is not None:
+                report(change.name)
+            if self._batchable(change):
+                batch.append(change)
+                in_batch.add(change.node_id)
+                if len(batch) >= BATCH_FILES:
+                    progressed |= await self._send_batch(batch)
+                    batch, in_batch = [], set()
+                continue
+            if batch:
+                progressed |= await self._send_batch(batch)
+                batch, in_batch = [], set()
+                if not self._parent_ready(change, in_batch):
+                    continue
+            progressed |= await self._push_logged(change)
+        if batch:
+            progressed |= await self._send_batch(batch)
+        return progressed
+
+    def _batchable(self, change: Pending) -> bool:
+        if change.deleted or change.state == "conflict":
+            return False
+        return not change.staged or self.staging.size(change.node_id) <= SMALL_FILE
+
+    async def _send_batch(self, batch: list[Pending]) -> bool:
+        """BATCH as one `POST /batch/files`, the small files' blocks inline; what the
+        appliance refuses goes again alone (which settles conflicts)."""
+        items: list[_Item] = []
+        inline: dict[str, bytes] = {}
+        room = BATCH_BYTES
+        for change in batch:
+            item = self._item(change)
+            if item is None:
+                continue
+            items.append(item)
+            if item.cipher and len(item.cipher) <= room:
+                inline[item.meta.blocks[0].id_hex] = item.cipher
+                room -= len(item.cipher)
+        if not items:
+            return False
+        answer = await self.tree.api.batch([item.operation for item in items],
+                                           list(inline.items()))
+        wanted: list[tuple[str, bytes]] = []
+        for item, result in zip(items, answer.results, strict=True):
+            if result.ok and result.result is not None:
+                item.node = result.result.node
+                wanted.extend((e.block_id, item.cipher) for e in result.result.upload)
+        for start in range(0, len(wanted), MAX_BATCH_BLOCKS):
+            stored = await self.tree.api.put_blocks(wanted[start:start + MAX_BATCH_BLOCKS])
+            missing = [r for r in stored if not r.ok]
+            if missing:
+                raise LocalFileError(f"the appliance refused {len(missing)} blocks: "
+                                     f"{item_error(missing[0].error)}")
+        done = [item for item in items if item.node is not None]
+        await trio.to_thread.run_sync(self._keep_small, done)
+        with self.index.transaction():
+            for item in done:
+                assert item.node is not None
+                node = item.node
+                if item.cipher and node.status != "uploaded":   # its one block is in now
+                    node = node.model_copy(update={"status": "uploaded"})
+                self._done(item.change, node, item.meta)
+        for item in items:
+            if item.node is None:
+                await self._push_logged(item.change)       # refused: alone, to settle it
+        span = own_span(answer)
+        if span is not None:          # only our own changes: the feed need not bring them
+            self.mirror.pass_own([span])
+        return True
+
+    def _keep_small(self, items: list[_Item]) -> None:
+        """The small files' blocks into the cache: readable offline (if there is room)."""
+        self.cache.put_many((item.meta.blocks[0].id_hex, item.cipher)
+                            for item in items if item.cipher)
+
+    def _item(self, change: Pending) -> _Item | None:
+        """The batch operation for CHANGE (a small file's content read from the staging
+        area in one go, on the event loop: no write can come in between)."""
+        parent_key = self.index.key_of(change.parent_id)
+        if parent_key is None:
+            return None
+        remote = self.index.remote_row(change.node_id)
+        moved = remote is not None and remote.parent_id != change.parent_id
+        parent = _stub(change.parent_id, parent_key, 0, "dir", self.tree.user)
+        cipher = b""
+        if change.staged:
+            try:
+                data = self.staging.read_small(change.node_id, SMALL_FILE)
+            except OSError:
+                return None
+            refs: tuple[BlockRef, ...] = ()
+            if data:
+                ref, cipher = encrypt_block(self.tree.keys.content_secret, data)
+                refs = (ref,)
+            meta = NodeMeta(name=change.name, kind="file", size=len(data),
+                            mtime_ns=change.mtime_ns, mode=change.mode, blocks=refs,
+                            device=self.device_name)
+        else:
+            try:
+                meta = self._metadata_only(change)
+            except CairnAgentError:
+                return None
+        operation: BatchCreate | BatchUpdate
+        if change.base_version is None:
+            operation = create_op(node_create(change.node_id, change.key, meta,
+                                              change.parent_id, parent_key))
+        else:
+            base = _stub(change.node_id, change.key, change.base_version, change.kind,
+                         self.tree.user)
+            operation = update_op(change.node_id, node_update(
+                base, meta, parent, move=moved, content=change.staged))
+        return _Item(change, meta, operation, cipher)
+
+    def _parent_ready(self, change: Pending, in_batch: set[str]) -> bool:
+        """A change under a folder made here waits until that folder is on the appliance
+        (or goes in the same batch after it)."""
+        if change.parent_id in in_batch:
+            return True
         parent = self.index.pending(change.parent_id)
         return parent is None or parent.base_version is not None
 
@@ -258,7 +411,7 @@ class Uploader:
         """The uploaded blocks into the cache, so the file stays readable offline once
         its staged copy is gone (best effort: a full cache keeps fewer)."""
         for index, ref in enumerate(refs):
-            cipher = encrypt_again_into(ref, _read_block(fd, index, path),
+            cipher = encrypt_again_into(ref, read_block(fd, index, path),
                                         thread_buffer(ref.cipher_size, "cipher"))
             if cipher is None:
                 return
@@ -271,7 +424,7 @@ class Uploader:
         """The appliance has the change: into the mirror, and the pending row (and staged
         copy) gone unless something newer came in meanwhile."""
         with self.index.transaction():
-            self.mirror.absorb(node)
+            self._absorb_own(node)
             if self.busy(change.node_id) \
                     or not self.index.drop_pending(change.node_id, change.generation):
                 self.index.rebase(change.node_id, node.version)   # newer content pending
@@ -279,7 +432,16 @@ class Uploader:
         if change.staged:
             self.staging.remove(change.node_id)
         self.uploaded += 1
-        log.info("uploaded %s", change.name)
+        log.debug("uploaded %s", change.name)
+
+    def _absorb_own(self, node: NodeOut) -> None:
+        """Our own change as the appliance took it, into the mirror without invalidating
+        the kernel's caches: they hold what we wrote already."""
+        observer, self.mirror.on_change = self.mirror.on_change, None
+        try:
+            self.mirror.absorb(node)
+        finally:
+            self.mirror.on_change = observer
 
     async def _delete(self, change: Pending) -> None:
         node: NodeOut | None = None
@@ -343,10 +505,16 @@ class Uploader:
                     theirs.meta.device or "another device", name)
 
     async def flush(self) -> int:
-        """Send everything pending now (the mount is going away), with a line per file on
-        stderr; the changes left (0 unless the appliance is unreachable)."""
+        """Send everything pending now (the mount is going away), with progress on stderr
+        (each big file, and the count left every few seconds); the changes left (0 unless
+        the appliance is unreachable)."""
         def report(name: str) -> None:
-            print(f"cairn: uploading {name}", file=sys.stderr, flush=True)
+            now = time.monotonic()
+            if now - shown[0] >= PROGRESS_S:
+                shown[0] = now
+                print(f"cairn: {self.index.pending_count()} change(s) left to upload "
+                      f"(now {name})", file=sys.stderr, flush=True)
 
+        shown = [time.monotonic()]
         await self.round(flush=True, report=report)
         return self.index.pending_count()
