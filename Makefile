@@ -7,7 +7,7 @@ VENV        := .venv
 PY          := $(VENV)/bin/python
 APPLIANCE   ?= ./var/appliance
 
-.PHONY: run test test-fast lint bench bench-api bench-transfer bench-sync bench-sync-100k bench-compare bootstrap clean-run
+.PHONY: run test test-fast lint bench bench-api bench-transfer bench-mount bench-sync bench-sync-100k bench-compare bootstrap clean-run
 
 bootstrap:
 	@bash scripts/bootstrap.sh
@@ -50,6 +50,12 @@ bench-api: bootstrap
 
 bench-transfer: bootstrap
 	@$(PY) bench/transfer.py
+
+# The drive (cairn mount) against cairn get/put, the local disk and rclone mount of a local
+# folder, in one run (~4 minutes; rclone is installed from Debian when missing; run as
+# root). --quick and the other options: bench/mount.py --help.
+bench-mount: bootstrap
+	@$(PY) bench/mount.py
 
 bench-sync: bootstrap
 	@$(PY) bench/sync.py
