@@ -315,14 +315,19 @@ def ls_ms(folder: Path, timeout: float = 120) -> float:
     return elapsed
 
 
-def create_files(root: Path, payloads: list[bytes], folders: int = 100) -> float:
+def create_files(root: Path, payloads: list[bytes], folders: int = 100
+                 ) -> tuple[float, float]:
     """PAYLOADS as files spread over FOLDERS new subfolders of ROOT (made inside the
-    timing), each opened, written and closed, no fsync; the seconds it took."""
+    timing), each opened, written and closed, no fsync; the seconds it took, and the
+    seconds when half of the files were written (whether the pace holds)."""
     started = time.perf_counter()
+    half = 0.0
     subfolders = [root / f"d{i:03d}" for i in range(folders)]
     for folder in subfolders:
         folder.mkdir(parents=True)
     for i, data in enumerate(payloads):
+        if i == len(payloads) // 2:
+            half = time.perf_counter() - started
         with open(subfolders[i % folders] / f"f{i:05d}.bin", "wb") as handle:
             handle.write(data)
-    return time.perf_counter() - started
+    return time.perf_counter() - started, half

@@ -84,6 +84,7 @@ from harness import (
     join,
     machine_info,
     new_code,
+    rss_mib,
     run_dd,
     running_appliance,
     say,
@@ -304,7 +305,9 @@ def reads(run: Run, drive: Drive, appliance: Appliance) -> None:
         Figure("mount CPU per GB, cold read vs cairn get's", cpu_per_gb(cold_cpu, sizes.big),
                "CPU-s/GB", cpu_per_gb(get.cpu, sizes.big), "CPU-s/GB cairn get"),
         Figure("mount CPU per GB, warm read", cpu_per_gb(warm_cpu, sizes.big), "CPU-s/GB"),
-        Figure(f"mount peak RSS, cold read {mid}", mid_peak, "MiB", note=how),
+        Figure(f"mount peak RSS, cold read {mid}", mid_peak, "MiB",
+               note=f"{how}; RSS once mounted and idle, before any read: "
+                    f"{run.data.get('mount_rss_at_start_mib', 0):.0f} MiB"),
         Figure(f"mount peak RSS, cold read {big} vs {mid}", big_peak, "MiB", mid_peak,
                f"MiB at {mid}", TARGET_RSS_FLAT, at_most=True)]
     say(f"[drive] {big} through the drive compared with the source (BLAKE3) ...")
@@ -414,15 +417,17 @@ def creates(run: Run, drive: Drive, appliance: Appliance) -> None:
     count = run.sizes.files
     payloads = [os.urandom(SMALL_FILE_SIZE) for _ in range(count)]
     say(f"[local disk] {count:,} x 4 KiB creates ...")
-    local_s = create_files(run.dir / "creates", payloads)
+    local_s, _ = create_files(run.dir / "creates", payloads)
     say(f"  {count / local_s:,.0f} files/s")
     say(f"[drive] {count:,} x 4 KiB creates, then until all are uploaded ...")
     quiet(run, drive, appliance)
     cpu_before = drive.cpu()
     started = time.time()
-    drive_s = create_files(drive.mountpoint / "creates", payloads)
+    drive_s, half_s = create_files(drive.mountpoint / "creates", payloads)
     closed = time.time()
-    say(f"  {count / drive_s:,.0f} files/s written; waiting for the uploads ...")
+    halves = (f"first half {count // 2 / half_s:,.0f} files/s, second half "
+              f"{(count - count // 2) / (drive_s - half_s):,.0f}")
+    say(f"  {count / drive_s:,.0f} files/s written ({halves}); waiting for the uploads ...")
     done = drive.wait_uploaded(closed, max(120.0, count / 20))
     total_s = done.status_at - started
     cpu = drive.cpu() - cpu_before
@@ -430,7 +435,8 @@ def creates(run: Run, drive: Drive, appliance: Appliance) -> None:
     run.figures += [
         Figure(f"{count:,} x 4 KiB creates, drive vs local disk", count / drive_s, "files/s",
                count / local_s, "files/s local disk",
-               note=f"{drive_s:.1f} s; open + write + close, no fsync, into 100 new folders"),
+               note=f"{drive_s:.1f} s ({halves}); open + write + close, no fsync, into "
+                    "100 new folders"),
         Figure(f"{count:,} x 4 KiB creates, drive, until uploaded", count / total_s,
                "files/s", note=f"{total_s:.1f} s from the first create until the status "
                                f"said 0 pending; mount {cpu * 1000 / count:.1f} CPU-ms "
@@ -445,6 +451,7 @@ def drive_phase(run: Run, appliance: Appliance, home: Path) -> None:
         say(f"  mounted in {mounted_s:.1f} s (pid {drive.pid})")
         run.data["first_mount_s"] = round(mounted_s, 1)
         quiet(run, drive, appliance)
+        run.data["mount_rss_at_start_mib"] = round(rss_mib(drive.pid), 1)
         say(f"[drive] first byte of {run.sizes.first_files} uncached files ...")
         run.step("first byte", lambda: first_byte(run, drive, appliance))
         run.step("ls -l on the drive", lambda: drive_listing(run, drive, appliance))
