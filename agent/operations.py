@@ -167,7 +167,8 @@ async def put(tree: RemoteTree, local: Path, remote: str, *,
         raise UsageError(f"{local} is not a regular file or folder")
     target = await _put_target(tree, local, remote)
     if stat.S_ISREG(info.st_mode):
-        return await upload_file(tree, local, target, show_progress=show_progress)
+        return await upload_file(tree, local, target, show_progress=show_progress,
+                                 device=tree.connection.device.device_name)
     return await _put_folder(tree, local, target, show_progress)
 
 
@@ -211,7 +212,8 @@ async def _put_folder(tree: RemoteTree, local: Path, target: Target,
         elif entry.is_dir():
             stats.add(await _put_folder(tree, path, child, show_progress))
         else:
-            stats.add(await upload_file(tree, path, child, show_progress=show_progress))
+            stats.add(await upload_file(tree, path, child, show_progress=show_progress,
+                                        device=tree.connection.device.device_name))
     return stats
 
 

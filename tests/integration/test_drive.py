@@ -336,3 +336,72 @@ def test_symbolic_links_are_kept_never_followed(fresh_user, drives, tmp_path: Pa
     assert os.readlink(local / "outside") == "/etc/hostname"
     assert os.readlink(local / "dangling") == "missing/target"
     assert os.readlink(local / "clone" / "GUIDE") == "docs/guide.md"
+
+
+def test_a_write_based_on_an_old_version_keeps_both(fresh_user, drives, tmp_path: Path
+                                                    ) -> None:
+    user: User = fresh_user()
+    home_a = user.join(tmp_path / "a", "laptop")
+    home_b = user.join(tmp_path / "b", "desktop")
+    write(tmp_path / "v1.txt", "version 1\n")
+    cairn_ok(home_a, "put", tmp_path / "v1.txt", "/report.txt")
+    mnt = drives(home_a, tmp_path / "mnt").start().mountpoint
+    with open(mnt / "report.txt", "w") as mine:       # open: not uploaded until closed
+        mine.write("the laptop's version\n")
+        write(tmp_path / "theirs.txt", "the desktop's version\n")
+        cairn_ok(home_b, "put", tmp_path / "theirs.txt", "/report.txt")
+    wait_for(lambda: len([n for n in os.listdir(mnt) if n.startswith("report")]) == 2,
+             timeout=30, what="the conflicted copy")
+    names = sorted(os.listdir(mnt))
+    copy = [n for n in names if "conflicted copy from desktop" in n]   # cairn put names it
+    assert len(copy) == 1, names
+    assert (mnt / "report.txt").read_text() == "the laptop's version\n"
+    assert (mnt / copy[0]).read_text() == "the desktop's version\n"
+    assert state_of(mnt / copy[0]) == "conflict"
+    wait_uploaded(home_a)
+    local = tmp_path / "from-b"
+    local.mkdir()
+    cairn_ok(home_b, "get", "/report.txt", local / "report.txt")
+    assert (local / "report.txt").read_text() == "the laptop's version\n"
+
+
+def test_mount_and_sync_on_one_device(fresh_user, drives, tmp_path: Path) -> None:
+    from sync_helpers import Device
+    user: User = fresh_user()
+    home = user.join(tmp_path / "a", "laptop")
+    folder = tmp_path / "synced"
+    folder.mkdir()
+    syncing = Device(home=home, folder=folder, name="laptop").start()
+    try:
+        mnt = drives(home, tmp_path / "mnt").start().mountpoint
+        (mnt / "from-mount.txt").write_text("written in the mount\n")
+        write(folder / "from-sync.txt", "written in the synced folder\n")
+        wait_for(lambda: (folder / "from-mount.txt").exists(), timeout=30,
+                 what="the mount's file in the synced folder")
+        wait_for(lambda: (mnt / "from-sync.txt").exists(), timeout=30,
+                 what="the synced file in the mount")
+        assert (folder / "from-mount.txt").read_text() == "written in the mount\n"
+        assert (mnt / "from-sync.txt").read_text() == "written in the synced folder\n"
+        assert "Traceback" not in syncing.log_text()
+    finally:
+        syncing.stop()
+
+
+@pytest.mark.slow
+def test_ten_thousand_entries(fresh_user, drives, tmp_path: Path) -> None:
+    user: User = fresh_user()
+    home_a = user.join(tmp_path / "a", "laptop")
+    home_b = user.join(tmp_path / "b", "desktop")
+    writer = drives(home_a, tmp_path / "mnt-a").start()
+    data = b"x" * 100
+    for folder in range(20):
+        os.mkdir(writer.mountpoint / f"d{folder:02d}")
+        for index in range(500):
+            (writer.mountpoint / f"d{folder:02d}" / f"f{index:03d}").write_bytes(data)
+    wait_uploaded(home_a, timeout=300)
+    reader = drives(home_b, tmp_path / "mnt-b").start()
+    found = run("find", reader.mountpoint).splitlines()
+    assert len(found) == 1 + 20 + 10_000
+    listing = run("ls", "-lR", reader.mountpoint)
+    assert listing.count(" 100 ") == 10_000
+    assert (reader.mountpoint / "d19" / "f499").read_bytes() == data
