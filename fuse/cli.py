@@ -4,9 +4,11 @@ pin`, `cairn unpin`, `cairn free`, and the drive's lines in `cairn status`."""
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +55,9 @@ def mount(ctx: click.Context, mountpoint: Path, cache_size: str, verbose: bool,
     they stay staged and go at the next mount). Hard links and special files are
     refused (EPERM); symbolic links are not supported yet (EPERM).
     """
+    if importlib.util.find_spec("pyfuse3") is None:
+        raise UsageError("the drive's packages are not installed (pyfuse3); install them "
+                         "with pip install 'cairn[fuse]' (and apt-get install fuse3)")
     from fuse.mount import MountOptions, parse_size, run_mount
 
     logging.basicConfig(level=logging.DEBUG if verbose else
@@ -158,5 +163,4 @@ def drive_status(home: AgentHome) -> tuple[str, Any, list[str]]:
     lines.append(f"  cache {size_text(status.cache_used)} ({size_text(status.cache_pinned)}"
                  f" pinned) + {size_text(status.staged)} unsent, of "
                  f"{size_text(status.cache_budget)}")
-    from dataclasses import asdict
     return "drive", asdict(status), lines
