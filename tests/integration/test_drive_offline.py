@@ -50,6 +50,16 @@ def test_offline_reads_fail_fast_writes_wait(tmp_path: Path, drives) -> None:
         os.rename(mnt / "warm.bin", mnt / "folder" / "warm.bin")
         time.sleep(2)                                         # past the write-back delay
         assert state_of(mnt / "offline.txt") == "dirty"
+        assert drive.stop() == 75                         # unmounted; the changes stay staged
+        assert "stay staged" in drive.log_text()
+
+        started = time.monotonic()                            # a warm index, no appliance
+        drive.start()
+        # It waited on no connection (a timeout would be 5 s or more); bench/mount.py
+        # measures how fast it is (target < 1 s).
+        assert time.monotonic() - started < 4.0
+        assert (mnt / "offline.txt").read_text() == "written offline\n"
+        assert (mnt / "folder" / "warm.bin").read_bytes() == warm
 
         with serving(config.home, *listen) as again:
             assert again.url == server.url
