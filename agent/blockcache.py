@@ -86,8 +86,10 @@ class BlockCache:
     def used_bytes(self) -> int:
         return self._used
 
-    def get(self, block_id: str) -> bytes | None:
-        """The block's bytes, verified; None if it is not here (or was bad, and is gone)."""
+    def get(self, block_id: str, *, verify: bool = True) -> bytes | None:
+        """The block's bytes, verified; None if it is not here (or was bad, and is gone).
+        VERIFY False: the caller checks the bytes against the id itself (decrypting does)
+        and calls `drop` if they fail."""
         _check_id(block_id)
         path = self._path(block_id)
         try:
@@ -96,7 +98,7 @@ class BlockCache:
             with self._lock:
                 self._forget(block_id)
             return None
-        if blake3.blake3(data).hexdigest() != block_id:
+        if verify and blake3.blake3(data).hexdigest() != block_id:
             log.warning("cached block %s… failed its check and was dropped", block_id[:16])
             with self._lock:
                 self._remove(block_id)
@@ -105,6 +107,13 @@ class BlockCache:
             self._db.execute("UPDATE blocks SET used = ? WHERE id = ?",
                              (self._tick(), block_id))
         return data
+
+    def drop(self, block_id: str) -> None:
+        """Remove a block found bad by its reader (see `get`), pinned or not."""
+        _check_id(block_id)
+        log.warning("cached block %s… failed its check and was dropped", block_id[:16])
+        with self._lock:
+            self._remove(block_id)
 
     def put(self, block_id: str, data: bytes | memoryview, *, pin: bool = False) -> None:
         """Keep DATA as block BLOCK_ID (pinned once more if PIN). Raises IntegrityError if

@@ -140,6 +140,12 @@ class DriveFs(pyfuse3.Operations):
         self._mtimes: dict[str, int] = {}           # written, not yet recorded
         self.stale: set[str] = set()                # content changed remotely while open
         self.nursery: trio.Nursery | None = None    # for read-ahead
+        self.on_init: Callable[[], None] | None = None
+
+    def init(self) -> None:
+        """The kernel's INIT is answered: what it set up may be tuned now."""
+        if self.on_init is not None:
+            self.on_init()
 
     # --- inodes ------------------------------------------------------------------------
 

@@ -212,8 +212,14 @@ async def _serve(home: AgentHome, device, keys, index: DriveIndex,  # type: igno
         pyfuse3.init(fs, str(mountpoint), {*pyfuse3.default_options, "fsname=cairn",
                                            "subtype=cairn", "noatime"})
         mounted = True
+        # The kernel sets the read-ahead when it gets the answer to INIT, which goes out
+        # after `init` is called: tune it a moment later.
+        async def tune_later() -> None:
+            await trio.sleep(0.2)
+            await trio.to_thread.run_sync(_tune_read_ahead, mountpoint)
+
+        fs.on_init = lambda: fs.nursery.start_soon(tune_later) if fs.nursery else None
         try:
-            _tune_read_ahead(mountpoint)
             print(f"cairn: drive mounted at {mountpoint} (stop with `cairn umount "
                   f"{mountpoint}` or Ctrl-C)", file=sys.stderr, flush=True)
             async with trio.open_nursery() as nursery:

@@ -151,3 +151,31 @@ def test_threads_putting_at_once_never_exceed_the_budget(tmp_path: Path) -> None
     assert max(peaks) <= cache.budget
     on_disk = sum(p.stat().st_size for p in tmp_path.glob("blocks/*/*"))
     assert on_disk == cache.used_bytes <= cache.budget
+
+
+def test_a_reader_that_checks_itself_drops_what_fails(tmp_path: Path) -> None:
+    cache = BlockCache(tmp_path, 100 * KIB)
+    block_id, data = block()
+    cache.put(block_id, data, pin=True)
+    damaged = bytearray(data)
+    damaged[7] ^= 1
+    file_of(cache, block_id).write_bytes(bytes(damaged))
+    assert cache.get(block_id, verify=False) == bytes(damaged)   # the caller's check, then:
+    cache.drop(block_id)
+    assert cache.get(block_id) is None and cache.used_bytes == 0
+
+
+def test_put_many_and_the_reserved_share(tmp_path: Path) -> None:
+    cache = BlockCache(tmp_path, 100 * KIB)
+    blocks = [block() for _ in range(5)]
+    assert cache.put_many(blocks) == 5
+    assert all(cache.has(block_id) for block_id, _ in blocks)
+    cache.reserve(70 * KIB)                     # unsent writes take room: old blocks go
+    assert cache.used_bytes + cache.reserved_bytes <= 100 * KIB
+    assert not cache.has(blocks[0][0]) and cache.has(blocks[-1][0])
+    cache.put(*block(), pin=True)
+    cache.put(*block(), pin=True)
+    cache.put(*block(), pin=True)
+    with pytest.raises(CacheFullError):         # pinned + reserved cannot exceed the budget
+        cache.reserve(80 * KIB)
+    assert cache.reserved_bytes == 70 * KIB
