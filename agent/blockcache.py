@@ -115,11 +115,13 @@ class BlockCache:
         with self._lock:
             self._remove(block_id)
 
-    def put(self, block_id: str, data: bytes | memoryview, *, pin: bool = False) -> None:
+    def put(self, block_id: str, data: bytes | memoryview, *, pin: bool = False,
+            checked: bool = False) -> None:
         """Keep DATA as block BLOCK_ID (pinned once more if PIN). Raises IntegrityError if
-        DATA is not that block, CacheFullError if the pinned blocks leave no room."""
+        DATA is not that block (CHECKED: the caller just computed or verified its id, so
+        it is not hashed again), CacheFullError if the pinned blocks leave no room."""
         _check_id(block_id)
-        if blake3.blake3(data).hexdigest() != block_id:
+        if not checked and blake3.blake3(data).hexdigest() != block_id:
             raise IntegrityError(f"block {block_id[:16]}… does not match its id; not cached")
         with self._lock:
             self._keep(block_id, data, pin)

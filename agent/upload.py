@@ -89,7 +89,11 @@ def block_count(size: int) -> int:
 
 
 async def scan_file(fd: int, path: Path, size: int, content_secret: bytes,
-                    progress: Progress, parallel: int) -> list[BlockRef]:
+                    progress: Progress, parallel: int,
+                    keep: Callable[[BlockRef, memoryview], None] | None = None
+                    ) -> list[BlockRef]:
+    """The block references of the file (FD, SIZE bytes). KEEP(ref, ciphertext), if given,
+    sees each block's ciphertext in the worker thread that made it (the drive caches it)."""
     refs: list[BlockRef | None] = [None] * block_count(size)
 
     def scan(index: int) -> BlockRef:
@@ -97,8 +101,11 @@ async def scan_file(fd: int, path: Path, size: int, content_secret: bytes,
         expected = min(BLOCK_SIZE, size - index * BLOCK_SIZE)
         if len(data) != expected:
             raise FileChangedError(f"{path} changed while it was being read; try again")
-        return encrypt_block_into(content_secret, data,
-                                  thread_buffer(len(data) + TAG_BYTES, "cipher"))[0]
+        ref, cipher = encrypt_block_into(content_secret, data,
+                                         thread_buffer(len(data) + TAG_BYTES, "cipher"))
+        if keep is not None:
+            keep(ref, cipher)
+        return ref
 
     def done(index: int, ref: BlockRef) -> None:
         refs[index] = ref

@@ -26,7 +26,7 @@ from agent.errors import CacheFullError, CairnAgentError, IntegrityError, Transp
 
 log = logging.getLogger("cairn.drive")
 
-RAM_BLOCKS = 12          # decrypted blocks kept in memory (4 MiB each at most)
+RAM_BLOCKS = 8           # decrypted blocks kept in memory (4 MiB each at most)
 PREFETCH_BLOCKS = 4      # blocks read ahead of a sequential reader
 FETCH_TIMEOUT_S = 1.0    # an unreachable appliance must not hang a read
 URL_MARGIN_S = 30        # URLs this close to expiring are asked for again
@@ -103,18 +103,17 @@ class BlockSource:
                 return await trio.to_thread.run_sync(decrypt_block, ref, cipher)
             except IntegrityError:
                 self.cache.drop(block_id)
-            cipher = None
-        if cipher is None:
-            cipher = await self.fetch_cipher(node_id, version, block_id)
+        fetched = await self.fetch_cipher(node_id, version, block_id)
+        plain = await trio.to_thread.run_sync(decrypt_block, ref, fetched)   # checks the id
 
-            def keep() -> None:
-                try:
-                    self.cache.put(block_id, cipher)
-                except CacheFullError as exc:
-                    log.debug("block %s… not cached: %s", block_id[:16], exc.message)
+        def keep() -> None:
+            try:
+                self.cache.put(block_id, fetched, checked=True)
+            except CacheFullError as exc:
+                log.debug("block %s… not cached: %s", block_id[:16], exc.message)
 
-            await trio.to_thread.run_sync(keep)
-        return await trio.to_thread.run_sync(decrypt_block, ref, cipher)
+        await trio.to_thread.run_sync(keep)
+        return plain
 
     async def _url(self, node_id: str, version: int, block_id: str) -> str:
         known = self._urls.get(node_id)

@@ -25,20 +25,19 @@ stops the round; it is tried again with backoff.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 import trio
 
 from agent.api import create_op, item_error, update_op
 from agent.blockcache import BlockCache
-from agent.buffers import thread_buffer
-from agent.crypto.blocks import BlockRef, encrypt_again_into, encrypt_block
+from agent.crypto.blocks import BlockRef, encrypt_block
 from agent.crypto.nodes import NodeMeta, new_node_key
 from agent.errors import (
     CacheFullError,
@@ -54,7 +53,7 @@ from agent.remote import RemoteNode, RemoteTree, node_create, node_update
 from agent.sync.batch import SMALL_FILE, own_span
 from agent.sync.mirror import Mirror
 from agent.sync.names import unique_copy_name
-from agent.upload import read_block, scan_file, send_missing
+from agent.upload import scan_file, send_missing
 from fuse.index import DriveIndex, Pending
 from fuse.staging import Staging
 from protocol.ids import new_node_id
@@ -384,7 +383,7 @@ class Uploader:
             size = os.fstat(fd).st_size
             transfer.total = size
             refs = await scan_file(fd, path, size, self.tree.keys.content_secret,
-                                   _Counting(transfer, size), 4)
+                                   _Counting(transfer, size), 4, keep=self._keep_block)
             if self.write_generation(change.node_id) != written_before:
                 raise FileChangedError(f"{change.name} was written to while it was read")
             meta = NodeMeta(name=change.name, kind="file", size=size,
@@ -400,25 +399,18 @@ class Uploader:
             self.transfers[change.node_id] = transfer
             node, _ = await send_missing(self.tree, fd, path, refs, answer,
                                          lambda total: _Counting(transfer, total))
-            await trio.to_thread.run_sync(self._keep_blocks, fd, path, refs)
         except FileChangedError:
             return                              # the next round sends the newer content
         finally:
             os.close(fd)
         self._done(change, node, meta)
 
-    def _keep_blocks(self, fd: int, path: Path, refs: list[BlockRef]) -> None:
-        """The uploaded blocks into the cache, so the file stays readable offline once
-        its staged copy is gone (best effort: a full cache keeps fewer)."""
-        for index, ref in enumerate(refs):
-            cipher = encrypt_again_into(ref, read_block(fd, index, path),
-                                        thread_buffer(ref.cipher_size, "cipher"))
-            if cipher is None:
-                return
-            try:
-                self.cache.put(ref.id_hex, cipher)
-            except CacheFullError:
-                return
+    def _keep_block(self, ref: BlockRef, cipher: memoryview) -> None:
+        """A block the scan just encrypted into the cache (in its worker thread), so the
+        file stays readable offline once its staged copy is gone (a full cache keeps
+        fewer)."""
+        with contextlib.suppress(CacheFullError):
+            self.cache.put(ref.id_hex, cipher, checked=True)
 
     def _done(self, change: Pending, node: NodeOut, meta: NodeMeta) -> None:
         """The appliance has the change: into the mirror, and the pending row (and staged
