@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable
 from agent.crypto.nodes import NodeMeta, open_metadata
 from agent.errors import CairnAgentError, IntegrityError, RemoteNotFoundError
 from agent.remote import RemoteNode, RemoteTree, child_key, open_node
-from agent.sync.model import RemoteEntry, content_of_refs
+from agent.sync.model import RemoteEntry, content_of_node
 from agent.sync.state import FolderRecord, RemoteRow, SyncDb
 from agent.sync.view import Node, RemoteView
 from protocol.ids import b64decode
@@ -36,7 +36,7 @@ def row_from(raw: NodeOut, key: bytes, meta: NodeMeta) -> RemoteRow:
     return RemoteRow(node_id=raw.id, parent_id=raw.parent, name=meta.name, kind=raw.kind,
                      version=raw.version, uploaded=raw.status == "uploaded", size=meta.size,
                      mtime_ns=meta.mtime_ns, mode=meta.mode,
-                     content=content_of_refs(meta.blocks), device=meta.device,
+                     content=content_of_node(meta.blocks, meta.link), device=meta.device,
                      created_at=raw.created_at, updated_at=raw.updated_at,
                      key=key, meta=b64decode(raw.metadata), link=meta.link)
 

@@ -7,6 +7,11 @@
 
 Nodes are followed by id: a base entry remembers the node's path, version, content and the
 local file's inode, so a rename on either side is recognised as a move of the same node.
+
+A symbolic link is a "file" in all three trees (on the appliance, a file node without
+content whose metadata holds the target; here, the link itself, never followed): its
+content id is made from its target (`link_content_id`), so the planner's rules for files
+apply to links unchanged — an edit is a new target, a conflicted copy of a link is a link.
 """
 
 from __future__ import annotations
@@ -34,6 +39,26 @@ def content_id(plain_hashes: Iterable[bytes]) -> str:
 
 def content_of_refs(refs: Iterable[BlockRef]) -> str:
     return content_id(ref.plain_hash for ref in refs)
+
+
+LINK_CONTENT = "link:"
+"""What begins a symbolic link's content id. A file's content id is hex digits only, so
+the two never compare equal — not even a link against an empty file, which is what the
+appliance sees a link as."""
+
+
+def link_content_id(target: str) -> str:
+    """What identifies a symbolic link across devices: its target (hashed, so an id stays
+    short however long the target; the same on every device, from the link here or from
+    the metadata alike)."""
+    digest = blake3.blake3(b"cairn-link-v1")
+    digest.update(target.encode("utf-8", "surrogateescape"))
+    return LINK_CONTENT + digest.hexdigest()[:32]
+
+
+def content_of_node(refs: Iterable[BlockRef], link: str | None) -> str:
+    """The content id of a file node: its blocks', or its target's for a link."""
+    return content_of_refs(refs) if link is None else link_content_id(link)
 
 
 def parent_of(path: str) -> str:

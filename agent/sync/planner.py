@@ -23,6 +23,9 @@ The rules, per node (L local, R remote, B base):
 - an unsynced local item meets a remote one of the same name: identical files merge, else
   the local one is renamed aside as a conflicted copy — nothing is overwritten.
 
+A symbolic link is a file here (model.py: its content id is made from its target), so
+these rules apply to links unchanged.
+
 A remote file still being uploaded by another device is downloaded at once when it is big
 (STREAM_FROM_BYTES or more: its blocks are fetched as they arrive, and it is renamed into
 place only once complete) and waited for otherwise; where both sides changed, it is always

@@ -25,9 +25,10 @@ from typing import Any
 import apsw
 
 from agent.errors import LocalFileError
-from agent.sync.model import BaseEntry, Kind, Stat, is_within
+from agent.sync.model import BaseEntry, Kind, Stat, is_within, link_content_id
 
 DB_FILE = "sync.db"
+LINK_CONTENT_VERSION = 1    # PRAGMA user_version from which a link row's content is its own
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS folders (
@@ -182,6 +183,19 @@ class SyncDb:
         columns = {row[1] for row in self.db.execute("PRAGMA table_info(remote)")}
         if "link" not in columns:           # a database from before links were carried
             self.db.execute("ALTER TABLE remote ADD COLUMN link TEXT")
+        (user_version,) = self.db.execute("PRAGMA user_version").fetchone() or (0,)
+        if user_version < LINK_CONTENT_VERSION:
+            self._link_contents()
+
+    def _link_contents(self) -> None:
+        """Rows of links mirrored before links were synced hold an empty file's content
+        id; a link's is made from its target (model.link_content_id)."""
+        with self.transaction():
+            for folder, node_id, link in list(self.db.execute(
+                    "SELECT folder, node_id, link FROM remote WHERE link IS NOT NULL")):
+                self.db.execute("UPDATE remote SET content = ? WHERE folder = ? AND "
+                                "node_id = ?", (link_content_id(link), folder, node_id))
+            self.db.execute(f"PRAGMA user_version = {LINK_CONTENT_VERSION}")
 
     @classmethod
     def of_home(cls, home: Path) -> SyncDb:

@@ -22,6 +22,8 @@ from agent.sync.model import (
     RenameLocalAside,
     Stat,
     Upload,
+    content_of_refs,
+    link_content_id,
 )
 from agent.sync.planner import STREAM_FROM_BYTES, plan
 
@@ -59,6 +61,23 @@ def bf(name: str, path: str, inode: int, version: int = 1, content: str = "c1",
 
 def bd(name: str, path: str, inode: int, version: int = 1) -> BaseEntry:
     return BaseEntry(nid(name), path, "dir", version, "", Stat(0, 0, 0o755, inode))
+
+
+def ll(path: str, inode: int, target: str = "t", mtime: int = 1) -> LocalEntry:
+    """A symbolic link here: its own stat (lstat), its content id made from its target."""
+    return LocalEntry(path, "file", Stat(len(target), mtime, 0o777, inode),
+                      link_content_id(target))
+
+
+def rl(name: str, path: str, target: str = "t", version: int = 1) -> RemoteEntry:
+    """A link node: a file node without content (size 0) whose metadata holds the target."""
+    return RemoteEntry(nid(name), ROOT, path, "file", version, 0, 1, 0o777,
+                       link_content_id(target))
+
+
+def bl(name: str, path: str, inode: int, target: str = "t", version: int = 1) -> BaseEntry:
+    return BaseEntry(nid(name), path, "file", version, link_content_id(target),
+                     Stat(len(target), 1, 0o777, inode))
 
 
 def trees(local: list[LocalEntry], remote: list[RemoteEntry], base: list[BaseEntry]
@@ -246,3 +265,65 @@ def test_moves_into_a_folder_deleted_there_recreate_it_once() -> None:
     result = plan(*trees(local, remote, base))
     assert result.actions == (Forget(nid("d1")), MakeRemoteDir("d1"),
                               MoveRemote(nid("f"), "d1/f"), MoveRemote(nid("g"), "d1/g"))
+
+
+# --- symbolic links: files whose content is their target ---------------------------------
+
+def test_a_link_content_id_is_its_target_and_never_a_file_content() -> None:
+    assert link_content_id("../a") == link_content_id("../a")
+    assert link_content_id("../a") != link_content_id("../b")
+    # the appliance sees a link as an empty file: the ids must still differ
+    assert link_content_id("../a") != content_of_refs(())
+    assert not set(link_content_id("x")) <= set("0123456789abcdef")   # a file's id is hex
+
+
+def test_links_in_sync_plan_nothing_and_one_sided_changes_flow() -> None:
+    assert plan(*trees([ll("l", 1)], [rl("l", "l")], [bl("l", "l", 1)])).empty
+    assert plan(*trees([ll("new", 5, "/abs")], [], [])).actions == (
+        Upload("new", None, None, 4),)
+    assert plan(*trees([], [rl("n", "n")], [])).actions == (Download(nid("n"), "n", None, 0),)
+    # a new target here is a new link (ln -sfn replaces it: another inode)
+    retargeted = ll("l", 2, "other")
+    assert plan(*trees([retargeted], [rl("l", "l")], [bl("l", "l", 1)])).actions == (
+        Upload("l", nid("l"), 1, 5),)
+    assert plan(*trees([ll("l", 1)], [rl("l", "l", "other", version=2)],
+                       [bl("l", "l", 1)])).actions == (
+        Download(nid("l"), "l", Stat(1, 1, 0o777, 1), 0),)
+
+
+def test_a_link_renamed_or_deleted_travels_like_a_file() -> None:
+    assert plan(*trees([ll("moved", 1)], [rl("l", "l")], [bl("l", "l", 1)])).actions == (
+        MoveRemote(nid("l"), "moved"),)
+    assert plan(*trees([ll("l", 1)], [rl("l", "there")], [bl("l", "l", 1)])).actions == (
+        MoveLocal(nid("l"), "l", "there"),)
+    assert plan(*trees([], [rl("l", "l")], [bl("l", "l", 1)])).actions == (
+        DeleteRemote(nid("l"), "l", 1),)
+    assert plan(*trees([ll("l", 1)], [], [bl("l", "l", 1)])).actions == (
+        DeleteLocal("l", Stat(1, 1, 0o777, 1)),)
+
+
+def test_links_on_both_sides_merge_by_target_or_keep_both() -> None:
+    # new on both sides: the same target merges (no hashing: a link's id is known at once)
+    same = ll("l", 4)
+    assert plan(*trees([same], [rl("l", "l")], [])).actions == (
+        Adopt(nid("l"), "l", same.stat, 1, link_content_id("t")),)
+    assert plan(*trees([ll("l", 4, "mine")], [rl("l", "l")], [])).actions == (
+        RenameLocalAside("l"),)
+    # a link here, an empty file there (what the appliance cannot tell apart), or the
+    # other way round: set aside, never merged
+    assert plan(*trees([ll("x", 4)], [rf("x", "x", content=content_of_refs(()))],
+                       [])).actions == (RenameLocalAside("x"),)
+    assert plan(*trees([lf("x", 4, content=content_of_refs(()))], [rl("x", "x")],
+                       [])).actions == (RenameLocalAside("x"),)
+    # both changed the target: the same one is recorded, different ones keep both
+    both = ll("l", 2, "new")
+    assert plan(*trees([both], [rl("l", "l", "new", version=2)],
+                       [bl("l", "l", 1)])).actions == (
+        Adopt(nid("l"), "l", both.stat, 2, link_content_id("new")),)
+    assert plan(*trees([ll("l", 2, "mine")], [rl("l", "l", "theirs", version=2)],
+                       [bl("l", "l", 1)])).actions == (KeepBoth(nid("l"), "l"),)
+
+
+def test_a_file_replaced_by_a_link_is_a_new_version_of_the_node() -> None:
+    assert plan(*trees([ll("a", 9, "target")], [rf("a", "a")], [bf("a", "a", 1)])).actions \
+        == (Upload("a", nid("a"), 1, 6),)
