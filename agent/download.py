@@ -138,8 +138,11 @@ def _region_matches(fd: int, ref: BlockRef, offset: int) -> bytes | None:
 
 
 def _open_existing(path: Path) -> int | None:
-    """A descriptor on the file at PATH if one is there (a source of blocks we have)."""
-    return os.open(path, os.O_RDONLY) if os.path.isfile(path) else None
+    """A descriptor on the file at PATH if one is there (a source of blocks we have; a
+    symbolic link there is not followed: what it points to is not ours to read)."""
+    if os.path.islink(path) or not os.path.isfile(path):
+        return None
+    return os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
 
 
 def _write_error(path: Path, exc: OSError) -> LocalFileError:
@@ -197,7 +200,7 @@ async def download_file(tree: RemoteTree, node: RemoteNode, target: Path, *,
     part = partial_path(target, node)
     try:
         resuming = part.exists()
-        fd = os.open(part, os.O_RDWR | os.O_CREAT, 0o600)
+        fd = os.open(part, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
     except OSError as exc:
         raise _write_error(part, exc) from None
     stats = DownloadStats(files=1, bytes=node.meta.size, blocks=len(node.meta.blocks),
