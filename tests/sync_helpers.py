@@ -4,11 +4,13 @@ A Device is one agent home joined to the appliance (in-process, `make_device` /
 `devices_of`) plus its synced folder; `start` runs `cairn sync DIR` as a subprocess (log in
 HOME/sync.log) — the process running on its own is the point — and `stop` ends it (SIGTERM,
 or -9 to simulate a crash). `wait_for` polls a condition with a deadline; `tree_of` reads a folder
-as {relative path: bytes} (folders as None), skipping Cairn's temporary files.
+as {relative path: bytes} (folders as None, a symbolic link as `link_to(target)`: never
+followed), skipping Cairn's temporary files.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
@@ -22,6 +24,12 @@ from agent_helpers import CAIRN, User, agent_env, joined
 
 T = TypeVar("T")
 PART = ".cairn-part"
+LINK = b"\0symbolic link to\0"    # what no test writes into a file
+
+
+def link_to(target: str) -> bytes:
+    """How `tree_of` shows a symbolic link to TARGET."""
+    return LINK + os.fsencode(target)
 
 
 @dataclass
@@ -85,18 +93,25 @@ def devices_of(user: User, base: Path, *names: str) -> list[Device]:
 
 def tree_of(folder: Path) -> dict[str, bytes | None]:
     tree: dict[str, bytes | None] = {}
-    for current, dirs, files in os.walk(folder):
+    for current, dirs, files in os.walk(folder):     # (never into a link to a folder)
         relative = os.path.relpath(current, folder)
         prefix = "" if relative == "." else relative + "/"
-        for name in dirs:
-            tree[prefix + name] = None
-        for name in files:
+        for name in dirs + files:
+            path = Path(current) / name
             if name.endswith(PART):
                 continue
             try:
-                tree[prefix + name] = (Path(current) / name).read_bytes()
-            except FileNotFoundError:
-                continue
+                if path.is_symlink():
+                    tree[prefix + name] = link_to(os.readlink(path))
+                elif name in dirs:
+                    tree[prefix + name] = None
+                else:
+                    tree[prefix + name] = path.read_bytes()
+            except (FileNotFoundError, NotADirectoryError):
+                continue                 # replaced meanwhile
+            except OSError as exc:       # readlink: not a link any more
+                if exc.errno != errno.EINVAL:
+                    raise
     return tree
 
 

@@ -55,9 +55,10 @@ def sync(ctx: click.Context, directory: Path, remote_path: str, allow_mass_delet
     Deletions arriving from elsewhere can be undone with `cairn restore`. Items others
     shared with you appear under `Shared with me/OWNER/`, read-only.
 
-    Skipped: symbolic links and special files (never followed), editor temporaries, and
-    what DIR/.cairnignore lists (gitignore syntax). `cairn status` shows each folder's
-    state.
+    Symbolic links are synced as links (their targets as they are, never followed: a
+    link pointing outside DIR stays a link and nothing it points to is read). Skipped:
+    special files (fifos, sockets, devices), editor temporaries, and what
+    DIR/.cairnignore lists (gitignore syntax). `cairn status` shows each folder's state.
 
     SIGTERM or Ctrl-C stops it cleanly with exit 0 (a transfer in hand finishes its
     block; what is not done yet is picked up by the next run). With --once, being stopped

@@ -7,6 +7,10 @@ then each file is verified (id, tag, plain hash), written to a temporary file be
 target, and renamed into place if the target still looks as the plan saw it. Folders are
 fsynced once per batch, not once per file.
 
+A symbolic link rides along as what it is on the appliance, a file node without content
+whose metadata holds the target: read with lstat and readlink (never followed), and
+placed as a link (`place_link`) on the way down.
+
 Results are per file: a file that fails (changed meanwhile, a version conflict) is left
 for the next plan; the rest of the batch stands.
 """
@@ -25,8 +29,8 @@ import trio
 
 from agent.api import create_op, item_error, update_op
 from agent.crypto.blocks import BlockRef, decrypt_block, encrypt_block
-from agent.crypto.nodes import NodeMeta, new_node_key
-from agent.download import partial_path
+from agent.crypto.nodes import NodeMeta, check_link, new_node_key
+from agent.download import partial_path, place_link
 from agent.errors import (
     CairnAgentError,
     DiskFullError,
@@ -36,6 +40,7 @@ from agent.errors import (
 )
 from agent.pipeline import first_error, run_jobs
 from agent.remote import RemoteNode, RemoteTree, node_create, node_update
+from agent.sync.scan import read_link
 from protocol import version
 from protocol.ids import b64decode, new_node_id
 from protocol.limits import (
@@ -67,7 +72,8 @@ class SmallUpload:
     error: str | None = None
     node: NodeOut | None = None        # as written (None with no error: unchanged)
     refs: tuple[BlockRef, ...] = ()
-    source: os.stat_result | None = None
+    source: os.stat_result | None = None   # the file as read (a link's own stat)
+    link: str | None = None            # the target, when it was a symbolic link
     written: Written | None = None     # what the batch's operation sealed
     _cipher: bytes = b""
 
@@ -86,6 +92,12 @@ def _read_and_encrypt(secret: bytes, item: SmallUpload) -> None:
     try:
         fd = os.open(item.path, os.O_RDONLY | os.O_NOFOLLOW)
     except OSError as exc:
+        if exc.errno == errno.ELOOP:       # a symbolic link: its target, never followed
+            item.source, item.link, together = read_link(item.path)
+            if not together:
+                raise FileChangedError(f"{item.path} keeps being replaced") from None
+            check_link(item.link)
+            return
         raise LocalFileError(f"cannot read {item.path}: {exc.strerror}") from None
     try:
         info = os.fstat(fd)
@@ -104,9 +116,9 @@ def _read_and_encrypt(secret: bytes, item: SmallUpload) -> None:
 
 def _operation(item: SmallUpload, device: str) -> BatchCreate | BatchUpdate:
     assert item.source is not None
-    meta = NodeMeta(name=item.name, kind="file", size=item.source.st_size,
+    meta = NodeMeta(name=item.name, kind="file", size=_size(item),
                     mtime_ns=item.source.st_mtime_ns, mode=stat.S_IMODE(item.source.st_mode),
-                    blocks=item.refs, device=device)
+                    blocks=item.refs, device=device, link=item.link)
     if item.existing is None:
         key = new_node_key()
         create = node_create(new_node_id(), key, meta, item.parent.id, item.parent.key)
@@ -117,10 +129,17 @@ def _operation(item: SmallUpload, device: str) -> BatchCreate | BatchUpdate:
     return update_op(item.existing.id, update)
 
 
+def _size(item: SmallUpload) -> int:
+    """The node's size: the file's (a link has no content: 0)."""
+    assert item.source is not None
+    return 0 if item.link is not None else item.source.st_size
+
+
 def _unchanged(item: SmallUpload) -> bool:
     node, info = item.existing, item.source
     return (node is not None and info is not None and node.status == "uploaded"
-            and node.meta.blocks == item.refs and node.meta.size == info.st_size
+            and node.meta.blocks == item.refs and node.meta.size == _size(item)
+            and node.meta.link == item.link
             and node.meta.mtime_ns == info.st_mtime_ns
             and node.meta.mode == stat.S_IMODE(info.st_mode))
 
@@ -288,6 +307,12 @@ async def download_small(tree: RemoteTree, items: list[SmallDownload]) -> None:
 
 def _write_file(item: SmallDownload, blocks: dict[str, bytes]) -> os.stat_result:
     node = item.node
+    if node.meta.link is not None:
+        place_link(node, node.meta.link, item.target, item.guard)
+        try:
+            return os.lstat(item.target)
+        except OSError as exc:
+            raise LocalFileError(f"cannot read {item.target}: {exc.strerror}") from None
     data = b""
     if node.meta.blocks:
         ref = node.meta.blocks[0]

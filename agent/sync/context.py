@@ -32,6 +32,7 @@ from agent.sync.model import (
     parent_of,
 )
 from agent.sync.names import unique_copy_name
+from agent.sync.scan import folder_not_local
 from agent.sync.state import FolderRecord, SyncDb
 from protocol.ids import new_node_id
 from protocol.models import NodeWrite
@@ -120,6 +121,17 @@ class Context:
 
     def local(self, path: str) -> Path:
         return self.root / path if path else self.root
+
+    def within(self, path: str) -> Path:
+        """The local PATH, to be read, written, made or removed: raises SkipAction if a
+        folder above it is not a real folder here (a symbolic link, through which we would
+        act outside DIR: the scan never looks into one, but a folder can be replaced by a
+        link after the scan; the next plan sees what is there instead)."""
+        found = folder_not_local(self.root, path)
+        if found is not None:
+            raise SkipAction(f"{found} is not a folder here (a symbolic link?); "
+                             f"{path} is left alone")
+        return self.local(path)
 
     def _synced_folder_at(self, path: str) -> str | None:
         """The id of the remote folder that the synced local folder PATH maps to."""

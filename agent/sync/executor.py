@@ -163,7 +163,8 @@ class Executor(Transfers):
                 entry, new_path, remote_version, new_version))
 
     async def _move_local(self, action: MoveLocal, outcome: Outcome) -> None:
-        source, destination = self.local(action.from_path), self.local(action.to_path)
+        source = self.within(action.from_path)
+        destination = self.within(action.to_path)
         row = self.db.remote_row(self.folder.id, action.node_id)
         entry = self.db.base_of(self.folder.id, action.node_id)
         if row is None or entry is None:
@@ -201,7 +202,7 @@ class Executor(Transfers):
         row = self.db.remote_row(self.folder.id, action.node_id)
         if row is None:
             raise SkipAction("the folder is gone")
-        target = self.local(action.path)
+        target = self.within(action.path)
         if rules.folder_sets_aside(kind_at(target)):
             self._set_aside(action.path)
         os.makedirs(target, exist_ok=True)
@@ -227,23 +228,27 @@ class Executor(Transfers):
         log.debug("deleted %s on the appliance (restorable: cairn restore)", action.path)
 
     async def _delete_local(self, action: DeleteLocal, outcome: Outcome) -> None:
-        target = self.local(action.path)
+        target = self.within(action.path)
         if action.expect is not None:
             if lstat_or_none(target) != action.expect:
                 raise SkipAction(f"{action.path} changed here; kept")
-            os.unlink(target)
+            os.unlink(target)      # a symbolic link itself, never what it points to
             self.db.forget_base_under(self.folder.id, action.path)
         else:
+            if kind_at(target) != "dir":
+                raise SkipAction(f"{action.path} is no longer a folder here; kept")
             self._delete_folder(action.path)
         log.debug("deleted %s (deleted on another device)", action.path)
 
     def _delete_folder(self, path: str) -> None:
         """Remove what is unchanged since it was synced under PATH, bottom up; anything
-        else stays (and syncs back as new)."""
+        else stays (and syncs back as new). A symbolic link is removed itself (os.walk
+        lists one to a folder among the folders, and never goes into it)."""
         walked = list(os.walk(self.local(path), topdown=False))
         found = {relative: lstat_or_none(self.local(relative)) for relative in (
             f"{os.path.relpath(folder, self.root)}/{name}"
-            for folder, _dirs, files in walked for name in files)}
+            for folder, dirs, files in walked
+            for name in files + [d for d in dirs if os.path.islink(os.path.join(folder, d))])}
         synced = {p: e for p in found if (e := self.db.base_at(self.folder.id, p))}
         for file_path in rules.removable(found, synced, PART_SUFFIX):
             os.unlink(self.local(file_path))

@@ -1,8 +1,10 @@
 """The local tree: a walk of DIR (stat only), and content ids of files on demand.
 
-Symbolic links and special files (sockets, fifos, devices) are skipped and never followed,
-so nothing outside DIR is read or written through them; ignored paths (.cairnignore and the
-built-in temporary-file patterns) are skipped with everything under them.
+A symbolic link is an entry of its own, a "file" whose content id is made from its target
+(read with the walk: one readlink): it is never followed, so nothing outside DIR is read
+or written through it, and its stat is the link's own (lstat). Special files (sockets,
+fifos, devices) are skipped. Ignored paths (.cairnignore and the built-in temporary-file
+patterns) are skipped with everything under them.
 
 A file is *stable* once its ctime is STABLE_S old: one still being written (or just
 copied in with an old mtime) waits, and the engine looks again when the window has passed.
@@ -10,6 +12,7 @@ copied in with an old mtime) waits, and the engine looks again when the window h
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import stat
@@ -19,9 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.crypto.blocks import BLOCK_SIZE, plain_hash_of
-from agent.errors import LocalFileError
+from agent.errors import FileChangedError, LocalFileError
 from agent.sync.ignore import IgnoreRules
-from agent.sync.model import Kind, LocalEntry, Stat, content_id, parent_of
+from agent.sync.model import Kind, LocalEntry, Stat, content_id, link_content_id, parent_of
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +34,7 @@ STABLE_S = 0.2
 @dataclass
 class LocalScan:
     entries: dict[str, LocalEntry] = field(default_factory=dict)
-    skipped: list[str] = field(default_factory=list)     # symlinks and special files
+    skipped: list[str] = field(default_factory=list)     # special files
     unreadable: list[str] = field(default_factory=list)
     settles_in_s: float | None = None     # when the first unstable file becomes stable
     complete: bool = False                # a whole walk (not an update of the last one)
@@ -51,6 +54,53 @@ def lstat_or_none(path: Path) -> Stat | None:
         return stat_of(os.lstat(path))
     except FileNotFoundError:
         return None
+
+
+LINK_READS = 3     # tries at reading a link that is being replaced meanwhile
+
+
+def read_link(path: Path) -> tuple[os.stat_result, str, bool]:
+    """The symbolic link at PATH: its own stat, its target, and whether the two were read
+    together (a link is never changed in place, only replaced, so a stat equal before and
+    after the readlink belongs to that target; False: it was replaced on every try).
+    Raises LocalFileError if it cannot be read, FileChangedError if it is no longer a
+    link."""
+    for attempt in range(LINK_READS):
+        try:
+            before = os.lstat(path)
+            target = os.readlink(path)
+            after = os.lstat(path)
+        except OSError as exc:
+            if exc.errno == errno.EINVAL:      # not a link (any more)
+                raise FileChangedError(f"{path} is no longer a symbolic link") from None
+            raise LocalFileError(f"cannot read the link {path}: {exc.strerror}") from None
+        if not stat.S_ISLNK(after.st_mode):
+            raise FileChangedError(f"{path} is no longer a symbolic link")
+        together = stat_of(before) == stat_of(after)
+        if together or attempt == LINK_READS - 1:
+            return after, target, together
+    raise AssertionError("unreachable")
+
+
+def folder_not_local(root: Path, path: str) -> str | None:
+    """The first folder above PATH (under ROOT, which is not looked at) that is not a real
+    folder here — a symbolic link, which writing through would write outside DIR, or a
+    file — or None. A missing folder is fine (it will be made, below what was checked)."""
+    folder = ""
+    for name in path.split("/")[:-1]:
+        folder = f"{folder}/{name}" if folder else name
+        try:
+            info = os.lstat(root / folder)
+        except FileNotFoundError:
+            return None
+        if not stat.S_ISDIR(info.st_mode):
+            return folder
+    return None
+
+
+def is_link(path: Path) -> bool:
+    """Whether PATH is a symbolic link now (not followed; False if nothing is there)."""
+    return os.path.islink(path)
 
 
 def is_dir(path: Path) -> bool:
@@ -139,6 +189,8 @@ def rescan_paths(root: Path, rules: IgnoreRules, previous: dict[str, LocalEntry]
         elif stat.S_ISREG(info.st_mode) and not rules.ignores(path, False):
             _add_file(result, path, stat_of(info), info.st_ctime_ns, cached, now_ns,
                       window_ns)
+        elif stat.S_ISLNK(info.st_mode) and not rules.ignores(path, False):
+            _add_link(result, root, path, window_ns)
 
     for path in sorted(dirty, key=lambda p: p.count("/")):
         look(path)
@@ -209,7 +261,11 @@ def _walk(root: Path, top: str, rules: IgnoreRules, cached: CachedContent, now_n
                     continue
                 _add_file(result, path, stat_of(info), info.st_ctime_ns, cached, now_ns,
                           window_ns)
-            elif not rules.ignores(path, False):
+            elif rules.ignores(path, False):
+                continue
+            elif stat.S_ISLNK(info.st_mode):
+                _add_link(result, root, path, window_ns)
+            else:
                 result.skipped.append(path)
 
 
@@ -227,13 +283,31 @@ def _add_file(result: LocalScan, path: str, file_stat: Stat, ctime_ns: int,
     result.changed.add(path)
 
 
+def _add_link(result: LocalScan, root: Path, path: str, window_ns: int) -> None:
+    """A link is made whole at once (no settling), unless it was replaced while read."""
+    try:
+        info, target, stable = read_link(root / path)
+    except LocalFileError:
+        return                    # gone or replaced meanwhile: the next scan tells
+    if not stable:
+        wait = window_ns / 1e9
+        result.settles_in_s = wait if result.settles_in_s is None \
+            else min(result.settles_in_s, wait)
+    result.entries[path] = LocalEntry(path, "file", stat_of(info), link_content_id(target),
+                                      stable)
+    result.changed.add(path)
+
+
 def hash_file(path: Path) -> tuple[Stat, str]:
-    """The file's stat and content id (BLAKE3 of each 4 MiB block, as in the metadata).
-    Raises LocalFileError; a file that changes while read gets the stat from before, so
-    the next scan sees a difference and hashes again."""
+    """The file's stat and content id (BLAKE3 of each 4 MiB block, as in the metadata; a
+    symbolic link's from its target). Raises LocalFileError; a file that changes while
+    read gets the stat from before, so the next scan sees a difference and hashes again."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     except OSError as exc:
+        if exc.errno == errno.ELOOP:      # a link now: never followed
+            info, target, _ = read_link(path)
+            return stat_of(info), link_content_id(target)
         raise LocalFileError(f"cannot read {path}: {exc.strerror}") from None
     try:
         before = stat_of(os.fstat(fd))

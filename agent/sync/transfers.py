@@ -3,7 +3,9 @@ batches), and new remote folders a thousand per request.
 
 A download is renamed into place only if the local file still looks as the plan saw it;
 an upload names the version it is based on; an upload stopped by a change records the
-version it began (rules.began_upload).
+version it began (rules.began_upload). A symbolic link goes the small files' way, both
+ways (agent/sync/batch.py): a link node up, a link placed down, never followed; nothing is
+read or written under a folder that is a link here (`Context.within`).
 """
 
 from __future__ import annotations
@@ -45,12 +47,13 @@ from agent.sync.model import (
     KeepBoth,
     MakeRemoteDir,
     Upload,
+    content_of_node,
     content_of_refs,
     name_of,
     parent_of,
 )
 from agent.sync.names import unique_copy_name
-from agent.sync.scan import lstat_or_none, stat_of
+from agent.sync.scan import is_link, lstat_or_none, stat_of
 from agent.upload import upload_file
 from protocol.ids import new_node_id
 from protocol.limits import MAX_BATCH_OPERATIONS
@@ -161,7 +164,7 @@ class Transfers(Context):
                     assert action.base_version is not None
                     existing = replace(self.mirror.node(action.node_id),
                                        version=action.base_version)
-                items.append((action, SmallUpload(self.local(action.path),
+                items.append((action, SmallUpload(self.within(action.path),
                                                   name_of(action.path),
                                                   self._folder_node(action.path), existing)))
             except CairnAgentError as exc:
@@ -176,24 +179,31 @@ class Transfers(Context):
     def _record_uploads(self, items: list[tuple[Upload, SmallUpload]],
                         outcome: Outcome) -> None:
         for action, item in items:
-            if item.error is not None or item.source is None:
-                outcome.failed.append((action.path, item.error or "not read"))
+            error = self._record_upload(action, item)
+            if error is not None:
+                outcome.failed.append((action.path, error))
                 continue
-            if item.node is None:
-                assert item.existing is not None
-                version, node_id = item.existing.version, item.existing.id
-            else:
-                if item.written is None:
-                    self.mirror.absorb(item.node)
-                else:
-                    self.mirror.absorb_written(item.node, item.written.key, item.written.meta,
-                                               item.written.sealed)
-                version, node_id = item.node.version, item.node.id
-            self._record(BaseEntry(node_id, action.path, "file", version,
-                                   content_of_refs(item.refs), stat_of(item.source)))
-            log.debug("uploaded %s", action.path)
             outcome.uploaded += 1
             outcome.done += 1
+
+    def _record_upload(self, action: Upload, item: SmallUpload) -> str | None:
+        """Record ITEM, sent for ACTION, as synced; or why it was not sent."""
+        if item.error is not None or item.source is None:
+            return item.error or "not read"
+        if item.node is None:
+            assert item.existing is not None
+            version, node_id = item.existing.version, item.existing.id
+        else:
+            if item.written is None:
+                self.mirror.absorb(item.node)
+            else:
+                self.mirror.absorb_written(item.node, item.written.key, item.written.meta,
+                                           item.written.sealed)
+            version, node_id = item.node.version, item.node.id
+        self._record(BaseEntry(node_id, action.path, "file", version,
+                               content_of_node(item.refs, item.link), stat_of(item.source)))
+        log.debug("uploaded %s", action.path)
+        return None
 
     async def _download_batch(self, actions: list[Download], outcome: Outcome) -> None:
         for start in range(0, len(actions), CHUNK):
@@ -204,7 +214,7 @@ class Transfers(Context):
         for action in actions:
             try:
                 node = self.mirror.node(action.node_id)
-                target = self.local(action.path)
+                target = self.within(action.path)
                 os.makedirs(target.parent, exist_ok=True)
             except (CairnAgentError, OSError) as exc:
                 outcome.failed.append((action.path, str(exc)))
@@ -225,7 +235,8 @@ class Transfers(Context):
                 outcome.failed.append((action.path, item.error or "not written"))
                 continue
             self._record(BaseEntry(item.node.id, action.path, "file", item.node.version,
-                                   content_of_refs(item.node.meta.blocks),
+                                   content_of_node(item.node.meta.blocks,
+                                                   item.node.meta.link),
                                    stat_of(item.written)))
             log.debug("downloaded %s", action.path)
             outcome.downloaded += 1
@@ -237,9 +248,14 @@ class Transfers(Context):
         if action.node_id is not None:
             assert action.base_version is not None
             existing = replace(self.mirror.node(action.node_id), version=action.base_version)
+        source = self.within(action.path)
+        if is_link(source):     # (a conflict's local side, say)
+            await self._upload_link(action, SmallUpload(source, name_of(action.path), parent,
+                                                        existing), outcome)
+            return
         target = Target(parent, name_of(action.path), existing)
         try:
-            stats = await upload_file(self.tree, self.local(action.path), target,
+            stats = await upload_file(self.tree, source, target,
                                       show_progress=False, device=self.device_name)
         except FileChangedError as exc:
             if exc.written is not None:
@@ -258,6 +274,17 @@ class Transfers(Context):
         outcome.uploaded += 1
         log.debug("uploaded %s", action.path)
 
+    async def _upload_link(self, action: Upload, item: SmallUpload, outcome: Outcome
+                           ) -> None:
+        """A symbolic link sent on its own, the way a batch sends it."""
+        spans = await upload_small(self.tree, [item], self.device_name)
+        with self.db.transaction():
+            error = self._record_upload(action, item)
+            self.mirror.pass_own(spans)
+        if error is not None:
+            raise LocalFileError(error)
+        outcome.uploaded += 1
+
     def _began(self, path: str, written: NodeOut) -> None:
         row = self.mirror.absorb(written)
         if row is not None:
@@ -267,7 +294,7 @@ class Transfers(Context):
         if not self.downloads_allowed:
             raise DiskFullError("downloads are paused: the disk is full")
         node = self.mirror.node(action.node_id)
-        target = self.local(action.path)
+        target = self.within(action.path)
         unchanged_meanwhile = _unchanged_guard(target, action)
         try:
             os.makedirs(target.parent, exist_ok=True)
@@ -286,7 +313,7 @@ class Transfers(Context):
             raise
         written = stats.node or node
         self._record(BaseEntry(written.id, action.path, "file", written.version,
-                               content_of_refs(written.meta.blocks),
+                               content_of_node(written.meta.blocks, written.meta.link),
                                stat_of(os.lstat(target))))
         outcome.downloaded += 1
         log.debug("downloaded %s", action.path)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import signal
 import stat
 import time
@@ -21,6 +22,7 @@ import trio
 from agent_helpers import MakeUser, ls_json, make_user, run_cairn, write
 from cairnd_helpers import Served, free_port, serving
 from sync_helpers import (
+    LINK,
     Device,
     devices_of,
     part_files,
@@ -400,19 +402,15 @@ def test_what_others_share_appears_read_only(tmp_path: Path, fresh_user: MakeUse
         stop_all(alice, bob)
 
 
-def test_links_special_files_and_ignored_paths_stay_local(
-        tmp_path: Path, devices: list[Device]) -> None:
+def test_special_files_and_ignored_paths_stay_local(devices: list[Device]) -> None:
     laptop, desktop, _ = devices
-    secret = tmp_path / "outside.txt"
-    secret.write_text("outside the synced folder")
-    os.symlink(secret, laptop.folder / "link-out.txt")          # never followed
-    os.symlink("/", laptop.folder / "root-link")
     os.mkfifo(laptop.folder / "a-fifo")
     write(laptop.folder / ".cairnignore", "build/\n*.log\n!keep.log\n")
     write(laptop.folder / "build/out.o", "object")
     write(laptop.folder / "debug.log", "noise")
     write(laptop.folder / "keep.log", "wanted")
     write(laptop.folder / "notes.txt.swp", "vim swap")
+    os.symlink("notes.txt", laptop.folder / ".#notes.txt")      # an emacs lock: a link
     write(laptop.folder / "real.txt", "real")
     laptop.start()
     desktop.start()
@@ -424,7 +422,126 @@ def test_links_special_files_and_ignored_paths_stay_local(
     assert sorted(tree) == [".cairnignore", "keep.log", "real.txt"]
     names = {entry["name"] for entry in ls_json(laptop.home)}
     assert names == {".cairnignore", "keep.log", "real.txt"}
-    assert secret.read_text() == "outside the synced folder"
+
+
+def links_of(folder: Path) -> dict[str, str]:
+    """relative path -> target, for every symbolic link under FOLDER."""
+    return {path: os.fsdecode(data[len(LINK):]) for path, data in tree_of(folder).items()
+            if data is not None and data.startswith(LINK)}
+
+
+def test_links_travel_as_links_never_followed(tmp_path: Path, devices: list[Device]
+                                              ) -> None:
+    laptop, desktop, _ = devices
+    outside = tmp_path / "outside"
+    write(outside / "secret.txt", "outside the synced folder: never uploaded")
+    write(outside / "inner/deep.txt", "nor this")
+    write(laptop.folder / "real.txt", "real")
+    made = {"relative": "real.txt", "absolute": str(outside / "secret.txt"),
+            "dangling": "no/such/file", "to-folder": str(outside),
+            "docs/up": "../real.txt", "docs/self": "."}
+    for path, target in made.items():
+        (laptop.folder / path).parent.mkdir(exist_ok=True)
+        os.symlink(target, laptop.folder / path)
+    laptop.start()
+    desktop.start()
+    wait_for(lambda: links_of(desktop.folder) == made, what="the links to arrive")
+    tree = wait_converged(laptop, desktop)
+    assert sorted(tree) == sorted(["real.txt", "docs", *made])   # nothing under a link
+    for path, target in made.items():
+        assert os.path.islink(desktop.folder / path)
+        assert os.readlink(desktop.folder / path) == target
+    # on the appliance: file nodes without content, whatever they point to
+    entries = {e["name"]: e for e in ls_json(laptop.home)}
+    assert all(entries[name]["size"] == 0 for name in made if "/" not in name)
+    assert b"never uploaded" not in b"".join(
+        data for data in tree.values() if data is not None and not data.startswith(LINK))
+
+    # a new target (ln -sfn: a new link renamed over the old one), a rename, a delete
+    os.symlink("docs", laptop.folder / "relative.new")
+    os.rename(laptop.folder / "relative.new", laptop.folder / "relative")
+    os.rename(desktop.folder / "absolute", desktop.folder / "renamed")
+    os.unlink(laptop.folder / "dangling")
+    wait_for(lambda: links_of(desktop.folder).get("relative") == "docs"
+             and links_of(laptop.folder).get("renamed") == str(outside / "secret.txt")
+             and not os.path.lexists(desktop.folder / "dangling"),
+             what="the link changes to travel")
+    tree = wait_converged(laptop, desktop)
+    assert "absolute" not in tree and "dangling" not in tree and not copies(tree)
+    assert "moved" in desktop.log_text()            # a rename is a move, not an upload
+
+    # a folder holding links is deleted on the other device too (the links themselves)
+    shutil.rmtree(desktop.folder / "docs")
+    wait_for(lambda: not os.path.lexists(laptop.folder / "docs"),
+             what="the folder with links to be deleted")
+    tree = wait_converged(laptop, desktop)
+    assert sorted(tree) == ["real.txt", "relative", "renamed", "to-folder"]
+    assert (outside / "secret.txt").read_text() == "outside the synced folder: never uploaded"
+    assert (outside / "inner/deep.txt").read_text() == "nor this"
+    assert (laptop.folder / "real.txt").read_text() == "real"
+
+
+def test_a_link_and_a_file_trade_places_and_conflicting_links_keep_both(
+        devices: list[Device]) -> None:
+    laptop, desktop, _ = devices
+    laptop.start()
+    desktop.start()
+    os.symlink("one", laptop.folder / "l")
+    write(laptop.folder / "f.txt", "a file")
+    wait_converged(laptop, desktop)
+    assert links_of(desktop.folder) == {"l": "one"}
+    # a file becomes a link, and a link a file: each a new version of its node
+    os.unlink(desktop.folder / "f.txt")
+    os.symlink("l", desktop.folder / "f.txt")
+    os.unlink(desktop.folder / "l")
+    write(desktop.folder / "l", "now a file")
+    wait_for(lambda: links_of(laptop.folder) == {"f.txt": "l"}
+             and read_or_none(laptop.folder / "l") == b"now a file",
+             what="the swap to travel")
+    # both change one link while apart: the last writer keeps the name, the other's
+    # target is kept as a conflicted copy, itself a link
+    os.unlink(desktop.folder / "l")
+    os.symlink("base", desktop.folder / "l")
+    wait_for(lambda: links_of(laptop.folder).get("l") == "base", what="the new link")
+    wait_converged(laptop, desktop)
+    stop_all(laptop, desktop)
+    sent = laptop.log_text().count(" uploaded l\n")
+    os.unlink(laptop.folder / "l")
+    os.symlink("laptop's", laptop.folder / "l")
+    os.unlink(desktop.folder / "l")
+    os.symlink("desktop's", desktop.folder / "l")
+    laptop.start()
+    wait_for(lambda: laptop.log_text().count(" uploaded l\n") > sent,
+             what="the laptop's link to go first")
+    desktop.start()
+    wait_converged(laptop, desktop)
+    links = links_of(desktop.folder)
+    kept = {path: target for path, target in links.items() if COPY in path}
+    assert links["l"] == "desktop's" and list(kept.values()) == ["laptop's"], links
+    assert all(os.path.islink(desktop.folder / path) for path in kept)
+
+
+def test_a_folder_replaced_by_a_link_is_never_written_through(
+        tmp_path: Path, devices: list[Device]) -> None:
+    laptop, desktop, _ = devices
+    outside = tmp_path / "outside"
+    write(outside / "mine.txt", "outside the synced folder")
+    write(laptop.folder / "d/a.txt", "a")
+    laptop.start()
+    desktop.start()
+    wait_converged(laptop, desktop)
+    desktop.stop()
+    shutil.rmtree(desktop.folder / "d")
+    os.symlink(outside, desktop.folder / "d")       # the folder is now a link out
+    write(laptop.folder / "d/new.txt", "arrived while the desktop was away")
+    wait_for(lambda: "new.txt" in {e["name"] for e in ls_json(laptop.home, "/d")},
+             what="the new file on the appliance")
+    desktop.start()
+    tree = wait_converged(laptop, desktop)
+    assert sorted(os.listdir(outside)) == ["mine.txt"]            # nothing written there
+    assert tree["d/new.txt"] == b"arrived while the desktop was away"
+    (aside,) = links_of(desktop.folder).items()     # the link, set aside, syncs as a link
+    assert COPY in aside[0] and aside[1] == str(outside)
 
 
 def test_a_big_file_is_fetched_while_another_device_is_still_uploading_it(
