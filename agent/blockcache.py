@@ -20,7 +20,8 @@ the user's own files, and a block is served to a peer exactly as the appliance s
   removes temp files, drops rows whose file is gone and deletes files the index does not
   know (a crash between the rename and the row).
 
-Thread-safe (one lock): the drive calls it from its worker threads.
+Thread-safe (one lock; a big block is written to its temporary file outside it, its room
+held meanwhile): the drive calls it from its worker threads.
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ class BlockCache:
         self._used: int = used
         self._clock: int = clock
         self._reserved = 0     # bytes of the budget held for something else (staged writes)
+        self._writing = 0      # bytes of blocks being written outside the lock (by `put`)
 
     # -- the operations ----------------------------------------------------------------
 
@@ -124,7 +126,29 @@ class BlockCache:
         if not checked and blake3.blake3(data).hexdigest() != block_id:
             raise IntegrityError(f"block {block_id[:16]}… does not match its id; not cached")
         with self._lock:
-            self._keep(block_id, data, pin)
+            if self._touch(block_id, pin):
+                return
+            self._forget(block_id)
+            self._make_room(len(data))
+            self._writing += len(data)     # room held while the file is written unlocked
+        try:
+            temp = self._write_temp(block_id, data)
+        finally:
+            with self._lock:
+                self._writing -= len(data)
+        with self._lock:
+            if self._touch(block_id, pin):   # another thread kept it meanwhile
+                temp.unlink(missing_ok=True)
+                return
+            try:
+                self._make_room(len(data))
+                os.replace(temp, self._path(block_id))
+            except BaseException:
+                temp.unlink(missing_ok=True)
+                raise
+            self._db.execute("INSERT INTO blocks (id, size, used, pins) VALUES (?, ?, ?, ?)",
+                             (block_id, len(data), self._tick(), int(pin)))
+            self._used += len(data)
 
     def put_many(self, blocks: Iterable[tuple[str, bytes | memoryview]]) -> int:
         """`put` each (id, data) of BLOCKS, unpinned, in one transaction (many small
@@ -146,10 +170,8 @@ class BlockCache:
         return kept
 
     def _keep(self, block_id: str, data: bytes | memoryview, pin: bool) -> None:
-        known = self._db.execute("SELECT 1 FROM blocks WHERE id = ?", (block_id,)).fetchone()
-        if known is not None and self._path(block_id).exists():
-            self._db.execute("UPDATE blocks SET used = ?, pins = pins + ? WHERE id = ?",
-                             (self._tick(), int(pin), block_id))
+        """`put` with the lock held all along (put_many: small blocks, one transaction)."""
+        if self._touch(block_id, pin):
             return
         self._forget(block_id)
         self._make_room(len(data))
@@ -157,6 +179,16 @@ class BlockCache:
         self._db.execute("INSERT INTO blocks (id, size, used, pins) VALUES (?, ?, ?, ?)",
                          (block_id, len(data), self._tick(), int(pin)))
         self._used += len(data)
+
+    def _touch(self, block_id: str, pin: bool) -> bool:
+        """Whether the block is here already (then marked used, and pinned once more if
+        PIN). Callers hold the lock."""
+        known = self._db.execute("SELECT 1 FROM blocks WHERE id = ?", (block_id,)).fetchone()
+        if known is None or not self._path(block_id).exists():
+            return False
+        self._db.execute("UPDATE blocks SET used = ?, pins = pins + ? WHERE id = ?",
+                         (self._tick(), int(pin), block_id))
+        return True
 
     def has(self, block_id: str) -> bool:
         """Whether the index holds the block (not verified: `get` does that)."""
@@ -244,7 +276,7 @@ class BlockCache:
         if size + held > self.budget:
             raise CacheFullError(f"{size + held} bytes do not fit in the cache's budget "
                                  f"({self.budget} bytes)")
-        while self._used + held + size > self.budget:
+        while self._used + self._writing + held + size > self.budget:
             row = self._db.execute("SELECT id FROM blocks WHERE pins = 0 ORDER BY used "
                                    "LIMIT 1").fetchone()
             if row is None:
@@ -254,17 +286,21 @@ class BlockCache:
             self._remove(row[0])
 
     def _write(self, block_id: str, data: bytes | memoryview) -> None:
+        os.replace(self._write_temp(block_id, data), self._path(block_id))
+
+    def _write_temp(self, block_id: str, data: bytes | memoryview) -> Path:
+        """DATA in a temporary file beside the block's place, for the caller to rename."""
         final = self._path(block_id)
         final.parent.mkdir(exist_ok=True, mode=0o700)
         temp = final.with_name(f".{block_id}.{secrets.token_hex(4)}{_TEMP_SUFFIX}")
         try:
             with open(temp, "wb") as handle:
                 handle.write(data)
-            os.replace(temp, final)
         except OSError:
             with contextlib.suppress(OSError):
                 temp.unlink()
             raise
+        return temp
 
     def _remove(self, block_id: str) -> None:
         with contextlib.suppress(FileNotFoundError):
