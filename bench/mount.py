@@ -443,6 +443,27 @@ def creates(run: Run, drive: Drive, appliance: Appliance) -> None:
                                "per file")]
 
 
+def warm_mount(run: Run, drive: Drive) -> None:
+    """Unmount, then mount again: from the warm index, with no listing (the command's own
+    start, Python and its imports included, until it says it is mounted)."""
+    say("[drive] unmount, then mount again from the warm index ...")
+    code = drive.stop()
+    if code != 0:
+        raise BenchError(f"cairn umount: the mount exited {code}")
+    times = []
+    for attempt in range(3):
+        times.append(drive.start(timeout=60))
+        if attempt < 2 and drive.stop() != 0:
+            raise BenchError("cairn umount failed")
+    best = min(times)
+    say(f"  mounted in {', '.join(f'{t * 1000:.0f}' for t in times)} ms")
+    run.figures.append(Figure(
+        "mount again, warm index (best of 3)", best * 1000, "ms", target=1000, at_most=True,
+        note="from starting `cairn mount` to its 'drive mounted' line, the appliance "
+             "running (the tests show it needs no request: it mounts offline too); all: "
+             + ", ".join(f"{t * 1000:.0f}" for t in times)))
+
+
 def drive_phase(run: Run, appliance: Appliance, home: Path) -> None:
     drive = Drive(home, run.dir / "drive-mnt", run.dir / "mount.log")
     say("[drive] cairn mount (first mount: the whole tree listed) ...")
@@ -460,6 +481,7 @@ def drive_phase(run: Run, appliance: Appliance, home: Path) -> None:
         run.step("ls -l, drive vs rclone", lambda: rclone_listing(run))
         run.step("write", lambda: write(run, drive, appliance))
         run.step("creates", lambda: creates(run, drive, appliance))
+        run.step("mount again", lambda: warm_mount(run, drive))
     finally:
         code = drive.stop()
         with contextlib.suppress(OSError):
