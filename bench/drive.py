@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import subprocess
 import threading
 import time
@@ -26,9 +25,9 @@ from harness import (
     BenchError,
     agent_env,
     cpu_seconds,
+    ensure_debian_package,
     process_tree,
     rss_mib,
-    say,
     terminate,
 )
 
@@ -200,17 +199,7 @@ class Drive:
 def ensure_rclone() -> str:
     """The `rclone` binary's path, installed from Debian first when missing. Raises
     BenchError if it cannot be installed."""
-    found = shutil.which("rclone")
-    if found is None:
-        say("  rclone is missing: apt-get install -y rclone ...")
-        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-        result = subprocess.run(["apt-get", "install", "-y", "rclone"], capture_output=True,
-                                text=True, timeout=INSTALL_TIMEOUT_S, env=env, check=False)
-        found = shutil.which("rclone")
-        if result.returncode != 0 or found is None:
-            raise BenchError(f"apt-get install -y rclone exited {result.returncode}: "
-                             f"{result.stderr.strip()[-1000:]}")
-    return found
+    return ensure_debian_package("rclone", timeout=INSTALL_TIMEOUT_S)
 
 
 def rclone_version(binary: str) -> str:

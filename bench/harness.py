@@ -16,6 +16,7 @@ import os
 import platform
 import re
 import resource
+import shutil
 import signal
 import ssl
 import subprocess
@@ -47,6 +48,25 @@ SERVE_LINE = re.compile(r"^cairnd: serving (?P<url>https://127\.0\.0\.1:(?P<port
 
 class BenchError(Exception):
     """A figure could not be obtained: a command failed, a bounded wait ran out."""
+
+
+def ensure_debian_package(binary: str, package: str | None = None,
+                          timeout: float = 600.0) -> str:
+    """BINARY's path, installed with `apt-get install -y PACKAGE` (default: BINARY) first
+    when it is missing (the yardsticks: Syncthing, rclone). Raises BenchError."""
+    found = shutil.which(binary)
+    if found is not None:
+        return found
+    package = package or binary
+    say(f"  {binary} is missing: apt-get install -y {package} ...")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    result = subprocess.run(["apt-get", "install", "-y", package], capture_output=True,
+                            text=True, timeout=timeout, env=env, check=False)
+    found = shutil.which(binary)
+    if result.returncode != 0 or found is None:
+        raise BenchError(f"apt-get install -y {package} exited {result.returncode}: "
+                         f"{result.stderr.strip()[-1000:]}")
+    return found
 
 
 def say(text: str) -> None:

@@ -35,7 +35,6 @@ import json
 import os
 import re
 import secrets
-import shutil
 import signal
 import socket
 import subprocess
@@ -48,7 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness import BenchError, cpu_seconds, process_tree, rss_mib, say, terminate
+from harness import BenchError, cpu_seconds, ensure_debian_package, process_tree, rss_mib, terminate
 
 FOLDER_ID = "cairn-bench"
 WATCHER_DELAY_S = 1
@@ -76,17 +75,7 @@ FOLDER_SETTINGS = {"type": "sendreceive", "fsWatcherEnabled": "true",
 def ensure_installed() -> str:
     """The `syncthing` binary's path, installed from Debian first when missing; its version
     is printed. Raises BenchError if it cannot be installed."""
-    found = shutil.which("syncthing")
-    if found is None:
-        say("  syncthing is missing: apt-get install -y syncthing ...")
-        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-        result = subprocess.run(["apt-get", "install", "-y", "syncthing"], capture_output=True,
-                                text=True, timeout=INSTALL_TIMEOUT_S, env=env, check=False)
-        found = shutil.which("syncthing")
-        if result.returncode != 0 or found is None:
-            raise BenchError(f"apt-get install -y syncthing exited {result.returncode}: "
-                             f"{result.stderr.strip()[-1000:]}")
-    return found
+    return ensure_debian_package("syncthing", timeout=INSTALL_TIMEOUT_S)
 
 
 def version(binary: str) -> str:
