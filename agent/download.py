@@ -71,6 +71,8 @@ class DownloadStats:
     folders: int = 0
     node: RemoteNode | None = None     # the version written (a newer one than asked, if
                                        # it changed meanwhile)
+    written: os.stat_result | None = None   # the file as written, taken before the rename:
+                                       # a change right after it is not this download's
 
     def add(self, other: DownloadStats) -> None:
         self.files += other.files
@@ -153,17 +155,19 @@ def _write_error(path: Path, exc: OSError) -> LocalFileError:
 
 
 def place_link(node: RemoteNode, link: str, target: Path,
-               guard: Callable[[], None] | None = None) -> None:
+               guard: Callable[[], None] | None = None) -> os.stat_result:
     """A link node becomes a symbolic link at TARGET (made beside it, then renamed into
-    place; never followed)."""
+    place; never followed). The link's own stat, as made (before the rename)."""
     part = partial_path(target, node)
     try:
         part.unlink(missing_ok=True)
         os.symlink(link, part)
         os.utime(part, ns=(node.meta.mtime_ns, node.meta.mtime_ns), follow_symlinks=False)
+        made = os.lstat(part)
         if guard is not None:
             guard()
         os.replace(part, target)
+        return made
     except OSError as exc:
         part.unlink(missing_ok=True)
         raise _write_error(target, exc) from None
@@ -190,8 +194,8 @@ async def download_file(tree: RemoteTree, node: RemoteNode, target: Path, *,
     if node.deleted:
         raise RemoteNotFoundError(f"{node.name} was deleted")
     if node.meta.link is not None:
-        place_link(node, node.meta.link, target, guard)
-        return DownloadStats(files=1, bytes=0, blocks=0, node=node)
+        return DownloadStats(files=1, bytes=0, blocks=0, node=node,
+                             written=place_link(node, node.meta.link, target, guard))
     streaming = detail.method != "GET" and bool(node.meta.blocks)
     if streaming and not (stream and tree.api.supports(STORED_BLOCK_URLS)):
         raise LocalFileError(f"{node.name} is still being uploaded by another device; try "
@@ -217,7 +221,7 @@ async def download_file(tree: RemoteTree, node: RemoteNode, target: Path, *,
         else:
             stats.blocks_fetched = await _fetch(tree, node, jobs, fd, part, target,
                                                 resuming, progress, parallel)
-        _finish(fd, part, target, node, guard)
+        stats.written = _finish(fd, part, target, node, guard)
     finally:
         progress.close()
         os.close(fd)
@@ -336,11 +340,14 @@ async def _fetch(tree: RemoteTree, node: RemoteNode, jobs: list[BlockJob], fd: i
 
 
 def _finish(fd: int, part: Path, target: Path, node: RemoteNode,
-            guard: Callable[[], None] | None) -> None:
+            guard: Callable[[], None] | None) -> os.stat_result:
+    """Rename the complete temporary file into place; its stat as written (the rename
+    keeps inode, size, mode and mtime)."""
     try:
         os.fsync(fd)
         os.fchmod(fd, node.meta.mode & 0o7777)
         os.utime(fd, ns=(node.meta.mtime_ns, node.meta.mtime_ns))
+        written = os.fstat(fd)
         if guard is not None:
             try:
                 guard()
@@ -355,6 +362,7 @@ def _finish(fd: int, part: Path, target: Path, node: RemoteNode,
             os.close(dir_fd)
     except OSError as exc:
         raise _write_error(target, exc) from None
+    return written
 
 
 

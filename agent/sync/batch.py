@@ -308,11 +308,7 @@ async def download_small(tree: RemoteTree, items: list[SmallDownload]) -> None:
 def _write_file(item: SmallDownload, blocks: dict[str, bytes]) -> os.stat_result:
     node = item.node
     if node.meta.link is not None:
-        place_link(node, node.meta.link, item.target, item.guard)
-        try:
-            return os.lstat(item.target)
-        except OSError as exc:
-            raise LocalFileError(f"cannot read {item.target}: {exc.strerror}") from None
+        return place_link(node, node.meta.link, item.target, item.guard)
     data = b""
     if node.meta.blocks:
         ref = node.meta.blocks[0]
@@ -332,6 +328,7 @@ def _write_file(item: SmallDownload, blocks: dict[str, bytes]) -> os.stat_result
             os.fsync(fd)
             os.fchmod(fd, node.meta.mode & 0o7777)
             os.utime(fd, ns=(node.meta.mtime_ns, node.meta.mtime_ns))
+            written = os.fstat(fd)   # as written: an edit right after the rename is new
         finally:
             os.close(fd)
         try:
@@ -340,7 +337,7 @@ def _write_file(item: SmallDownload, blocks: dict[str, bytes]) -> os.stat_result
             os.unlink(part)
             raise
         os.replace(part, item.target)
-        return os.lstat(item.target)
+        return written
     except OSError as exc:
         if os.path.exists(part):
             os.unlink(part)

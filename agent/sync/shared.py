@@ -150,7 +150,8 @@ class SharedMirror:
         except CairnAgentError as exc:
             log.warning("cannot download %s: %s", path, exc.message)
             return 0
-        self._record(path, stats.node or node, stat_of(os.lstat(target)))
+        assert stats.written is not None     # (as written: an edit just after is new)
+        self._record(path, stats.node or node, stat_of(stats.written))
         log.debug("downloaded %s", path)
         return 1
 

@@ -312,9 +312,10 @@ class Transfers(Context):
             self.mirror.stalled.add(streamed)
             raise
         written = stats.node or node
+        assert stats.written is not None
         self._record(BaseEntry(written.id, action.path, "file", written.version,
                                content_of_node(written.meta.blocks, written.meta.link),
-                               stat_of(os.lstat(target))))
+                               stat_of(stats.written)))
         outcome.downloaded += 1
         log.debug("downloaded %s", action.path)
 

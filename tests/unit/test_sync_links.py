@@ -1,6 +1,7 @@
 """Symbolic links in the sync engine's pieces below the planner: the mirror's row of a link
 node, a database from before links were synced, and a link read for a batch upload (never
-followed) or placed by a batch download."""
+followed) or placed by a batch download — which, for a link as for a file, reports what
+it wrote, not an edit landing just after."""
 
 from __future__ import annotations
 
@@ -111,3 +112,23 @@ def test_a_link_node_is_placed_as_a_link_if_the_target_is_unchanged(
         batch._write_file(batch.SmallDownload(node, target, changed), {})
     assert target.read_text() == "written here meanwhile" and not target.is_symlink()
     assert [p.name for p in tmp_path.iterdir()] == ["l"]     # no temporary left
+
+
+@pytest.mark.parametrize("link", [None, "../elsewhere"])
+def test_a_download_reports_what_it_wrote_not_an_edit_just_after(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, link: str | None) -> None:
+    """The stat a download reports becomes the base: were it taken after the rename, an
+    edit landing in between would count as synced and never be sent."""
+    node = remote_node(LINK, NodeMeta(name="f", kind="file", link=link))
+    target = tmp_path / "f"
+    replace = os.replace
+
+    def replace_then_edit(source: Any, destination: Any) -> None:
+        replace(source, destination)
+        os.unlink(destination)
+        destination.write_text("edited at once")
+
+    monkeypatch.setattr(os, "replace", replace_then_edit)
+    written = batch._write_file(batch.SmallDownload(node, target, lambda: None), {})
+    assert (written.st_size, written.st_ino) != (os.lstat(target).st_size,
+                                                 os.lstat(target).st_ino)
