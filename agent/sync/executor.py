@@ -235,7 +235,7 @@ class Executor(Transfers):
             os.unlink(target)      # a symbolic link itself, never what it points to
             self.db.forget_base_under(self.folder.id, action.path)
         else:
-            if kind_at(target) != "dir":
+            if kind_at(target) not in ("dir", None):     # a link to a folder, say
                 raise SkipAction(f"{action.path} is no longer a folder here; kept")
             self._delete_folder(action.path)
         log.debug("deleted %s (deleted on another device)", action.path)
