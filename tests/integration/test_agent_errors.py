@@ -187,7 +187,8 @@ async def test_file_changed_while_uploading(users: Users, tmp_path: Path) -> Non
 
 
 COMMANDS = ["join", "unlock", "put", "get", "ls", "mkdir", "rm", "mv", "trash", "restore",
-            "share", "unshare", "shared", "sync", "status"]
+            "share", "unshare", "shared", "sync", "status",
+            "mount", "umount", "pin", "unpin", "free"]          # the drive's (fuse/cli.py)
 
 
 def test_help_of_every_command(tmp_path: Path) -> None:
