@@ -108,18 +108,23 @@ class Drive:
     def start(self, timeout: float) -> float:
         """Mount and wait for the "drive mounted at" line; the seconds it took."""
         self.mountpoint.mkdir(parents=True, exist_ok=True)
+        seen = self._mounted_lines()       # the log keeps earlier mounts' lines
         started = time.monotonic()
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(
                 [*CAIRN, "--home", str(self.home), "mount", str(self.mountpoint), *self.extra],
                 stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=agent_env())
-        while MOUNTED_LINE not in self.log.read_text(errors="replace"):
+        while self._mounted_lines() <= seen:
             self.check()
             if time.monotonic() - started > timeout:
                 raise BenchError(f"cairn mount: not mounted in {timeout:.0f} s:\n    "
                                  f"{self.log_tail()}")
             time.sleep(0.05)
         return time.monotonic() - started
+
+    def _mounted_lines(self) -> int:
+        text = self.log.read_text(errors="replace") if self.log.exists() else ""
+        return text.count(MOUNTED_LINE)
 
     def check(self) -> None:
         """Raises BenchError if the mount process has exited."""
