@@ -52,8 +52,8 @@ def mount(ctx: click.Context, mountpoint: Path, cache_size: str, verbose: bool,
 
     Runs in the foreground (suits systemd). `cairn umount MOUNTPOINT`, SIGTERM or
     Ctrl-C unmount it and finish the pending uploads first (when the appliance is away
-    they stay staged and go at the next mount). Hard links and special files are
-    refused (EPERM); symbolic links are not supported yet (EPERM).
+    they stay staged and go at the next mount). Symbolic links are kept as links
+    (never followed); hard links and special files are refused (EPERM).
     """
     if importlib.util.find_spec("pyfuse3") is None:
         raise UsageError("the drive's packages are not installed (pyfuse3); install them "
