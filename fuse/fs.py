@@ -342,6 +342,8 @@ class DriveFs(pyfuse3.Operations):
             return False
         if truncate or entry.size == 0:
             os.close(self.staging.open(node_id, truncate=True))
+            if entry.size:               # emptied: a change even if nothing is written
+                self._mtimes[node_id] = time.time_ns()
         else:
             await self._copy_in(entry)
         self._change(entry, staged=True, size=self.staging.size(node_id))

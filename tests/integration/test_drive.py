@@ -405,3 +405,18 @@ def test_ten_thousand_entries(fresh_user, drives, tmp_path: Path) -> None:
     listing = run("ls", "-lR", reader.mountpoint)
     assert listing.count(" 100 ") == 10_000
     assert (reader.mountpoint / "d19" / "f499").read_bytes() == data
+
+
+def test_emptying_a_file_by_opening_it_with_o_trunc_is_a_change(fresh_user, drives,
+                                                                tmp_path: Path) -> None:
+    home = fresh_user().join(tmp_path / "a")
+    write(tmp_path / "full.txt", "full of words\n")
+    cairn_ok(home, "put", tmp_path / "full.txt", "/full.txt")
+    mnt = drives(home, tmp_path / "mnt").start().mountpoint
+    os.close(os.open(mnt / "full.txt", os.O_WRONLY | os.O_TRUNC))     # `: > full.txt`
+    assert (mnt / "full.txt").read_bytes() == b""
+    wait_uploaded(home)
+    assert [e["size"] for e in ls_json(home, "/") if e["name"] == "full.txt"] == [0]
+    os.close(os.open(mnt / "full.txt", os.O_RDWR))      # opened for writing, left as it was
+    wait_uploaded(home)
+    assert [e["version"] for e in ls_json(home, "/") if e["name"] == "full.txt"] == [2]
