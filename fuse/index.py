@@ -282,6 +282,15 @@ class DriveIndex:
         found = self._one("SELECT MIN(changed_at) FROM pending WHERE changed_at > ?", cutoff)
         return None if found is None else float(found)
 
+    def pending_summary(self, names: int) -> tuple[int, int, list[str]]:
+        """How many changes are pending, how many of them in conflict, and the names of
+        the first NAMES in order (for the status file, written every second)."""
+        count = self._one("SELECT COUNT(*) FROM pending")
+        conflicts = self._one("SELECT COUNT(*) FROM pending WHERE state = 'conflict'")
+        first = [row[0] for row in self.db.execute(
+            "SELECT name FROM pending ORDER BY seq LIMIT ?", (names,))]
+        return int(count), int(conflicts), first
+
     def pending_count(self) -> int:
         return int(self._one("SELECT COUNT(*) FROM pending"))
 

@@ -24,6 +24,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,8 +33,9 @@ import trio
 
 from agent.blockcache import BlockCache
 from agent.client import Connection, RetryPolicy
-from agent.errors import CairnAgentError, LocalFileError, TransportError, UsageError
-from agent.home import AgentHome
+from agent.crypto.keys import UserKeys
+from agent.errors import CairnAgentError, TransportError, UsageError
+from agent.home import AgentHome, DeviceRecord
 from agent.remote import RemoteTree
 from agent.sync.follow import Follower
 from agent.sync.mirror import Mirror
@@ -68,7 +70,7 @@ def drive_folder(home: AgentHome) -> Path:
 
 
 @contextlib.contextmanager
-def _drive_lock(folder: Path):  # type: ignore[no-untyped-def]
+def _drive_lock(folder: Path) -> Iterator[None]:
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)
     fd = os.open(folder / "lock", os.O_RDWR | os.O_CREAT, 0o600)
     try:
@@ -147,7 +149,7 @@ async def run_mount(home: AgentHome, options: MountOptions) -> int:
             clear_status(folder)
 
 
-async def _serve(home: AgentHome, device, keys, index: DriveIndex,  # type: ignore[no-untyped-def]
+async def _serve(home: AgentHome, device: DeviceRecord, keys: UserKeys, index: DriveIndex,
                  cache: BlockCache, staging: Staging, mountpoint: Path, folder: Path) -> int:
     async with Connection(home, device) as connection, \
             Connection(home, device, retry=RetryPolicy(attempts=2, first_delay_s=0.1,
@@ -289,12 +291,12 @@ async def _flush(uploader: Uploader, index: DriveIndex) -> int:
 
 def _status(mountpoint: Path, index: DriveIndex, uploader: Uploader, cache: BlockCache,
             staging: Staging) -> DriveStatus:
-    pending = index.all_pending()
+    pending, conflicts, queued = index.pending_summary(20)
     return DriveStatus(
         mountpoint=str(mountpoint), pid=os.getpid(), online=uploader.online,
-        pending=len(pending), conflicts=sum(p.state == "conflict" for p in pending),
+        pending=pending, conflicts=conflicts,
         uploads=[Upload(t.name, t.done, t.total) for t in uploader.transfers.values()],
-        queued=[p.name for p in pending[:20]], cache_used=cache.used_bytes,
+        queued=queued, cache_used=cache.used_bytes,
         cache_pinned=cache.pinned_bytes(), staged=staging.staged_bytes,
         cache_budget=cache.budget, written_at=time.time())
 
@@ -313,6 +315,3 @@ def parse_size(text: str) -> int:
     if value < MIN_CACHE_SIZE:
         raise UsageError(f"cache size {text} is too small: at least 8M (two blocks)")
     return value
-
-
-__all__ = ["DEFAULT_CACHE_SIZE", "LocalFileError", "MountOptions", "parse_size", "run_mount"]

@@ -58,7 +58,7 @@ from fuse.index import DriveIndex, Pending
 from fuse.staging import Staging
 from protocol.ids import new_node_id
 from protocol.limits import MAX_BATCH_BLOCKS, MAX_BLOCKS_BODY_BYTES
-from protocol.models import BatchCreate, BatchUpdate, NodeOut
+from protocol.models import BatchCreate, BatchUpdate, NodeCreate, NodeOut, NodeUpdate, NodeWrite
 
 log = logging.getLogger("cairn.drive")
 
@@ -269,9 +269,6 @@ class Uploader:
         parent_key = self.index.key_of(change.parent_id)
         if parent_key is None:
             return None
-        remote = self.index.remote_row(change.node_id)
-        moved = remote is not None and remote.parent_id != change.parent_id
-        parent = _stub(change.parent_id, parent_key, 0, "dir", self.tree.user)
         cipher = b""
         if change.staged:
             try:
@@ -290,16 +287,31 @@ class Uploader:
                 meta = self._metadata_only(change)
             except CairnAgentError:
                 return None
-        operation: BatchCreate | BatchUpdate
-        if change.base_version is None:
-            operation = create_op(node_create(change.node_id, change.key, meta,
-                                              change.parent_id, parent_key))
-        else:
-            base = _stub(change.node_id, change.key, change.base_version, change.kind,
-                         self.tree.user)
-            operation = update_op(change.node_id, node_update(
-                base, meta, parent, move=moved, content=change.staged))
+        request = self._request(change, meta, parent_key, content=change.staged)
+        operation = create_op(request) if isinstance(request, NodeCreate) \
+            else update_op(change.node_id, request)
         return _Item(change, meta, operation, cipher)
+
+    def _request(self, change: Pending, meta: NodeMeta, parent_key: bytes, *,
+                 content: bool) -> NodeCreate | NodeUpdate:
+        """The request that puts CHANGE (sealed as META) on the appliance: a create for a
+        node made here, else a new version of the one it was based on (a move if its
+        folder changed; with its size and blocks if CONTENT)."""
+        if change.base_version is None:
+            return node_create(change.node_id, change.key, meta, change.parent_id,
+                               parent_key)
+        remote = self.index.remote_row(change.node_id)
+        moved = remote is not None and remote.parent_id != change.parent_id
+        return node_update(
+            _stub(change.node_id, change.key, change.base_version, change.kind,
+                  self.tree.user), meta,
+            _stub(change.parent_id, parent_key, 0, "dir", self.tree.user),
+            move=moved, content=content)
+
+    async def _write(self, change: Pending, request: NodeCreate | NodeUpdate) -> NodeWrite:
+        if isinstance(request, NodeCreate):
+            return await self.tree.api.create(request)
+        return await self.tree.api.update(change.node_id, request)
 
     def _parent_ready(self, change: Pending, in_batch: set[str]) -> bool:
         """A change under a folder made here waits until that folder is on the appliance
@@ -342,22 +354,13 @@ class Uploader:
         parent_key = self.index.key_of(change.parent_id)
         if parent_key is None:
             raise RemoteNotFoundError(f"the folder of {change.name} is gone")
-        remote = self.index.remote_row(change.node_id)
-        moved = remote is not None and remote.parent_id != change.parent_id
-        parent = _stub(change.parent_id, parent_key, 0, "dir", self.tree.user)
-        base = None if change.base_version is None else \
-            _stub(change.node_id, change.key, change.base_version, change.kind, self.tree.user)
         if change.kind == "dir" or not change.staged:
             meta = self._metadata_only(change)
-            if base is None:
-                answer = await self.tree.api.create(node_create(
-                    change.node_id, change.key, meta, change.parent_id, parent_key))
-            else:
-                answer = await self.tree.api.update(change.node_id, node_update(
-                    base, meta, parent, move=moved, content=False))
+            answer = await self._write(change, self._request(change, meta, parent_key,
+                                                             content=False))
             self._done(change, answer.node, meta)
             return
-        await self._send_content(change, base, parent, moved)
+        await self._send_content(change, parent_key)
 
     def _metadata_only(self, change: Pending) -> NodeMeta:
         if change.kind == "dir":
@@ -373,8 +376,7 @@ class Uploader:
         return replace(opened[1], name=change.name, mtime_ns=change.mtime_ns,
                        mode=change.mode, device=self.device_name)
 
-    async def _send_content(self, change: Pending, base: RemoteNode | None,
-                            parent: RemoteNode, moved: bool) -> None:
+    async def _send_content(self, change: Pending, parent_key: bytes) -> None:
         path = self.staging.path(change.node_id)
         transfer = Transfer(change.name, 0)      # listed once the appliance took it
         written_before = self.write_generation(change.node_id)
@@ -389,12 +391,8 @@ class Uploader:
             meta = NodeMeta(name=change.name, kind="file", size=size,
                             mtime_ns=change.mtime_ns, mode=change.mode,
                             blocks=tuple(refs), device=self.device_name)
-            if base is None:
-                answer = await self.tree.api.create(node_create(
-                    change.node_id, change.key, meta, change.parent_id, parent.key))
-            else:
-                answer = await self.tree.api.update(change.node_id, node_update(
-                    base, meta, parent, move=moved))
+            answer = await self._write(change, self._request(change, meta, parent_key,
+                                                             content=True))
             self.index.rebase(change.node_id, answer.node.version)
             self.transfers[change.node_id] = transfer
             node, _ = await send_missing(self.tree, fd, path, refs, answer,
@@ -449,7 +447,7 @@ class Uploader:
             if node is not None:
                 self.mirror.absorb(node)
             else:
-                self.mirror._drop(change.node_id)
+                self.mirror.forget(change.node_id)
             self.index.drop_pending(change.node_id, change.generation)
         self.staging.remove(change.node_id)
 
@@ -497,9 +495,9 @@ class Uploader:
                     theirs.meta.device or "another device", name)
 
     async def flush(self) -> int:
-        """Send everything pending now (the mount is going away), with progress on stderr
-        (each big file, and the count left every few seconds); the changes left (0 unless
-        the appliance is unreachable)."""
+        """Send everything pending now (the mount is going away), with the count left and
+        the file in hand on stderr every PROGRESS_S; the changes left (0 unless the
+        appliance is unreachable)."""
         def report(name: str) -> None:
             now = time.monotonic()
             if now - shown[0] >= PROGRESS_S:

@@ -258,6 +258,10 @@ class Mirror:
             del self._opened[next(iter(self._opened))]
         self._opened[row.node_id] = (row.meta, meta)
 
+    def forget(self, node_id: str) -> None:
+        """Drop a node (and what is under it) that the appliance no longer has."""
+        self._drop(node_id)
+
     def _drop(self, node_id: str) -> None:
         if self.on_change is not None:
             old = self.db.remote_row(self.folder.id, node_id)
