@@ -59,7 +59,7 @@ from appliance.errors import (
 )
 from appliance.storage import allocator
 from appliance.storage.codec import Codec, ErasureCodec, ReplicaCodec
-from appliance.storage.disk import Disk, DiskState, DiskStatus, format_disk
+from appliance.storage.disk import READABLE_STATES, Disk, DiskState, DiskStatus, format_disk
 from appliance.storage.placement import Slot, rank
 from appliance.storage.repair_queue import RepairQueue
 from appliance.storage.settings import StoreSettings
@@ -172,6 +172,7 @@ class _Located:
 
     headers: dict[str, ShardHeader] = field(default_factory=dict)   # disk name -> header
     bad: dict[str, str] = field(default_factory=dict)               # disk name -> reason
+    skipped: list[str] = field(default_factory=list)  # disks not readable when looked at
 
 
 class BlockStore:
@@ -225,6 +226,7 @@ class BlockStore:
         found = _Located()
         for disk in self.ranking(raw_id):
             if not disk.readable:
+                found.skipped.append(disk.name)
                 continue
             try:
                 raw = disk.read_shard(block_hex, limit=HEADER_SIZE)
@@ -447,11 +449,33 @@ class BlockStore:
             disk.write_shard(block_id, header, payload)
 
     def get(self, block_id: str) -> bytes:
+        """The block's bytes, verified against its id.
+
+        A read that comes up short (too few healthy shards, or none found) looks once
+        more before it gives up, if some disk was skipped as not readable: disk states
+        are probed at most every PROBE_INTERVAL, and a disk that was blank or missing a
+        moment ago may just have been formatted and rebuilt (issue 14's false
+        "unrecoverable" after a scrub)."""
         raw_id = parse_block_id(block_id)
         block = self._get_small(block_id, raw_id)
         if block is not None:
             return block
         located = self._locate(block_id, raw_id)
+        try:
+            return self._get_located(block_id, raw_id, located)
+        except (BlockUnrecoverableError, BlockNotFoundError):
+            if not self._reprobe(located.skipped):
+                raise
+            log.info("block %s: a skipped disk is readable again; reading it once more",
+                     block_id[:16])
+        return self._get_located(block_id, raw_id, self._locate(block_id, raw_id))
+
+    def _reprobe(self, names: list[str]) -> bool:
+        """Probe the named disks now; True if any of them has become readable."""
+        states = [self._by_name[name].probe() for name in names]
+        return any(state in READABLE_STATES for state in states)
+
+    def _get_located(self, block_id: str, raw_id: bytes, located: _Located) -> bytes:
         if not located.headers:
             if located.bad:
                 raise BlockUnrecoverableError(
