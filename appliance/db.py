@@ -128,6 +128,18 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (user_id, cursor)
     ) WITHOUT ROWID;
     """,
+    # 3: the appliance's own small facts. `epoch` names this database's history: a home
+    # recovered from an older copy gets a new one (appliance.meta.epoch), and agents that
+    # see it change re-send what the copy lacks instead of taking its absence for deletes.
+    """
+    CREATE TABLE appliance_state (
+        key   TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    ) WITHOUT ROWID;
+    INSERT INTO appliance_state(key, value) VALUES
+        ('epoch', lower(hex(randomblob(16)))),
+        ('epoch_started_at', CAST((julianday('now') - 2440587.5) * 86400.0 AS TEXT));
+    """,
 )
 
 
