@@ -70,6 +70,14 @@ class Me(BaseModel):
     root_id: str | None
     has_key_bundle: bool
     latest_cursor: int
+    epoch: str | None = Field(None, description="API 1.3: names the database's history; "
+                              "a new one after the appliance was recovered from an older "
+                              "copy (changes seen since may be gone: re-send them). Null "
+                              "from appliances before 1.3.")
+    epoch_started_at: float | None = Field(None, description="API 1.3: when the epoch "
+                                           "began (unix time, the appliance's clock): a "
+                                           "node changed before it came back with the "
+                                           "copy, one changed after was changed since.")
 
 
 class KeyBundle(BaseModel):
@@ -192,6 +200,10 @@ class ChangesPage(BaseModel):
     changes: list[ChangeOut]
     cursor: int = Field(description="Pass this as ?cursor= next time.")
     has_more: bool
+    epoch: str | None = Field(None, description="API 1.3: the epoch these cursors belong "
+                              "to (as in GET /me). Another one than before means the "
+                              "appliance was recovered from an older copy: the cursor "
+                              "means nothing any more; list the tree again.")
 
 
 # --- sharing -------------------------------------------------------------------------------

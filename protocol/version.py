@@ -8,7 +8,7 @@ major version stops it with one clear line instead of a validation error later.
 
 from __future__ import annotations
 
-API_VERSION = "1.2"
+API_VERSION = "1.3"
 HEADER = "Cairn-Api-Version"
 
 INLINE_BATCH_BLOCKS = "1.1"
@@ -18,6 +18,11 @@ STORED_BLOCK_URLS = "1.2"
 """Since this version GET /files/{id}/presigned-url?stored_only=true answers, for a file
 still uploading, download URLs of the blocks stored so far: another device can fetch a big
 file while it is being uploaded."""
+
+EPOCH = "1.3"
+"""Since this version GET /me and GET /changes report the database's epoch (`epoch`; /me
+also `epoch_started_at`): a new one after the appliance was recovered from an older copy
+of its database, so devices re-send what the copy lacks (docs/sync.md)."""
 
 
 class IncompatibleApiError(ValueError):

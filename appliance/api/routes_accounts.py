@@ -10,7 +10,7 @@ from fastapi import APIRouter, Request
 from appliance.api.context import CallerDep, ContextDep
 from appliance.api.convert import decode_b64
 from appliance.errors import EnrollmentError, NotFoundError
-from appliance.meta import accounts, journal, tree
+from appliance.meta import accounts, epoch, journal, tree
 from appliance.meta.records import User
 from protocol.ids import b64encode
 from protocol.models import (
@@ -64,13 +64,17 @@ async def enroll(body: EnrollRedeem, request: Request, context: ContextDep) -> E
 
 @router.get("/me", response_model=Me)
 async def me(caller: CallerDep, context: ContextDep) -> Me:
-    """Who the token belongs to, the user's root folder, and the newest change cursor."""
+    """Who the token belongs to, the user's root folder, the newest change cursor, and
+    the database's epoch (a new one after a recovery from an older copy: see
+    appliance.meta.epoch)."""
     def read(db: apsw.Connection) -> Me:
         root = tree.root_node(db, caller.user.id)
+        current = epoch.current(db)
         return Me(user=caller.user.name, device_id=caller.device.id,
                   device_name=caller.device.name, root_id=root.id if root else None,
                   has_key_bundle=caller.user.key_bundle is not None,
-                  latest_cursor=journal.latest_cursor(db, caller.user.id))
+                  latest_cursor=journal.latest_cursor(db, caller.user.id),
+                  epoch=current.id, epoch_started_at=current.started_at)
     return await context.meta.read(read)
 
 

@@ -12,7 +12,7 @@ from fastapi.responses import StreamingResponse
 
 from appliance.api.context import CallerDep, ContextDep
 from appliance.api.convert import change_out
-from appliance.meta import journal, tree
+from appliance.meta import epoch, journal, tree
 from appliance.meta.records import Node
 from protocol.limits import MAX_CHANGES_PAGE, MAX_SQL_INT
 from protocol.models import (
@@ -28,7 +28,9 @@ async def changes(caller: CallerDep, context: ContextDep,
                   limit: Annotated[int, Query(ge=1, le=MAX_CHANGES_PAGE)] = 1000) -> ChangesPage:
     """Every change after `cursor` to nodes the caller can see (their tree and what is
     shared with them), oldest first, each with the node as it is now. Read by index: the
-    cost follows the number of changes returned, not the size of the tree."""
+    cost follows the number of changes returned, not the size of the tree. The page names
+    the epoch its cursors belong to, read in the same snapshot, so a pulling device
+    notices a recovery from an older copy without asking anything else."""
     user_id = caller.user.id
 
     def read(db: apsw.Connection) -> ChangesPage:
@@ -43,7 +45,7 @@ async def changes(caller: CallerDep, context: ContextDep,
             entries.append(change_out(change, visible[change.node_id]))
         return ChangesPage(changes=entries,
                            cursor=entries[-1].cursor if entries else cursor,
-                           has_more=len(page) > limit)
+                           has_more=len(page) > limit, epoch=epoch.current_epoch(db))
     return await context.meta.read(read)
 
 

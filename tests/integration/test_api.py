@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import os
 import queue
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -344,7 +345,10 @@ def test_changes_feed_pages_in_order(users: dict[str, Any]) -> None:
     cursors = [c["cursor"] for c in first["changes"] + rest["changes"]]
     assert cursors == sorted(cursors) and len(set(cursors)) == len(cursors)
     empty = phone.ok(phone.get("/changes", params={"cursor": rest["cursor"]}))
-    assert empty == {"changes": [], "cursor": rest["cursor"], "has_more": False}
+    epoch = phone.ok(phone.get("/me"))["epoch"]     # the database's history (API 1.3)
+    assert re.fullmatch("[0-9a-f]{32}", epoch)
+    assert empty == {"changes": [], "cursor": rest["cursor"], "has_more": False,
+                     "epoch": epoch}
 
 
 def _read_events(device: Device, params: dict[str, Any], out: queue.Queue[tuple[str, str]],
