@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import click
 
 from appliance.cli_accounts import register as register_account_commands
-from appliance.config import load_config, parse_listen
+from appliance.config import parse_listen
 from appliance.errors import CairnApplianceError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -203,38 +203,39 @@ def disks(home: Path, as_json: bool) -> None:
 
     States: ok, missing (absent or not mounted), blank (an empty replacement: run
     `cairnd scrub` to rebuild it), read-only, full, failing (recent I/O errors), foreign
-    (belongs to another appliance or holds other files). Works while the appliance serves.
+    (belongs to another appliance or holds other files). While the appliance serves, its
+    own view is shown (asked through its admin socket).
     """
-    from appliance.storage.blockstore import BlockStore
+    from appliance.admin_client import run_store_command
 
-    config = load_config(home)
-    store = BlockStore(config.store)
-    try:
-        rows = [status.to_json() for status in store.disk_status()]
-    finally:
-        store.close()
+    result, _ = run_store_command(home, "disks", {}, _no_progress)
+    rows = result["disks"]
     if as_json:
         click.echo(json.dumps(rows, indent=2))
     else:
         click.echo(disk_table(rows))
 
 
-class _ProgressLine:
-    """A self-overwriting progress line on a terminal's stderr, at most a few per second."""
+def _no_progress(fields: dict[str, Any]) -> None:
+    pass
 
-    def __init__(self) -> None:
+
+class ProgressLine:
+    """A self-overwriting progress line on a terminal's stderr, at most a few per second,
+    from the progress fields a store command reports (`render` makes the text)."""
+
+    def __init__(self, render: Callable[[dict[str, Any]], str]) -> None:
+        self.render = render
         self.last = 0.0
         self.shown = False
 
-    def __call__(self, progress: Any) -> None:
+    def __call__(self, fields: dict[str, Any]) -> None:
         now = time.monotonic()
         if now - self.last < 0.2:
             return
         self.last = now
         self.shown = True
-        sys.stderr.write(f"\rscrub: {progress.checked} blocks checked, "
-                         f"{progress.bytes_verified / 1e6:.1f} MB verified, "
-                         f"{progress.elapsed:.0f} s\x1b[K")
+        sys.stderr.write(f"\r{self.render(fields)}\x1b[K")
         sys.stderr.flush()
 
     def finish(self) -> None:
@@ -248,33 +249,32 @@ class _ProgressLine:
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def scrub(home: Path, as_json: bool) -> None:
     """Verify every shard of every block; rewrite missing or corrupt shards, and rebuild
-    blank replacement disks. Works whether or not the appliance is serving.
+    blank replacement disks. While the appliance serves, the scrub runs inside it (through
+    its admin socket, so one process owns the disks); otherwise here.
 
     Prints a summary (checked, repaired, unrecoverable) on stdout, with progress on stderr
     when it is a terminal. Exits 4 if any block is unrecoverable.
     """
+    from appliance.admin_client import run_store_command
     from appliance.serve import configure_logging
-    from appliance.storage.blockstore import BlockStore
-    from appliance.storage.repair_queue import RepairQueue
-    from appliance.storage.scrub import Scrubber
 
-    config = load_config(home)
     configure_logging(logging.WARNING)
-    store = BlockStore(config.store, RepairQueue(config.database))
-    progress = _ProgressLine() if sys.stderr.isatty() else None
+    progress = ProgressLine(lambda f: f"scrub: {f['checked']} blocks checked, "
+                                      f"{f['bytes_verified'] / 1e6:.1f} MB verified, "
+                                      f"{f['elapsed']:.0f} s") if sys.stderr.isatty() else None
     try:
-        report = Scrubber(store).run(progress)
+        result, _ = run_store_command(home, "scrub", {}, progress or _no_progress)
     finally:
         if progress is not None:
             progress.finish()
-        store.close()
+    report = result["report"]
     if as_json:
-        click.echo(json.dumps(report.to_json(), indent=2))
+        click.echo(json.dumps(report, indent=2))
     else:
-        click.echo(f"cairnd: scrub: {report.summary()}")
-    if report.unrecoverable:
+        click.echo(f"cairnd: scrub: {result['summary']}")
+    if report["unrecoverable"]:
         if not as_json:
-            click.echo(f"cairnd: error: {report.unrecoverable} blocks are unrecoverable "
+            click.echo(f"cairnd: error: {report['unrecoverable']} blocks are unrecoverable "
                        "with the disks present; reattach any missing disk and scrub again",
                        err=True)
         sys.exit(EXIT_UNRECOVERABLE)

@@ -2,7 +2,8 @@
 
     CairnApplianceError            base; carries an exit code (CLI) and an HTTP status (API)
     ├── ConfigError                config.toml missing, unreadable or invalid
-    │   └── HomeExistsError        `cairnd init` refuses to overwrite an existing home
+    │   ├── HomeExistsError        `cairnd init` refuses to overwrite an existing home
+    │   └── RecoverError           `cairnd recover` finds no usable copy of a home
     ├── StorageError               the block store cannot do what was asked
     │   ├── BlockNotFoundError     no shard of the block exists on any reachable disk
     │   ├── BlockIdMismatchError   `put` was given bytes whose BLAKE3 hash is not the id
@@ -17,6 +18,8 @@
     ├── InvalidBlockIdError        a block id that is not 64 lowercase hex digits
     ├── ListenError                `cairnd serve` cannot listen on its address (in use,
     │                              not an address of this machine, not permitted)
+    ├── HomeBusyError              another cairnd process owns the home's disks
+    ├── AdminError                 a command run by the serving appliance failed there
     └── RequestError               an API or account request that cannot be honoured
         ├── BadRequestError        400: well-formed JSON that asks for something invalid
         ├── UnauthorizedError      401: no token, an unknown one, or a revoked device
@@ -133,6 +136,31 @@ class ListenError(CairnApplianceError):
 
     code = ErrorCode.LISTEN
     exit_code = 3
+
+
+class HomeBusyError(CairnApplianceError):
+    """Another cairnd process owns this home's disks (a serve, or a scrub/fsck working on
+    the disks directly), and what was asked cannot go through it."""
+
+    code = ErrorCode.HOME_BUSY
+    exit_code = 3
+
+
+class AdminError(CairnApplianceError):
+    """A command sent to the running appliance through its admin socket failed there;
+    `exit_code` is the one the command would have exited with."""
+
+    code = ErrorCode.ADMIN
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class RecoverError(ConfigError):
+    """`cairnd recover` found no usable copy of the home on the disks given."""
+
+    code = ErrorCode.RECOVER
 
 
 class RequestError(CairnApplianceError):

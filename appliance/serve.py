@@ -25,9 +25,7 @@ Logs go to stderr with timestamps; stdout carries only the serving line.
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import fcntl
 import json
 import logging
 import os
@@ -35,7 +33,8 @@ import signal
 import socket
 import ssl
 import sys
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -45,6 +44,7 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.typing import ASGIFramework
 
+from appliance.admin import serve_admin
 from appliance.advertise import run_advertiser
 from appliance.api.context import ApiContext, ApiSettings
 from appliance.collect import run_gc_loop
@@ -52,19 +52,19 @@ from appliance.config import ApplianceConfig, format_listen, load_config
 from appliance.errors import ConfigError, ListenError
 from appliance.https import serve_https
 from appliance.meta.database import Metadata
+from appliance.owner import RUN_DIR, own_disks
 from appliance.server import create_app
 from appliance.storage import allocator
 from appliance.storage.async_store import AsyncBlockStore
 from appliance.storage.blockstore import BlockStore
 from appliance.storage.maintenance import run_maintenance
 from appliance.storage.repair_queue import RepairQueue
+from appliance.store_commands import server_handlers
 from appliance.tls import ensure_certificate
 
 log = logging.getLogger("cairnd")
 
-RUN_DIR = "run"
 SERVE_INFO_NAME = "serve.json"
-LOCK_NAME = "serve.lock"
 GRACEFUL_TIMEOUT_S = 5.0
 MAINTENANCE_RESTART_S = 60.0
 LISTEN_BACKLOG = 128
@@ -145,23 +145,6 @@ def check_tls_files(config: ApplianceConfig) -> str:
     return fingerprint
 
 
-@contextlib.contextmanager
-def serve_lock(home: Path) -> Iterator[None]:
-    """One server per home: an advisory lock held for the process's lifetime."""
-    run_dir = home / RUN_DIR
-    run_dir.mkdir(exist_ok=True)
-    fd = os.open(run_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ListenError(f"another cairnd serve is already running for {home}") \
-                from None
-        yield
-    finally:
-        os.close(fd)
-
-
 def hypercorn_config(config: ApplianceConfig) -> HypercornConfig:
     """Hypercorn settings (the socket is handed to serve_https, not bound by hypercorn)."""
     hc = HypercornConfig()
@@ -235,7 +218,7 @@ async def run_appliance(config: ApplianceConfig, *, shutdown: trio.Event,
     """Serve until `shutdown` is set. Reports a ServeInfo through `task_status` once the
     socket listens (use with `nursery.start`)."""
     fingerprint = check_tls_files(config)
-    with serve_lock(config.home):
+    with own_disks(config.home, "cairnd serve"):
         sock = bind_listening_socket(config.listen_host, config.listen_port)
         port = int(sock.getsockname()[1])
         hc = hypercorn_config(config)
@@ -250,6 +233,7 @@ async def run_appliance(config: ApplianceConfig, *, shutdown: trio.Event,
             port=port, pid=os.getpid(), appliance_id=config.appliance_id,
             fingerprint=fingerprint)
         info_path: Path | None = None
+        stopping = threading.Event()
         try:
             # Starlette's ASGI signature is looser than hypercorn's typed one; same protocol.
             app = cast(ASGIFramework, create_app(store, context))
@@ -257,6 +241,7 @@ async def run_appliance(config: ApplianceConfig, *, shutdown: trio.Event,
 
                 async def stop_requested() -> None:
                     await shutdown.wait()
+                    stopping.set()            # admin commands stop at their next step
                     context.notifier.close()  # end event streams: they would hold us up
 
                 async def serve_http(task_status: trio.TaskStatus[list[str]]) -> None:
@@ -265,6 +250,8 @@ async def run_appliance(config: ApplianceConfig, *, shutdown: trio.Event,
                     nursery.cancel_scope.cancel()  # hypercorn is done: stop maintenance
 
                 await nursery.start(serve_http)
+                await nursery.start(serve_admin, config.home,
+                                    server_handlers(config, store), stopping)
                 nursery.start_soon(_maintain, store, config)
                 nursery.start_soon(run_gc_loop, meta, store, context.block_locks,
                                    config.gc_grace_s, config.gc_interval_s)

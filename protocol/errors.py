@@ -42,6 +42,9 @@ class ErrorCode(StrEnum):
     CONFIG = "config"
     HOME_EXISTS = "home_exists"
     LISTEN = "listen"
+    HOME_BUSY = "home_busy"                  # another cairnd process owns the disks
+    ADMIN = "admin"                          # the running appliance's admin socket failed
+    RECOVER = "recover"                      # `cairnd recover` cannot rebuild a home
     HTTP_ERROR = "http_error"                # an HTTP status with no name of its own
 
     @classmethod

@@ -97,7 +97,8 @@ def test_second_server_on_one_home_is_refused(home: ApplianceConfig) -> None:
         second = run_cairnd("serve", "--home", home.home, "--listen", "127.0.0.1:0")
         assert second.returncode == 3
         assert second.stderr.strip().splitlines()[-1] == (
-            f"cairnd: error: another cairnd serve is already running for {home.home}")
+            f"cairnd: error: another cairnd serve (pid {server.process.pid}) is already "
+            f"running for {home.home}")
         assert server.stop() == 0
 
 
