@@ -21,11 +21,12 @@ import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
+import trio
 from pydantic import BaseModel
 
-from agent.client import Connection
+from agent.client import RETRY_ONCE_CODES, UNRECOVERABLE_RETRY_S, Connection
 from protocol import version
-from protocol.errors import ErrorInfo
+from protocol.errors import ErrorCode, ErrorInfo
 from protocol.ids import b64decode, b64encode
 from protocol.limits import MAX_BLOCKS_PER_NODE, MAX_CHANGES_PAGE, MAX_CHILDREN_PAGE, MAX_TRASH_PAGE
 from protocol.models import (
@@ -237,8 +238,20 @@ class Api:
         return (await self._send(BlockBatchResult, "POST", "/blocks", batch)).results
 
     async def read_blocks(self, block_ids: Sequence[str]) -> list[BlockRead]:
+        """BLOCK_IDS' ciphertexts, each with its data or its error. Blocks the appliance
+        calls unrecoverable are asked for once more after UNRECOVERABLE_RETRY_S, as a
+        single block's GET is (agent.client.retry_wait)."""
         request = BlockReadRequest(ids=list(block_ids))
-        return (await self._send(BlockReadResult, "POST", "/blocks/read", request)).blocks
+        answers = (await self._send(BlockReadResult, "POST", "/blocks/read", request)).blocks
+        again = [entry.id for entry in answers if entry.error is not None
+                 and ErrorCode.of(entry.error.code) in RETRY_ONCE_CODES]
+        if not again:
+            return answers
+        await trio.sleep(UNRECOVERABLE_RETRY_S)
+        second = (await self._send(BlockReadResult, "POST", "/blocks/read",
+                                   BlockReadRequest(ids=again))).blocks
+        retried = {entry.id: entry for entry in second}
+        return [retried.get(entry.id, entry) for entry in answers]
 
     # --- sharing --------------------------------------------------------------------------
 

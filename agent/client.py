@@ -15,7 +15,8 @@ else is trusted):
 Failures are translated here, once: HTTP error bodies become agent errors chosen by their
 wire `code` (protocol.errors), never by HTTP status, and transient failures (connection
 refused or reset, timeouts, a rate limit, a store that is busy, a proxy's 502-504) are retried
-with exponential backoff and jitter. The first answer's `Cairn-Api-Version` header is checked:
+with exponential backoff and jitter; a block the appliance calls unrecoverable is asked for
+once more, a second later (`retry_wait`). The first answer's `Cairn-Api-Version` header is checked:
 an appliance of another major API version stops the agent with one clear line.
 
 When the remembered address refuses or ignores connections twice, the agent looks for its
@@ -58,9 +59,14 @@ from protocol.limits import MAX_BLOCK_BYTES
 log = logging.getLogger(__name__)
 
 # Errors that may go away if we wait: a rate limit, a store that is busy or lost a disk a
-# moment ago. Not block_unrecoverable or block_not_found: the block's data is lost for now
-# (too few healthy shards) or gone, and retrying only delays the error the user needs.
+# moment ago. Not block_not_found: the block is gone, and retrying only delays the error
+# the user needs.
 TRANSIENT_CODES = frozenset({ErrorCode.RATE_LIMITED, ErrorCode.STORAGE, ErrorCode.DISK})
+# block_unrecoverable (too few healthy shards) is asked once more, after
+# UNRECOVERABLE_RETRY_S, and only once: the appliance may have just rebuilt a disk whose
+# shards its read had not seen yet (issue 14), and a second "unrecoverable" is believed.
+RETRY_ONCE_CODES = frozenset({ErrorCode.BLOCK_UNRECOVERABLE})
+UNRECOVERABLE_RETRY_S = 1.0
 # An answer without a Cairn error body with one of these statuses comes from something in
 # between (a proxy) or a server still starting: worth a retry too.
 TRANSIENT_STATUSES = frozenset({502, 503, 504})
@@ -129,6 +135,26 @@ def error_from_status(status: int, content: bytes) -> ApiError | NotEnrolledErro
     kind = ERROR_CLASSES.get(code, ApiError) if code is not None else ApiError
     return kind(message or f"HTTP {status}", status=status, api_code=code or "",
                 details=details)
+
+
+def retry_wait(policy: RetryPolicy, status: int, content: bytes, attempt: int,
+               retry_after_s: float | None, retried_once: bool) -> float | None:
+    """Seconds to wait before asking again after an answer (STATUS, CONTENT) to attempt
+    number ATTEMPT (from 0), or None: the answer stands. RETRIED_ONCE: a code of
+    RETRY_ONCE_CODES was already asked again in this request."""
+    if status < 400 or attempt + 1 >= policy.attempts:
+        return None
+    code = _error_body(content)[0] if content else None
+    if code in RETRY_ONCE_CODES:
+        return None if retried_once else UNRECOVERABLE_RETRY_S
+    if _transient(status, content):
+        return policy.delay(attempt, retry_after_s)
+    return None
+
+
+def _retried_once(status: int, content: bytes) -> bool:
+    """Whether an answer that was asked again used up the one retry of its code."""
+    return status >= 400 and bool(content) and _error_body(content)[0] in RETRY_ONCE_CODES
 
 
 def _transient(status: int, content: bytes) -> bool:
@@ -220,6 +246,7 @@ class Connection:
         """One request with a JSON body already encoded (CONTENT), retried when transient;
         the answer's body as it came (the caller parses it straight into its model)."""
         headers = None if content is None else _JSON_HEADERS
+        retried_once = False
         for attempt in range(self.retry.attempts):
             url_before = self.device.url
             try:
@@ -229,9 +256,12 @@ class Connection:
                 await self._after_transport_error(exc, attempt, url_before)
                 continue
             self._check_version(response)
-            if _transient(response.status_code, response.content) \
-                    and attempt + 1 < self.retry.attempts:
-                await trio.sleep(self.retry.delay(attempt, retry_after(response)))
+            wait = retry_wait(self.retry, response.status_code, response.content, attempt,
+                              retry_after(response), retried_once)
+            if wait is not None:
+                retried_once = retried_once or _retried_once(response.status_code,
+                                                             response.content)
+                await trio.sleep(wait)
                 continue
             if response.status_code >= 400:
                 raise error_from_response(response)
@@ -349,6 +379,7 @@ class Connection:
         appliance's current address); in BUFFER_FOR(length) if given."""
         headers = [(b"Content-Length", str(len(content or b"")).encode())] \
             if method == "PUT" else []
+        retried_once = False
         for attempt in range(self.retry.attempts):
             url_before = self.device.url
             body = cast(Iterator[bytes], iter([content])) \
@@ -371,9 +402,12 @@ class Connection:
                 continue
             if response.status < 400:
                 return answer
-            if _transient(response.status, response.content) \
-                    and attempt + 1 < self.retry.attempts:
-                time.sleep(self.retry.delay(attempt, retry_after(response)))
+            wait = retry_wait(self.retry, response.status, response.content, attempt,
+                              retry_after(response), retried_once)
+            if wait is not None:
+                retried_once = retried_once or _retried_once(response.status,
+                                                             response.content)
+                time.sleep(wait)
                 continue
             raise error_from_status(response.status, response.content)
         raise AssertionError("unreachable")
