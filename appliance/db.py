@@ -140,6 +140,16 @@ MIGRATIONS: tuple[str, ...] = (
         ('epoch', lower(hex(randomblob(16)))),
         ('epoch_started_at', CAST((julianday('now') - 2440587.5) * 86400.0 AS TEXT));
     """,
+    # 4: blocks `cairnd fsck` found in the store but not in `blocks` (a crash between a
+    # store write and its commit, or a database recovered from an older copy), and when it
+    # first saw each: it deletes one only after the grace period (appliance.fsck).
+    """
+    CREATE TABLE fsck_orphans (
+        block_id   TEXT PRIMARY KEY,
+        first_seen REAL NOT NULL,        -- unix time of the first run that saw it
+        last_seen  REAL NOT NULL         -- of the latest; rows no whole scan saw are dropped
+    ) WITHOUT ROWID;
+    """,
 )
 
 
