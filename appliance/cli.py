@@ -280,6 +280,44 @@ def scrub(home: Path, as_json: bool) -> None:
         sys.exit(EXIT_UNRECOVERABLE)
 
 
+@cli.command()
+@home_option
+@click.option("--disk-path", "disk_paths", multiple=True, required=True, metavar="PATH",
+              type=click.Path(path_type=Path),
+              help="A disk of the lost appliance (its folder or mount point); repeat once "
+                   "per disk, in any order.")
+def recover(home: Path, disk_paths: Sequence[Path]) -> None:
+    """Rebuild a lost appliance home from the copies kept on its data disks.
+
+    While it serves, the appliance keeps copies of its home (database, config, TLS key
+    pair, secrets) on parity-shards + 1 of its disks. This writes a new home in HOME
+    (absent or empty) from the newest intact copy: the same appliance id, certificate
+    (devices keep their pins), users, devices, shares and files. Devices that saw changes
+    newer than the copy send them again when they next connect.
+
+    \b
+    Example (the system disk died; the data disks are mounted again):
+      cairnd recover --home /var/lib/cairn --disk-path /srv/disk0 ... --disk-path /srv/disk5
+      cairnd serve --home /var/lib/cairn
+    """
+    from appliance.recover import age_text, recover_home
+
+    result = recover_home(home, list(disk_paths))
+    config = result.config
+    click.echo(f"cairnd: recovered appliance {config.appliance_id} in {config.home}")
+    click.echo(f"  from:        {result.copy} (copy {result.sequence}, written "
+               f"{age_text(result.written_at)} ago"
+               f"{', at a clean stop' if result.clean_stop else ''})")
+    for line in result.skipped:
+        click.echo(f"  skipped:     {line}")
+    for disk in config.store.disks:
+        note = "  (not given: attach it, or a new empty disk here is rebuilt by scrub)" \
+            if disk.name in result.missing_slots else ""
+        click.echo(f"    {disk.name:<8} {disk.path}{note}")
+    click.echo(f"  new epoch:   {result.epoch} (devices re-send what the copy lacks)")
+    click.echo(f"Start it with: cairnd serve --home {config.home}")
+
+
 register_account_commands(cli, home_option)
 
 

@@ -46,6 +46,7 @@ DEFAULT_RATE_LIMIT_BURST = 5000
 DEFAULT_CODE_LIFETIME_S = 24 * 3600.0
 DEFAULT_GC_GRACE_S = 7 * 24 * 3600.0
 DEFAULT_GC_INTERVAL_S = 3600.0
+DEFAULT_HOME_COPY_INTERVAL_S = 5.0
 _DAY = 24 * 3600.0
 
 
@@ -69,6 +70,7 @@ class ApplianceConfig:
     advertise: bool = True
     gc_grace_s: float = DEFAULT_GC_GRACE_S
     gc_interval_s: float = DEFAULT_GC_INTERVAL_S
+    home_copy_interval_s: float = DEFAULT_HOME_COPY_INTERVAL_S
 
     @property
     def appliance_id(self) -> str:
@@ -195,6 +197,14 @@ def render_config(config: ApplianceConfig) -> str:
         f"grace_days = {_toml_float(config.gc_grace_s / _DAY)}",
         "# How often garbage collection runs while serving, in hours.",
         f"interval_hours = {_toml_float(config.gc_interval_s / 3600)}",
+        "",
+        "[durability]",
+        "# While serving, the database, config, TLS key pair and secrets are copied onto",
+        "# parity_shards + 1 of the data disks (`cairn-home/` there) this often, in seconds,",
+        "# when something changed, and once more at a clean stop. `cairnd recover` rebuilds",
+        "# a lost home from those copies; a crash together with the loss of this home loses",
+        "# at most the changes of the last interval (devices then send them again).",
+        f"home_copy_interval_s = {_toml_float(config.home_copy_interval_s)}",
         "",
         "[database]",
         "# The SQLite database (WAL mode) holding metadata and the repair queue. Keep it on",
@@ -332,7 +342,7 @@ class _Section:
 
 _REQUIRED: Any = object()
 _SECTIONS = ("appliance", "server", "api", "discovery", "gc", "database", "storage",
-             "maintenance")
+             "maintenance", "durability")
 
 
 def _table(path: Path, document: Mapping[str, Any], name: str) -> _Section:
@@ -398,6 +408,7 @@ def load_config(home: Path) -> ApplianceConfig:
     api = _table(path, document, "api")
     discovery = _table(path, document, "discovery")
     gc = _table(path, document, "gc")
+    durability = _table(path, document, "durability")
 
     appliance_id = appliance.string("id")
     try:
@@ -422,7 +433,10 @@ def load_config(home: Path) -> ApplianceConfig:
     advertise = discovery.boolean("advertise", True)
     grace_days = gc.positive_number("grace_days", DEFAULT_GC_GRACE_S / _DAY)
     gc_interval_hours = gc.positive_number("interval_hours", DEFAULT_GC_INTERVAL_S / 3600)
-    for section in (appliance, server, database, storage, maintenance, api, discovery, gc):
+    copy_interval = durability.positive_number("home_copy_interval_s",
+                                               DEFAULT_HOME_COPY_INTERVAL_S)
+    for section in (appliance, server, database, storage, maintenance, api, discovery, gc,
+                    durability):
         section.check_unknown()
 
     disks = _load_disks(path, document, home)
@@ -440,7 +454,7 @@ def load_config(home: Path) -> ApplianceConfig:
         url_lifetime_s=url_lifetime_s, rate_limit_per_s=rate_limit_per_s,
         rate_limit_burst=rate_limit_burst, enrollment_code_lifetime_s=code_hours * 3600,
         advertise=advertise, gc_grace_s=grace_days * _DAY,
-        gc_interval_s=gc_interval_hours * 3600)
+        gc_interval_s=gc_interval_hours * 3600, home_copy_interval_s=copy_interval)
 
 
 if __name__ == "__main__":  # regenerate config/appliance.example.toml

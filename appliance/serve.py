@@ -3,22 +3,26 @@
 Theory of operation:
 
 1. Load the config; make the TLS certificate if the home has none ("made at first start");
-   take an exclusive lock on HOME/run/serve.lock, so one home has one server.
+   take the home's owner lock (HOME/run/serve.lock, appliance/owner.py): one process owns
+   the disks.
 2. Bind the listening socket here, not in hypercorn, so that a bind failure is a clear
    ListenError and `--listen HOST:0` tells us the port the kernel chose. `serve_https`
    (appliance/https.py) serves it: hypercorn's trio worker with TLS streams of our own
    that hand over whole bodies in large chunks instead of 16 KiB records.
 3. Open the block store and the metadata database and start, in one trio nursery,
-   the HTTPS server, the maintenance task (background scrub and repair
-   queue, rate-limited), garbage collection, and the mDNS advertiser (only on the
-   interfaces of the listen address; nothing on loopback).
+   the HTTPS server, the admin socket (HOME/run/admin.sock: `cairnd scrub`, `disks`,
+   `fsck` run in here while we serve, appliance/admin.py), the maintenance task
+   (background scrub and repair queue, rate-limited), the copies of the home on the
+   data disks (appliance/home_copies.py), garbage collection, and the mDNS advertiser
+   (only on the interfaces of the listen address; nothing on loopback).
 4. Once hypercorn listens, print exactly one line on stdout —
    `cairnd: serving https://HOST:PORT (appliance ID, certificate sha256 FINGERPRINT)` —
    and write HOME/run/serve.json (url, port, pid, fingerprint) for scripts and tests.
    (`--next-steps` adds, after that line, what to do next: appliance/next_steps.py.)
 5. SIGTERM or SIGINT asks hypercorn to stop gracefully (in-flight requests get
-   GRACEFUL_TIMEOUT_S); then maintenance is cancelled, the store closed and serve.json
-   removed, and the process exits 0. A second signal cancels at once.
+   GRACEFUL_TIMEOUT_S); then maintenance is cancelled, a last copy of the home written
+   to the disks, the store closed and serve.json removed, and the process exits 0.
+   A second signal cancels at once.
 
 Logs go to stderr with timestamps; stdout carries only the serving line.
 """
@@ -46,10 +50,12 @@ from hypercorn.typing import ASGIFramework
 
 from appliance.admin import serve_admin
 from appliance.advertise import run_advertiser
+from appliance.api.bodylimit import MAX_HEAD_BYTES
 from appliance.api.context import ApiContext, ApiSettings
 from appliance.collect import run_gc_loop
 from appliance.config import ApplianceConfig, format_listen, load_config
 from appliance.errors import ConfigError, ListenError
+from appliance.home_copies import HomeCopier
 from appliance.https import serve_https
 from appliance.meta.database import Metadata
 from appliance.owner import RUN_DIR, own_disks
@@ -67,7 +73,13 @@ log = logging.getLogger("cairnd")
 SERVE_INFO_NAME = "serve.json"
 GRACEFUL_TIMEOUT_S = 5.0
 MAINTENANCE_RESTART_S = 60.0
-LISTEN_BACKLOG = 128
+# A burst of connects beyond the backlog is dropped by the kernel and retried by the
+# client a second later: 1,000 at once against 128 cost 7 s. (Capped by net.core.somaxconn.)
+LISTEN_BACKLOG = 1024
+TLS_HANDSHAKE_TIMEOUT_S = 10.0   # hypercorn's default, 60 s, let a silent socket sit a minute
+# Also the header timeout: hypercorn closes a connection whose next request head is not
+# complete this long after the connection opened or the last answer ended.
+KEEP_ALIVE_TIMEOUT_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -152,6 +164,14 @@ def hypercorn_config(config: ApplianceConfig) -> HypercornConfig:
     hc.keyfile = str(config.tls_key)
     hc.backlog = LISTEN_BACKLOG
     hc.graceful_timeout = GRACEFUL_TIMEOUT_S
+    # Limits on clients (README, "Limits"). No read_timeout: it would also cut event
+    # streams and slow downloads, where the client rightly sends nothing; bodies are timed
+    # by appliance/api/bodylimit.py. Only HTTP/1.1: no client speaks h2, whose streams and
+    # frames would need limits of their own.
+    hc.ssl_handshake_timeout = TLS_HANDSHAKE_TIMEOUT_S
+    hc.keep_alive_timeout = KEEP_ALIVE_TIMEOUT_S
+    hc.h11_max_incomplete_size = MAX_HEAD_BYTES
+    hc.alpn_protocols = ["http/1.1"]
     hc.accesslog = None
     hc.errorlog = logging.getLogger("hypercorn.error")
     hc.include_server_header = False
@@ -210,6 +230,33 @@ async def _maintain(store: AsyncBlockStore, config: ApplianceConfig) -> None:
             await trio.sleep(MAINTENANCE_RESTART_S)
 
 
+async def _copy_home(copier: HomeCopier) -> None:
+    """Keep the copies of the home on the data disks current (appliance/home_copies.py)."""
+    while True:
+        try:
+            result = await trio.to_thread.run_sync(copier.copy_if_changed)
+            if result is not None:
+                log.debug("home copy %d on %s (%.2f s)", result.sequence,
+                          ", ".join(result.disks), result.seconds)
+        except Exception:
+            log.exception("copying the home to the data disks failed; trying again")
+        await trio.sleep(copier.delay())
+
+
+def _last_home_copy(copier: HomeCopier) -> None:
+    """At a stop, one last copy, so that a clean stop loses nothing if the home is lost."""
+    try:
+        result = copier.copy_now(clean=True)
+        if result is not None:
+            log.info("home copied to %s (copy %d, database %.1f MB, %.2f s)",
+                     ", ".join(result.disks), result.sequence, result.database_bytes / 1e6,
+                     result.seconds)
+    except Exception:
+        log.exception("the last copy of the home failed")
+    finally:
+        copier.close()
+
+
 # --- running -------------------------------------------------------------------------------
 
 async def run_appliance(config: ApplianceConfig, *, shutdown: trio.Event,
@@ -224,6 +271,7 @@ async def run_appliance(config: ApplianceConfig, *, shutdown: trio.Event,
         hc = hypercorn_config(config)
         store = AsyncBlockStore(BlockStore(config.store, RepairQueue(config.database)))
         meta = Metadata(config.database)
+        copier = HomeCopier(config, store.store.disks)
         context = ApiContext(
             meta=meta, store=store, url_key=ensure_url_key(config.home),
             fingerprint=bytes.fromhex(fingerprint), appliance_id=config.appliance_id,
@@ -253,6 +301,7 @@ async def run_appliance(config: ApplianceConfig, *, shutdown: trio.Event,
                 await nursery.start(serve_admin, config.home,
                                     server_handlers(config, store), stopping)
                 nursery.start_soon(_maintain, store, config)
+                nursery.start_soon(_copy_home, copier)
                 nursery.start_soon(run_gc_loop, meta, store, context.block_locks,
                                    config.gc_grace_s, config.gc_interval_s)
                 if config.advertise:
@@ -264,6 +313,7 @@ async def run_appliance(config: ApplianceConfig, *, shutdown: trio.Event,
                 log.info("appliance %s listening on %s", config.appliance_id, info.url)
                 task_status.started(info)
         finally:
+            _last_home_copy(copier)
             store.close()
             meta.close()
             if info_path is not None:
