@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import click
 
 from appliance.cli_accounts import register as register_account_commands
+from appliance.cli_fsck import register as register_fsck_command
 from appliance.config import parse_listen
 from appliance.errors import CairnApplianceError
 
@@ -319,6 +320,7 @@ def recover(home: Path, disk_paths: Sequence[Path]) -> None:
 
 
 register_account_commands(cli, home_option)
+register_fsck_command(cli, home_option)
 
 
 def main() -> None:
