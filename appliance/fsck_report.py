@@ -165,7 +165,7 @@ class FsckReport:
             if self.repaired[name]:
                 lines.append(f"         repaired {self.repaired[name]}: {kind.repair}")
             for finding in [f for f in self.findings if f.kind == name][:5]:
-                needed = f" needed by {', '.join(finding.nodes)}" if finding.nodes else ""
+                needed = f"; needed by {', '.join(finding.nodes)}" if finding.nodes else ""
                 lines.append(f"         {finding.subject} {finding.detail}{needed}".rstrip())
         lines += [f"  note: {note}" for note in self.notes]
         return "\n".join(lines)
