@@ -42,6 +42,9 @@ is empty: BIO order is wire order, whoever sends.
 - TLS 1.2 renegotiation is refused (`OP_NO_RENEGOTIATION` on the context, set by the
   listener); nothing here supports it.
 
+- Closing (aclose, which trio's serve_listeners always ends a connection with) calls the
+  `on_close` hook once: the listener counts open connections with it.
+
 What it does not do: client mode, unwrap, close_notify, half-close (`send_eof`: hypercorn
 treats its absence as "a TLS stream").
 """
@@ -49,6 +52,7 @@ treats its absence as "a TLS stream").
 from __future__ import annotations
 
 import ssl
+from collections.abc import Callable
 
 import trio
 
@@ -60,8 +64,12 @@ SEND_SLICE = 256 * 1024          # plaintext encrypted and sent at a time by sen
 class TLSServerStream(trio.abc.Stream):
     """Server side of a TLS connection over `transport_stream` (see the module doc)."""
 
-    def __init__(self, transport_stream: trio.abc.Stream, context: ssl.SSLContext) -> None:
+    def __init__(self, transport_stream: trio.abc.Stream, context: ssl.SSLContext, *,
+                 on_close: Callable[[], None] | None = None) -> None:
+        """`on_close` is called once, when the stream is closed (the listener's connection
+        count: appliance/https.py)."""
         self.transport_stream = transport_stream
+        self._on_close = on_close
         self._incoming = ssl.MemoryBIO()
         self._outgoing = ssl.MemoryBIO()
         self._ssl = context.wrap_bio(self._incoming, self._outgoing, server_side=True)
@@ -92,6 +100,11 @@ class TLSServerStream(trio.abc.Stream):
             if self._handshake_done:
                 return
             try:
+                # A TLS client speaks first. Wait for its first bytes before OpenSSL starts:
+                # its first do_handshake allocates ~32 KiB of record buffers, which a silent
+                # connection (one of a thousand idle ones, say) need not hold.
+                if not self._incoming.pending:
+                    await self._fill()
                 while True:
                     try:
                         self._ssl.do_handshake()
@@ -236,7 +249,11 @@ class TLSServerStream(trio.abc.Stream):
             await trio.lowlevel.checkpoint()
             return
         self._closed = True
-        await self.transport_stream.aclose()
+        try:
+            await self.transport_stream.aclose()
+        finally:
+            if self._on_close is not None:
+                self._on_close()
 
     # -- state ----------------------------------------------------------------------------
 
