@@ -29,6 +29,7 @@
         ├── ConflictError          409: stale base_version, or a name/state clash
         ├── GoneError              410: the data was garbage-collected after its grace
         ├── PayloadTooLargeError   413: a body over the route's limit
+        ├── RequestTimeoutError    408: a body that stalled or came too slowly
         ├── EnrollmentError        403: a code that is unknown, used, expired or wrong
         └── RateLimitedError       429: too many requests from one device; retry later
 
@@ -208,6 +209,14 @@ class GoneError(RequestError):
 class PayloadTooLargeError(RequestError):
     code = ErrorCode.PAYLOAD_TOO_LARGE
     http_status = 413
+
+
+class RequestTimeoutError(RequestError):
+    """A request body stalled or came too slowly (appliance/api/bodylimit.py); the
+    connection is closed after the answer. (408 has no code of its own in the protocol.)"""
+
+    code = ErrorCode.HTTP_ERROR
+    http_status = 408
 
 
 class EnrollmentError(RequestError):

@@ -105,8 +105,9 @@ class Caller:
     user: User
 
 
-def bearer_token(request: Request) -> str:
-    header = request.headers.get("authorization", "")
+def token_of_header(header: str) -> str:
+    """The token of an `Authorization: Bearer <token>` header's value. Raises
+    UnauthorizedError for anything else."""
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise UnauthorizedError("this route needs a device token: "
@@ -114,11 +115,18 @@ def bearer_token(request: Request) -> str:
     return token.strip()
 
 
+def bearer_token(request: Request) -> str:
+    return token_of_header(request.headers.get("authorization", ""))
+
+
+async def device_of_token(context: ApiContext, token: str) -> tuple[Device, User]:
+    """The active device holding `token`, and its user. Raises UnauthorizedError."""
+    return await context.meta.read(lambda db: _device_and_user(db, token))
+
+
 async def authenticated(request: Request) -> Caller:
     context = context_of(request)
-    token = bearer_token(request)
-    device, user = await context.meta.read(
-        lambda db: _device_and_user(db, token))
+    device, user = await device_of_token(context, bearer_token(request))
     now = time.time()
     context.device_limits.check(device.id, time.monotonic())
     if context.should_touch(device.id, now):
