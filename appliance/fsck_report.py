@@ -20,6 +20,7 @@ CHECKED_LABELS = (("nodes", "live nodes"), ("blocks", "block rows"),
                   ("referenced_blocks", "referenced blocks"),
                   ("store_blocks", "blocks in the store"))
 
+
 class Severity(enum.StrEnum):
     ERROR = "error"
     NOTICE = "notice"
