@@ -209,7 +209,7 @@ def disks(home: Path, as_json: bool) -> None:
     """
     from appliance.admin_client import run_store_command
 
-    result, _ = run_store_command(home, "disks", {}, _no_progress)
+    result, _ = run_store_command(home, "disks", {}, no_progress)
     rows = result["disks"]
     if as_json:
         click.echo(json.dumps(rows, indent=2))
@@ -217,7 +217,7 @@ def disks(home: Path, as_json: bool) -> None:
         click.echo(disk_table(rows))
 
 
-def _no_progress(fields: dict[str, Any]) -> None:
+def no_progress(fields: dict[str, Any]) -> None:
     pass
 
 
@@ -264,7 +264,7 @@ def scrub(home: Path, as_json: bool) -> None:
                                       f"{f['bytes_verified'] / 1e6:.1f} MB verified, "
                                       f"{f['elapsed']:.0f} s") if sys.stderr.isatty() else None
     try:
-        result, _ = run_store_command(home, "scrub", {}, progress or _no_progress)
+        result, _ = run_store_command(home, "scrub", {}, progress or no_progress)
     finally:
         if progress is not None:
             progress.finish()

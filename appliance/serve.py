@@ -55,6 +55,7 @@ from appliance.api.context import ApiContext, ApiSettings
 from appliance.collect import run_gc_loop
 from appliance.config import ApplianceConfig, format_listen, load_config
 from appliance.errors import ConfigError, ListenError
+from appliance.fsck_loop import run_fsck_loop
 from appliance.home_copies import HomeCopier
 from appliance.https import serve_https
 from appliance.meta.database import Metadata
@@ -298,10 +299,12 @@ async def run_appliance(config: ApplianceConfig, *, shutdown: trio.Event,
                     nursery.cancel_scope.cancel()  # hypercorn is done: stop maintenance
 
                 await nursery.start(serve_http)
-                await nursery.start(serve_admin, config.home,
-                                    server_handlers(config, store), stopping)
+                await nursery.start(serve_admin, config.home, server_handlers(
+                    config, store, meta, context.block_locks), stopping)
                 nursery.start_soon(_maintain, store, config)
                 nursery.start_soon(_copy_home, copier)
+                nursery.start_soon(partial(run_fsck_loop, meta, store,
+                                           grace_s=config.gc_grace_s))
                 nursery.start_soon(run_gc_loop, meta, store, context.block_locks,
                                    config.gc_grace_s, config.gc_interval_s)
                 if config.advertise:

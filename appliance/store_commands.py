@@ -21,6 +21,10 @@ import trio
 
 from appliance.admin import AdminRequest, Handler, Progress
 from appliance.config import ApplianceConfig
+from appliance.fsck import BlockGuard, fsck_command, unguarded
+from appliance.fsck_loop import TrioBlockGuard
+from appliance.locks import KeyedLocks
+from appliance.meta.database import Metadata
 from appliance.storage.async_store import AsyncBlockStore
 from appliance.storage.blockstore import BlockStore
 from appliance.storage.scrub import Scrubber, ScrubProgress
@@ -28,8 +32,14 @@ from appliance.storage.scrub import Scrubber, ScrubProgress
 
 @dataclass(frozen=True)
 class StoreParts:
+    """What a command works on. Inside the server also its database connection and its
+    per-block locks (as a BlockGuard), so that repairs never interleave with an upload or
+    GC of the same block; in the CLI those are None (it owns the home alone)."""
+
     config: ApplianceConfig
     store: BlockStore
+    meta: Metadata | None = None
+    guard: BlockGuard | None = None
 
 
 StoreCommand = Callable[[StoreParts, dict[str, Any], Progress], dict[str, Any]]
@@ -50,15 +60,24 @@ def scrub_command(parts: StoreParts, args: dict[str, Any], progress: Progress
     return {"report": report.to_json(), "summary": report.summary()}
 
 
+def fsck_store_command(parts: StoreParts, args: dict[str, Any], progress: Progress
+                       ) -> dict[str, Any]:
+    return fsck_command(parts.config, parts.store, args, progress, meta=parts.meta,
+                        guard=parts.guard or unguarded)
+
+
 COMMANDS: dict[str, StoreCommand] = {
     "disks": disks_command,
     "scrub": scrub_command,
+    "fsck": fsck_store_command,
 }
 
 
-def server_handlers(config: ApplianceConfig, store: AsyncBlockStore) -> dict[str, Handler]:
-    """The admin socket's handlers: each command in a worker thread, on the server's store."""
-    parts = StoreParts(config, store.store)
+def server_handlers(config: ApplianceConfig, store: AsyncBlockStore, meta: Metadata,
+                    locks: KeyedLocks) -> dict[str, Handler]:
+    """The admin socket's handlers: each command in a worker thread (trio's: the block
+    guard calls back into the event loop from it), on the server's store and database."""
+    parts = StoreParts(config, store.store, meta, TrioBlockGuard(locks))
 
     def handler(command: StoreCommand) -> Handler:
         async def handle(request: AdminRequest) -> dict[str, Any]:
