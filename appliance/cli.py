@@ -75,6 +75,9 @@ def cli() -> None:
       cairnd serve --home /var/lib/cairn                until SIGTERM / Ctrl-C
       cairnd disks --home /var/lib/cairn                state and free space per disk
       cairnd scrub --home /var/lib/cairn                verify and repair every block
+      cairnd fsck --home /var/lib/cairn                 the database against the store
+      cairnd recover --home /var/lib/cairn --disk-path /srv/disk0 ...
+                                                        the system disk died: rebuild
       cairnd user add alice --home /var/lib/cairn       prints alice's enrollment code
       cairnd device revoke dev_0123abcd --home ...      a lost laptop
 

@@ -194,7 +194,7 @@ def test_scrub_an_empty_store(appliance_home: MakeHome, cairnd: Cairnd) -> None:
 
 
 def test_commands_on_a_missing_home(tmp_path: Path, cairnd: Cairnd) -> None:
-    for command in ("disks", "scrub", "serve"):
+    for command in ("disks", "scrub", "fsck", "serve"):
         assert_one_line_error(cairnd(command, "--home", tmp_path / "none"), 2,
                               "does not exist")
 
@@ -202,6 +202,6 @@ def test_commands_on_a_missing_home(tmp_path: Path, cairnd: Cairnd) -> None:
 def test_help_has_examples(cairnd: Cairnd) -> None:
     result = cairnd("--help")
     assert result.returncode == 0
-    for command in ("init", "serve", "disks", "scrub"):
+    for command in ("init", "serve", "disks", "scrub", "fsck", "recover"):
         assert f"cairnd {command} --home" in result.stdout
     assert "CAIRN_APPLIANCE_HOME" in result.stdout
