@@ -196,7 +196,11 @@ async def _serve(home: AgentHome, device: DeviceRecord, keys: UserKeys, index: D
                 await pull_wanted.wait()
                 pull_wanted = trio.Event()
                 try:
-                    if follower.must_pull(mirror.cursor) and await mirror.pull():
+                    # refresh: the feed, and whether the appliance still has the history
+                    # the mirror belongs to (if it was recovered from an older copy, the
+                    # tree is listed again and the kernel told what changed: no ghosts)
+                    if (follower.must_pull(mirror.cursor) or mirror.check_next) \
+                            and await mirror.refresh():
                         pinner.wake()
                     if mirror.foreign_changes != shares_seen:
                         shares_seen = mirror.foreign_changes

@@ -108,8 +108,10 @@ class Context:
     """The synced folder an executor acts on, and the helpers its actions share."""
 
     def __init__(self, tree: RemoteTree, db: SyncDb, folder: FolderRecord, mirror: Mirror,
-                 root: Path, device_name: str, *, downloads_allowed: bool = True) -> None:
+                 root: Path, device_name: str, *, downloads_allowed: bool = True,
+                 lost_folders: dict[str, str] | None = None) -> None:
         self.tree = tree
+        self.lost_folders = {} if lost_folders is None else lost_folders
         self.db = db
         self.folder = folder
         self.mirror = mirror
@@ -185,8 +187,17 @@ class Context:
                     "device's version is kept as %s", path, new_path)
         return new_path
 
-    async def _create_node(self, parent: RemoteNode, meta: NodeMeta) -> NodeWrite:
-        answer = await self.tree.api.create(node_create(new_node_id(), new_node_key(), meta,
-                                                        parent.id, parent.key))
+    def _folder_id(self, path: str) -> str:
+        """The id for a new remote folder at PATH: the one the appliance lost with recent
+        history, once (agent/sync/rollback.py: another device making it again at the same
+        moment then meets it, 409, and merges, instead of making a second folder of the
+        same name); else a new one."""
+        return self.lost_folders.pop(path, None) or new_node_id()
+
+    async def _create_node(self, parent: RemoteNode, meta: NodeMeta,
+                           node_id: str | None = None) -> NodeWrite:
+        answer = await self.tree.api.create(node_create(node_id or new_node_id(),
+                                                        new_node_key(), meta, parent.id,
+                                                        parent.key))
         self.mirror.absorb(answer.node)
         return answer

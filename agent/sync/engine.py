@@ -15,12 +15,18 @@ rules.py; nothing is deleted while paused): DIR missing, unreadable or suddenly 
 the remote folder deleted; a mass deletion (more than MASS_DELETE_SHARE of the synced
 files, at least MASS_DELETE_MIN) until restarted with --allow-mass-delete; a full disk
 holds downloads back (uploads go on), retried every DISK_RETRY_S.
+
+When the appliance lost history (recovered from an older copy of its database: another
+epoch, or a cursor above its newest; noticed by the mirror), the tree is listed again and
+the base re-based on it in the same transaction (agent/sync/rollback.py), so the next plan
+sends what this device holds and the appliance lacks instead of deleting it here.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
@@ -45,10 +51,12 @@ from agent.sync.model import (
     BaseEntry,
     Download,
     KeepBoth,
+    RemoteEntry,
     Upload,
     is_within,
 )
 from agent.sync.planner import Plan, plan
+from agent.sync.rollback import Rollback, missing_from, rebase
 from agent.sync.scan import (
     LocalScan,
     is_dir,
@@ -98,6 +106,7 @@ class SyncEngine:
         self.root = Path(folder.local_dir)
         self.options = options
         self.mirror = Mirror(tree, db, folder)
+        self.mirror.on_rollback = self._rebase
         self.device_name = tree.connection.device.device_name
         self.shared = SharedMirror(tree, db, folder.id, self.root, self.device_name)
         self._shares_seen = -1
@@ -116,6 +125,10 @@ class SyncEngine:
                                          # at first, after a failure, on the rescan
         self.last_outcome = Outcome()
         self.rounds = 0
+        # Folders the appliance lost with recent history (path -> their id): made again
+        # with the same id, so devices making them at once meet (409) instead of making
+        # two folders of one name.
+        self._lost_folders: dict[str, str] = {}
 
     # --- wake-ups -----------------------------------------------------------------------
 
@@ -158,11 +171,13 @@ class SyncEngine:
                 self.local.dirty = None         # walk the whole folder
                 self._settled = self._pending = None    # and plan everything (the oracle)
                 self._pull_next = True                  # and pull whatever was announced
+                self.mirror.check_next = True           # (in the same history?)
                 self.wake_in("rescan", RESCAN_S)
             try:
                 await self.sync_round()
                 self.schedule.round_done()
             except TransportError as exc:
+                self.mirror.check_next = True   # it may come back recovered from a copy
                 self._status("offline", exc.message)
                 delay = self.schedule.round_failed(trio.current_time())
                 log.warning("offline: %s (retrying in %.0f s; local changes are kept)",
@@ -256,8 +271,36 @@ class SyncEngine:
             self.last_outcome = total
 
     def _must_pull(self) -> bool:
-        return self._pull_next or not self.mirror.listed or self.follower is None \
-            or self.follower.must_pull(self.mirror.cursor)
+        return self._pull_next or not self.mirror.listed or self.mirror.check_next \
+            or self.follower is None or self.follower.must_pull(self.mirror.cursor)
+
+    async def _rebase(self, rollback: Rollback, listed: Mapping[str, RemoteEntry]
+                      ) -> Callable[[], None]:
+        """The appliance lost history: re-base the folder on the tree LISTED again (see
+        agent/sync/rollback.py). First ask which synced nodes it lacks are deleted there
+        (before the copy was taken, or since: their deletes follow the usual rules);
+        the rest are gone with the lost window. The re-base itself is returned, for the
+        mirror to run inside the transaction that writes the listing; then the next plan
+        looks at everything, against a whole walk."""
+        deleted: set[str] = set()
+        for node_id in missing_from(self.db.base_entries(self.folder.id), listed):
+            try:
+                if (await self.tree.fetch(node_id)).node.deleted:
+                    deleted.add(node_id)
+            except RemoteNotFoundError:
+                pass
+
+        def settle() -> None:
+            change = rebase(self.db.base_entries(self.folder.id), self.mirror.entries(),
+                            rollback.started_at, deleted)
+            self.db.replace_base(self.folder.id, change.entries, change.forget)
+            self._lost_folders.clear()
+            self._lost_folders.update(change.lost_folders)
+            self._settled = self._pending = None
+            self.local.dirty = None
+            log.warning("after the restore: %s", change.summary)
+
+        return settle
 
     async def _refresh_remote(self) -> None:
         """Pull the feed. A deleted remote folder pauses the sync (deleting everything
@@ -330,7 +373,8 @@ class SyncEngine:
 
     async def _execute(self, current: Plan) -> Outcome:
         executor = Executor(self.tree, self.db, self.folder, self.mirror, self.root,
-                            self.device_name, downloads_allowed=not self._downloads_held())
+                            self.device_name, downloads_allowed=not self._downloads_held(),
+                            lost_folders=self._lost_folders)
         outcome = await executor.run(current)
         if outcome.disk_full:
             retry = self.options.disk_retry_s

@@ -192,7 +192,8 @@ class Executor(Transfers):
             raise SkipAction("no longer a folder")
         answer = await self._create_node(parent, NodeMeta(
             name=name_of(action.path), kind="dir", mtime_ns=info.st_mtime_ns,
-            mode=stat.S_IMODE(info.st_mode), device=self.device_name))
+            mode=stat.S_IMODE(info.st_mode), device=self.device_name),
+            self._folder_id(action.path))
         row = self.db.remote_row(self.folder.id, answer.node.id)
         assert row is not None
         self._record(BaseEntry(row.node_id, action.path, "dir", row.version, row.content,

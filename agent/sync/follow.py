@@ -56,6 +56,7 @@ class Follower:
                 log.debug("event stream down: %s", exc.message)
             finally:
                 self.streaming = False
+            self.mirror.check_next = True   # it may come back restarted from an older copy
             return False
         log.debug("quiet for %.0f s: polling instead of holding the stream", QUIET_S)
         return True

@@ -11,18 +11,27 @@ The planner's view of the rows (agent/sync/view.py) is kept in memory and update
 place with every row written or dropped here; a pull that changes one node costs what
 that node's folder holds, not what the whole folder holds. A whole listing rebuilds it
 and says so (`relisted`): the engine then plans everything.
+
+The cursor belongs to the appliance's history, named by its epoch (agent/sync/rollback.py).
+Every feed page names its epoch; `check_history` (at the start, after the appliance was
+out of reach, on the rescan) also compares the cursor with the appliance's newest. When
+the history changed (the appliance was recovered from an older copy), the tree is listed
+again and `on_rollback` — the sync engine re-basing the folder — runs in the same
+transaction that writes the new listing and records the new epoch: a crash in between
+leaves the old listing and the old epoch, and the next start notices again.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 
 from agent.crypto.nodes import NodeMeta, open_metadata
 from agent.errors import CairnAgentError, IntegrityError, RemoteNotFoundError
 from agent.remote import RemoteNode, RemoteTree, child_key, open_node
 from agent.sync.model import RemoteEntry, content_of_node
+from agent.sync.rollback import Rollback, history_changed
 from agent.sync.state import FolderRecord, RemoteRow, SyncDb
 from agent.sync.view import Node, RemoteView
 from protocol.ids import b64decode
@@ -82,15 +91,49 @@ class Mirror:
         # Told of every row written or dropped (the row before, the row after; None for
         # none): the drive invalidates the kernel's caches from it.
         self.on_change: Callable[[RemoteRow | None, RemoteRow | None], None] | None = None
+        self.epoch = folder.epoch     # the appliance's history the cursor belongs to
+        self.check_next = True        # ask whether that is still so before the next pull
+        # When the appliance's history changed: awaited with the new listing's entries
+        # before it is written; what it returns runs inside the transaction that writes
+        # it (the view then shows it), before the new epoch is recorded.
+        self.on_rollback: Callable[[Rollback, Mapping[str, RemoteEntry]],
+                                   Awaitable[Callable[[], None]]] | None = None
 
     async def refresh(self) -> int:
         """Bring the mirror up to date; the number of changes applied."""
         if not self.listed:
             return await self.list_all()
+        if self.check_next:
+            listed = await self.check_history()
+            if listed is not None:
+                return listed
         return await self.pull()
 
+    async def check_history(self) -> int | None:
+        """Whether the appliance lost history since the mirror was last current (another
+        epoch, or a newest cursor below ours): if so, the tree is listed again (the rows
+        listed), else None."""
+        me = await self.tree.api.me()
+        self.check_next = False
+        if history_changed(self.epoch, me.epoch, self.cursor, me.latest_cursor) is None:
+            self._adopt_epoch(me.epoch)
+            return None
+        return await self.list_all()
+
+    def _adopt_epoch(self, epoch: str | None) -> None:
+        """Record the appliance's epoch where none was known yet (a folder synced before
+        the appliance had epochs: nothing to compare with)."""
+        if self.epoch is None and epoch is not None:
+            self.db.set_epoch(self.folder.id, epoch)
+            self.epoch = epoch
+
     async def list_all(self) -> int:
-        cursor = (await self.tree.api.me()).latest_cursor
+        me = await self.tree.api.me()
+        cursor = me.latest_cursor
+        reason = history_changed(self.epoch, me.epoch, self.cursor, me.latest_cursor)
+        if reason is not None:
+            log.warning("the appliance was restored from an older copy (%s); checking what "
+                        "it lost", reason)
         root_node = (await self.tree.fetch(self.root_id)).node
         if root_node.deleted:
             raise RemoteNotFoundError("the synced remote folder was deleted; restore it "
@@ -98,14 +141,41 @@ class Mirror:
         root = await self.tree.open(root_node)
         rows: list[RemoteRow] = [row_from(root_node, root.key, root.meta)]
         await self._list_under(root_node.id, root.key, rows)
+        settle: Callable[[], None] | None = None
+        if reason is not None and self.on_rollback is not None:
+            listed = RemoteView(self.root_id, map(node_of, rows)).entries
+            settle = await self.on_rollback(Rollback(me.epoch, me.epoch_started_at, reason),
+                                            listed)
+        before = {row.node_id: row for row in self.db.remote_rows(self.folder.id)} \
+            if self.on_change is not None and self.listed else {}
         with self.db.transaction():
             self.db.clear_remote(self.folder.id)
             for row in rows:
                 self.db.put_remote(self.folder.id, row)
             self.db.set_cursor(self.folder.id, cursor)
+            self._view, self.relisted = None, True
+            if settle is not None:
+                settle()
+            if me.epoch is not None and (reason is not None or self.epoch is None):
+                self.db.set_epoch(self.folder.id, me.epoch)
         self.cursor, self.listed = cursor, True
-        self._view, self.relisted = None, True
+        if me.epoch is not None and (reason is not None or self.epoch is None):
+            self.epoch = me.epoch
+        self.check_next = False
+        self._tell_relisted(before, rows)
         return len(rows)
+
+    def _tell_relisted(self, before: dict[str, RemoteRow], rows: list[RemoteRow]) -> None:
+        """Tell `on_change` what a listing that replaced the mirror changed in it."""
+        if self.on_change is None or not before:
+            return
+        after = {row.node_id: row for row in rows}
+        for node_id, old in before.items():
+            if after.get(node_id) != old:
+                self.on_change(old, after.get(node_id))
+        for node_id, new in after.items():
+            if node_id not in before:
+                self.on_change(None, new)
 
     async def _list_under(self, folder_id: str, folder_key: bytes, rows: list[RemoteRow]
                           ) -> None:
@@ -135,7 +205,12 @@ class Mirror:
         moves past the page — after a crash in between, the page is applied again (its
         changes are upserts) and the folders are listed then."""
         applied = 0
+        history_lost = False
         async for page in self.tree.api.change_pages(self.cursor):
+            if page.epoch is not None and self.epoch is not None and page.epoch != self.epoch:
+                history_lost = True     # the cursor means nothing in this history
+                break
+            self._adopt_epoch(page.epoch)
             appeared: list[RemoteRow] = []
             with self.db.transaction():
                 for change in page.changes:
@@ -154,6 +229,8 @@ class Mirror:
             with self.db.transaction():
                 self.cursor = page.cursor
                 self.db.set_cursor(self.folder.id, self.cursor)
+        if history_lost:
+            await self.list_all()
         return applied
 
     def _apply(self, change: ChangeOut, appeared: list[RemoteRow]) -> None:

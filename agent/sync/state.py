@@ -4,7 +4,8 @@
 the planner and a restarted agent need no round trips), so it is as private as `keys`.
 
 Tables, each keyed by the folder's row id:
-- folders: local DIR, remote folder id, changes-feed cursor, status for `cairn status`;
+- folders: local DIR, remote folder id, changes-feed cursor and the appliance's epoch it
+           belongs to, status for `cairn status`;
 - remote:  the mirror of the appliance's nodes under the remote folder (the root included);
 - base:    the merge base, one row per synced node;
 - local:   the last scan's content ids, by path and stat (a cache: unchanged files are not
@@ -16,7 +17,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -36,7 +37,7 @@ CREATE TABLE IF NOT EXISTS folders (
     remote_path TEXT NOT NULL, cursor INTEGER NOT NULL DEFAULT 0,
     listed INTEGER NOT NULL DEFAULT 0, state TEXT NOT NULL DEFAULT 'starting',
     detail TEXT NOT NULL DEFAULT '', pending INTEGER NOT NULL DEFAULT 0,
-    conflicts INTEGER NOT NULL DEFAULT 0, pid INTEGER, updated_at REAL);
+    conflicts INTEGER NOT NULL DEFAULT 0, pid INTEGER, updated_at REAL, epoch TEXT);
 CREATE TABLE IF NOT EXISTS remote (
     folder INTEGER NOT NULL, node_id TEXT NOT NULL, parent_id TEXT, name TEXT NOT NULL,
     kind TEXT NOT NULL, version INTEGER NOT NULL, uploaded INTEGER NOT NULL,
@@ -71,6 +72,8 @@ class FolderRecord:
     conflicts: int
     pid: int | None
     updated_at: float | None
+    epoch: str | None = None    # the appliance's epoch the base was synced against (None:
+                                # not known yet; see agent/sync/rollback.py)
 
 
 @dataclass(frozen=True)
@@ -183,6 +186,9 @@ class SyncDb:
         columns = {row[1] for row in self.db.execute("PRAGMA table_info(remote)")}
         if "link" not in columns:           # a database from before links were carried
             self.db.execute("ALTER TABLE remote ADD COLUMN link TEXT")
+        columns = {row[1] for row in self.db.execute("PRAGMA table_info(folders)")}
+        if "epoch" not in columns:          # ... or before the appliance had epochs
+            self.db.execute("ALTER TABLE folders ADD COLUMN epoch TEXT")
         (user_version,) = self.db.execute("PRAGMA user_version").fetchone() or (0,)
         if user_version < LINK_CONTENT_VERSION:
             self._link_contents()
@@ -230,6 +236,9 @@ class SyncDb:
     def set_cursor(self, folder: int, cursor: int, listed: bool = True) -> None:
         self.db.execute("UPDATE folders SET cursor = ?, listed = ? WHERE id = ?",
                         (cursor, int(listed), folder))
+
+    def set_epoch(self, folder: int, epoch: str) -> None:
+        self.db.execute("UPDATE folders SET epoch = ? WHERE id = ?", (epoch, folder))
 
     def set_status(self, folder: int, state: str, detail: str = "", pending: int = 0,
                    conflicts: int = 0) -> None:
@@ -328,6 +337,30 @@ class SyncDb:
              None if stat is None else stat.mode, None if stat is None else stat.inode))
         if folder in self._bases:
             self._bases[folder].put(entry)
+
+    def replace_base(self, folder: int, entries: Iterable[BaseEntry],
+                     forget: Iterable[str] = ()) -> None:
+        """Write ENTRIES (each replacing its node's entry) and drop the nodes FORGET, as
+        one change of many entries: none drops another that shares its path meanwhile
+        (a re-based folder's entries move all at once; agent/sync/rollback.py)."""
+        self.base_revision += 1
+        entries = list(entries)
+        gone = [*forget, *(entry.node_id for entry in entries)]
+        self.db.executemany("DELETE FROM base WHERE folder = ? AND node_id = ?",
+                            [(folder, node_id) for node_id in gone])
+        self.db.executemany(
+            "INSERT INTO base (folder, node_id, path, kind, version, content, size, mtime_ns,"
+            " mode, inode) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [(folder, e.node_id, e.path, e.kind, e.version, e.content,
+              *((None,) * 4 if e.stat is None else
+                (e.stat.size, e.stat.mtime_ns, e.stat.mode, e.stat.inode)))
+             for e in entries])
+        if folder in self._bases:
+            base = self._bases[folder]
+            for node_id in gone:
+                base.remove(node_id)
+            for entry in entries:
+                base.put(entry, keep_others=True)
 
     def forget_base(self, folder: int, node_id: str) -> None:
         self.base_revision += 1

@@ -55,7 +55,6 @@ from agent.sync.model import (
 from agent.sync.names import unique_copy_name
 from agent.sync.scan import is_link, lstat_or_none, stat_of
 from agent.upload import upload_file
-from protocol.ids import new_node_id
 from protocol.limits import MAX_BATCH_OPERATIONS
 from protocol.models import BatchCreate, NodeOut
 
@@ -119,7 +118,7 @@ class Transfers(Context):
                 continue
             if not stat.S_ISDIR(info.st_mode):
                 continue
-            node_id, key = new_node_id(), new_node_key()
+            node_id, key = self._folder_id(action.path), new_node_key()
             meta = NodeMeta(name=name_of(action.path), kind="dir", mtime_ns=info.st_mtime_ns,
                             mode=stat.S_IMODE(info.st_mode), device=self.device_name)
             operations.append(create_op(node_create(node_id, key, meta, parent_id,

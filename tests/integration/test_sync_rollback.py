@@ -1,0 +1,210 @@
+"""An appliance recovered to an older state: the devices notice and re-send what it lost.
+
+Simulated without the home replication: a real appliance serves two real `cairn sync`
+agents; it is stopped cleanly and its database copied; it serves again while the devices
+make changes (new files, an edit, a rename, a delete, a new folder, a big file); it is
+stopped, the old copy put back — with a new epoch (`renew_epoch`, what `cairnd recover`
+does) — and started again. The agents must notice, list the tree again and re-send what
+the copy lacks: the blocks are still on the disks (orphans the copy does not know), the
+nodes and versions are not. Then a third device reads everything back byte-exact, no
+local file was deleted, an edit made in the window is the device's content (not a
+conflicted copy), and the devices keep syncing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import apsw
+import pytest
+from agent_helpers import cairn_ok, ls_json, make_user, write
+from cairnd_helpers import Served, database_rows, free_port, serving
+from sync_helpers import Device, devices_of, stop_all, tree_of, wait_converged, wait_for
+
+from appliance.config import ApplianceConfig
+from appliance.home import init_home
+from appliance.meta.epoch import current_epoch, renew_epoch
+
+NOTICED = "the appliance was restored from an older copy"
+
+
+def snapshot(config: ApplianceConfig, to: Path) -> None:
+    """A consistent copy of the stopped appliance's database (SQLite's backup)."""
+    with contextlib.closing(apsw.Connection(str(config.database))) as source, \
+            contextlib.closing(apsw.Connection(str(to))) as copy, \
+            copy.backup("main", source, "main") as backup:
+        backup.step()
+
+
+def put_back(config: ApplianceConfig, copy: Path, *, new_epoch: bool) -> str:
+    """Replace the stopped appliance's database with COPY (renewing its epoch, as a
+    recovery does, if NEW_EPOCH); the epoch it then has."""
+    for suffix in ("", "-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(f"{config.database}{suffix}")
+    shutil.copyfile(copy, config.database)
+    with contextlib.closing(apsw.Connection(str(config.database))) as db, db:
+        return renew_epoch(db) if new_epoch else current_epoch(db)
+
+
+def idle(device: Device) -> bool:
+    """Whether the device's sync says it is idle (everything sent and recorded)."""
+    status = cairn_ok(device.home, "status")
+    return f"{device.folder} <-> /: idle" in status
+
+
+def remote_files(device: Device, folder: str = "/") -> list[tuple[str, int]]:
+    """(path, size) of every file the appliance holds under FOLDER (`cairn ls`), sorted;
+    two nodes of one name are two items."""
+    found: list[tuple[str, int]] = []
+    for entry in ls_json(device.home, folder):
+        path = f"{folder.rstrip('/')}/{entry['name']}"
+        if entry["kind"] == "dir":
+            found += remote_files(device, path)
+        else:
+            found.append((path, entry["size"]))
+    return sorted(found)
+
+
+def wait_trees(expected: dict[str, bytes | None], *devices: Device,
+               timeout: float = 120) -> None:
+    """Wait until every device's folder is EXPECTED (not merely equal to the others':
+    they are equal for a moment while both still lack a download)."""
+    def reached() -> bool:
+        return all(tree_of(d.folder) == expected for d in devices)
+    try:
+        wait_for(reached, timeout, "the expected trees", every=0.1)
+    except AssertionError:
+        detail = "\n".join(f"--- {d.name}: {sorted(tree_of(d.folder))}\n"
+                           f"{d.log_text()[-3000:]}" for d in devices)
+        raise AssertionError(f"expected {sorted(expected)}\n{detail}") from None
+
+
+@pytest.mark.slow
+def test_devices_resend_what_a_restored_appliance_lost(tmp_path: Path) -> None:
+    config = init_home(tmp_path / "appliance", reserve_free_bytes=0)
+    listen = ("--listen", f"127.0.0.1:{free_port()}")   # the same address after restarts
+    big = os.urandom(6 * 1024 * 1024 + 123)             # two blocks, sent by URL
+    copy = tmp_path / "appliance-copy.db"
+    with serving(config.home, *listen) as server:
+        alice = make_user(Served(config, server), "alice")
+        laptop, desktop, phone = devices_of(alice, tmp_path, "laptop", "desktop", "phone")
+        try:
+            laptop.start()
+            desktop.start()
+            write(laptop.folder / "old.txt", "from before the copy")
+            write(laptop.folder / "edited.txt", "version 1")
+            write(laptop.folder / "renamed-before.txt", "renamed in the window")
+            write(laptop.folder / "deleted.txt", "deleted in the window")
+            write(laptop.folder / "keep/deep.txt", "deep")
+            wait_converged(laptop, desktop)
+            assert server.stop() == 0         # the agents run on, offline, throughout
+            snapshot(config, copy)
+            before_nodes = database_rows(config, "SELECT count(*) FROM nodes")[0][0]
+
+            with serving(config.home, *listen) as window:
+                write(laptop.folder / "new.txt", "made in the window")
+                write(laptop.folder / "edited.txt", "version 2, made in the window")
+                (laptop.folder / "renamed-before.txt").rename(
+                    laptop.folder / "renamed-after.txt")
+                write(desktop.folder / "fresh/inside.txt", "a folder made in the window")
+                write(desktop.folder / "keep/deep2.txt", "beside an old file")
+                # (deleted after the new files exist: a new file taking a deleted one's
+                # inode in the same scan is a move of that node, not a delete)
+                (desktop.folder / "deleted.txt").unlink()
+                (laptop.folder / "big.bin").write_bytes(big)
+                window_tree = wait_converged(laptop, desktop, timeout=90)
+                assert "deleted.txt" not in window_tree
+                wait_for(lambda: all(idle(d) for d in (laptop, desktop)), timeout=30,
+                         what="both devices to be idle")
+                assert window.stop() == 0
+            after_nodes = database_rows(config, "SELECT count(*) FROM nodes")[0][0]
+            assert after_nodes > before_nodes
+
+            epoch = put_back(config, copy, new_epoch=True)
+            assert database_rows(config, "SELECT count(*) FROM nodes")[0][0] == before_nodes
+            with serving(config.home, *listen) as restored:
+                for device in (laptop, desktop):
+                    wait_for(lambda d=device: NOTICED in d.log_text(), timeout=60,
+                             what=f"{device.name} to notice the restore")
+                # Nothing a device had is lost (no conflicted copy either: the edit made
+                # in the window is the device's content); only a delete made in the
+                # window is undone.
+                tree = dict(window_tree)
+                tree["deleted.txt"] = b"deleted in the window"
+                assert tree["edited.txt"] == b"version 2, made in the window"
+                assert tree["big.bin"] == big
+                wait_trees(tree, laptop, desktop)
+
+                # The appliance has it all again: a third device reads it back exactly.
+                want = sorted((f"/{p}", len(v)) for p, v in tree.items() if v is not None)
+                wait_for(lambda: remote_files(phone) == want, timeout=60,
+                         what="the appliance to hold every file again, once")
+                for path, size in want:
+                    out = tmp_path / "get" / path.strip("/")
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                    cairn_ok(phone.home, "get", path, out)
+                    assert out.read_bytes() == tree[path.strip("/")], path
+                    assert size == out.stat().st_size
+                for device in (laptop, desktop):
+                    assert device.log_text().count(NOTICED) == 1, device.log_text()[-3000:]
+                    assert re.search(r"after the restore: \d+ items it lost",
+                                     device.log_text())
+
+                # ... and the devices keep syncing, in the new history.
+                write(desktop.folder / "later.txt", "after the restore")
+                (laptop.folder / "old.txt").unlink()
+                del tree["old.txt"]
+                tree["later.txt"] = b"after the restore"
+                wait_trees(tree, laptop, desktop, timeout=60)
+                assert database_rows(
+                    config, "SELECT value FROM appliance_state WHERE key = 'epoch'"
+                ) == [(epoch,)]
+                stop_all(laptop, desktop)
+                assert restored.stop() == 0
+                assert "Traceback" not in restored.stderr(), restored.stderr()[-3000:]
+        finally:
+            stop_all(laptop, desktop)
+
+
+@pytest.mark.root
+@pytest.mark.slow
+def test_the_drive_lists_again_after_a_restore(tmp_path: Path, drives: Any) -> None:
+    config = init_home(tmp_path / "appliance", reserve_free_bytes=0)
+    listen = ("--listen", f"127.0.0.1:{free_port()}")
+    copy = tmp_path / "appliance-copy.db"
+    with serving(config.home, *listen) as server:
+        user = make_user(Served(config, server), "drive")
+        home = user.join(tmp_path / "a", "laptop")
+        other = user.join(tmp_path / "b", "desktop")
+        cairn_ok(home, "put", write(tmp_path / "old.txt", "from before the copy"), "/old.txt")
+        drive = drives(home, tmp_path / "mnt").start()
+        mnt = drive.mountpoint
+        assert server.stop() == 0                  # the drive stays mounted, offline
+        snapshot(config, copy)
+        with serving(config.home, *listen) as window:
+            cairn_ok(other, "put", write(tmp_path / "theirs.txt", "lost"), "/theirs.txt")
+            wait_for(lambda: (mnt / "theirs.txt").exists(), timeout=30,
+                     what="the drive to show the other device's file")
+            assert window.stop() == 0
+        put_back(config, copy, new_epoch=True)
+        with serving(config.home, *listen) as restored:
+            wait_for(lambda: NOTICED in drive.log_text(), timeout=60,
+                     what="the drive to notice the restore")
+            # listed again: no ghost of what the appliance lost (only a `cairn put` had
+            # it, which keeps nothing to send again), what it has still reads
+            wait_for(lambda: sorted(os.listdir(mnt)) == ["old.txt"], timeout=30,
+                     what="the drive to show the restored tree")
+            assert not (mnt / "theirs.txt").exists()
+            assert (mnt / "old.txt").read_text() == "from before the copy"
+            (mnt / "after.txt").write_text("written after the restore")
+            wait_for(lambda: {e["name"] for e in ls_json(other)} == {"old.txt", "after.txt"},
+                     timeout=30, what="a write after the restore to reach the appliance")
+            assert drive.stop() == 0
+            assert restored.stop() == 0
+            assert "Traceback" not in drive.log_text()
