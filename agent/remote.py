@@ -153,6 +153,12 @@ class RemoteTree:
         """Ask the appliance again next time: grants come and go while an agent runs."""
         self._grants = None
 
+    def forget_keys(self) -> None:
+        """Forget the node keys found so far: after the appliance lost recent history an
+        id may come back as another node (made again with its old or derived id, and a
+        new key; agent/sync/rollback.py)."""
+        self._keys.clear()
+
     def remember_key(self, node_id: str, key: bytes) -> None:
         """A key found elsewhere (the sync mirror), so no walk up is needed for it."""
         self._keys[node_id] = key

@@ -42,7 +42,12 @@ from agent.errors import (
 from agent.remote import RemoteTree
 from agent.sync import rules
 from agent.sync.executor import Executor, Outcome
-from agent.sync.folders import describe, open_folder, remove_stale_parts
+from agent.sync.folders import (
+    describe,
+    open_folder,
+    remake_remote_folder,
+    remove_stale_parts,
+)
 from agent.sync.follow import Follower
 from agent.sync.ignore import IgnoreRules
 from agent.sync.local import LocalTree
@@ -309,7 +314,12 @@ class SyncEngine:
         try:
             await self.mirror.refresh()
         except RemoteNotFoundError:
-            self._pause(gone)
+            # Lost with the appliance's recent history, not deleted: made again (its id
+            # derived from parent and name, as the first time), and listed.
+            if self.mirror.lost_history is None \
+                    or not await remake_remote_folder(self.tree, self.folder):
+                self._pause(gone)
+            await self.mirror.list_all()
         if self.db.remote_row(self.folder.id, self.folder.remote_root) is None:
             self.mirror.listed = False       # list it again once it is back
             self._pause(gone)

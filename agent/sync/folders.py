@@ -10,8 +10,8 @@ from pathlib import Path
 
 from agent.crypto.nodes import check_name
 from agent.download import PART_SUFFIX
-from agent.errors import LocalFileError, UsageError
-from agent.operations import make_folder
+from agent.errors import CairnAgentError, LocalFileError, TransportError, UsageError
+from agent.operations import folder_at, make_folder
 from agent.remote import RemoteTree, Target
 from agent.sync.model import LocalEntry
 from agent.sync.scan import is_dir
@@ -49,6 +49,30 @@ async def open_folder(tree: RemoteTree, db: SyncDb, local_dir: Path, remote_path
             existing = await make_folder(tree, Target(folder, part, None))
         folder = existing
     return db.add_folder(key, folder.id, wanted)
+
+
+async def remake_remote_folder(tree: RemoteTree, record: FolderRecord) -> bool:
+    """Make the synced remote folder again after the appliance lost it with recent history
+    (it was first synced in the lost window): its id is derived from its parent and name,
+    as when `open_folder` made it, so the folder made again is the one this record names.
+    Whether it is (False: it cannot be made, or it got another id)."""
+    parts = [p for p in record.remote_path.split("/") if p]
+    if not parts:
+        return False                 # the user's root itself: nothing to make it in
+    try:
+        folder = await folder_at(tree, parts)
+    except TransportError:
+        raise
+    except (CairnAgentError, ValueError) as exc:
+        log.warning("cannot make %s again: %s", record.remote_path, exc)
+        return False
+    if folder.id != record.remote_root:
+        log.warning("%s was made again, but as another folder than the one synced here",
+                    record.remote_path)
+        return False
+    log.warning("made %s again: the appliance lost it with its recent history",
+                record.remote_path)
+    return True
 
 
 def _overlaps(a: str, b: str) -> bool:

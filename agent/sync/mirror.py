@@ -93,6 +93,7 @@ class Mirror:
         self.on_change: Callable[[RemoteRow | None, RemoteRow | None], None] | None = None
         self.epoch = folder.epoch     # the appliance's history the cursor belongs to
         self.check_next = True        # ask whether that is still so before the next pull
+        self.lost_history: str | None = None    # why, while a listing after a loss is due
         # When the appliance's history changed: awaited with the new listing's entries
         # before it is written; what it returns runs inside the transaction that writes
         # it (the view then shows it), before the new epoch is recorded.
@@ -131,10 +132,13 @@ class Mirror:
         me = await self.tree.api.me()
         cursor = me.latest_cursor
         reason = history_changed(self.epoch, me.epoch, self.cursor, me.latest_cursor)
-        if reason is not None:
+        if reason is not None and self.lost_history is None:
             log.warning("the appliance was restored from an older copy (%s); checking what "
                         "it lost", reason)
-        root_node = (await self.tree.fetch(self.root_id)).node
+        if reason is not None:
+            self.tree.forget_keys()    # an id may come back as another node, another key
+        self.lost_history = reason     # (until the listing is written: the synced folder
+        root_node = (await self.tree.fetch(self.root_id)).node    # itself may be lost)
         if root_node.deleted:
             raise RemoteNotFoundError("the synced remote folder was deleted; restore it "
                                       "(cairn restore) or sync to another one")
@@ -159,6 +163,7 @@ class Mirror:
             if me.epoch is not None and (reason is not None or self.epoch is None):
                 self.db.set_epoch(self.folder.id, me.epoch)
         self.cursor, self.listed = cursor, True
+        self.lost_history = None
         if me.epoch is not None and (reason is not None or self.epoch is None):
             self.epoch = me.epoch
         self.check_next = False

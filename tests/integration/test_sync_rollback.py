@@ -9,11 +9,16 @@ the copy lacks: the blocks are still on the disks (orphans the copy does not kno
 nodes and versions are not. Then a third device reads everything back byte-exact, no
 local file was deleted, an edit made in the window is the device's content (not a
 conflicted copy), and the devices keep syncing.
+
+Also: a copy put back by hand without a new epoch (noticed by the cursor) under a folder
+first synced in the lost window (made again, not taken for deleted); and the drive, which
+lists the tree again and shows no ghost of what the appliance lost.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -22,7 +27,7 @@ from typing import Any
 
 import apsw
 import pytest
-from agent_helpers import cairn_ok, ls_json, make_user, write
+from agent_helpers import cairn_ok, ls_json, make_user, run_cairn, write
 from cairnd_helpers import Served, database_rows, free_port, serving
 from sync_helpers import Device, devices_of, stop_all, tree_of, wait_converged, wait_for
 
@@ -55,14 +60,19 @@ def put_back(config: ApplianceConfig, copy: Path, *, new_epoch: bool) -> str:
 def idle(device: Device) -> bool:
     """Whether the device's sync says it is idle (everything sent and recorded)."""
     status = cairn_ok(device.home, "status")
-    return f"{device.folder} <-> /: idle" in status
+    return any(line.strip().startswith(f"sync {device.folder} <-> ") and ": idle" in line
+               for line in status.splitlines())
 
 
 def remote_files(device: Device, folder: str = "/") -> list[tuple[str, int]]:
     """(path, size) of every file the appliance holds under FOLDER (`cairn ls`), sorted;
-    two nodes of one name are two items."""
+    two nodes of one name are two items. Nothing while FOLDER is not there."""
     found: list[tuple[str, int]] = []
-    for entry in ls_json(device.home, folder):
+    listing = run_cairn(device.home, "ls", "--json", folder)
+    if listing.returncode != 0:
+        assert "no such" in listing.stderr, listing.stderr
+        return []
+    for entry in json.loads(listing.stdout):
         path = f"{folder.rstrip('/')}/{entry['name']}"
         if entry["kind"] == "dir":
             found += remote_files(device, path)
@@ -170,6 +180,53 @@ def test_devices_resend_what_a_restored_appliance_lost(tmp_path: Path) -> None:
                 assert "Traceback" not in restored.stderr(), restored.stderr()[-3000:]
         finally:
             stop_all(laptop, desktop)
+
+
+@pytest.mark.slow
+def test_a_copy_put_back_by_hand_and_a_folder_first_synced_in_the_window(
+        tmp_path: Path) -> None:
+    """No new epoch (a database put back by hand): the device notices by its cursor,
+    above the appliance's newest. Its synced remote folder itself was made in the lost
+    window: it is made again (the same id, derived from parent and name), not taken for
+    deleted."""
+    config = init_home(tmp_path / "appliance", reserve_free_bytes=0)
+    listen = ("--listen", f"127.0.0.1:{free_port()}")
+    copy = tmp_path / "appliance-copy.db"
+    with serving(config.home, *listen) as server:
+        user = make_user(Served(config, server), "bob")
+        (laptop,) = devices_of(user, tmp_path, "laptop")
+        laptop.extra = ("--remote", "/projects/cairn")
+        cairn_ok(laptop.home, "put", write(tmp_path / "a.txt", "before"), "/a.txt")
+        assert server.stop() == 0
+        snapshot(config, copy)
+        try:
+            with serving(config.home, *listen) as window:
+                write(laptop.folder / "plan.txt", "written in the window")
+                write(laptop.folder / "src/main.py", "print('hi')")
+                laptop.start()
+                wait_for(lambda: remote_files(laptop, "/projects") == [
+                    ("/projects/cairn/plan.txt", 21), ("/projects/cairn/src/main.py", 11)],
+                         timeout=60, what="the first sync")
+                wait_for(lambda: idle(laptop), timeout=30, what="the device to be idle")
+                assert window.stop() == 0
+            put_back(config, copy, new_epoch=False)
+            with serving(config.home, *listen) as restored:
+                wait_for(lambda: NOTICED in laptop.log_text(), timeout=60,
+                         what="the device to notice the restore")
+                assert "older than" in laptop.log_text()          # by its cursor
+                wait_for(lambda: remote_files(laptop, "/projects") == [
+                    ("/projects/cairn/plan.txt", 21), ("/projects/cairn/src/main.py", 11)],
+                         timeout=60, what="the folder and its files to be sent again")
+                assert "made /projects/cairn again" in laptop.log_text()
+                assert tree_of(laptop.folder) == {"plan.txt": b"written in the window",
+                                                  "src": None,
+                                                  "src/main.py": b"print('hi')"}
+                assert sorted(e["name"] for e in ls_json(laptop.home, "/")) == [
+                    "a.txt", "projects"]
+                laptop.stop()
+                assert restored.stop() == 0
+        finally:
+            laptop.stop()
 
 
 @pytest.mark.root
