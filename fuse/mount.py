@@ -45,6 +45,7 @@ from fuse.index import DB_FILE, DriveIndex
 from fuse.kernel import Invalidator
 from fuse.mountpoint import prepare
 from fuse.pins import Pinner
+from fuse.rollback import resender
 from fuse.shared import SharedTree
 from fuse.staging import Staging
 from fuse.status import DriveStatus, Upload, clear_status, write_status
@@ -180,6 +181,8 @@ async def _serve(home: AgentHome, device: DeviceRecord, keys: UserKeys, index: D
                      pins_changed=pinner.wake)
         invalidator = Invalidator(fs)
         mirror.on_change = invalidator.note
+        mirror.on_rollback = resender(index, staging, cache, record.remote_root, record.id,
+                                      device.device_name, uploader.wake)
         shared = SharedTree(tree, index, record.remote_root, invalidator.note)
         index.forget_folders()
         pull_wanted = trio.Event()

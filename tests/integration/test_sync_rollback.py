@@ -29,6 +29,7 @@ import apsw
 import pytest
 from agent_helpers import cairn_ok, ls_json, make_user, run_cairn, write
 from cairnd_helpers import Served, database_rows, free_port, serving
+from drive_helpers import state_of
 from sync_helpers import Device, devices_of, stop_all, tree_of, wait_converged, wait_for
 
 from appliance.config import ApplianceConfig
@@ -64,18 +65,18 @@ def idle(device: Device) -> bool:
                for line in status.splitlines())
 
 
-def remote_files(device: Device, folder: str = "/") -> list[tuple[str, int]]:
+def remote_files(home: Path, folder: str = "/") -> list[tuple[str, int]]:
     """(path, size) of every file the appliance holds under FOLDER (`cairn ls`), sorted;
     two nodes of one name are two items. Nothing while FOLDER is not there."""
     found: list[tuple[str, int]] = []
-    listing = run_cairn(device.home, "ls", "--json", folder)
+    listing = run_cairn(home, "ls", "--json", folder)
     if listing.returncode != 0:
         assert "no such" in listing.stderr, listing.stderr
         return []
     for entry in json.loads(listing.stdout):
         path = f"{folder.rstrip('/')}/{entry['name']}"
         if entry["kind"] == "dir":
-            found += remote_files(device, path)
+            found += remote_files(home, path)
         else:
             found.append((path, entry["size"]))
     return sorted(found)
@@ -153,7 +154,7 @@ def test_devices_resend_what_a_restored_appliance_lost(tmp_path: Path) -> None:
 
                 # The appliance has it all again: a third device reads it back exactly.
                 want = sorted((f"/{p}", len(v)) for p, v in tree.items() if v is not None)
-                wait_for(lambda: remote_files(phone) == want, timeout=60,
+                wait_for(lambda: remote_files(phone.home) == want, timeout=60,
                          what="the appliance to hold every file again, once")
                 for path, size in want:
                     out = tmp_path / "get" / path.strip("/")
@@ -204,7 +205,7 @@ def test_a_copy_put_back_by_hand_and_a_folder_first_synced_in_the_window(
                 write(laptop.folder / "plan.txt", "written in the window")
                 write(laptop.folder / "src/main.py", "print('hi')")
                 laptop.start()
-                wait_for(lambda: remote_files(laptop, "/projects") == [
+                wait_for(lambda: remote_files(laptop.home, "/projects") == [
                     ("/projects/cairn/plan.txt", 21), ("/projects/cairn/src/main.py", 11)],
                          timeout=60, what="the first sync")
                 wait_for(lambda: idle(laptop), timeout=30, what="the device to be idle")
@@ -214,7 +215,7 @@ def test_a_copy_put_back_by_hand_and_a_folder_first_synced_in_the_window(
                 wait_for(lambda: NOTICED in laptop.log_text(), timeout=60,
                          what="the device to notice the restore")
                 assert "older than" in laptop.log_text()          # by its cursor
-                wait_for(lambda: remote_files(laptop, "/projects") == [
+                wait_for(lambda: remote_files(laptop.home, "/projects") == [
                     ("/projects/cairn/plan.txt", 21), ("/projects/cairn/src/main.py", 11)],
                          timeout=60, what="the folder and its files to be sent again")
                 assert "made /projects/cairn again" in laptop.log_text()
@@ -244,8 +245,18 @@ def test_the_drive_lists_again_after_a_restore(tmp_path: Path, drives: Any) -> N
         mnt = drive.mountpoint
         assert server.stop() == 0                  # the drive stays mounted, offline
         snapshot(config, copy)
+        big = os.urandom(5 * 1024 * 1024 + 7)
+        written = {"/old.txt": b"edited through the mount in the window",
+                   "/mine.txt": b"written through the mount in the window",
+                   "/made/inside.bin": big}
         with serving(config.home, *listen) as window:
             cairn_ok(other, "put", write(tmp_path / "theirs.txt", "lost"), "/theirs.txt")
+            (mnt / "made").mkdir()
+            for path, data in written.items():
+                (mnt / path.strip("/")).write_bytes(data)
+            for path in written:
+                wait_for(lambda p=path: state_of(mnt / p.strip("/")) == "cached",
+                         timeout=60, what=f"{path} to be uploaded")
             wait_for(lambda: (mnt / "theirs.txt").exists(), timeout=30,
                      what="the drive to show the other device's file")
             assert window.stop() == 0
@@ -253,15 +264,26 @@ def test_the_drive_lists_again_after_a_restore(tmp_path: Path, drives: Any) -> N
         with serving(config.home, *listen) as restored:
             wait_for(lambda: NOTICED in drive.log_text(), timeout=60,
                      what="the drive to notice the restore")
-            # listed again: no ghost of what the appliance lost (only a `cairn put` had
-            # it, which keeps nothing to send again), what it has still reads
-            wait_for(lambda: sorted(os.listdir(mnt)) == ["old.txt"], timeout=30,
-                     what="the drive to show the restored tree")
+            # Listed again: no ghost of what the appliance lost and no device holds (a
+            # `cairn put` keeps nothing to send again); what the drive wrote in the
+            # window is sent again from its block cache, as it was.
+            wait_for(lambda: sorted(os.listdir(mnt)) == ["made", "mine.txt", "old.txt"],
+                     timeout=30, what="the drive to show the restored tree")
             assert not (mnt / "theirs.txt").exists()
-            assert (mnt / "old.txt").read_text() == "from before the copy"
+            for path, data in written.items():
+                assert (mnt / path.strip("/")).read_bytes() == data, path
+            want = sorted((path, len(data)) for path, data in written.items())
+            wait_for(lambda: remote_files(other) == want, timeout=60,
+                     what="the appliance to hold what the drive wrote again")
+            for path, data in written.items():
+                out = tmp_path / "get" / path.strip("/")
+                out.parent.mkdir(parents=True, exist_ok=True)
+                cairn_ok(other, "get", path, out)
+                assert out.read_bytes() == data, path
+            assert "sending them again" in drive.log_text()
             (mnt / "after.txt").write_text("written after the restore")
-            wait_for(lambda: {e["name"] for e in ls_json(other)} == {"old.txt", "after.txt"},
-                     timeout=30, what="a write after the restore to reach the appliance")
+            wait_for(lambda: "/after.txt" in dict(remote_files(other)), timeout=30,
+                     what="a write after the restore to reach the appliance")
             assert drive.stop() == 0
             assert restored.stop() == 0
             assert "Traceback" not in drive.log_text()
