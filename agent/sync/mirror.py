@@ -16,7 +16,8 @@ The cursor belongs to the appliance's history, named by its epoch (agent/sync/ro
 Every feed page names its epoch; `check_history` (at the start, after the appliance was
 out of reach, on the rescan) also compares the cursor with the appliance's newest. When
 the history changed (the appliance was recovered from an older copy), the tree is listed
-again and `on_rollback` — the sync engine re-basing the folder — runs in the same
+again and `on_rollback` — the sync engine re-basing the folder, the drive staging what it
+wrote again — prepares (asking the appliance what it needs) and then runs in the same
 transaction that writes the new listing and records the new epoch: a crash in between
 leaves the old listing and the old epoch, and the next start notices again.
 """
