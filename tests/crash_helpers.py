@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import json
+import random
 import signal
 import threading
 import time
@@ -34,7 +35,7 @@ from typing import Any
 
 import blake3
 import httpx
-from api_helpers import Device, pinned_context
+from api_helpers import Device, new_node_id, pinned_context
 from cairnd_helpers import RunningAppliance, run_cairnd_in_process, serving
 
 from appliance.config import ApplianceConfig
@@ -453,6 +454,109 @@ class Raw:
         with self.lock:
             files = list(self.files.values())
         yield from (f for f in files if not f.current.deleted)
+
+
+# --- what the raw client does: each runs in worker threads until the appliance dies --
+
+SMALL, MEDIUM = (200, 60_000), (70_000, 260_000)   # packed / erasure-coded blocks
+LOOPS = 400                                        # a worker's requests per round, at most
+
+
+def blocks_of(rng: random.Random, count: int, medium_share: float) -> list[bytes]:
+    return [rng.randbytes(rng.randint(*(MEDIUM if rng.random() < medium_share else SMALL)))
+            for _ in range(count)]
+
+
+def send(raw: Raw, file: RawFile, missing: list[Json]) -> None:
+    """What the appliance asked for: small blocks in one POST /blocks, others by URL."""
+    small = [e for e in missing if e["size"] <= SMALL[1]]
+    if small:
+        raw.post_blocks(file, small)
+    raw.send_missing(file, [e for e in missing if e["size"] > SMALL[1]])
+
+
+def upload_work(raw: Raw, rng: random.Random, parents: list[str]) -> None:
+    for _ in range(LOOPS):
+        file = raw.new_file(new_node_id(), rng.choice(parents))
+        try:
+            missing = raw.create(file, rng.randbytes(20), blocks_of(rng, rng.randint(2, 6), 0.6))
+            rng.shuffle(missing)
+            raw.send_missing(file, missing)
+        finally:
+            raw.release(file)
+
+
+def commit_work(raw: Raw, rng: random.Random, parents: list[str],
+                pool: list[bytes] | None = None) -> None:
+    """Creates sharing known blocks (POOL, else the model's), new versions, moves and
+    deletes."""
+    for _ in range(LOOPS):
+        known = pool or raw.known_blocks() or blocks_of(rng, 2, 0.5)
+        roll = rng.random()
+        if roll < 0.4:
+            new = raw.new_file(new_node_id(), rng.choice(parents))
+            try:
+                blocks = rng.sample(known, min(len(known), rng.randint(1, 3)))
+                send(raw, new, raw.create(new, rng.randbytes(20),
+                                          blocks + blocks_of(rng, rng.randint(0, 1), 0.2)))
+            finally:
+                raw.release(new)
+            continue
+        file = raw.take(rng.choice)
+        if file is None:
+            continue
+        try:
+            if roll < 0.55:
+                send(raw, file, raw.update(file, rng.randbytes(20), None))
+            elif roll < 0.7:
+                raw.update(file, rng.randbytes(20), None, parent=rng.choice(parents))
+            elif roll < 0.88:
+                blocks = rng.sample(known, min(len(known), 2)) + blocks_of(rng, 1, 0.3)
+                send(raw, file, raw.update(file, rng.randbytes(20), blocks))
+            else:
+                raw.delete(file)
+        finally:
+            raw.release(file)
+
+
+def batch_work(raw: Raw, rng: random.Random, parents: list[str]) -> None:
+    for _ in range(LOOPS):
+        operations: list[tuple[RawFile, RawState, Json]] = []
+        inline: dict[str, bytes] = {}
+        taken: list[RawFile] = []
+        try:
+            for _ in range(rng.randint(3, 12)):
+                roll = rng.random()
+                existing = raw.take(rng.choice) if roll >= 0.6 else None
+                if existing is not None and roll >= 0.85:
+                    taken.append(existing)
+                    operations.append((existing, RawState(-1, deleted=True), {
+                        "op": "delete", "node_id": existing.node_id,
+                        "base_version": existing.current.version}))
+                    continue
+                blocks = blocks_of(rng, rng.randint(1, 2), 0.25)
+                inline.update({block_id(b): b for b in blocks
+                               if len(b) <= SMALL[1] and rng.random() < 0.8})
+                metadata = rng.randbytes(20)
+                content = {"metadata": b64(metadata), "wrapped_key": b64(b"k"),
+                           "size": sum(map(len, blocks)),
+                           "blocks": [{"id": block_id(b), "size": len(b)} for b in blocks]}
+                file = existing or raw.new_file(new_node_id(), rng.choice(parents))
+                taken.append(file)
+                if existing is None:
+                    operations.append((file, RawState(1, metadata, tuple(blocks)), {
+                        "op": "create", "id": file.node_id, "parent": file.parent,
+                        "kind": "file", **content}))
+                else:
+                    version = existing.current.version
+                    operations.append((file, RawState(version + 1, metadata, tuple(blocks)), {
+                        "op": "update", "node_id": file.node_id, "base_version": version,
+                        **content}))
+            for file, missing in raw.batch(operations, inline):
+                send(raw, file, missing)
+        finally:
+            for file in taken:
+                raw.release(file)
 
 
 # --- sync folders ---------------------------------------------------------------------------
