@@ -21,7 +21,10 @@ The rules, per node (L local, R remote, B base):
 - a folder is deleted only if nothing under it changed on the other side; otherwise it is
   re-created and only the unchanged items in it are deleted;
 - an unsynced local item meets a remote one of the same name: identical files merge, else
-  the local one is renamed aside as a conflicted copy — nothing is overwritten.
+  the local one is renamed aside as a conflicted copy — nothing is overwritten;
+- identical content here and there whose remote version never finished uploading (a device
+  killed between making the node and sending its blocks) is uploaded again over it, never
+  adopted: adopted, it stayed `uploading` for good and reached no other device.
 
 A symbolic link is a file here (model.py: its content id is made from its target), so
 these rules apply to links unchanged.
@@ -319,8 +322,10 @@ def _with_base(trees: _Trees, path: str, base: BaseEntry, here: LocalEntry | Non
     elif local_changed and remote_changed:
         if here.content is None:
             out.hashes.append(path)
-        elif here.content == own.content:
+        elif here.content == own.content and own.uploaded:
             out.records.append(Adopt(node, path, here.stat, own.version, own.content))
+        elif here.content == own.content:   # an upload of it that never finished
+            _upload(here, node, own.version, out)
         elif not here.stable or not own.uploaded:
             out.waiting.append(path)
         else:
@@ -366,9 +371,11 @@ def _without_base(path: str, here: LocalEntry | None, there: RemoteEntry | None,
             out.asides.append(RenameLocalAside(path))
         elif here.content is None:
             out.hashes.append(path)
-        elif here.content == there.content:
+        elif here.content == there.content and there.uploaded:
             out.records.append(Adopt(there.node_id, path, here.stat, there.version,
                                      there.content))
+        elif here.content == there.content:  # an upload of it that never finished
+            _upload(here, there.node_id, there.version, out)
         elif not there.uploaded:
             out.waiting.append(path)
         else:

@@ -210,6 +210,16 @@ def test_local_deleted_folder_keeps_what_arrived_there() -> None:
     assert result.remote_deletions == 1
 
 
+def test_identical_content_whose_upload_never_finished_is_sent_again() -> None:
+    """Killed between the node and its blocks (the crash campaign): no merge with it."""
+    unfinished = rf("x", "x", content="mine", uploaded=False)
+    here = lf("x", 4, content="mine")
+    assert plan(*trees([here], [unfinished], [])).actions == (Upload("x", nid("x"), 1, 1),)
+    edited = lf("x", 4, mtime=2, content="mine")
+    version_2 = replace(unfinished, version=2)
+    assert plan(*trees([edited], [version_2], [bf("x", "x", 4)])).actions == (
+        Upload("x", nid("x"), 2, 1),)
+
 def test_files_being_written_or_uploaded_wait() -> None:
     result = plan(*trees([lf("a", 1, stable=False)], [], []))
     assert result.empty and result.waiting == ("a",)
