@@ -78,6 +78,12 @@ class Me(BaseModel):
                                            "began (unix time, the appliance's clock): a "
                                            "node changed before it came back with the "
                                            "copy, one changed after was changed since.")
+    epoch_started_cursor: int | None = Field(None, description="API 1.4: the newest "
+                                             "change cursor when the epoch began: the "
+                                             "feed after it is what changed since (a "
+                                             "node's first change there says which "
+                                             "version the copy had). Null if not known "
+                                             "(an epoch no recovery began, or before 1.4).")
 
 
 class KeyBundle(BaseModel):

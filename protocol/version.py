@@ -8,7 +8,7 @@ major version stops it with one clear line instead of a validation error later.
 
 from __future__ import annotations
 
-API_VERSION = "1.3"
+API_VERSION = "1.4"
 HEADER = "Cairn-Api-Version"
 
 INLINE_BATCH_BLOCKS = "1.1"
@@ -23,6 +23,11 @@ EPOCH = "1.3"
 """Since this version GET /me and GET /changes report the database's epoch (`epoch`; /me
 also `epoch_started_at`): a new one after the appliance was recovered from an older copy
 of its database, so devices re-send what the copy lacks (docs/sync.md)."""
+
+EPOCH_CURSOR = "1.4"
+"""Since this version GET /me also reports `epoch_started_cursor`, the newest change cursor
+when the epoch began: a device re-basing after a recovery reads the feed after it to learn
+which version of each node changed since the copy had (agent/sync/rollback.py)."""
 
 
 class IncompatibleApiError(ValueError):

@@ -74,7 +74,8 @@ async def me(caller: CallerDep, context: ContextDep) -> Me:
                   device_name=caller.device.name, root_id=root.id if root else None,
                   has_key_bundle=caller.user.key_bundle is not None,
                   latest_cursor=journal.latest_cursor(db, caller.user.id),
-                  epoch=current.id, epoch_started_at=current.started_at)
+                  epoch=current.id, epoch_started_at=current.started_at,
+                  epoch_started_cursor=current.started_cursor)
     return await context.meta.read(read)
 
 

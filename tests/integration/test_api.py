@@ -345,8 +345,10 @@ def test_changes_feed_pages_in_order(users: dict[str, Any]) -> None:
     cursors = [c["cursor"] for c in first["changes"] + rest["changes"]]
     assert cursors == sorted(cursors) and len(set(cursors)) == len(cursors)
     empty = phone.ok(phone.get("/changes", params={"cursor": rest["cursor"]}))
-    epoch = phone.ok(phone.get("/me"))["epoch"]     # the database's history (API 1.3)
+    me = phone.ok(phone.get("/me"))
+    epoch = me["epoch"]                             # the database's history (API 1.3)
     assert re.fullmatch("[0-9a-f]{32}", epoch)
+    assert me["epoch_started_cursor"] is None       # no recovery began it (API 1.4)
     assert empty == {"changes": [], "cursor": rest["cursor"], "has_more": False,
                      "epoch": epoch}
 

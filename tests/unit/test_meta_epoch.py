@@ -1,5 +1,6 @@
 """The database's epoch (appliance.meta.epoch): drawn by the migration, stable until
-renewed, and renewed to a new random id with the time it began."""
+renewed, and renewed to a new random id with the time it began and the newest change
+cursor then."""
 
 from __future__ import annotations
 
@@ -32,6 +33,21 @@ def test_renewing_gives_a_new_epoch_and_when_it_began() -> None:
     assert epoch.current_epoch(db) == renewed
     assert epoch.renew(db, now=1234.5) == epoch.current(db)
     assert epoch.current(db).started_at == 1234.5
+
+
+def test_a_renewed_epoch_notes_the_newest_change_cursor() -> None:
+    db = memory_db()
+    assert epoch.current(db).started_cursor is None        # the migration's: not known
+    assert epoch.renew(db).started_cursor == 0 == epoch.current(db).started_cursor
+    db.executemany("INSERT INTO changes(node_id, version, kind, at) VALUES (?, ?, ?, 0)",
+                   [("a" * 32, 1, "created"), ("a" * 32, 2, "updated")])
+    newest = int(db.execute("SELECT max(cursor) FROM changes").fetchone()[0])
+    assert epoch.renew(db).started_cursor == newest == epoch.current(db).started_cursor
+    db.execute("INSERT INTO changes(node_id, version, kind, at) VALUES (?, 3, 'moved', 0)",
+               ("a" * 32,))
+    assert epoch.current(db).started_cursor == newest       # later changes come after it
+    db.execute("UPDATE appliance_state SET value = 'x' WHERE key = 'epoch_started_cursor'")
+    assert epoch.current(db).started_cursor is None         # a row spoiled by hand
 
 
 def test_a_database_from_before_the_epoch_gets_one_when_migrated() -> None:
