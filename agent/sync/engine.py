@@ -61,7 +61,7 @@ from agent.sync.model import (
     is_within,
 )
 from agent.sync.planner import Plan, plan
-from agent.sync.rollback import Rollback, missing_from, rebase
+from agent.sync.rollback import Rollback, fresh_edits, missing_from, rebase
 from agent.sync.scan import (
     LocalScan,
     is_dir,
@@ -284,20 +284,26 @@ class SyncEngine:
         """The appliance lost history: re-base the folder on the tree LISTED again (see
         agent/sync/rollback.py). First ask which synced nodes it lacks are deleted there
         (before the copy was taken, or since: their deletes follow the usual rules);
-        the rest are gone with the lost window. The re-base itself is returned, for the
-        mirror to run inside the transaction that writes the listing; then the next plan
-        looks at everything, against a whole walk."""
+        the rest are gone with the lost window. Then, if files synced here were edited
+        since the recovery, read from the feed since then which versions the copy had of
+        them (an edit made since on a version this device synced is no conflict). The
+        re-base itself is returned, for the mirror to run inside the transaction that
+        writes the listing; then the next plan looks at everything, against a whole
+        walk."""
         deleted: set[str] = set()
-        for node_id in missing_from(self.db.base_entries(self.folder.id), listed):
+        base = self.db.base_entries(self.folder.id)
+        for node_id in missing_from(base, listed):
             try:
                 if (await self.tree.fetch(node_id)).node.deleted:
                     deleted.add(node_id)
             except RemoteNotFoundError:
                 pass
+        edited = fresh_edits(base, listed, rollback.started_at)
+        in_copy = await self.mirror.versions_in_copy(rollback, edited) if edited else {}
 
         def settle() -> None:
             change = rebase(self.db.base_entries(self.folder.id), self.mirror.entries(),
-                            rollback.started_at, deleted)
+                            rollback.started_at, deleted, in_copy)
             self.db.replace_base(self.folder.id, change.entries, change.forget)
             self._lost_folders.clear()
             self._lost_folders.update(change.lost_folders)

@@ -26,13 +26,13 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
 
 from agent.crypto.nodes import NodeMeta, open_metadata
 from agent.errors import CairnAgentError, IntegrityError, RemoteNotFoundError
 from agent.remote import RemoteNode, RemoteTree, child_key, open_node
 from agent.sync.model import RemoteEntry, content_of_node
-from agent.sync.rollback import Rollback, history_changed
+from agent.sync.rollback import Rollback, copy_versions, history_changed
 from agent.sync.state import FolderRecord, RemoteRow, SyncDb
 from agent.sync.view import Node, RemoteView
 from protocol.ids import b64decode
@@ -40,6 +40,7 @@ from protocol.models import ChangeOut, FeedSpan, NodeOut
 
 log = logging.getLogger(__name__)
 OPENED_KEPT = 4096   # opened node metadata kept for the transfers that follow a pull
+COPY_CHANGES_READ = 100_000   # changes since a restore read to learn the copy's versions
 
 
 def row_from(raw: NodeOut, key: bytes, meta: NodeMeta) -> RemoteRow:
@@ -149,8 +150,9 @@ class Mirror:
         settle: Callable[[], None] | None = None
         if reason is not None and self.on_rollback is not None:
             listed = RemoteView(self.root_id, map(node_of, rows)).entries
-            settle = await self.on_rollback(Rollback(me.epoch, me.epoch_started_at, reason),
-                                            listed)
+            settle = await self.on_rollback(
+                Rollback(me.epoch, me.epoch_started_at, reason, me.epoch_started_cursor),
+                listed)
         before = {row.node_id: row for row in self.db.remote_rows(self.folder.id)} \
             if self.on_change is not None and self.listed else {}
         with self.db.transaction():
@@ -170,6 +172,29 @@ class Mirror:
         self.check_next = False
         self._tell_relisted(before, rows)
         return len(rows)
+
+    async def versions_in_copy(self, rollback: Rollback, wanted: Collection[str]
+                               ) -> dict[str, int]:
+        """The versions the copy had of the nodes in WANTED changed since ROLLBACK's epoch
+        began (agent/sync/rollback.py `copy_versions`), from the feed after its start
+        cursor — what changed since the recovery; empty if the appliance does not say
+        (before API 1.4) or its history changed again meanwhile. At most
+        COPY_CHANGES_READ changes are read: a node first changed after them has no
+        version here, which only keeps the cautious answer (a conflict) for it."""
+        if rollback.started_cursor is None:
+            return {}
+        changes: list[tuple[str, int, str]] = []
+        read = 0
+        async for page in self.tree.api.change_pages(rollback.started_cursor):
+            if page.epoch != rollback.epoch:
+                return {}
+            changes.extend((c.node_id, c.version, c.kind) for c in page.changes
+                           if c.node_id in wanted)
+            read += len(page.changes)
+            if read >= COPY_CHANGES_READ:
+                log.warning("read the first %d changes since the restore only", read)
+                break
+        return copy_versions(changes)
 
     def _tell_relisted(self, before: dict[str, RemoteRow], rows: list[RemoteRow]) -> None:
         """Tell `on_change` what a listing that replaced the mirror changed in it."""

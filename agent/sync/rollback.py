@@ -37,9 +37,28 @@ the recovery — else R is as the copy brought it back):
   than what came back, not a concurrent edit; not a conflicted copy);
 - a file R has at a newer version, not fresh: B unchanged — the device was behind the copy
   (offline since before it), and the usual rules apply (download, or a conflict);
-- a fresh file at another content: a conflict — version 0 and a base stat no file
-  matches, so both sides count as changed: identical content merges, else the usual
-  conflicted copy (the one here keeps the name, R's is kept beside it).
+- a fresh file at another content: it depends on the version the copy had (c: the
+  node's version when the epoch began, learnt from the feed since then, `copy_versions`):
+  - B's version is one the copy had (B's version <= c): R is a normal successor of what
+    this device synced, made since the recovery by another device — B unchanged, and the
+    usual rules apply (download it; a conflict only if the file here changed too);
+  - else (B's version was made in the lost window, or c is not known — an appliance
+    before API 1.4, a node made again since the recovery): a conflict — the appliance
+    lost this device's version and another device edited an older one, or so it may be.
+    Version 0 and a base stat no file matches, so both sides count as changed: identical
+    content merges, else the usual conflicted copy (the one here keeps the name, R's is
+    kept beside it).
+
+**The copy's versions** (`copy_versions`): the appliance reports the newest change cursor
+when the epoch began (API 1.4: GET /me's `epoch_started_cursor`), so the feed after it is
+exactly what changed since the recovery; a node's first change there was made on top of
+the version the copy had (one below the change's version, or the same for a change that
+makes no version: `uploaded`, `shared` ...), and a node `created` there is new. A wrong c
+could only be too low (a kind not known here counts as one that makes a version), which
+falls back to the conflict: never to a download over what this device alone had. The
+feed is read only when such fresh edits exist (`fresh_edits`), and only so far (the
+mirror's COPY_CHANGES_READ): a node first changed later keeps the conflict. A folder needs
+no c: a fresh folder is left to the usual rules either way.
 
 Nothing here deletes what the appliance lost: every base entry left points at a node the
 appliance has (alive, or deleted on purpose), so no plan takes a lost node for a remote
@@ -48,7 +67,10 @@ What is lost for good: a deletion made in the lost window comes back (the node i
 copy and no base knows it was deleted — the file is downloaded again), and so does a move
 made in the window on a device that does not run any more. A file deleted on the
 appliance so long ago that its tombstone was purged looks lost and is sent again. Grants
-and shares made in the window are not re-sent.
+and shares made in the window are not re-sent. Versions are compared as one history: a
+device offline across two recoveries, whose version the first one lost, takes a version
+of the same node made later (in the second copy, or since) as the successor of its own
+and downloads it — its content, on no appliance any more, is then overwritten.
 
 A place ("path") is derived from the parent's new place and the node's own name, from R
 or from B as the node's row above says, so a folder moved back and what is in it agree.
@@ -56,7 +78,7 @@ or from B as the node's row above says, so a folder moved back and what is in it
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, replace
 
 from agent.sync.model import BaseEntry, RemoteEntry, Stat, name_of, parent_of
@@ -65,6 +87,9 @@ CONFLICT_VERSION = 0
 """A base version no node has (versions start at 1): the remote counts as changed."""
 UNSYNCED_SIZE = -1
 """The size in a base stat that no local file has: the file here counts as changed."""
+SAME_VERSION_KINDS = frozenset({"uploaded", "uploading", "shared", "unshared"})
+"""Kinds of change that leave the node's version as it was (docs/api.md): every other kind
+but `created` makes the next version."""
 
 
 @dataclass(frozen=True)
@@ -74,6 +99,7 @@ class Rollback:
     epoch: str | None           # the appliance's epoch now (None: it has none)
     started_at: float | None    # when that epoch began (None: not known)
     reason: str                 # for the log
+    started_cursor: int | None = None   # the newest change cursor then (None: not known)
 
 
 def history_changed(synced_epoch: str | None, epoch: str | None, cursor: int,
@@ -86,6 +112,22 @@ def history_changed(synced_epoch: str | None, epoch: str | None, cursor: int,
     if latest_cursor is not None and cursor > latest_cursor:
         return f"its newest change is {latest_cursor}, older than {cursor} seen here"
     return None
+
+
+def copy_versions(changes: Iterable[tuple[str, int, str]]) -> dict[str, int]:
+    """Each node's version in the copy, c, from CHANGES — (node id, the version the
+    change made, its kind) of every change since the epoch began, in any order: the
+    version its first change there was made on. A node created there has none (it is
+    new). Every version after c was made since the recovery by some device."""
+    before: dict[str, int] = {}
+    created: set[str] = set()
+    for node_id, version, kind in changes:
+        if kind == "created":
+            created.add(node_id)
+            continue
+        copy = version if kind in SAME_VERSION_KINDS else version - 1
+        before[node_id] = min(copy, before.get(node_id, copy))
+    return {node_id: c for node_id, c in before.items() if node_id not in created}
 
 
 def unsynced(stat: Stat | None) -> Stat | None:
@@ -107,12 +149,14 @@ class Rebase:
     resend: int = 0                  # files whose content here is sent as a new version
     conflicts: int = 0               # files changed since the recovery at other content
     lost_folders: tuple[tuple[str, str], ...] = ()   # (path, id) of folders it lost
+    successors: int = 0              # files changed since on a version synced here
 
     @property
     def summary(self) -> str:
         return (f"{len(self.forget)} items it lost are sent again as new, {self.resend} "
                 f"files at an older version get this device's, {self.conflicts} changed "
-                "since are compared")
+                f"since are compared, {self.successors} changed since on the version "
+                "synced here are taken as usual")
 
 
 @dataclass(frozen=True)
@@ -124,21 +168,45 @@ class _Decision:
     content: str
     stat: Stat | None
     remote_place: bool
-    kind: str = "same"              # or "resend", "conflict" (for the counts)
+    kind: str = "same"              # or "resend", "conflict", "successor" (the counts)
 
 
-def _decide(entry: BaseEntry, node: RemoteEntry, started_at: float | None) -> _Decision:
-    fresh = started_at is not None and node.updated_at >= started_at
+def _fresh(node: RemoteEntry, started_at: float | None) -> bool:
+    """Whether NODE was changed since the epoch began (by some device, since the recovery)."""
+    return started_at is not None and node.updated_at >= started_at
+
+
+def _same_content(entry: BaseEntry, node: RemoteEntry) -> bool:
+    return node.content == entry.content and node.uploaded
+
+
+def fresh_edits(base: Mapping[str, BaseEntry], remote: Mapping[str, RemoteEntry],
+                started_at: float | None) -> set[str]:
+    """The synced files that REMOTE has changed since the epoch began (STARTED_AT) at
+    another content than the base's: whether each is a conflict depends on the version
+    the copy had of it (`copy_versions`); the others need none."""
+    return {node_id for node_id, entry in base.items() if entry.kind == "file"
+            and (node := remote.get(node_id)) is not None and node.kind == "file"
+            and _fresh(node, started_at) and not _same_content(entry, node)}
+
+
+def _decide(entry: BaseEntry, node: RemoteEntry, started_at: float | None,
+            in_copy: int | None) -> _Decision:
+    """IN_COPY: the node's version in the copy (c), if known."""
+    fresh = _fresh(node, started_at)
     if entry.kind == "dir":
         if fresh or node.version > entry.version:
             return _Decision(entry.version, entry.content, entry.stat, False)
         return _Decision(node.version, node.content, entry.stat, True)
-    same_content = node.content == entry.content and node.uploaded
+    same_content = _same_content(entry, node)
     if fresh:
         if same_content:
             return _Decision(node.version, node.content, entry.stat, False)
-        return _Decision(CONFLICT_VERSION, entry.content, unsynced(entry.stat), False,
-                         "conflict")
+        if in_copy is None or not entry.version <= in_copy < node.version:
+            return _Decision(CONFLICT_VERSION, entry.content, unsynced(entry.stat), False,
+                             "conflict")
+        # The copy had B's version: R is a normal successor of it.
+        return _Decision(entry.version, entry.content, entry.stat, False, "successor")
     if node.version > entry.version:
         return _Decision(entry.version, entry.content, entry.stat, False)
     if same_content:
@@ -147,11 +215,14 @@ def _decide(entry: BaseEntry, node: RemoteEntry, started_at: float | None) -> _D
 
 
 def rebase(base: Mapping[str, BaseEntry], remote: Mapping[str, RemoteEntry],
-           started_at: float | None, deleted: Collection[str] = ()) -> Rebase:
+           started_at: float | None, deleted: Collection[str] = (),
+           in_copy: Mapping[str, int] | None = None) -> Rebase:
     """The base of a folder re-based on the appliance's tree REMOTE (listed again after
     its history changed; STARTED_AT: when its epoch began, None if not known; DELETED:
-    the nodes it lacks that it holds as deleted) — see the module doc. Entries that stay
-    exactly as they are are left out."""
+    the nodes it lacks that it holds as deleted; IN_COPY: the versions the copy had of
+    nodes changed since, `copy_versions`, None if not known) — see the module doc.
+    Entries that stay exactly as they are are left out."""
+    in_copy = {} if in_copy is None else in_copy
     decisions: dict[str, _Decision] = {}
     forget: list[str] = []
     for entry in base.values():
@@ -161,7 +232,8 @@ def rebase(base: Mapping[str, BaseEntry], remote: Mapping[str, RemoteEntry],
         if node is None or node.kind != entry.kind:
             forget.append(entry.node_id)
         else:
-            decisions[entry.node_id] = _decide(entry, node, started_at)
+            decisions[entry.node_id] = _decide(entry, node, started_at,
+                                               in_copy.get(entry.node_id))
     folders = {e.path: e.node_id for e in base.values()
                if e.kind == "dir" and e.node_id in decisions}
     places: dict[str, str] = {}
@@ -194,4 +266,4 @@ def rebase(base: Mapping[str, BaseEntry], remote: Mapping[str, RemoteEntry],
     lost_folders = tuple((base[i].path, i) for i in forget
                          if base[i].kind == "dir" and i not in remote)
     return Rebase(tuple(entries), tuple(forget), kinds.count("resend"),
-                  kinds.count("conflict"), lost_folders)
+                  kinds.count("conflict"), lost_folders, kinds.count("successor"))

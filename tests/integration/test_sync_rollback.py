@@ -10,6 +10,10 @@ nodes and versions are not. Then a third device reads everything back byte-exact
 local file was deleted, an edit made in the window is the device's content (not a
 conflicted copy), and the devices keep syncing.
 
+An edit made since the restore, by a device that re-sends first or by a third one, is
+taken by a device offline meanwhile as the next version of what it synced (downloaded)
+when the copy had that version, and kept beside its own when the copy lacked it.
+
 Also: a copy put back by hand without a new epoch (noticed by the cursor) under a folder
 first synced in the lost window (made again, not taken for deleted); and the drive, which
 lists the tree again and shows no ghost of what the appliance lost.
@@ -176,6 +180,76 @@ def test_devices_resend_what_a_restored_appliance_lost(tmp_path: Path) -> None:
                 assert database_rows(
                     config, "SELECT value FROM appliance_state WHERE key = 'epoch'"
                 ) == [(epoch,)]
+                stop_all(laptop, desktop)
+                assert restored.stop() == 0
+                assert "Traceback" not in restored.stderr(), restored.stderr()[-3000:]
+        finally:
+            stop_all(laptop, desktop)
+
+
+@pytest.mark.slow
+def test_an_edit_made_since_the_restore_is_no_conflict_where_the_copy_had_the_base(
+        tmp_path: Path) -> None:
+    """The laptop and the desktop synced a.txt and b.txt (version 1, which the copy holds);
+    the desktop edits both in the window (version 2, lost); after the restore a third
+    device edits b.txt from the copy's version 1 before the desktop notices. The desktop
+    sends a.txt again (the copy's version is older) and meets a true conflict on b.txt
+    (its version 2 was lost, the phone's edit is concurrent with it): both kept. The
+    laptop, offline all along, synced version 1 of both, which the copy had: what
+    changed since is the next version of what it holds — downloaded, no conflicted copy
+    of its own (the false conflict of issue 14: its stale file kept the name)."""
+    config = init_home(tmp_path / "appliance", reserve_free_bytes=0)
+    listen = ("--listen", f"127.0.0.1:{free_port()}")
+    copy = tmp_path / "appliance-copy.db"
+    edited = {"a.txt": b"a, version 2, from the desktop in the window",
+              "b.txt": b"b, version 2, from the desktop in the window"}
+    theirs = b"b from the phone, since the restore"
+    with serving(config.home, *listen) as server:
+        alice = make_user(Served(config, server), "alice")
+        laptop, desktop, phone = devices_of(alice, tmp_path, "laptop", "desktop", "phone")
+        try:
+            write(laptop.folder / "a.txt", "a, version 1")
+            write(laptop.folder / "b.txt", "b, version 1")
+            laptop.start()
+            desktop.start()
+            wait_converged(laptop, desktop)
+            wait_for(lambda: all(idle(d) for d in (laptop, desktop)), timeout=30,
+                     what="both devices to be idle")
+            stop_all(laptop, desktop)          # the laptop stays offline until the end
+            assert server.stop() == 0
+            snapshot(config, copy)
+
+            with serving(config.home, *listen) as window:
+                desktop.start()
+                for name, data in edited.items():
+                    write(desktop.folder / name, data)
+                wait_for(lambda: remote_files(phone.home) == sorted(
+                    (f"/{n}", len(d)) for n, d in edited.items()), timeout=60,
+                         what="the desktop's edits to reach the appliance")
+                wait_for(lambda: idle(desktop), timeout=30, what="the desktop to be idle")
+                desktop.stop()
+                assert window.stop() == 0
+
+            put_back(config, copy, new_epoch=True)
+            with serving(config.home, *listen) as restored:
+                cairn_ok(phone.home, "put", write(tmp_path / "phone-b.txt", theirs),
+                         "/b.txt")
+                desktop.start()
+                wait_for(lambda: len(remote_files(phone.home)) == 3 and idle(desktop),
+                         timeout=60, what="the desktop to send its edits again")
+                expected = tree_of(desktop.folder)
+                copies = [name for name in expected if "conflicted copy" in name]
+                assert len(copies) == 1 and expected[copies[0]] == theirs, expected
+                assert {k: v for k, v in expected.items() if k not in copies} == edited
+                assert "1 changed since are compared" in desktop.log_text()
+
+                laptop.start()
+                wait_for(lambda: NOTICED in laptop.log_text(), timeout=60,
+                         what="the laptop to notice the restore")
+                wait_trees(expected, laptop, desktop)
+                assert "0 changed since are compared, 2 changed since on the version " \
+                    "synced here" in laptop.log_text(), laptop.log_text()[-3000:]
+                assert "conflict: " not in laptop.log_text().split(NOTICED, 1)[1]
                 stop_all(laptop, desktop)
                 assert restored.stop() == 0
                 assert "Traceback" not in restored.stderr(), restored.stderr()[-3000:]

@@ -1,7 +1,8 @@
 """Re-basing a synced folder after the appliance lost history (agent/sync/rollback.py),
 one scenario each, then planned (pure): what the device holds and the appliance lacks is
-sent again, never deleted here; and a property: no plan after a re-base deletes a local
-item."""
+sent again, never deleted here; an edit made since the recovery is a conflict only when
+the copy lacked the version synced here; and a property: no plan after a re-base deletes
+a local item, and a file whose synced version the copy had is never made a conflict."""
 
 from __future__ import annotations
 
@@ -25,7 +26,15 @@ from agent.sync.model import (
     Upload,
 )
 from agent.sync.planner import plan
-from agent.sync.rollback import CONFLICT_VERSION, Rebase, history_changed, rebase, unsynced
+from agent.sync.rollback import (
+    CONFLICT_VERSION,
+    Rebase,
+    copy_versions,
+    fresh_edits,
+    history_changed,
+    rebase,
+    unsynced,
+)
 
 SINCE = 1000.0       # when the new epoch began
 OLD, NEW = 500.0, 2000.0
@@ -39,11 +48,11 @@ def at(entry: RemoteEntry, updated_at: float) -> RemoteEntry:
 
 
 def rebased(base: list[BaseEntry], remote: list[RemoteEntry],
-            since: float | None = SINCE, deleted: tuple[str, ...] = ()
-            ) -> tuple[dict[str, BaseEntry], Rebase]:
+            since: float | None = SINCE, deleted: tuple[str, ...] = (),
+            in_copy: dict[str, int] | None = None) -> tuple[dict[str, BaseEntry], Rebase]:
     """The base after the re-base, by node id, and the re-base itself."""
     by_id = {e.node_id: e for e in base}
-    change = rebase(by_id, {e.node_id: e for e in remote}, since, deleted)
+    change = rebase(by_id, {e.node_id: e for e in remote}, since, deleted, in_copy)
     for node_id in change.forget:
         del by_id[node_id]
     by_id.update((e.node_id, e) for e in change.entries)
@@ -51,9 +60,9 @@ def rebased(base: list[BaseEntry], remote: list[RemoteEntry],
 
 
 def plan_after(local: list[LocalEntry], remote: list[RemoteEntry], base: list[BaseEntry],
-               since: float | None = SINCE, deleted: tuple[str, ...] = ()
-               ) -> tuple[object, ...]:
-    new_base, _ = rebased(base, remote, since, deleted)
+               since: float | None = SINCE, deleted: tuple[str, ...] = (),
+               in_copy: dict[str, int] | None = None) -> tuple[object, ...]:
+    new_base, _ = rebased(base, remote, since, deleted, in_copy)
     return plan({e.path: e for e in local}, {e.node_id: e for e in remote}, new_base).actions
 
 
@@ -102,6 +111,71 @@ def test_an_edit_made_since_the_recovery_is_a_conflict_settled_as_usual() -> Non
     assert plan_after([hashed], [theirs], base) == (KeepBoth(nid("a"), "a"),)
     same = lf("a", 1, content="c9")                          # identical: merged
     assert all(type(a).__name__ == "Adopt" for a in plan_after([same], [theirs], base))
+
+
+def test_the_copys_version_is_the_one_before_the_first_change_since() -> None:
+    since = [("a", 2, "updated"), ("a", 3, "moved"),          # a: the copy had 1
+             ("b", 4, "uploaded"), ("b", 5, "updated"),       # b: 4, completed since
+             ("c", 7, "shared"),                              # c: 7 (no new version)
+             ("d", 1, "created"), ("d", 2, "updated"),        # d: new since, none
+             ("e", 9, "a kind unknown here")]                 # e: 8, at most
+    assert copy_versions(since) == {"a": 1, "b": 4, "c": 7, "e": 8}
+    assert copy_versions(reversed(since)) == copy_versions(since)    # any order
+    assert copy_versions([]) == {}
+
+
+def test_only_files_edited_since_at_another_content_need_the_copys_version() -> None:
+    base = [bf("a", "a", 1), bf("b", "b", 2), bf("c", "c", 3), bf("d", "d", 4),
+            bd("e", "e", 5)]
+    remote = [at(rf("a", "a", 2, "c2"), NEW),     # edited since: which version is it on?
+              at(rf("b", "b", 2, "c1"), NEW),     # since, at the same content: merged
+              at(rf("c", "c", 2, "c2"), OLD),     # from the copy
+              at(rd("e", "e", 2), NEW)]           # a folder: the usual rules anyway
+    assert fresh_edits({e.node_id: e for e in base}, {e.node_id: e for e in remote},
+                       SINCE) == {nid("a")}
+    assert fresh_edits({e.node_id: e for e in base}, {e.node_id: e for e in remote},
+                       None) == set()
+
+
+def test_an_edit_since_the_recovery_on_the_version_synced_here_is_downloaded() -> None:
+    """(a) The copy had the version this device synced (B 1 <= c 1): another device's
+    edit since is its normal successor — downloaded, not a conflicted copy."""
+    base = [bf("a", "a", 1, version=1, content="c1")]
+    theirs = at(rf("a", "a", version=2, content="c2"), NEW)
+    in_copy = copy_versions([(nid("a"), 2, "updated")])
+    new_base, change = rebased(base, [theirs], in_copy=in_copy)
+    assert new_base == {nid("a"): base[0]} and change.entries == ()
+    assert (change.conflicts, change.successors) == (0, 1)
+    assert plan_after([lf("a", 1)], [theirs], base, in_copy=in_copy) == (
+        Download(nid("a"), "a", Stat(1, 1, 0o644, 1), 1),)
+    # ... and edited here too: the usual rules, a true conflict (hashed, then both kept)
+    assert plan_after([lf("a", 1, size=7)], [theirs], base, in_copy=in_copy) == (
+        HashLocal(("a",)),)
+    # without the copy's version (an appliance before API 1.4): the cautious conflict
+    assert rebased(base, [theirs])[0][nid("a")].version == CONFLICT_VERSION
+
+
+def test_an_edit_since_on_an_older_version_than_the_one_synced_here_is_a_conflict() -> None:
+    """(b) This device synced version 2 in the lost window; the copy had 1, and another
+    device edited that since (making a new 2): the appliance lost this device's
+    content and the other edit is concurrent with it — both are kept."""
+    base = [bf("a", "a", 1, version=2, content="mine")]
+    theirs = at(rf("a", "a", version=2, content="theirs"), NEW)
+    in_copy = copy_versions([(nid("a"), 2, "updated")])
+    new_base, change = rebased(base, [theirs], in_copy=in_copy)
+    assert new_base[nid("a")].version == CONFLICT_VERSION
+    assert (change.conflicts, change.successors) == (1, 0)
+    assert plan_after([lf("a", 1, content="mine")], [theirs], base, in_copy=in_copy) == (
+        KeepBoth(nid("a"), "a"),)
+
+
+def test_a_node_made_again_since_the_recovery_has_no_copy_version() -> None:
+    base = [bf("a", "a", 1, version=1, content="c1")]
+    theirs = at(rf("a", "a", version=2, content="c2"), NEW)
+    in_copy = copy_versions([(nid("a"), 1, "created"), (nid("a"), 2, "updated")])
+    assert in_copy == {}
+    new_base, change = rebased(base, [theirs], in_copy=in_copy)
+    assert new_base[nid("a")].version == CONFLICT_VERSION and change.conflicts == 1
 
 
 def test_a_device_behind_the_copy_follows_the_usual_rules() -> None:
@@ -181,11 +255,15 @@ def test_an_unsynced_stat_keeps_the_inode() -> None:
 NAMES = ("a", "b", "c", "d")
 
 
+World = tuple[list[LocalEntry], list[RemoteEntry], list[BaseEntry], float | None,
+              dict[str, int]]
+
+
 @st.composite
-def worlds(draw: st.DrawFn) -> tuple[list[LocalEntry], list[RemoteEntry], list[BaseEntry],
-                                     float | None]:
+def worlds(draw: st.DrawFn) -> World:
     """A folder `dir` and files in it or at the top; each side holds a random subset at
-    random versions, contents, places and times."""
+    random versions, contents, places and times, and the copy had some version below the
+    appliance's of some of the nodes."""
     folder_in = {side: draw(st.booleans()) for side in ("local", "remote", "base")}
     local: list[LocalEntry] = [ld("dir", 99)] if folder_in["local"] else []
     remote: list[RemoteEntry] = [at(rd("dir", "dir", draw(st.integers(1, 3))),
@@ -211,19 +289,22 @@ def worlds(draw: st.DrawFn) -> tuple[list[LocalEntry], list[RemoteEntry], list[B
             base.append(bf(name, place("base"), inode, draw(st.integers(1, 4)),
                            draw(st.sampled_from(("c1", "c2", "c3"))),
                            size=draw(st.integers(1, 3))))
-    return local, remote, base, draw(st.sampled_from((SINCE, None)))
+    in_copy = {e.node_id: draw(st.integers(0, e.version - 1)) for e in remote
+               if e.updated_at == NEW and draw(st.booleans())}
+    return local, remote, base, draw(st.sampled_from((SINCE, None))), in_copy
 
 
 @settings(max_examples=400, deadline=None)
 @given(worlds())
-def test_no_plan_after_a_rebase_deletes_a_local_item(
-        world: tuple[list[LocalEntry], list[RemoteEntry], list[BaseEntry], float | None]
-) -> None:
-    local, remote, base, since = world
-    new_base, change = rebased(base, remote, since)
+def test_no_plan_after_a_rebase_deletes_a_local_item(world: World) -> None:
+    local, remote, base, since, in_copy = world
+    new_base, change = rebased(base, remote, since, in_copy=in_copy)
     assert set(new_base) <= {e.node_id for e in remote}     # every entry names a node
     assert all(node_id not in new_base for _, node_id in change.lost_folders)
-    actions = plan_after(local, remote, base, since)
+    for entry in base:             # a version the copy had is never made a conflict
+        if entry.node_id in new_base and entry.version <= in_copy.get(entry.node_id, -1):
+            assert new_base[entry.node_id].version != CONFLICT_VERSION
+    actions = plan_after(local, remote, base, since, in_copy=in_copy)
     assert not [a for a in actions if isinstance(a, DeleteLocal)], actions
     here = {e.path for e in local} | {e.stat.inode for e in local}   # (paths, inodes)
     for action in actions:
