@@ -20,9 +20,10 @@ import pytest
 from agent_helpers import cairn_ok, make_user, write
 from sync_helpers import Device, devices_of, link_to, stop_all, wait_converged, wait_for
 
-from appliance.config import ApplianceConfig, write_config
+from appliance.config import ApplianceConfig, load_config, write_config
 from appliance.home import init_home
-from tests.cairnd_helpers import Served, free_port, run_cairnd, serving
+from appliance.home_copies import copies_on
+from tests.cairnd_helpers import Served, database_rows, free_port, run_cairnd, serving
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -52,6 +53,16 @@ def recover(new_home: Path, disks: list[Path]) -> str:
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[-1] == f"Start it with: cairnd serve --home {new_home}"
     return result.stdout
+
+
+def newest_change(config: ApplianceConfig) -> int:
+    """The cursor of the newest change in the appliance's database (its history's end)."""
+    return int(database_rows(config, "SELECT coalesce(max(cursor), 0) FROM changes")[0][0])
+
+
+def copied_on(disks: list[Path], sequence: int) -> int:
+    """On how many of DISKS the home's copy SEQUENCE is complete."""
+    return sum(any(seq == sequence for seq, _ in copies_on(disk)) for disk in disks)
 
 
 def sample_files(folder: Path) -> dict[str, bytes]:
@@ -138,7 +149,14 @@ def test_uploads_the_copy_lacks_are_sent_again_by_the_devices(tmp_path: Path,
             desktop.start()
             wait_converged(laptop, desktop, timeout=120)
             assert server.stop() == 0     # the copy now holds the user, devices and files
+        stopped_at = newest_change(config)
+        start_copy = max(seq for disk in disks for seq, _ in copies_on(disk)) + 1
         with serving(config.home, "--listen", config.listen) as server:
+            # The copy made at start, before the edit (else the kill below may fall while
+            # it is written, and leave it on some disks only: then the recovery takes it
+            # on one day, the clean stop's on another).
+            wait_for(lambda: copied_on(disks, start_copy) == config.store.parity_shards + 1,
+                     30, "the copy made at start")
             write(desktop.folder / "small/00.txt", "edited on the desktop")
             more = {f"burst/{i}.bin": os.urandom(70_000 + i) for i in range(20)}
             for name, data in more.items():
@@ -149,7 +167,9 @@ def test_uploads_the_copy_lacks_are_sent_again_by_the_devices(tmp_path: Path,
         shutil.rmtree(config.home)
         new_home = tmp_path / "new-home"
         report = recover(new_home, disks)
-        assert "at a clean stop" in report                 # the copy from before the edit
+        # the copy from before the edit: the history as the clean stop left it
+        assert f"(copy {start_copy}," in report
+        assert newest_change(load_config(new_home)) == stopped_at, report
         with serving(new_home, "--listen", config.listen) as server:
             tree = wait_converged(laptop, desktop, timeout=180)
             expected = {**files, **more, "small/00.txt": b"edited on the desktop"}
