@@ -19,6 +19,10 @@ small put queues its replicas in every pack before waiting on any commit. A put 
 at least k+1 shards (2 replicas) are durable; if fewer than all were written, the block is
 queued for repair.
 
+Every operation (get, put, put_many, has, delete, repair) runs in a worker thread that
+the caller waits on with a deadline per disk call, so a disk that stops answering is
+skipped, never waited on for longer than DISK_TIMEOUT_S (deadline.py).
+
 `get` reads the headers of the block's shards on every readable disk, then takes the fast
 path — read k shards, the data shards when they are there, decode (a concatenation of the
 data shards for systematic RS), check the BLAKE3 id — and falls back to the careful path only
@@ -56,9 +60,11 @@ from appliance.errors import (
     InsufficientDisksError,
     InvalidBlockIdError,
     ShardFormatError,
+    StorageError,
 )
 from appliance.storage import allocator
 from appliance.storage.codec import Codec, ErasureCodec, ReplicaCodec
+from appliance.storage.deadline import DiskTimeout, Operations
 from appliance.storage.disk import READABLE_STATES, Disk, DiskState, DiskStatus, format_disk
 from appliance.storage.placement import Slot, rank
 from appliance.storage.repair_queue import RepairQueue
@@ -80,6 +86,7 @@ SHARD_WRITERS = 32  # threads writing the shards of concurrent puts (mostly wait
 
 _writers: ThreadPoolExecutor | None = None
 _writers_lock = threading.Lock()
+_operations = Operations()   # the workers every store's operations run in (deadline.py)
 
 
 def _shard_writers() -> ThreadPoolExecutor:
@@ -188,6 +195,17 @@ class BlockStore:
         self.replica = ReplicaCodec(settings.parity_shards)
         self._recently_queued: set[str] = set()
 
+    def _bounded(self, operation: Callable[[], T]) -> T:
+        """OPERATION run by a worker, given up and run again without a disk that stops
+        answering (deadline.py)."""
+        def stuck(index: int, error: DiskTimeout) -> None:
+            log.warning("%s", self.disks[index].note_timeout(error))
+
+        try:
+            return _operations.run(operation, [d.calls for d in self.disks], stuck)
+        except DiskTimeout as exc:
+            raise StorageError(f"the store is not answering: {exc}") from None
+
     def close(self) -> None:
         for disk in self.disks:
             disk.close()
@@ -288,9 +306,13 @@ class BlockStore:
     # -- the four operations -------------------------------------------------------------
 
     def put(self, block_id: str, data: bytes) -> PutResult:
-        return self._finish_put(self._start_put(block_id, data))
+        return self._bounded(lambda: self._finish_put(self._start_put(block_id, data)))
 
     def put_many(self, blocks: Mapping[str, bytes]) -> dict[str, PutResult | CairnApplianceError]:
+        return self._bounded(partial(self._put_many, blocks))
+
+    def _put_many(self, blocks: Mapping[str, bytes]
+                  ) -> dict[str, PutResult | CairnApplianceError]:
         """Put every block of BLOCKS (id -> bytes) in this one thread, each succeeding or
         failing on its own. The replicas of every small block are queued in the packs
         before any commit is awaited, so a batch of small puts costs about one commit per
@@ -354,14 +376,9 @@ class BlockStore:
     def _already_stored(codec: Codec, ranking: list[Disk], block_id: str) -> bool:
         """Whether the disks the block's shards go to all hold one. Stops at the first
         miss, so a new block costs one lookup (this runs on every put)."""
-        def holds(disk: Disk) -> bool:
-            try:
-                if codec.scheme is Scheme.REPLICA:
-                    return disk.pack.size(block_id) is not None
-                return disk.shard_path(block_id).exists()
-            except OSError:
-                return False
-        return all(disk.readable and holds(disk) for disk in ranking[: codec.total])
+        packed = codec.scheme is Scheme.REPLICA
+        return all(disk.readable and disk.holds(block_id, packed)
+                   for disk in ranking[: codec.total])
 
     def _wait_packed(self, put: _StartedPut) -> int:
         """Wait for the commits that took a small put's replicas (queued by `_start_put`);
@@ -449,6 +466,10 @@ class BlockStore:
             disk.write_shard(block_id, header, payload)
 
     def get(self, block_id: str) -> bytes:
+        """The block's bytes, verified against its id (see `_get`)."""
+        return self._bounded(partial(self._get, block_id))
+
+    def _get(self, block_id: str) -> bytes:
         """The block's bytes, verified against its id.
 
         A read that comes up short (too few healthy shards, or none found) looks once
@@ -471,9 +492,12 @@ class BlockStore:
         return self._get_located(block_id, raw_id, self._locate(block_id, raw_id))
 
     def _reprobe(self, names: list[str]) -> bool:
-        """Probe the named disks now; True if any of them has become readable."""
-        states = [self._by_name[name].probe() for name in names]
-        return any(state in READABLE_STATES for state in states)
+        """Probe the named disks now; True if any of them has become readable (a hung
+        disk has not: deadline.py)."""
+        disks = [self._by_name[name] for name in names]
+        states = [disk.probe() for disk in disks]
+        return any(state in READABLE_STATES and not disk.hung
+                   for state, disk in zip(states, disks, strict=True))
 
     def _get_located(self, block_id: str, raw_id: bytes, located: _Located) -> bytes:
         if not located.headers:
@@ -517,7 +541,7 @@ class BlockStore:
             for index, disk in enumerate(self.ranking(raw_id)[: codec.total]):
                 if not disk.readable:
                     return None
-                raw = disk.pack.read(block_hex, None if first is None else HEADER_SIZE)
+                raw = disk.read_packed(block_hex, None if first is None else HEADER_SIZE)
                 if raw is None:
                     return None
                 header, _ = parse_header(raw)
@@ -531,7 +555,7 @@ class BlockStore:
                     if (len(block) != header.block_length
                             or blake3.blake3(block).digest() != raw_id):
                         return None
-        except (OSError, ShardFormatError):
+        except (DiskError, ShardFormatError):
             return None
         return block
 
@@ -558,6 +582,9 @@ class BlockStore:
 
     def has(self, block_id: str) -> bool:
         """True if enough shard headers are present to attempt decoding the block."""
+        return self._bounded(partial(self._has, block_id))
+
+    def _has(self, block_id: str) -> bool:
         raw_id = parse_block_id(block_id)
         located = self._locate(block_id, raw_id)
         if not located.headers:
@@ -570,12 +597,16 @@ class BlockStore:
 
         The block is tombstoned first, so shards on a disk that is offline now are removed
         (not repaired) when scrub meets them later."""
+        return self._bounded(partial(self._delete, block_id))
+
+    def _delete(self, block_id: str) -> int:
         parse_block_id(block_id)
         if self.repair_queue is not None:
             self.repair_queue.add_tombstone(block_id)
         removed = 0
         for disk in self.disks:
-            if disk.state in (DiskState.MISSING, DiskState.BLANK, DiskState.FOREIGN):
+            if disk.state in (DiskState.MISSING, DiskState.BLANK, DiskState.FOREIGN) \
+                    or disk.hung:
                 continue
             try:
                 removed += disk.remove_shard(block_id)
@@ -608,13 +639,19 @@ class BlockStore:
         also has crash leftovers removed on the way, see Disk.iter_block_ids)."""
         readable = [d for d in self.disks if d.readable]
         for position, disk in enumerate(readable):
-            for block_hex in disk.iter_block_ids(remove_stale_temp_files):
-                earlier = readable[:position]
-                if not any(d.has_shard(block_hex) for d in earlier):
-                    yield block_hex
+            try:
+                for block_hex in disk.iter_block_ids(remove_stale_temp_files):
+                    earlier = readable[:position]
+                    if not any(d.holds_any(block_hex) for d in earlier):
+                        yield block_hex
+            except DiskError as exc:   # one disk's listing failed: go on with the others
+                log.warning("listing the blocks of a disk stopped early: %s", exc)
 
     def repair(self, block_id: str) -> RepairResult:
         """Verify every shard of the block and rewrite what is missing or bad."""
+        return self._bounded(partial(self._repair, block_id))
+
+    def _repair(self, block_id: str) -> RepairResult:
         raw_id = parse_block_id(block_id)
         self._recently_queued.discard(block_id)
         if self.repair_queue is not None and self.repair_queue.is_tombstoned(block_id):
@@ -639,7 +676,14 @@ class BlockStore:
         if blake3.blake3(block).digest() != raw_id:
             return RepairResult(RepairOutcome.UNRECOVERABLE, bytes_read)
         rebuilt = codec.rebuild(payloads, reference.block_length, missing)
-        healthy_holders = {name for name in located.headers if name not in bad}
+        # One keeper per shard index; a disk holding a second copy of an index (a put
+        # given up on that finished late, after its retry placed the shards otherwise)
+        # is a target like a disk holding nothing, or the block could never be whole.
+        keepers: dict[int, str] = {}
+        for name, held in located.headers.items():
+            if name not in bad:
+                keepers.setdefault(held.index, name)
+        healthy_holders = set(keepers.values())
         targets = iter([d for d in self.ranking(raw_id)
                         if d.writable and d.name not in healthy_holders])
         written_to: set[str] = set()

@@ -23,7 +23,13 @@ States (probed at most every PROBE_INTERVAL seconds, and re-probed after an erro
     foreign    a marker of another appliance or slot, or unknown files and no marker
     read-only  the filesystem refuses writes; still read
     full       free space below the reserve, or the last write hit ENOSPC; still read
-    failing    repeated I/O errors recently; still read, never written
+    failing    repeated I/O errors recently; still read, never written. Also while the
+               disk is hung (a call has not returned within its deadline): then neither
+               read nor written until that call returns (deadline.py)
+
+Every call into the disk is made with a deadline (deadline.py: inline in a store
+operation's worker, or in the disk's own threads), so a disk that stops answering costs a
+request DISK_TIMEOUT_S once, not forever.
 """
 
 from __future__ import annotations
@@ -37,12 +43,14 @@ import secrets
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from appliance.errors import DiskError
+from appliance.storage.deadline import DiskCalls, DiskTimeout
 from appliance.storage.direct_io import open_new_file, read_direct, write_direct
 from appliance.storage.pack import ShardPack
 from appliance.storage.settings import DiskSpec
@@ -58,6 +66,10 @@ TMP_STALE_AFTER = 3600.0     # temp files older than this are crash leftovers
 DIRECT_FROM_BYTES = 256 * 1024   # shards this big bypass the page cache (direct_io.py)
 FULL_HOLD = 30.0             # after ENOSPC, stay `full` this long before probing again
 _IGNORED_ON_BLANK = {"lost+found"}
+# What a disk whose filesystem went away answers: a dead FUSE daemon or network mount
+# (ENOTCONN), a stale NFS handle, a removed device.
+_GONE = (errno.ENOTCONN, errno.ESTALE, errno.ENODEV, errno.ENXIO)
+T = TypeVar("T")
 
 
 class DiskState(enum.StrEnum):
@@ -132,7 +144,10 @@ def format_disk(spec: DiskSpec, appliance_id: str) -> None:
     root.mkdir(parents=True, exist_ok=True)
     marker = root / MARKER_NAME
     if marker.exists():
-        existing = _read_marker(marker)
+        try:
+            existing = _read_marker(marker)
+        except OSError as exc:
+            raise DiskError(spec.name, f"cannot read {marker}: {exc.strerror}") from exc
         if existing.get("appliance_id") == appliance_id and existing.get("slot") == spec.name:
             return
         raise DiskError(spec.name, f"{root} belongs to another appliance or slot")
@@ -156,11 +171,24 @@ def format_disk(spec: DiskSpec, appliance_id: str) -> None:
 
 
 def _read_marker(marker: Path) -> dict[str, Any]:
+    """The marker's fields ({} if it is not a JSON object); OSError if it cannot be read
+    (a disk that fails reads is failing, not another appliance's)."""
     try:
         data = json.loads(marker.read_bytes())
-    except (OSError, ValueError):
+    except ValueError:
         return {}
     return data if isinstance(data, dict) else {}
+
+
+def _read_upto(path: Path, limit: int) -> bytes:
+    """The first LIMIT bytes of the file (fewer only at its end): a read may legally
+    return less than asked, and a header read short would look like a torn shard."""
+    with open(path, "rb", buffering=0) as handle:
+        parts = []
+        while limit > 0 and (part := handle.read(limit)):
+            parts.append(part)
+            limit -= len(part)
+        return b"".join(parts)
 
 
 class Disk:
@@ -180,10 +208,30 @@ class Disk:
         self._probed_at = float("-inf")
         self.pack = ShardPack(self.root, self.root / MARKER_NAME)
         self._direct = True   # write big shards with O_DIRECT until the filesystem refuses
+        self.calls = DiskCalls(self.name)
         self.probe()
 
     def close(self) -> None:
         self.pack.close()
+        self.calls.close()
+
+    def _call(self, action: str, fn: Callable[[], T]) -> T:
+        """FN run with a deadline (deadline.py); its OSError, or its not answering,
+        recorded and raised as a DiskError."""
+        try:
+            return self.calls.run(action, fn)
+        except DiskTimeout as exc:
+            raise self.note_timeout(exc) from None
+        except OSError as exc:
+            raise self._failed(exc, action) from exc
+
+    def note_timeout(self, exc: DiskTimeout) -> DiskError:
+        """Record a call that did not answer (the disk reads `failing` while it is hung);
+        the DiskError to raise."""
+        if exc.new:   # one error per call given up on, not per call refused since
+            self._errors.append(time.monotonic())
+        self._mark(DiskState.FAILING, str(exc))
+        return DiskError(self.name, str(exc))
 
     # -- state ---------------------------------------------------------------------------
 
@@ -195,19 +243,38 @@ class Disk:
 
     @property
     def readable(self) -> bool:
-        return self.state in READABLE_STATES
+        return self.state in READABLE_STATES and not self.hung
 
     @property
     def writable(self) -> bool:
-        return self.state is DiskState.OK
+        return self.state is DiskState.OK and not self.hung
+
+    @property
+    def hung(self) -> bool:
+        """A call into the disk is still out past its deadline (deadline.py)."""
+        return self.calls.hung() is not None
 
     def recent_errors(self) -> int:
         horizon = time.monotonic() - FAILING_WINDOW
         return sum(1 for t in self._errors if t >= horizon)
 
     def probe(self) -> DiskState:
-        state, detail = self._probe()
+        stuck = self.calls.hung()
+        if stuck is not None:
+            state, detail = DiskState.FAILING, stuck.describe()
+        else:
+            try:
+                state, detail = self.calls.run("probing", self._probe)
+            except DiskTimeout as exc:
+                self.note_timeout(exc)
+                state, detail = DiskState.FAILING, str(exc)
+            except OSError as exc:   # not even the folder answers (pathlib lets these out)
+                gone = exc.errno in _GONE
+                state = DiskState.MISSING if gone else DiskState.FAILING
+                detail = f"{self.root}: {exc.strerror}"
         with self._lock:
+            if state is not self._state:   # replaced, formatted, back: no stale readers
+                self.pack.recheck_readers()
             self._state, self._detail = state, detail
             self._probed_at = time.monotonic()
         return state
@@ -227,7 +294,10 @@ class Disk:
             if entries:
                 return DiskState.FOREIGN, "unknown files and no Cairn marker"
             return DiskState.BLANK, "empty; `cairnd scrub` formats and rebuilds it"
-        identity = _read_marker(marker)
+        try:
+            identity = _read_marker(marker)
+        except OSError as exc:
+            return DiskState.FAILING, f"cannot read the marker: {exc.strerror}"
         if identity.get("appliance_id") != self._appliance_id:
             return DiskState.FOREIGN, "marker of another appliance"
         if identity.get("slot") != self.name:
@@ -259,25 +329,34 @@ class Disk:
         elif code in (errno.ENOSPC, errno.EDQUOT):
             self._full_until = time.monotonic() + FULL_HOLD
             self._mark(DiskState.FULL, "a write ran out of space")
-        elif code in (errno.ENOENT, errno.ENOTDIR) and not self.root.is_dir():
+        elif code in (errno.ENOENT, errno.ENOTDIR, *_GONE) and not self._root_is_dir():
             self._mark(DiskState.MISSING, f"{self.root} disappeared")
         else:
             self._errors.append(time.monotonic())
             self.probe()
         return DiskError(self.name, f"{action} failed: {exc.strerror or exc}")
 
+    def _root_is_dir(self) -> bool:
+        try:
+            return self.calls.run("looking at the disk", self.root.is_dir)
+        except DiskTimeout:
+            return True   # there, but not answering: not "missing"
+        except OSError as exc:
+            return exc.errno not in _GONE
+
     def status(self, count_shards: bool = True) -> DiskStatus:
         state = self.probe()
         free = total = None
         count = None
-        if state in READABLE_STATES:
+        if state in READABLE_STATES and not self.hung:
             try:
-                fs = os.statvfs(self.root)
+                fs = self.calls.run("statvfs", partial(os.statvfs, self.root))
                 free, total = fs.f_bavail * fs.f_frsize, fs.f_blocks * fs.f_frsize
-            except OSError:
+            except (OSError, DiskTimeout):
                 pass
             if count_shards:
-                count = sum(1 for _ in self.iter_block_ids())
+                with contextlib.suppress(DiskError):
+                    count = sum(1 for _ in self.iter_block_ids())
         return DiskStatus(self.name, self.root, state, count, free, total,
                           self.recent_errors(), self._detail)
 
@@ -293,6 +372,9 @@ class Disk:
     def stage_shard(self, block_hex: str, header: bytes, payload: bytes | memoryview) -> Path:
         """Write the shard to a temp file beside its final name and fdatasync it. Nothing
         is visible as a shard until `commit_shard` renames it; `discard_staged` drops it."""
+        return self._call("writing a shard", partial(self._stage, block_hex, header, payload))
+
+    def _stage(self, block_hex: str, header: bytes, payload: bytes | memoryview) -> Path:
         leaf = self.shard_path(block_hex).parent
         tmp = leaf / f".{block_hex}.{secrets.token_hex(6)}{TMP_SUFFIX}"
         wanted = self._direct and len(payload) >= DIRECT_FROM_BYTES
@@ -312,9 +394,9 @@ class Disk:
                 os.fdatasync(fd)
             finally:
                 os.close(fd)
-        except OSError as exc:
-            self.discard_staged(tmp)
-            raise self._failed(exc, "writing a shard") from exc
+        except OSError:
+            self._unlink_quietly(tmp)
+            raise
         return tmp
 
     def commit_shard(self, block_hex: str, staged: Path) -> None:
@@ -325,24 +407,29 @@ class Disk:
         """Rename a staged shard into place (durable once `sync_shard_folder` returns);
         its final path."""
         final = self.shard_path(block_hex)
-        try:
-            os.rename(staged, final)
-        except OSError as exc:
-            self.discard_staged(staged)
-            raise self._failed(exc, "committing a shard") from exc
-        return final
+
+        def rename() -> Path:
+            try:
+                os.rename(staged, final)
+            except OSError:
+                self._unlink_quietly(staged)
+                raise
+            return final
+
+        return self._call("committing a shard", rename)
 
     def sync_shard_folder(self, final: Path) -> None:
         """Make the rename of the shard at FINAL durable (fsync of its folder)."""
-        try:
-            _fsync_directory(final.parent)
-        except OSError as exc:
-            raise self._failed(exc, "committing a shard") from exc
+        self._call("committing a shard", partial(_fsync_directory, final.parent))
+
+    def discard_staged(self, staged: Path) -> None:
+        with contextlib.suppress(DiskError):
+            self._call("removing a staged shard", partial(self._unlink_quietly, staged))
 
     @staticmethod
-    def discard_staged(staged: Path) -> None:
+    def _unlink_quietly(path: Path) -> None:
         with contextlib.suppress(OSError):
-            staged.unlink()
+            path.unlink()
 
     def submit_packed(self, block_hex: str, shard: bytes) -> int:
         """Queue a small shard for this disk's pack (pack.py); wait on the ticket with
@@ -350,21 +437,17 @@ class Disk:
         return self.pack.submit(block_hex, shard)
 
     def wait_packed(self, ticket: int) -> None:
-        try:
-            self.pack.wait(ticket)
-        except OSError as exc:
-            raise self._failed(exc, "committing small shards") from exc
+        self._call("committing small shards", partial(self.pack.wait, ticket))
 
     def write_packed(self, block_hex: str, shard: bytes) -> None:
         """Durably pack one small shard. A shard *file* of the block on this disk (bad, or
         from before packing) is removed first: reads look at files first."""
-        try:
-            self.shard_path(block_hex).unlink()
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            raise self._failed(exc, "removing an old shard file") from exc
-        self.wait_packed(self.submit_packed(block_hex, shard))
+        def write() -> None:
+            with contextlib.suppress(FileNotFoundError):
+                self.shard_path(block_hex).unlink()
+            self.pack.wait(self.pack.submit(block_hex, shard))
+
+        self._call("packing a small shard", write)
 
     def _make_dirs(self, leaf: Path) -> None:
         """Create shards/ab/cd durably: each new directory's parent is fsync'd."""
@@ -378,54 +461,73 @@ class Disk:
     def read_shard(self, block_hex: str, limit: int | None = None) -> bytes | None:
         """The shard's bytes (the first `limit` of them) from its file or, for small blocks,
         the pack; None if this disk holds no shard of the block."""
+        return self._call("reading a shard", partial(self._read_shard, block_hex, limit))
+
+    def _read_shard(self, block_hex: str, limit: int | None) -> bytes | None:
         path = self.shard_path(block_hex)
         try:
             whole = read_direct(path) if limit is None and self._direct else None
             if whole is not None:
                 return whole
+            if limit is not None:
+                return _read_upto(path, limit)
             with open(path, "rb", buffering=0) as handle:
-                return handle.read() if limit is None else handle.read(limit)
+                return handle.read()
         except FileNotFoundError:
-            pass
-        except OSError as exc:
-            raise self._failed(exc, "reading a shard") from exc
-        try:
             return self.pack.read(block_hex, limit)
-        except OSError as exc:
-            raise self._failed(exc, "reading a packed shard") from exc
+
+    def read_packed(self, block_hex: str, limit: int | None = None) -> bytes | None:
+        """The block's packed shard only (the small-block fast path); None if not packed
+        here."""
+        return self._call("reading a packed shard", partial(self.pack.read, block_hex, limit))
 
     def shard_size(self, block_hex: str) -> int | None:
-        try:
-            return self.shard_path(block_hex).stat().st_size
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            raise self._failed(exc, "stat of a shard") from exc
-        try:
-            return self.pack.size(block_hex)
-        except OSError as exc:
-            raise self._failed(exc, "looking up a packed shard") from exc
+        def size() -> int | None:
+            try:
+                return self.shard_path(block_hex).stat().st_size
+            except FileNotFoundError:
+                return self.pack.size(block_hex)
+
+        return self._call("looking up a shard", size)
 
     def has_shard(self, block_hex: str) -> bool:
         return self.shard_size(block_hex) is not None
 
+    def holds_any(self, block_hex: str) -> bool:
+        """Whether the disk has a shard of the block; False if it cannot say."""
+        try:
+            return self.has_shard(block_hex)
+        except DiskError:
+            return False
+
+    def holds(self, block_hex: str, packed: bool) -> bool:
+        """Whether the disk has the block's packed shard (PACKED) or shard file; False if
+        it cannot say (an error, no answer)."""
+        def look() -> bool:
+            if packed:
+                return self.pack.size(block_hex) is not None
+            return self.shard_path(block_hex).exists()
+
+        try:
+            return self.calls.run("looking up a shard", look)
+        except (OSError, DiskTimeout):
+            return False
+
     def remove_shard(self, block_hex: str) -> bool:
         """Remove the block's shard file and packed shard, whichever exist."""
-        path = self.shard_path(block_hex)
-        removed = False
-        try:
-            path.unlink()
-            removed = True
-            with contextlib.suppress(OSError):
-                _fsync_directory(path.parent)
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            raise self._failed(exc, "removing a shard") from exc
-        try:
+        def remove() -> bool:
+            path = self.shard_path(block_hex)
+            removed = False
+            try:
+                path.unlink()
+                removed = True
+                with contextlib.suppress(OSError):
+                    _fsync_directory(path.parent)
+            except FileNotFoundError:
+                pass
             return self.pack.remove(block_hex) or removed
-        except OSError as exc:
-            raise self._failed(exc, "removing a packed shard") from exc
+
+        return self._call("removing a shard", remove)
 
     def iter_block_ids(self, remove_stale_temp_files: bool = False) -> Iterator[str]:
         """Every block id with a shard on this disk, file or packed (streamed, no list in
@@ -435,39 +537,48 @@ class Disk:
         TMP_STALE_AFTER met on the way are deleted: they are writes a crash interrupted,
         never acknowledged. Younger ones may be another process's write in progress."""
         yield from self._iter_shard_files(remove_stale_temp_files)
+
+        def only_packed(after: str) -> tuple[str | None, list[str]]:
+            batch = self.pack.block_id_batch(after)
+            return (batch[-1] if batch else None,   # a file too: listed already
+                    [b for b in batch if not self.shard_path(b).exists()])
+
+        after: str | None = ""
+        while after is not None:
+            after, packed = self._call("listing packed shards", partial(only_packed, after))
+            yield from packed
+
+    def _listing(self, folder: Path) -> list[str]:
+        """The sorted names in FOLDER; [] if it cannot be listed (gone, an error, no
+        answer: the walk goes on with the other folders)."""
         try:
-            for block_hex in self.pack.block_ids():
-                if not self.shard_path(block_hex).exists():  # a file too: listed already
-                    yield block_hex
-        except OSError as exc:
-            raise self._failed(exc, "listing packed shards") from exc
+            return sorted(self.calls.run("listing shards", partial(os.listdir, folder)))
+        except OSError:
+            return []
+        except DiskTimeout as exc:
+            self.note_timeout(exc)
+            return []
 
     def _iter_shard_files(self, remove_stale_temp_files: bool) -> Iterator[str]:
         shards = self.root / SHARDS_DIR
         horizon = time.time() - TMP_STALE_AFTER
-        try:
-            level1 = sorted(os.listdir(shards))
-        except OSError:
-            return
-        for first in level1:
-            try:
-                level2 = sorted(os.listdir(shards / first))
-            except OSError:
-                continue
-            for second in level2:
+        for first in self._listing(shards):
+            for second in self._listing(shards / first):
                 leaf = shards / first / second
-                try:
-                    names = sorted(os.listdir(leaf))
-                except OSError:
-                    continue
-                for name in names:
+                stale = []
+                for name in self._listing(leaf):
                     if len(name) == 64:
                         yield name
                     elif remove_stale_temp_files and name.endswith(TMP_SUFFIX):
-                        self._remove_if_stale(leaf / name, horizon)
+                        stale.append(leaf / name)
+                if stale:
+                    with contextlib.suppress(DiskError):
+                        self._call("removing stale temp files",
+                                   partial(self._remove_stale, stale, horizon))
 
     @staticmethod
-    def _remove_if_stale(path: Path, horizon: float) -> None:
-        with contextlib.suppress(OSError):
-            if path.stat().st_mtime < horizon:
-                path.unlink()
+    def _remove_stale(paths: list[Path], horizon: float) -> None:
+        for path in paths:
+            with contextlib.suppress(OSError):
+                if path.stat().st_mtime < horizon:
+                    path.unlink()

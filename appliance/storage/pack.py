@@ -27,6 +27,7 @@ them to disk states the same way as file errors.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import threading
@@ -75,6 +76,7 @@ class ShardPack:
         self._writer: apsw.Connection | None = None
         self._writer_inode: tuple[int, int] | None = None
         self._local = threading.local()          # one read connection per thread
+        self._recheck = 0                        # bumped by `recheck_readers`
         self._readers: list[apsw.Connection] = []
         self._readers_lock = threading.Lock()
         self.commits = 0
@@ -140,10 +142,11 @@ class ShardPack:
         (checksum, block id) like any other, and a missing disk is caught by its probe."""
         now = time.monotonic()
         reader: apsw.Connection | None = getattr(self._local, "reader", None)
-        if reader is not None and now - getattr(self._local, "checked", 0.0) < READER_RECHECK_S:
+        if reader is not None and now - getattr(self._local, "checked", 0.0) \
+                < READER_RECHECK_S and getattr(self._local, "recheck", 0) == self._recheck:
             return reader
         inode = self._inode()
-        self._local.checked = now
+        self._local.checked, self._local.recheck = now, self._recheck
         if reader is not None and inode == getattr(self._local, "inode", None):
             return reader
         if reader is not None:
@@ -161,6 +164,11 @@ class ShardPack:
             self._readers.append(reader)
         return reader
 
+    def recheck_readers(self) -> None:
+        """Have every thread's reader check the file at its next read (the disk changed
+        state: it may have been replaced since, within READER_RECHECK_S)."""
+        self._recheck += 1
+
     def close(self) -> None:
         with self._cond:
             if self._writer is not None:
@@ -168,7 +176,8 @@ class ShardPack:
                 self._writer = None
         with self._readers_lock:
             for reader in self._readers:
-                reader.close()
+                with contextlib.suppress(apsw.Error):  # in use by a thread a hung disk holds
+                    reader.close()
             self._readers.clear()
 
     # -- writes: group commit ------------------------------------------------------------
@@ -214,7 +223,11 @@ class ShardPack:
     def _commit(self, batch: list[_Operation]) -> None:
         try:
             connection = self._open_writer()
-            with connection:
+            # BEGIN/COMMIT statements, not `with connection`: apsw keeps the GIL through
+            # the commit its context manager makes, so a disk that hung in that fsync
+            # froze every thread of the process, the server's event loop included.
+            connection.execute("BEGIN IMMEDIATE")
+            try:
                 for block_hex, shard in batch:
                     if shard is None:
                         connection.execute("DELETE FROM shards WHERE block_id = ?",
@@ -223,6 +236,11 @@ class ShardPack:
                         connection.execute(
                             "INSERT OR REPLACE INTO shards(block_id, shard) VALUES (?, ?)",
                             (block_hex, shard))
+                connection.execute("COMMIT")
+            except BaseException:
+                if not connection.get_autocommit():
+                    connection.execute("ROLLBACK")
+                raise
             if self._inode() != self._writer_inode:
                 raise OSError(errno.ENOENT, "the disk's small-shard database vanished "
                                             "during a commit", str(self.path))
@@ -273,18 +291,20 @@ class ShardPack:
     def block_ids(self, batch: int = 1000) -> Iterator[str]:
         """Every block id in the pack, in order, fetched a batch at a time (no big list)."""
         after = ""
-        while True:
-            try:
-                reader = self._open_reader()
-                if reader is None:
-                    return
-                rows = reader.execute(
-                    "SELECT block_id FROM shards WHERE block_id > ? ORDER BY block_id "
-                    "LIMIT ?", (after, batch)).fetchall()
-            except apsw.Error as exc:
-                raise _os_error(exc, self.path) from exc
-            if not rows:
-                return
-            yield from (str(row[0]) for row in rows)
-            after = str(rows[-1][0])
+        while ids := self.block_id_batch(after, batch):
+            yield from ids
+            after = ids[-1]
+
+    def block_id_batch(self, after: str, batch: int = 1000) -> list[str]:
+        """The first BATCH block ids after AFTER, in order ([] past the last one)."""
+        try:
+            reader = self._open_reader()
+            if reader is None:
+                return []
+            rows = reader.execute(
+                "SELECT block_id FROM shards WHERE block_id > ? ORDER BY block_id "
+                "LIMIT ?", (after, batch)).fetchall()
+        except apsw.Error as exc:
+            raise _os_error(exc, self.path) from exc
+        return [str(row[0]) for row in rows]
 
