@@ -248,6 +248,29 @@ class ProgressLine:
             sys.stderr.flush()
 
 
+def run_and_report(home: Path, command: str, args: dict[str, Any], as_json: bool,
+                   render: Callable[[dict[str, Any]], str]) -> dict[str, Any]:
+    """Run a store command that reports (scrub, fsck) where it belongs, with a progress
+    line on a terminal's stderr (RENDER makes it), and print its report as JSON or its
+    summary line; the report."""
+    from appliance.admin_client import run_store_command
+    from appliance.serve import configure_logging
+
+    configure_logging(logging.WARNING)
+    progress = ProgressLine(render) if sys.stderr.isatty() else None
+    try:
+        result, _ = run_store_command(home, command, args, progress or no_progress)
+    finally:
+        if progress is not None:
+            progress.finish()
+    report: dict[str, Any] = result["report"]
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        click.echo(f"cairnd: {command}: {result['summary']}")
+    return report
+
+
 @cli.command()
 @home_option
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
@@ -259,23 +282,9 @@ def scrub(home: Path, as_json: bool) -> None:
     Prints a summary (checked, repaired, unrecoverable) on stdout, with progress on stderr
     when it is a terminal. Exits 4 if any block is unrecoverable.
     """
-    from appliance.admin_client import run_store_command
-    from appliance.serve import configure_logging
-
-    configure_logging(logging.WARNING)
-    progress = ProgressLine(lambda f: f"scrub: {f['checked']} blocks checked, "
-                                      f"{f['bytes_verified'] / 1e6:.1f} MB verified, "
-                                      f"{f['elapsed']:.0f} s") if sys.stderr.isatty() else None
-    try:
-        result, _ = run_store_command(home, "scrub", {}, progress or no_progress)
-    finally:
-        if progress is not None:
-            progress.finish()
-    report = result["report"]
-    if as_json:
-        click.echo(json.dumps(report, indent=2))
-    else:
-        click.echo(f"cairnd: scrub: {result['summary']}")
+    report = run_and_report(home, "scrub", {}, as_json, lambda f: (
+        f"scrub: {f['checked']} blocks checked, {f['bytes_verified'] / 1e6:.1f} MB verified, "
+        f"{f['elapsed']:.0f} s"))
     if report["unrecoverable"]:
         if not as_json:
             click.echo(f"cairnd: error: {report['unrecoverable']} blocks are unrecoverable "

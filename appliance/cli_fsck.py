@@ -9,8 +9,6 @@ owner lock (appliance/owner.py) so that no server starts under it.
 
 from __future__ import annotations
 
-import json
-import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -54,24 +52,10 @@ def register(cli: click.Group, home_option: Callable[[Callable[..., None]],
           cairnd fsck --home /var/lib/cairn
           cairnd fsck --home /var/lib/cairn --repair --json
         """
-        from appliance.admin_client import run_store_command
-        from appliance.cli import ProgressLine, no_progress
-        from appliance.serve import configure_logging
+        from appliance.cli import run_and_report
 
-        configure_logging(logging.WARNING)
-        progress = ProgressLine(lambda f: f"fsck: {f['phase']}: {f['done']} checked, "
-                                          f"{f['elapsed']:.0f} s") \
-            if sys.stderr.isatty() else None
-        try:
-            result, _ = run_store_command(home, "fsck", {"repair": repair, "verify": verify},
-                                          progress or no_progress)
-        finally:
-            if progress is not None:
-                progress.finish()
-        report = result["report"]
-        if as_json:
-            click.echo(json.dumps(report, indent=2))
-        else:
-            click.echo(f"cairnd: fsck: {result['summary']}")
+        report = run_and_report(home, "fsck", {"repair": repair, "verify": verify}, as_json,
+                                lambda f: f"fsck: {f['phase']}: {f['done']} checked, "
+                                          f"{f['elapsed']:.0f} s")
         if not report["clean"]:
             sys.exit(EXIT_PROBLEMS)
