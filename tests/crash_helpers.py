@@ -23,6 +23,7 @@ from __future__ import annotations
 import base64
 import json
 import random
+import re
 import signal
 import threading
 import time
@@ -82,6 +83,9 @@ class Tally:
 
 # --- an appliance to kill -------------------------------------------------------------------
 
+GC_LINE = re.compile(r"garbage collection: \d+ deleted nodes purged, (\d+) blocks deleted")
+
+
 class Appliance:
     """`cairnd serve` for one home on one fixed address (agents keep their URL across
     restarts), started again after each kill. Tracebacks any incarnation logged are kept
@@ -94,6 +98,7 @@ class Appliance:
         self._server: RunningAppliance | None = None
         self.tracebacks: list[str] = []
         self.starts = 0
+        self.gc_deleted = 0      # blocks garbage collection deleted, by the logs
 
     @property
     def server(self) -> RunningAppliance:
@@ -127,6 +132,7 @@ class Appliance:
 
     def _end(self, how: str, as_expected: bool) -> None:
         log = self.server.stderr()
+        self.gc_deleted += sum(int(m[1]) for m in GC_LINE.finditer(log))
         if "Traceback" in log:
             self.tracebacks.append(log[log.index("Traceback") - 300:][:4000])
         assert self._stack is not None

@@ -530,7 +530,7 @@ class Campaign:
 
     def round_put_killed(self, rng: random.Random) -> None:
         local, remote, data, process = self.put_process(rng)
-        acknowledged = self.wait_or_kill(process, rng.uniform(0.3, 2.0), "cairn put")
+        acknowledged = self.wait_or_kill(process, rng.uniform(0.2, 1.0), "cairn put")
         self.fsck("serving")
         self.finish_put(local, remote, data, acknowledged)
 
@@ -546,7 +546,7 @@ class Campaign:
                                     str(target)], stdin=subprocess.DEVNULL,
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                    env=agent_env())
-        self.wait_or_kill(process, rng.uniform(0.3, 1.6), "cairn get")
+        self.wait_or_kill(process, rng.uniform(0.2, 0.9), "cairn get")
         if target.exists() and target.read_bytes() != self.puts[remote]:
             self.loss([f"a killed get left {target.name} with other bytes"])
         self.fsck("serving")
@@ -554,7 +554,7 @@ class Campaign:
 
     def round_put_appliance_killed(self, rng: random.Random) -> None:
         local, remote, data, process = self.put_process(rng)
-        time.sleep(rng.uniform(0.2, 1.8))
+        time.sleep(rng.uniform(0.2, 1.0))
         self.crash()
         acknowledged = self.wait_or_kill(process, 60, "cairn put")
         self.finish_put(local, remote, data, acknowledged)
@@ -577,6 +577,8 @@ class Campaign:
                                      f"{part_files(device.folder)}")
         self.appliance.stop()
         self.fsck("offline")
+        print(f"garbage collection deleted {self.appliance.gc_deleted} blocks meanwhile "
+              f"(the appliance's logs, {self.appliance.starts} runs)")
         self.problems += [f"the appliance logged: {t}" for t in self.appliance.tracebacks]
 
 
