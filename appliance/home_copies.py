@@ -224,7 +224,7 @@ class HomeCopier:
                     first, manifest = self._write_first(disk.root, clean)
                 else:
                     self._write_from(first, disk.root, manifest)
-            except OSError as exc:
+            except (OSError, apsw.Error) as exc:
                 log.warning("home copy on %s failed: %s", disk.name, exc)
                 continue
             written.append(disk.name)

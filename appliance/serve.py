@@ -74,6 +74,7 @@ log = logging.getLogger("cairnd")
 SERVE_INFO_NAME = "serve.json"
 GRACEFUL_TIMEOUT_S = 5.0
 MAINTENANCE_RESTART_S = 60.0
+LAST_COPY_TIMEOUT_S = 60.0
 # A burst of connects beyond the backlog is dropped by the kernel and retried by the
 # client a second later: 1,000 at once against 128 cost 7 s. (Capped by net.core.somaxconn.)
 LISTEN_BACKLOG = 1024
@@ -235,7 +236,9 @@ async def _copy_home(copier: HomeCopier) -> None:
     """Keep the copies of the home on the data disks current (appliance/home_copies.py)."""
     while True:
         try:
-            result = await trio.to_thread.run_sync(copier.copy_if_changed)
+            # Abandoned when cancelled: a copy stuck on a disk must not hold up a stop.
+            result = await trio.to_thread.run_sync(copier.copy_if_changed,
+                                                   abandon_on_cancel=True)
             if result is not None:
                 log.debug("home copy %d on %s (%.2f s)", result.sequence,
                           ", ".join(result.disks), result.seconds)
@@ -245,17 +248,28 @@ async def _copy_home(copier: HomeCopier) -> None:
 
 
 def _last_home_copy(copier: HomeCopier) -> None:
-    """At a stop, one last copy, so that a clean stop loses nothing if the home is lost."""
-    try:
-        result = copier.copy_now(clean=True)
-        if result is not None:
-            log.info("home copied to %s (copy %d, database %.1f MB, %.2f s)",
-                     ", ".join(result.disks), result.sequence, result.database_bytes / 1e6,
-                     result.seconds)
-    except Exception:
-        log.exception("the last copy of the home failed")
-    finally:
-        copier.close()
+    """At a stop, one last copy, so that a clean stop loses nothing if the home is lost.
+    In a thread of its own, waited on for LAST_COPY_TIMEOUT_S: a disk that stopped
+    answering must not keep the appliance from stopping (the copies go straight to the
+    disks, without the store's per-call deadlines)."""
+    def copy() -> None:
+        try:
+            result = copier.copy_now(clean=True)
+            if result is not None:
+                log.info("home copied to %s (copy %d, database %.1f MB, %.2f s)",
+                         ", ".join(result.disks), result.sequence,
+                         result.database_bytes / 1e6, result.seconds)
+        except Exception:
+            log.exception("the last copy of the home failed")
+        finally:
+            copier.close()
+
+    worker = threading.Thread(target=copy, name="cairn-last-home-copy", daemon=True)
+    worker.start()
+    worker.join(LAST_COPY_TIMEOUT_S)
+    if worker.is_alive():
+        log.error("the last copy of the home did not finish in %.0f s (a disk not "
+                  "answering?); stopping without it", LAST_COPY_TIMEOUT_S)
 
 
 # --- running -------------------------------------------------------------------------------
