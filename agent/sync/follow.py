@@ -14,7 +14,7 @@ import trio
 from agent.errors import CairnAgentError
 from agent.remote import RemoteTree
 from agent.sync.mirror import Mirror
-from agent.sync.schedule import poll_interval
+from agent.sync.schedule import poll_interval, stream_failures
 
 log = logging.getLogger("cairn.sync")
 
@@ -42,8 +42,9 @@ class Follower:
     async def run(self) -> None:
         failures = 0
         while True:
+            started = trio.current_time()
             quiet = await self._hold_stream()
-            failures = 0 if quiet else failures + 1
+            failures = stream_failures(failures, quiet, trio.current_time() - started)
             await self._poll(until_active=quiet, first_s=poll_interval(failures))
 
     async def _hold_stream(self) -> bool:

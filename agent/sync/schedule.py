@@ -33,6 +33,7 @@ RETRY_MAX_S = 30.0
 REFUSED_FACTOR = 5
 POLL_S = 2.0
 POLL_MAX_S = 60.0
+STREAM_WORKED_S = 5.0   # a stream up this long worked, whatever made it end
 
 
 @dataclass
@@ -72,6 +73,13 @@ class Schedule:
 
     def downloads_held(self, now: float) -> bool:
         return now < self.downloads_paused_until
+
+
+def stream_failures(failures: int, quiet: bool, held_s: float) -> int:
+    """Stream failures in a row after the event stream ended: none when it was closed for
+    being quiet or had been up STREAM_WORKED_S (it worked: an appliance restarted now and
+    then must not push a device's polls out to a minute), else one more."""
+    return 0 if quiet or held_s >= STREAM_WORKED_S else failures + 1
 
 
 def poll_interval(failures: int, previous: float | None = None) -> float:
