@@ -137,9 +137,13 @@ class DiskCalls:
         if not self._overruns and not self._inline:   # the usual case, asked per call
             return None
         horizon = time.monotonic() - self.timeout
+        # Other threads add and remove their _inline items without the lock: copy it in
+        # one step (tuple() of a dict's values runs under the GIL, a generator does not;
+        # iterating it live raised "dictionary changed size" under load, a 500).
+        inline = tuple(self._inline.values())
         with self._lock:
             late = [*self._overruns.values(),
-                    *(Overrun(*o) for o in self._inline.values() if o[1] < horizon)]
+                    *(Overrun(*o) for o in inline if o[1] < horizon)]
         return min(late, key=lambda o: o.started, default=None)
 
     def stuck(self, thread_id: int) -> Overrun | None:

@@ -6,6 +6,7 @@ hangs under a running appliance — is tests/integration/test_disk_faults.py."""
 from __future__ import annotations
 
 import random
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -210,3 +211,36 @@ def test_an_operation_inside_an_operation_runs_in_its_worker(store: BlockStore) 
     outer = store._bounded(lambda: (threading.get_ident(),
                                     store._bounded(threading.get_ident)))
     assert outer[0] == outer[1] != threading.get_ident()
+
+
+def test_many_operations_calling_one_disk_at_once_never_trip_over_each_other() -> None:
+    """Every call asks the disk whether it is hung while other operations' threads come
+    and go from its table of calls in progress. Reading that table live raised
+    "dictionary changed size during iteration" under load (a 500 on POST /batch/files,
+    whose block the client had sent: it then sent it again as a second file)."""
+    calls = DiskCalls("stress", timeout=30)
+    operations = deadline.Operations(timeout=30, threads=8)
+    errors: list[BaseException] = []
+    deadline_at = time.monotonic() + 1.5
+
+    def operation() -> None:
+        while time.monotonic() < deadline_at:
+            calls.run("a call", lambda: time.sleep(0))   # inline: in the table, then out
+
+    def one_worker() -> None:
+        try:
+            operations.run(operation, [calls], lambda i, e: None)
+        except BaseException as exc:
+            errors.append(exc)
+
+    workers = [threading.Thread(target=one_worker) for _ in range(8)]
+    switching = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)    # threads take turns as often as they can: the race shows
+    try:
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join(30)
+    finally:
+        sys.setswitchinterval(switching)
+    assert errors == []
