@@ -97,7 +97,8 @@ def _hash_file(path: Path) -> str:
     return hasher.hexdigest()
 
 
-def _copy_file(source: Path, target: Path, mode: int) -> None:
+def copy_file(source: Path, target: Path, mode: int) -> None:
+    """SOURCE to a new file TARGET of MODE (never an existing one), streamed and fsync'd."""
     target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
@@ -256,7 +257,7 @@ class HomeCopier:
             self._backup_database(database)
             files = {DATABASE_NAME: database}
             for name, (source, mode) in self._sources().items():
-                _copy_file(source, partial / name, mode)
+                copy_file(source, partial / name, mode)
                 files[name] = partial / name
             manifest = {
                 "format": MANIFEST_FORMAT, "appliance_id": self.config.appliance_id,
@@ -274,7 +275,7 @@ class HomeCopier:
         partial = self._partial(disk_root)
         try:
             for name, entry in manifest["files"].items():
-                _copy_file(first / name, partial / name, int(entry["mode"]))
+                copy_file(first / name, partial / name, int(entry["mode"]))
             self._publish(partial, manifest)
         except BaseException:
             shutil.rmtree(partial, ignore_errors=True)

@@ -41,6 +41,7 @@ from appliance.home_copies import (
     KEY_NAME,
     SECRETS_DIR,
     copies_on,
+    copy_file,
     read_manifest,
     verify_copy,
 )
@@ -164,12 +165,7 @@ def _place_files(home: Path, copy: Path, slots: dict[str, Path]
     for entry in (copy / SECRETS_DIR).glob("*"):
         placed[f"{SECRETS_DIR}/{entry.name}"] = home / SECRETS_DIR / entry.name
     for name, target in placed.items():
-        mode = (copy / name).stat().st_mode & 0o777
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-        with os.fdopen(fd, "wb") as writer, open(copy / name, "rb") as reader:
-            shutil.copyfileobj(reader, writer, 1 << 20)
-            writer.flush()
-            os.fsync(writer.fileno())
+        copy_file(copy / name, target, (copy / name).stat().st_mode & 0o777)
     def moved(path: Path) -> Path:   # a path the old config gave relative to its home
         return home / path.relative_to(scratch) if path.is_relative_to(scratch) else path
 
