@@ -179,6 +179,51 @@ class NodeDetail(BaseModel):
                                                  "blocks still missing")
     blocks: list[BlockUrl]
     urls_expire_at: int | None
+    peer_grants: list[str] = Field(default_factory=list, description="API 1.5: with GET "
+                                   "URLs, block grants (protocol/peers.py) for the calling "
+                                   "device's certificate, covering these blocks, at most "
+                                   "64 each: the user's other devices on the LAN serve "
+                                   "the blocks against them. Empty when the device has no "
+                                   "certificate yet.")
+
+
+class DeviceCertificateRequest(Strict):
+    """API 1.5, POST /devices/me/certificate: sign this device's public key."""
+
+    public_key: str = Field(max_length=4096, description="The device's Ed25519 public "
+                            "key, PEM (SubjectPublicKeyInfo)")
+
+
+class DeviceCertificate(BaseModel):
+    certificate: str = Field(description="PEM, signed by the device CA, valid 24 h")
+    ca_certificate: str = Field(description="PEM: the appliance's device CA (pin it)")
+    expires_at: int
+    user_tag: str = Field(description="The opaque user id the certificate carries (O=)")
+
+
+class RevocationList(BaseModel):
+    """API 1.5, GET /devices/revoked: every revoked device id of this appliance."""
+
+    revoked: list[str]
+    as_of: float
+
+
+class AdmitRequest(Strict):
+    """API 1.5, POST /devices/admit: an enrolled device admits a new device of its own
+    user that asked on the LAN (`cairn join --lan`)."""
+
+    device_name: str = Field(min_length=1, max_length=MAX_DEVICE_NAME)
+    public_key: str = Field(max_length=4096, description="The new device's Ed25519 "
+                            "public key, PEM")
+
+
+class AdmitResult(BaseModel):
+    device_id: str
+    token: str = Field(description="The new device's bearer token; only the new device "
+                       "keeps it")
+    user: str
+    appliance_id: str
+    certificate: DeviceCertificate
 
 
 class NodeList(BaseModel):

@@ -8,7 +8,7 @@ major version stops it with one clear line instead of a validation error later.
 
 from __future__ import annotations
 
-API_VERSION = "1.4"
+API_VERSION = "1.5"
 HEADER = "Cairn-Api-Version"
 
 INLINE_BATCH_BLOCKS = "1.1"
@@ -64,3 +64,9 @@ def check_compatible(theirs: str, ours: str = API_VERSION) -> None:
         raise IncompatibleApiError(
             f"the appliance speaks API version {theirs} and this agent {ours}: "
             + ("update this agent" if newer else "update the appliance"))
+
+PEERS = "1.5"
+"""Since this version the appliance signs device certificates (POST /devices/me/
+certificate), lists revoked devices (GET /devices/revoked, and an `event: revoked` on
+/events), adds block grants to download URLs (`peer_grants`) and admits a device another
+device of the same user approved on the LAN (POST /devices/admit)."""
