@@ -21,6 +21,7 @@ class ErrorCode(StrEnum):
     UNAUTHORIZED = "unauthorized"            # 401: no token, an unknown one, a revoked device
     FORBIDDEN = "forbidden"                  # 403: refused URL, or a write to a read-only node
     ENROLLMENT_REFUSED = "enrollment_refused"  # 403: a code unknown, used, expired or wrong
+    LAN_ADMISSION_DISABLED = "lan_admission_disabled"  # 403: the config forbids /devices/admit
     NOT_FOUND = "not_found"                  # 404: no such node/user (or not visible), route
     METHOD_NOT_ALLOWED = "method_not_allowed"  # 405
     CONFLICT = "conflict"                    # 409: stale base_version, or a name/state clash
