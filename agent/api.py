@@ -30,6 +30,8 @@ from protocol.errors import ErrorCode, ErrorInfo
 from protocol.ids import b64decode, b64encode
 from protocol.limits import MAX_BLOCKS_PER_NODE, MAX_CHANGES_PAGE, MAX_CHILDREN_PAGE, MAX_TRASH_PAGE
 from protocol.models import (
+    AdmitRequest,
+    AdmitResult,
     BatchCreate,
     BatchDelete,
     BatchRequest,
@@ -44,6 +46,8 @@ from protocol.models import (
     BlockStored,
     ChangeOut,
     ChangesPage,
+    DeviceCertificate,
+    DeviceCertificateRequest,
     GrantIn,
     Grants,
     Health,
@@ -57,6 +61,7 @@ from protocol.models import (
     NodeUpdate,
     NodeWrite,
     PublicKey,
+    RevocationList,
     SharedItem,
     SharedWithMe,
     ShareRequest,
@@ -265,6 +270,21 @@ class Api:
 
     async def shared_with_me(self) -> list[SharedItem]:
         return (await self._get(SharedWithMe, "/shared-with-me")).items
+
+    # --- LAN peers (API 1.5, see `supports(version.PEERS)`; agent/peers) --------------
+
+    async def device_certificate(self, public_key_pem: str) -> DeviceCertificate:
+        """A certificate for this device's Ed25519 key (PEM), signed by the device CA."""
+        return await self._send(DeviceCertificate, "POST", "/devices/me/certificate",
+                                DeviceCertificateRequest(public_key=public_key_pem))
+
+    async def revoked_devices(self) -> RevocationList:
+        """Every revoked device id of the appliance: peers refuse them."""
+        return await self._get(RevocationList, "/devices/revoked")
+
+    async def admit(self, request: AdmitRequest) -> AdmitResult:
+        """Admit a new device of this user that asked on the LAN (`cairn join --lan`)."""
+        return await self._send(AdmitResult, "POST", "/devices/admit", request)
 
 
 T = TypeVar("T")

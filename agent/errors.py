@@ -15,6 +15,9 @@
     ├── TransportError             the appliance cannot be reached (after retries and,
     │                              if enabled, an mDNS search for its new address)
     ├── IncompatibleApplianceError the appliance speaks another major API version
+    ├── PeerError                  LAN peers: a device certificate that cannot be had or
+    │                              used, a device CA other than the pinned one, a bad
+    │                              [peers] config; peers stay off, nothing else stops
     └── ApiError                   the appliance refused a request; carries status and code
         ├── RemoteNotFoundError    404: no such node, or one you may not see
         ├── ForbiddenError         403: read-only (shared with you), or a refused URL
@@ -109,6 +112,15 @@ class IncompatibleApplianceError(CairnAgentError):
 
     code = "api_version"
     exit_code = 12
+
+
+class PeerError(CairnAgentError):
+    """Something LAN peers need is missing or wrong (agent/peers): the device
+    certificate, the pinned device CA, the `[peers]` section of HOME/config.toml. Only
+    peers stop; syncing and mounting go on through the appliance."""
+
+    code = "peer"
+    exit_code = 13
 
 
 class ApiError(CairnAgentError):
