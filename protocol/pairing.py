@@ -7,14 +7,17 @@ existing device E of the user (`cairn devices pending`, `cairn approve NAME`):
 
 1. reads N's request (`GET JOIN_REQUEST_PATH`: name, keys, expiry), checking that the
    device key in it is the one N's TLS certificate has;
-2. says hello (`POST JOIN_HELLO_PATH`, mutual TLS with E's device certificate) with the
-   appliance's device CA. N takes the **first** hello only and shows the pairing code;
+2. says hello (`POST JOIN_HELLO_PATH`) with the appliance's device CA and E's device
+   certificate, which N checks against that CA (N cannot ask for a TLS client certificate
+   here: it trusts no CA yet, and a TLS server cannot take a certificate it cannot verify).
+   N takes the **first** hello only and shows the pairing code; from then on it asks every
+   connection for a client certificate signed by that CA;
 3. the user types on E the code N shows. E computes it from what *it* saw; a rogue device
    in between (answering N first, or standing in for N towards E) sees other keys, so the
    codes differ and E refuses;
 4. on a match E asks the appliance to admit N (`POST /devices/admit`), seals the user's keys
-   to N's wrap key and hands N everything it needs (`POST JOIN_APPROVE_PATH`, from the
-   same certificate that said hello). N checks the appliance's certificate and its own new
+   to N's wrap key and hands N everything it needs (`POST JOIN_APPROVE_PATH`, over mutual
+   TLS with the key of the certificate that said hello: only E can approve). N checks the appliance's certificate and its own new
    device certificate against the CA from the hello, and is enrolled without typing a
    passphrase or a code.
 
@@ -82,6 +85,9 @@ class JoinHello(BaseModel):
     appliance_id: str = Field(max_length=200)
     ca_certificate: str = Field(max_length=8192, description="The appliance's device CA, "
                                 "PEM; the approver's TLS client certificate is signed by it")
+    device_certificate: str = Field(max_length=8192, description="The approver's device "
+                                    "certificate, PEM, signed by ca_certificate: its key "
+                                    "enters the code, and only that key may approve")
 
 
 class JoinApproval(BaseModel):
