@@ -281,10 +281,13 @@ class Connection:
         self._version_checked = True
 
     async def follow_events(self, cursor: int, heartbeat_s: float,
-                            on_cursor: Callable[[int], None]) -> None:
+                            on_cursor: Callable[[int], None],
+                            on_event: Callable[[str, Any], None] | None = None) -> None:
         """Hold GET /events open and call ON_CURSOR with each new cursor the appliance
         announces, until the stream ends. Raises TransportError when it breaks or goes
-        silent for three heartbeats (the caller falls back to polling)."""
+        silent for three heartbeats (the caller falls back to polling). ON_EVENT, if
+        given, gets every other event: its name and its data, decoded (API 1.5: `revoked`
+        for the peers' revocation list; heartbeats too)."""
         timeout = httpx.Timeout(heartbeat_s * 3, connect=CONNECT_TIMEOUT_S)
         params = {"cursor": cursor, "heartbeat": heartbeat_s}
         try:
@@ -299,6 +302,8 @@ class Connection:
                         event = line[6:].strip()
                     elif line.startswith("data:") and event == "cursor":
                         on_cursor(int(json.loads(line[5:])["cursor"]))
+                    elif line.startswith("data:") and event and on_event is not None:
+                        on_event(event, _event_data(line[5:]))
                     elif not line:
                         event = ""
         except httpx.TransportError as exc:
@@ -411,6 +416,15 @@ class Connection:
                 continue
             raise error_from_status(response.status, response.content)
         raise AssertionError("unreachable")
+
+
+def _event_data(text: str) -> Any:
+    """An event's data line, decoded if it is JSON (as every Cairn event's is), else as
+    it came: an event this agent does not know must not break the stream."""
+    try:
+        return _loads(text)
+    except ValueError:
+        return text.strip()
 
 
 def _describe(exc: Exception) -> str:
