@@ -9,7 +9,14 @@ Tables, each keyed by the folder's row id:
 - remote:  the mirror of the appliance's nodes under the remote folder (the root included);
 - base:    the merge base, one row per synced node;
 - local:   the last scan's content ids, by path and stat (a cache: unchanged files are not
-           hashed again).
+           hashed again);
+- peer_blocks: block id -> (folder, node, version, index in its block table), for every
+           file of the remote mirror, kept in the same transaction as its remote row when
+           the database is opened with `block_index` (`of_home`: `cairn sync`). The LAN
+           peer service (agent/peers/sources.py) finds there which synced file lists a
+           block a peer asks for. A row is only a hint: what is served is checked against
+           the remote row, the base and the file itself, so a stale or missing row costs a
+           miss, never a wrong byte.
 """
 
 from __future__ import annotations
@@ -25,11 +32,13 @@ from typing import Any
 
 import apsw
 
-from agent.errors import LocalFileError
+from agent.crypto.nodes import open_metadata
+from agent.errors import IntegrityError, LocalFileError
 from agent.sync.model import BaseEntry, Kind, Stat, is_within, link_content_id
 
 DB_FILE = "sync.db"
 LINK_CONTENT_VERSION = 1    # PRAGMA user_version from which a link row's content is its own
+PEER_BLOCKS_VERSION = 2     # ... from which peer_blocks covers every remote row
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS folders (
@@ -55,6 +64,11 @@ CREATE TABLE IF NOT EXISTS local (
     folder INTEGER NOT NULL, path TEXT NOT NULL, size INTEGER NOT NULL,
     mtime_ns INTEGER NOT NULL, mode INTEGER NOT NULL, inode INTEGER NOT NULL,
     content TEXT NOT NULL, PRIMARY KEY (folder, path));
+CREATE TABLE IF NOT EXISTS peer_blocks (
+    block_id BLOB NOT NULL, folder INTEGER NOT NULL, node_id TEXT NOT NULL,
+    version INTEGER NOT NULL, idx INTEGER NOT NULL,
+    PRIMARY KEY (block_id, folder, node_id, idx)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS peer_blocks_by_node ON peer_blocks (folder, node_id);
 """
 
 
@@ -167,7 +181,7 @@ class _Base:
 
 
 class SyncDb:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, block_index: bool = False) -> None:
         try:
             if not path.exists():
                 os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
@@ -192,6 +206,9 @@ class SyncDb:
         (user_version,) = self.db.execute("PRAGMA user_version").fetchone() or (0,)
         if user_version < LINK_CONTENT_VERSION:
             self._link_contents()
+        self.block_index = block_index
+        if block_index and user_version < PEER_BLOCKS_VERSION:
+            self._index_all_blocks()
 
     def _link_contents(self) -> None:
         """Rows of links mirrored before links were synced hold an empty file's content
@@ -203,9 +220,19 @@ class SyncDb:
                                 "node_id = ?", (link_content_id(link), folder, node_id))
             self.db.execute(f"PRAGMA user_version = {LINK_CONTENT_VERSION}")
 
+    def _index_all_blocks(self) -> None:
+        """peer_blocks for a database written before it existed (or without it)."""
+        with self.transaction():
+            self.db.execute("DELETE FROM peer_blocks")
+            for folder, *values in list(self.db.execute(
+                    f"SELECT folder, {REMOTE_COLUMNS} FROM remote WHERE kind = 'file'")):
+                self._index_blocks(folder, remote_row_of(tuple(values)))
+            self.db.execute(f"PRAGMA user_version = {PEER_BLOCKS_VERSION}")
+
     @classmethod
     def of_home(cls, home: Path) -> SyncDb:
-        return cls(home / DB_FILE)
+        """HOME's sync.db, with the peer block index kept (see the module)."""
+        return cls(home / DB_FILE, block_index=True)
 
     def close(self) -> None:
         self.db.close()
@@ -267,9 +294,32 @@ class SyncDb:
                          int(row.uploaded), row.size, row.mtime_ns, row.mode, row.content,
                          row.device, row.created_at, row.updated_at, row.key, row.meta,
                          row.link))
+        if self.block_index:
+            self._index_blocks(folder, row)
+
+    def _index_blocks(self, folder: int, row: RemoteRow) -> None:
+        """ROW's blocks in peer_blocks (its older version's rows replaced)."""
+        self.db.execute("DELETE FROM peer_blocks WHERE folder = ? AND node_id = ?",
+                        (folder, row.node_id))
+        if row.kind != "file" or row.link is not None or row.size == 0:
+            return
+        try:
+            blocks = open_metadata(row.key, row.node_id, row.kind, row.meta).blocks
+        except (IntegrityError, ValueError):
+            return      # the mirror opened it before; a row that does not open serves nothing
+        self.db.executemany(
+            "INSERT OR IGNORE INTO peer_blocks (block_id, folder, node_id, version, idx) "
+            "VALUES (?, ?, ?, ?, ?)",
+            [(ref.block_id, folder, row.node_id, row.version, index)
+             for index, ref in enumerate(blocks)])
 
     def drop_remote_subtree(self, folder: int, node_id: str) -> None:
         self.remote_revision += 1
+        self.db.execute(
+            "WITH RECURSIVE down(id) AS (SELECT ? UNION ALL SELECT r.node_id FROM remote r "
+            "JOIN down ON r.parent_id = down.id WHERE r.folder = ?) "
+            "DELETE FROM peer_blocks WHERE folder = ? AND node_id IN (SELECT id FROM down)",
+            (node_id, folder, folder))
         self.db.execute(
             "WITH RECURSIVE down(id) AS (SELECT ? UNION ALL SELECT r.node_id FROM remote r "
             "JOIN down ON r.parent_id = down.id WHERE r.folder = ?) "
@@ -279,6 +329,7 @@ class SyncDb:
     def clear_remote(self, folder: int) -> None:
         self.remote_revision += 1
         self.db.execute("DELETE FROM remote WHERE folder = ?", (folder,))
+        self.db.execute("DELETE FROM peer_blocks WHERE folder = ?", (folder,))
 
     # --- the base -----------------------------------------------------------------------
 
