@@ -15,6 +15,8 @@
    passphrase bundle (scrypt) stored on the appliance, and creates the user's root folder;
    later devices fetch the bundle and open it with the passphrase. A wrong passphrase
    leaves the device joined without keys: `cairn unlock` tries again (the code is spent).
+5. The device's own key pair and certificate for LAN peers (agent/peers/identity.py),
+   with the device CA pinned; a failure there leaves the device joined, without peers.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from agent.errors import (
     UsageError,
 )
 from agent.home import AgentHome, DeviceRecord
+from agent.peers.identity import try_ensure_identity
 from agent.remote import node_create
 from protocol import version
 from protocol.enrollment import (
@@ -225,6 +228,8 @@ async def unlock_keys(connection: Connection, home: AgentHome,
                                  "your key bundle")
     await ensure_root(api, keys)
     home.save_keys(keys)
+    # The device's own key and certificate for LAN peers; never a reason to fail joining.
+    await try_ensure_identity(api, home)
     return keys, created
 
 

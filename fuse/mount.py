@@ -36,6 +36,7 @@ from agent.client import Connection, RetryPolicy
 from agent.crypto.keys import UserKeys
 from agent.errors import CairnAgentError, TransportError, UsageError
 from agent.home import AgentHome, DeviceRecord
+from agent.peers.identity import try_ensure_identity
 from agent.remote import RemoteTree
 from agent.sync.follow import Follower
 from agent.sync.mirror import Mirror
@@ -237,6 +238,9 @@ async def _serve(home: AgentHome, device: DeviceRecord, keys: UserKeys, index: D
                              pinner.run, status_writer):
                     nursery.start_soon(task)
                 nursery.start_soon(_on_signals, nursery.cancel_scope)
+                # LAN peers: the device certificate, in the background (a drive works
+                # offline and must not wait for it; it never fails the mount).
+                nursery.start_soon(try_ensure_identity, tree.api, home)
                 pull_wanted.set()
                 await pyfuse3.main(min_tasks=2, max_tasks=FUSE_TASKS)
                 nursery.cancel_scope.cancel()

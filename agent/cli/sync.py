@@ -14,6 +14,7 @@ from agent import operations as ops
 from agent.cli.shell import cli, home_of, interrupted
 from agent.errors import SyncPausedError
 from agent.home import AgentHome
+from agent.peers.identity import try_ensure_identity
 from agent.stopping import Stopped, until_signalled
 from agent.sync.engine import (
     MASS_DELETE_MIN,
@@ -83,6 +84,7 @@ def sync(ctx: click.Context, directory: Path, remote_path: str, allow_mass_delet
                 engine = SyncEngine(tree, db, folder, options)
                 click.echo(f"syncing {local_dir} with {folder.remote_path} as "
                            f"{tree.connection.device.device_name}", err=True)
+                await try_ensure_identity(tree.api, home)   # LAN peers; never fails sync
                 try:
                     await engine.run()
                 except BaseException:     # stopped (a signal) or failed: say so last

@@ -64,6 +64,7 @@ CERT_FILE = "device-cert.pem"
 CA_FILE = "device-ca.pem"
 RENEW_RETRY_S = 600.0        # after a failed renewal, ask again this much later
 RENEW_CHECK_MAX_S = 3600.0   # and look at the clock at least this often (suspend, jumps)
+IDENTITY_AT_START_S = 10.0   # join, sync and mount wait at most this for a certificate
 
 
 @dataclass(frozen=True)
@@ -333,14 +334,21 @@ async def ensure_identity(api: Api, home: AgentHome, *, now: float | None = None
     return identity
 
 
-async def try_ensure_identity(api: Api, home: AgentHome) -> PeerIdentity | None:
+async def try_ensure_identity(api: Api, home: AgentHome, *,
+                              within_s: float = IDENTITY_AT_START_S) -> PeerIdentity | None:
     """`ensure_identity` for join, sync and mount, which must go on without peers: any
-    failure is one logged line and None."""
-    try:
-        return await ensure_identity(api, home)
-    except CairnAgentError as exc:
-        log.warning("no device certificate, peers off: %s", exc.message)
-        return None
+    failure is one logged line and None, and it gives up after WITHIN_S (an appliance
+    that is away costs retries; a mount works offline and must not wait for them —
+    `keep_identity_fresh` asks again later)."""
+    with trio.move_on_after(within_s):
+        try:
+            return await ensure_identity(api, home)
+        except CairnAgentError as exc:
+            log.warning("no device certificate, peers off for now: %s", exc.message)
+            return None
+    log.warning("no device certificate, peers off for now: the appliance did not answer "
+                "within %.0f s", within_s)
+    return None
 
 
 async def keep_identity_fresh(api: Api, home: AgentHome,
