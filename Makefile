@@ -7,7 +7,7 @@ VENV        := .venv
 PY          := $(VENV)/bin/python
 APPLIANCE   ?= ./var/appliance
 
-.PHONY: run test test-fast lint bench bench-api bench-transfer bench-mount bench-sync bench-sync-100k bench-compare bootstrap clean-run
+.PHONY: run test test-fast lint bench bench-api bench-transfer bench-mount bench-sync bench-sync-100k bench-compare bench-peers bootstrap clean-run
 
 bootstrap:
 	@bash scripts/bootstrap.sh
@@ -69,6 +69,12 @@ bench-sync-100k: bootstrap
 # installed from Debian when missing). --quick and the other options: bench/compare.py --help.
 bench-compare: bootstrap
 	@$(PY) bench/compare.py
+
+# LAN peers (issue 15): device B fetches a 1 GiB file device A has, from a 100 Mbit/s
+# appliance alone and with A as a peer, in network namespaces (~5 minutes; run as root).
+# --size-gib, --rate: bench/peers.py --help.
+bench-peers: bootstrap
+	@$(PY) bench/peers.py
 
 # Remove the embedded-defaults appliance made by `make run` (its blocks too).
 clean-run:

@@ -34,7 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -423,3 +423,144 @@ def file_hash(path: Path) -> bytes:
         while chunk := handle.read(16 << 20):
             digest.update(chunk)
     return digest.digest()
+
+
+# --- the Show scenario: B fetches a file A has, without peers and with them ------------------
+
+MIB = 1 << 20
+BLOCK_SIZE = 4 * MIB
+PROBE_SIZE = 64 * MIB
+REMOTE_FOLDER = "/lan"
+NO_PEERS = "--no-peers"
+RUNS = ("get alone", "get peers", "sync alone", "sync peers")
+
+
+@dataclass(frozen=True)
+class FetchRun:
+    """One of B's fetches of the file: wall clock, what the appliance served meanwhile (its
+    own counters), and the agents' CPU and memory."""
+
+    label: str
+    seconds: float
+    served_blocks: int
+    served_bytes: int
+    b_cpu_seconds: float          # B's agent process, start to the file being there
+    b_peak_rss_mib: float
+    a_cpu_seconds: float          # A's running `cairn sync` over the same span
+
+
+@dataclass
+class Scenario:
+    """What `fetch_scenario` measured."""
+
+    size: int
+    rate: str
+    upload_seconds: float = 0.0
+    probe_seconds: float = 0.0
+    runs: dict[str, FetchRun] = field(default_factory=dict)
+    a_peak_rss_mib: float = 0.0
+
+    @property
+    def blocks(self) -> int:
+        return -(-self.size // BLOCK_SIZE)
+
+    @property
+    def link_bytes_per_s(self) -> float:
+        return PROBE_SIZE / self.probe_seconds
+
+    def speedup(self, kind: str) -> float:
+        """KIND ('get' or 'sync') without peers / with peers, in wall clock."""
+        return self.runs[f"{kind} alone"].seconds / self.runs[f"{kind} peers"].seconds
+
+
+def fetch_scenario(net: ThreeHosts, work: Path, size: int, *, rate: str = "100mbit",
+                   user_added: Callable[[str], None] = lambda name: None,
+                   note: Callable[[str], None] = lambda text: None,
+                   timeout: float = 900) -> Scenario:
+    """Issue 15's first Show, on NET, with files in WORK:
+
+    1. device A (user alice) has a SIZE-byte random file in its synced folder: `cairn sync
+       DIR --remote /lan --once` uploads it on the unshaped link, then `cairn sync DIR` keeps
+       running (its peer service with it) until the LAN ends; a 64 MiB probe file is put too;
+    2. the appliance's link is shaped to RATE both ways (after the upload: at 100 Mbit/s
+       1 GiB is ~90 s that measure nothing), and its real rate is measured by B's `cairn
+       get --no-peers` of the probe;
+    3. B, each time in a fresh home joined for the run: `cairn get --no-peers`, `cairn get`,
+       `cairn sync DIR --remote /lan --no-peers`, `cairn sync DIR --remote /lan` — each until
+       the file is there, checked byte-exact (BLAKE3) and deleted; the appliance's `cairnd
+       stats` read before and after each.
+
+    USER_ADDED runs once alice exists (a test stores cheap keys there); NOTE hears one line
+    per figure as it is measured. Raises LanError (or AssertionError on wrong bytes)."""
+    result = Scenario(size=size, rate=rate)
+    code = net.add_user("alice")
+    user_added("alice")
+    a = net.device("dva", "a", code)
+
+    folder_a = work / "a-folder"
+    digest = write_random(folder_a / "big.bin", size)
+    probe = work / "probe.bin"
+    write_random(probe, PROBE_SIZE)
+    a.ok("put", probe, "/probe.bin")
+    probe.unlink()
+    uploaded = a.ok("sync", folder_a, "--remote", REMOTE_FOLDER, "--once", timeout=timeout)
+    result.upload_seconds = uploaded.seconds
+    note(f"A's upload of {size / MIB:.0f} MiB (unshaped link): {uploaded.seconds:.1f} s")
+    sync_a = a.start("sync", folder_a, "--remote", REMOTE_FOLDER, "-v", log_name="sync.log")
+
+    shape(net.net, "app", rate)
+    if not all("tbf" in line for line in shaping(net.net, "app")):
+        raise LanError(f"the appliance's link is not shaped: {shaping(net.net, 'app')}")
+    probe_out = work / "probe-out.bin"
+    probed = net.device("dvb", "b-probe", net.new_code("alice")).ok(
+        "get", NO_PEERS, "/probe.bin", probe_out, timeout=timeout)
+    probe_out.unlink()
+    result.probe_seconds = probed.seconds
+    note(f"link ({rate} tbf both ways): `cairn get --no-peers` of 64 MiB in "
+         f"{probed.seconds:.2f} s = {result.link_bytes_per_s / 1e6:.1f} MB/s "
+         f"({result.link_bytes_per_s * 8 / 1e6:.0f} Mbit/s)")
+    settle([sync_a.pid], timeout_s=timeout)
+    if not sync_a.running():
+        raise LanError(f"A's cairn sync exited:\n{_tail(sync_a.text())}")
+
+    for label in RUNS:
+        kind, peers = label.split()
+        extra = (NO_PEERS,) if peers == "alone" else ()
+        b = net.device("dvb", f"b-{kind}-{peers}", net.new_code("alice"))
+        before, a_before = net.stats(), cpu_seconds(sync_a.pid)
+        if kind == "get":
+            out = work / f"{kind}-{peers}.bin"
+            done = b.ok("get", *extra, f"{REMOTE_FOLDER}/big.bin", out, timeout=timeout)
+            after, a_after = net.stats(), cpu_seconds(sync_a.pid)
+            seconds, b_cpu, b_rss = done.seconds, done.cpu_seconds, done.peak_rss_mib
+        else:
+            folder = work / f"{kind}-{peers}-folder"
+            folder.mkdir()
+            started = time.perf_counter()
+            run = b.start("sync", folder, "--remote", REMOTE_FOLDER, "-v", *extra,
+                          log_name="sync.log")
+            arrived = wait_for_file(folder / "big.bin", size, started + timeout, check=run)
+            after, a_after = net.stats(), cpu_seconds(sync_a.pid)
+            seconds, b_cpu, b_rss = arrived - started, cpu_seconds(run.pid), peak_rss_mib(run.pid)
+            out = folder / "big.bin"
+            exit_code = run.stop()
+            if exit_code != 0 or "Traceback" in run.text():
+                raise LanError(f"B's {label} exited {exit_code}:\n{_tail(run.text())}")
+        if file_hash(out) != digest:
+            raise AssertionError(f"{label}: B's copy differs from A's file")
+        out.unlink()
+        result.runs[label] = fetched = FetchRun(
+            label=label, seconds=seconds,
+            served_blocks=int(after["blocks_served"]) - int(before["blocks_served"]),
+            served_bytes=int(after["bytes_served"]) - int(before["bytes_served"]),
+            b_cpu_seconds=b_cpu, b_peak_rss_mib=b_rss, a_cpu_seconds=a_after - a_before)
+        note(f"{label}: {seconds:.1f} s ({size / seconds / 1e6:.1f} MB/s); the appliance "
+             f"served {fetched.served_blocks} of {result.blocks} blocks; CPU B "
+             f"{b_cpu:.1f} s, A {fetched.a_cpu_seconds:.1f} s; B's peak RSS {b_rss:.0f} MiB")
+
+    result.a_peak_rss_mib = peak_rss_mib(sync_a.pid)
+    if not sync_a.running() or "Traceback" in sync_a.text():
+        raise LanError(f"A's cairn sync failed:\n{_tail(sync_a.text())}")
+    for kind in ("get", "sync"):
+        note(f"{kind}: {result.speedup(kind):.1f}x faster with peers")
+    return result
