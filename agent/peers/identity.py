@@ -352,20 +352,24 @@ async def try_ensure_identity(api: Api, home: AgentHome, *,
 
 
 async def keep_identity_fresh(api: Api, home: AgentHome,
-                              on_new: Callable[[PeerIdentity], None]) -> None:
+                              on_new: Callable[[PeerIdentity], None], *,
+                              clock: Callable[[], float] = time.time,
+                              check_every_s: float = RENEW_CHECK_MAX_S) -> None:
     """Renew HOME's certificate whenever half its life is gone, forever (the peer
     service runs this in its nursery); ON_NEW gets each new identity, to serve and
-    connect with from then on. A failure is logged and tried again RENEW_RETRY_S later;
-    an appliance older than API 1.5 is asked again as rarely (it may be upgraded)."""
-    known = load_identity(home)
+    connect with from then on (the one on disk at the start is not announced: the
+    caller loaded it). A failure is logged and tried again RENEW_RETRY_S later; an
+    appliance older than API 1.5 is asked again as rarely (it may be upgraded). CLOCK
+    is the wall clock, looked at least every CHECK_EVERY_S (tests move it ahead)."""
+    known = load_identity(home, clock())
     while True:
-        due = renewal_due_at(known.certificate_pem) if known is not None else time.time()
-        wait = due - time.time()
+        due = renewal_due_at(known.certificate_pem) if known is not None else clock()
+        wait = due - clock()
         if wait > 0:
-            await trio.sleep(min(wait, RENEW_CHECK_MAX_S))
+            await trio.sleep(min(wait, check_every_s))
             continue
         try:
-            fresh = await ensure_identity(api, home)
+            fresh = await ensure_identity(api, home, now=clock())
         except CairnAgentError as exc:
             log.warning("cannot renew the device certificate (trying again in %.0f s): "
                         "%s", RENEW_RETRY_S, exc.message)
@@ -374,5 +378,5 @@ async def keep_identity_fresh(api: Api, home: AgentHome,
                                   or fresh.certificate_pem != known.certificate_pem):
             known = fresh
             on_new(fresh)
-        if fresh is None or needs_renewal(fresh.certificate_pem, time.time()):
+        if fresh is None or needs_renewal(fresh.certificate_pem, clock()):
             await trio.sleep(RENEW_RETRY_S)

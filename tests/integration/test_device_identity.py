@@ -13,6 +13,7 @@ import ssl
 import threading
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
@@ -34,6 +35,7 @@ from agent.peers.identity import (
     PeerIdentity,
     certified_device,
     ensure_identity,
+    keep_identity_fresh,
     load_identity,
     try_ensure_identity,
 )
@@ -206,6 +208,34 @@ def test_renewal_at_half_life_keeps_the_key_and_the_ca(two_devices: tuple[Path, 
     assert renewed.ca_certificate_pem == before.ca_certificate_pem
     assert renewed.me.key_sha256 == before.me.key_sha256
     assert identity_of(home) == renewed
+
+
+def test_keep_identity_fresh_renews_and_announces(two_devices: tuple[Path, Path]) -> None:
+    """The peer service's loop: quiet while the certificate is young; once the clock
+    passes half its life, one renewal, announced to ON_NEW, then quiet again."""
+    home = two_devices[0]
+    before = identity_of(home)
+    offset = [0.0]
+    announced: list[PeerIdentity] = []
+
+    async def run(api: Api) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(partial(keep_identity_fresh, api, AgentHome(home),
+                                       announced.append,
+                                       clock=lambda: time.time() + offset[0],
+                                       check_every_s=0.1))
+            await trio.sleep(0.5)
+            assert not announced                     # young: nothing asked
+            offset[0] = DEVICE_CERT_LIFETIME_S * 0.6
+            with trio.fail_after(60):
+                while not announced:  # noqa: ASYNC110 (the loop sleeps to the old due time)
+                    await trio.sleep(0.05)
+            nursery.cancel_scope.cancel()
+
+    with_api(home, run)
+    assert len(announced) == 1
+    assert announced[0].certificate_pem != before.certificate_pem
+    assert identity_of(home) == announced[0]
 
 
 def test_a_swapped_device_ca_is_refused_and_join_still_works(
