@@ -16,8 +16,11 @@
     │                              if enabled, an mDNS search for its new address)
     ├── IncompatibleApplianceError the appliance speaks another major API version
     ├── PeerError                  LAN peers: a device certificate that cannot be had or
-    │                              used, a device CA other than the pinned one, a bad
-    │                              [peers] config; peers stay off, nothing else stops
+    │   │                          used, a device CA other than the pinned one, a bad
+    │   │                          [peers] config; peers stay off, nothing else stops
+    │   └── PeerFetchError         one peer did not serve one request (timeout, refusal,
+    │                              not held, not one of ours): the fetch policy moves the
+    │                              block elsewhere; never shown to the user
     └── ApiError                   the appliance refused a request; carries status and code
         ├── RemoteNotFoundError    404: no such node, or one you may not see
         ├── ForbiddenError         403: read-only (shared with you), or a refused URL
@@ -121,6 +124,18 @@ class PeerError(CairnAgentError):
 
     code = "peer"
     exit_code = 13
+
+
+class PeerFetchError(PeerError):
+    """A request to one peer failed. `failure` is an agent.peers.fetch.Failure value
+    ("timeout", "error", "refused", "not_held", "wrong_bytes"): what the fetch policy
+    does with the peer and the block (agent/peers/peer_client.py raises it)."""
+
+    code = "peer_fetch"
+
+    def __init__(self, message: str, failure: str) -> None:
+        super().__init__(message)
+        self.failure = failure
 
 
 class ApiError(CairnAgentError):
