@@ -4,6 +4,10 @@
         device.json       0600  appliance id, url, certificate, device id and token, user
         keys              0600  the user's keys (root key, content secret, X25519 private)
         peers.json        0600  other users' public keys, pinned on first use
+        device-key.pem    0600  this device's Ed25519 key for LAN peers (agent/peers/identity.py)
+        device-cert.pem   0600  its certificate, signed by the appliance's device CA (24 h)
+        device-ca.pem     0600  the device CA, pinned at the first certificate
+        config.toml             the agent's own settings, optional ([peers]: agent/peers/config.py)
 
 Every file is written whole to a temporary name, fsynced and renamed, so a crash leaves the
 old version or the new one, never half of each. Secrets are 0600 like ~/.ssh keys: the
