@@ -20,18 +20,28 @@ instead of running one after the other. Each block is verified exactly as above,
 file is renamed into place only once all of them are in; a node that moves on to another
 version, or one that gets no new block for STREAM_STALL_S, stops the download (the
 temporary file stays for the next try).
+
+LAN peers (`tree.peers`, agent/peers/transfer.py): when the appliance sends block grants
+with the URLs and the file has MIN_PEER_BLOCKS or more, the download starts on the
+appliance at once while the peers found are asked (HAVE) which blocks they hold; each
+answer adds its peer to the fetch plan (agent/peers/fetch.py), which from then on gives
+every free worker the block whose best source has room. A block from a peer is checked
+exactly like one from the appliance; one that fails drops the peer for this transfer.
 """
 
 from __future__ import annotations
 
 import errno
 import hmac
+import logging
 import os
+import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 import trio
 
@@ -39,6 +49,7 @@ from agent.buffers import thread_buffer
 from agent.crypto.blocks import BlockRef, decrypt_block, decrypt_block_into, plain_hash_of
 from agent.direct_write import DIRECT_FROM_BYTES, open_direct, write_block
 from agent.errors import (
+    CairnAgentError,
     DiskFullError,
     FileChangedError,
     ForbiddenError,
@@ -47,11 +58,22 @@ from agent.errors import (
     RemoteNotFoundError,
     UploadStalledError,
 )
-from agent.pipeline import run_jobs
+from agent.peers.fetch import APPLIANCE, Assignment, FetchPlan
+from agent.peers.peer_client import PeerClient, index_grants
+from agent.peers.transfer import (
+    MIN_PEER_BLOCKS,
+    PeerAccess,
+    limits_for,
+    run_plan,
+    workers_for,
+)
+from agent.pipeline import first_error, run_jobs
 from agent.progress import Progress
 from agent.remote import RemoteNode, RemoteTree
 from protocol.models import BlockUrl, NodeDetail
 from protocol.version import STORED_BLOCK_URLS
+
+log = logging.getLogger(__name__)
 
 PART_SUFFIX = ".cairn-part"
 # Blocks in flight. A download waits mostly on the appliance's reads, so more in flight than
@@ -68,6 +90,7 @@ class DownloadStats:
     bytes: int = 0
     blocks: int = 0
     blocks_fetched: int = 0
+    blocks_from_peers: int = 0         # of blocks_fetched, those LAN peers sent
     folders: int = 0
     node: RemoteNode | None = None     # the version written (a newer one than asked, if
                                        # it changed meanwhile)
@@ -79,6 +102,7 @@ class DownloadStats:
         self.bytes += other.bytes
         self.blocks += other.blocks
         self.blocks_fetched += other.blocks_fetched
+        self.blocks_from_peers += other.blocks_from_peers
         self.folders += other.folders
 
 
@@ -188,6 +212,9 @@ async def download_file(tree: RemoteTree, node: RemoteNode, target: Path, *,
     being refused."""
     if node.is_dir:
         raise LocalFileError(f"{node.name} is a folder")
+    peers = tree.peers if len(node.meta.blocks) >= MIN_PEER_BLOCKS else None
+    if peers is not None:
+        peers.finder.start()     # a short browse runs while the URLs are asked for
     detail = await tree.fetch(node.id)
     if detail.node.version != node.version:
         node = await tree.open(detail.node)   # changed since it was listed
@@ -219,8 +246,12 @@ async def download_file(tree: RemoteTree, node: RemoteNode, target: Path, *,
             stats.blocks_fetched = await _stream(tree, node, fd, part, target, resuming,
                                                  progress, parallel)
         else:
-            stats.blocks_fetched = await _fetch(tree, node, jobs, fd, part, target,
-                                                resuming, progress, parallel)
+            stats.blocks_fetched, stats.blocks_from_peers = await _fetch(
+                tree, node, jobs, fd, part, target, resuming, progress, parallel,
+                peers=peers, grants=detail.peer_grants)
+            if stats.blocks_from_peers:
+                log.info("%s: %d of %d blocks from peers", node.name,
+                         stats.blocks_from_peers, stats.blocks_fetched)
         stats.written = _finish(fd, part, target, node, guard)
     finally:
         progress.close()
@@ -251,8 +282,8 @@ async def _stream(tree: RemoteTree, node: RemoteNode, fd: int, part: Path, targe
         detail = await look()
         jobs = [job for job in plan_some(node, detail.blocks) if job.ref.id_hex in left]
         if jobs:
-            fetched += await _fetch(tree, node, jobs, fd, part, target, resuming, progress,
-                                    parallel, refresh=look)
+            fetched += (await _fetch(tree, node, jobs, fd, part, target, resuming,
+                                     progress, parallel, refresh=look))[0]
             left.difference_update(job.ref.id_hex for job in jobs)
             last_news = trio.current_time()
         elif trio.current_time() - last_news > STREAM_STALL_S:
@@ -265,12 +296,20 @@ async def _stream(tree: RemoteTree, node: RemoteNode, fd: int, part: Path, targe
     return fetched
 
 
+class _Placed(NamedTuple):
+    size: int          # plaintext bytes written (the block times its offsets)
+    fetched: bool      # came over the network (not found on disk)
+
+
 async def _fetch(tree: RemoteTree, node: RemoteNode, jobs: list[BlockJob], fd: int,
                  part: Path, target: Path, resuming: bool, progress: Progress,
                  parallel: int,
-                 refresh: Callable[[], Awaitable[NodeDetail]] | None = None) -> int:
-    """Fetch and place JOBS; how many came over the network. REFRESH gives fresh URLs
-    (default: the node's detail) when one expired."""
+                 refresh: Callable[[], Awaitable[NodeDetail]] | None = None, *,
+                 peers: PeerAccess | None = None, grants: list[str] | None = None
+                 ) -> tuple[int, int]:
+    """Fetch and place JOBS: how many came over the network, and how many of those from
+    LAN peers (PEERS, with the node's GRANTS). REFRESH gives fresh URLs (default: the
+    node's detail) when one expired."""
     connection = tree.connection
     try:
         old_fd: int | None = _open_existing(target)
@@ -283,8 +322,13 @@ async def _fetch(tree: RemoteTree, node: RemoteNode, jobs: list[BlockJob], fd: i
     except OSError:
         direct_fd = None
 
-    def obtain(job: BlockJob) -> tuple[bytes | memoryview, bool]:
-        """The block's plaintext and whether it came over the network."""
+    clients: dict[str, PeerClient] = {}
+    grant_of: dict[str, str] = {}
+
+    def obtain(job: BlockJob, origin: str = APPLIANCE) -> tuple[bytes | memoryview, bool]:
+        """The block's plaintext and whether it came over the network (from ORIGIN: the
+        appliance, or a peer named in CLIENTS; a peer's wrong bytes raise
+        IntegrityError, which drops that peer)."""
         for source, offsets in ((fd if resuming else None, job.offsets),
                                 (old_fd, job.offsets)):
             if source is None:
@@ -300,7 +344,12 @@ async def _fetch(tree: RemoteTree, node: RemoteNode, jobs: list[BlockJob], fd: i
                 if big else connection.get_block(url)
 
         try:
-            ciphertext = get(fresh_urls.get(job.ref.id_hex, job.url))
+            if origin != APPLIANCE:
+                ciphertext = clients[origin].block(
+                    job.ref.id_hex, grant_of[job.ref.id_hex],
+                    partial(thread_buffer, use="cipher") if big else None)
+            else:
+                ciphertext = get(fresh_urls.get(job.ref.id_hex, job.url))
         except ForbiddenError:   # expired during a long download, or access revoked
             detail = trio.from_thread.run(refresh) if refresh is not None \
                 else trio.from_thread.run(tree.fetch, node.id)
@@ -311,8 +360,8 @@ async def _fetch(tree: RemoteTree, node: RemoteNode, jobs: list[BlockJob], fd: i
                                       thread_buffer(job.ref.plain_size, "plain")), True
         return decrypt_block(job.ref, bytes(ciphertext)), True
 
-    def place(job: BlockJob) -> tuple[int, bool]:
-        plaintext, fetched = obtain(job)
+    def place(job: BlockJob, origin: str = APPLIANCE) -> _Placed:
+        plaintext, fetched = obtain(job, origin)
         # Only a thread buffer is aligned for O_DIRECT; bytes (a small block, or a region
         # kept from a partial file) go through the page cache.
         direct = direct_fd if isinstance(plaintext, memoryview) else None
@@ -321,22 +370,75 @@ async def _fetch(tree: RemoteTree, node: RemoteNode, jobs: list[BlockJob], fd: i
                 write_block(fd, direct, plaintext, offset)
         except OSError as exc:
             raise _write_error(part, exc) from None
-        return len(plaintext) * len(job.offsets), fetched
+        return _Placed(len(plaintext) * len(job.offsets), fetched)
 
     fetched_count = 0
 
-    def done(job: BlockJob, result: tuple[int, bool]) -> None:
+    def done(job: BlockJob, result: _Placed) -> None:
         nonlocal fetched_count
-        progress.advance(result[0])
-        fetched_count += result[1]
+        progress.advance(result.size)
+        fetched_count += result.fetched
 
+    from_peers = 0
     try:
-        await run_jobs(jobs, place, parallel=parallel, done=done)
+        if peers is not None and grants and len(jobs) >= MIN_PEER_BLOCKS:
+            from_peers = await _fetch_with_peers(peers, grants, jobs, parallel, place,
+                                                 done, clients, grant_of)
+        else:
+            await run_jobs(jobs, place, parallel=parallel, done=done)
     finally:
         for extra in (old_fd, direct_fd):
             if extra is not None:
                 os.close(extra)
-    return fetched_count
+    return fetched_count, from_peers
+
+
+async def _fetch_with_peers(peers: PeerAccess, grants: list[str], jobs: list[BlockJob],
+                            parallel: int, place: Callable[[BlockJob, str], _Placed],
+                            done: Callable[[BlockJob, _Placed], None],
+                            clients: dict[str, PeerClient], grant_of: dict[str, str]
+                            ) -> int:
+    """Fetch JOBS from the appliance and the peers PEERS finds at once (fills CLIENTS
+    and GRANT_OF for PLACE): how many blocks came from peers. The appliance starts at
+    once; each peer joins the plan when its HAVE answer arrives."""
+    identity = peers.identity()
+    found = await peers.clients() if identity is not None else []
+    if identity is not None:
+        grant_of.update(index_grants(grants, identity, time.time()))
+    by_id = {job.ref.id_hex: job for job in jobs}
+    asked = [block for block in by_id if block in grant_of]
+    if not found or not asked:
+        await run_jobs(jobs, lambda job: place(job, APPLIANCE), parallel=parallel,
+                       done=done)
+        return 0
+    plan = FetchPlan(list(by_id), {}, limits_for(parallel), now=trio.current_time())
+
+    async def ask(client: PeerClient) -> None:
+        try:
+            held = await trio.to_thread.run_sync(client.have, asked, grant_of,
+                                                 abandon_on_cancel=True)
+        except CairnAgentError as exc:
+            log.info("peer not used: %s", exc.message)
+            return
+        if held and client.name not in clients:
+            clients[client.name] = client
+            plan.add_peer(client.name, held, trio.current_time())
+            log.debug("%s holds %d of %d blocks", client.name, len(held), len(asked))
+
+    def work(assignment: Assignment) -> _Placed:
+        return place(by_id[assignment.block_id], assignment.source)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            for client in found:
+                nursery.start_soon(ask, client)
+            await run_plan(plan, work, workers=workers_for(len(found), parallel),
+                           done=lambda assignment, result: done(
+                               by_id[assignment.block_id], result))
+            nursery.cancel_scope.cancel()      # a HAVE still unanswered is not waited for
+    except BaseExceptionGroup as group:
+        raise first_error(group) from None
+    return plan.blocks_from_peers
 
 
 def _finish(fd: int, part: Path, target: Path, node: RemoteNode,

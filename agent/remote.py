@@ -13,7 +13,7 @@ tree.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.api import Api
 from agent.client import Connection
@@ -32,6 +32,9 @@ from agent.errors import RemoteNotFoundError, UsageError
 from agent.home import AgentHome
 from protocol.ids import b64decode, b64encode, is_node_id
 from protocol.models import BlockIn, NodeCreate, NodeDetail, NodeOut, NodeUpdate, SharedItem
+
+if TYPE_CHECKING:
+    from agent.peers.transfer import PeerAccess
 
 ID_PREFIX = "id:"
 
@@ -136,6 +139,9 @@ class RemoteTree:
         self.user = connection.device.user
         self._keys: dict[str, bytes] = {}
         self._grants: dict[str, SharedItem] | None = None
+        # LAN peers downloads may also fetch from (agent/peers/transfer.py); None: the
+        # appliance only. Set by whoever runs a peer service or a short browse.
+        self.peers: PeerAccess | None = None
 
     # --- nodes and keys --------------------------------------------------------------
 

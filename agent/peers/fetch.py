@@ -176,6 +176,28 @@ class FetchPlan:
     def seconds_per_block(self, source: str, now: float) -> float:
         return self._sources[source].seconds_per_block(now, self.limits.prior_s)
 
+    def add_peer(self, name: str, blocks: Iterable[str], now: float) -> bool:
+        """A peer whose HAVE answer came in while the transfer runs (it starts at once
+        with the appliance rather than wait on a slow peer's answer). False if a peer
+        of that name is known already (one device seen under two records)."""
+        if name == APPLIANCE or name in self._sources:
+            return False
+        self._sources[name] = _Source(name, self.limits.peer_in_flight, busy_mark=now)
+        held = {block for block in blocks if block in self._holders}
+        for block in held:
+            self._holders[block] = self._holders[block] | {name}
+        for group in list(self._groups.values()):
+            if not any(block in held for block in group.pending):
+                continue
+            kept: deque[str] = deque()
+            for block in group.pending:
+                if block in held:
+                    self._group(self._holders[block]).pending.append(block)
+                else:
+                    kept.append(block)
+            group.pending = kept
+        return True
+
     # --- handing out work ------------------------------------------------------------
 
     def take(self, now: float) -> Assignment | None:

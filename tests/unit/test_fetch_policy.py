@@ -249,6 +249,27 @@ def test_a_straggler_is_reissued_once_and_its_late_copy_ignored() -> None:
     assert sim.now < 5.0
 
 
+def test_a_peer_added_while_the_appliance_runs_takes_over_the_rest() -> None:
+    blocks = ids(100)
+    plan = FetchPlan(blocks, {})
+    sim = Sim(plan, {APPLIANCE: 0.3, "late": 0.02}, workers=10)
+    original_take = plan.take
+
+    def take(now: float) -> Assignment | None:
+        if now >= 0.5 and "late" not in plan.peers():
+            assert plan.add_peer("late", blocks[::2] + ["f" * 64], now)
+            assert not plan.add_peer("late", blocks, now)
+        return original_take(now)
+
+    plan.take = take          # type: ignore[method-assign]
+    sim.run()
+    counts = used(sim)
+    assert sum(counts.values()) == 100
+    late = [job.block_id for job, *_ in sim.log if job.source == "late"]
+    assert late and set(late) <= set(blocks[::2])
+    assert counts["late"] > 35
+
+
 def test_local_hits_count_as_local_not_as_speed() -> None:
     blocks = ids(4)
     plan = FetchPlan(blocks, {})

@@ -1,0 +1,220 @@
+"""Fetching one transfer's blocks from the appliance and LAN peers at once: the thin trio
+shell around the pure FetchPlan (agent/peers/fetch.py), and what a download needs to use
+peers at all (`PeerAccess`).
+
+`run_plan` keeps WORKERS tasks busy: each asks the plan for a block, runs the blocking
+fetch-verify-decrypt-write in a worker thread (like agent/pipeline.run_jobs, whose rules it
+keeps: a block's bytes never cross the event loop, the first real failure stops the rest),
+and tells the plan how it ended. A peer's failure is the plan's business — the block goes
+elsewhere — and is logged here (WARNING for wrong bytes, with the peer's device id); the
+appliance's failures, and local ones (a full disk), stop the transfer as they always did.
+
+Who may be asked: `PeerAccess` holds this device's identity (renewed certificates are
+picked up), a `PeerFinder` (the running peer service's continuous browse, or for a lone
+`cairn get` a short browse of at most SHORT_BROWSE_S started while the file's URLs are
+asked for), the revocation check, and one PeerClient per discovered peer, kept across the
+downloads of one process so connections are reused.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Protocol, TypeVar
+
+import trio
+
+from agent.errors import CairnAgentError, IntegrityError, PeerFetchError
+from agent.peers.fetch import APPLIANCE, Assignment, Failure, FetchPlan, Limits, Verdict
+from agent.peers.identity import PeerIdentity
+from agent.peers.peer_client import PeerClient, failure_of
+from agent.pipeline import first_error
+from protocol.peers import DiscoveredPeer
+
+log = logging.getLogger("cairn.peers")
+
+IDLE_LOOK_S = 0.1        # a worker with nothing to start looks again this often
+MIN_PEER_BLOCKS = 4      # a file of fewer blocks is not worth asking peers about
+PER_PEER_WORKERS = 4     # workers added per peer that holds blocks (its in-flight cap)
+MAX_WORKERS = 24
+SHORT_BROWSE_S = 1.5     # `cairn get`'s own look for peers
+
+
+class Fetched(Protocol):
+    """What a block's work returns: whether it came over the network (False: it was
+    found on disk already)."""
+
+    @property
+    def fetched(self) -> bool: ...
+
+
+F = TypeVar("F", bound=Fetched)
+
+
+async def run_plan(plan: FetchPlan, work: Callable[[Assignment], F], *, workers: int,
+                   done: Callable[[Assignment, F], None] | None = None) -> None:
+    """Run WORK(assignment) in worker threads for every block of PLAN until all are in,
+    WORKERS at a time; DONE(assignment, result) on the trio side for each block's first
+    arrival. A peer's PeerFetchError or IntegrityError is reported to the plan; any other
+    error (and any error of the appliance's) stops the rest and is raised as itself."""
+    changed = trio.Event()
+
+    def poke() -> None:
+        nonlocal changed
+        changed.set()
+        changed = trio.Event()
+
+    async def worker() -> None:
+        while not plan.done:
+            job = plan.take(trio.current_time())
+            if job is None:
+                with trio.move_on_after(IDLE_LOOK_S):
+                    await changed.wait()
+                continue
+            try:
+                result = await trio.to_thread.run_sync(work, job)
+            except (PeerFetchError, IntegrityError) as exc:
+                if job.source == APPLIANCE:
+                    raise
+                _judged(plan, job, exc)
+                poke()
+                continue
+            if plan.succeeded(job, trio.current_time(), fetched=result.fetched) \
+                    and done is not None:
+                done(job, result)
+            poke()
+
+    try:
+        async with trio.open_nursery() as nursery:
+            for _ in range(max(1, workers)):
+                nursery.start_soon(worker)
+    except BaseExceptionGroup as group:
+        raise first_error(group) from None
+
+
+def _judged(plan: FetchPlan, job: Assignment, exc: CairnAgentError) -> None:
+    failure = failure_of(exc)
+    verdict = plan.failed(job, trio.current_time(), failure)
+    if failure is Failure.WRONG_BYTES:
+        log.warning("peer %s sent wrong bytes for block %s… (%s): not asked again in this "
+                    "transfer", job.source, job.block_id[:16], exc.message)
+    elif verdict is Verdict.DROPPED:
+        log.info("peer %s dropped for this transfer (%s): %s", job.source, failure.value,
+                 exc.message)
+    else:
+        log.info("peer %s %s (%s): %s", job.source, verdict.value, failure.value,
+                 exc.message)
+
+
+def workers_for(peers: int, base: int) -> int:
+    return min(MAX_WORKERS, base + PER_PEER_WORKERS * peers)
+
+
+def limits_for(appliance_in_flight: int) -> Limits:
+    return Limits(appliance_in_flight=appliance_in_flight,
+                  peer_in_flight=PER_PEER_WORKERS)
+
+
+# --- who can be asked ------------------------------------------------------------------
+
+
+class PeerFinder(Protocol):
+    """Where the peers on the LAN come from."""
+
+    def start(self) -> None:
+        """Begin looking, if not looking all the time already (no waiting)."""
+
+    async def found(self) -> list[DiscoveredPeer]:
+        """The peers found (a short browse is waited out first)."""
+
+
+class ListedPeers:
+    """A finder over a function that lists the peers known now (the peer service's
+    PeerDirectory.peers, which browses all the time)."""
+
+    def __init__(self, peers: Callable[[], list[DiscoveredPeer]]) -> None:
+        self._peers = peers
+
+    def start(self) -> None:
+        pass
+
+    async def found(self) -> list[DiscoveredPeer]:
+        return self._peers()
+
+
+class ShortBrowse:
+    """A finder that browses once, for at most SECONDS from `start`, with BROWSE (a
+    blocking function browsing for that long, run in a thread): for `cairn get`, which
+    runs no peer service of its own."""
+
+    def __init__(self, browse: Callable[[float], list[DiscoveredPeer]],
+                 seconds: float = SHORT_BROWSE_S) -> None:
+        self._browse = browse
+        self._seconds = seconds
+        self._result: list[DiscoveredPeer] | None = None
+        self._done = trio.Event()
+        self._started = False
+
+    def start(self) -> None:
+        if self._started:
+            return
+        self._started = True
+        trio.lowlevel.spawn_system_task(self._run)
+
+    async def _run(self) -> None:
+        try:
+            self._result = await trio.to_thread.run_sync(self._browse, self._seconds,
+                                                         abandon_on_cancel=True)
+        except Exception as exc:       # a browse that fails means no peers, nothing else
+            log.info("could not look for peers: %s", exc)
+            self._result = []
+        finally:
+            self._done.set()
+
+    async def found(self) -> list[DiscoveredPeer]:
+        self.start()
+        with trio.move_on_after(self._seconds + 2.0):
+            await self._done.wait()
+        return list(self._result or [])
+
+
+class PeerAccess:
+    """What a download needs to fetch from peers (see the module's docstring). Attach
+    one to `RemoteTree.peers`; close it when the process is done with it."""
+
+    def __init__(self, identity: Callable[[], PeerIdentity | None], finder: PeerFinder,
+                 revoked: Callable[[str], bool] = lambda device_id: False) -> None:
+        self._identity = identity
+        self.finder = finder
+        self.revoked = revoked
+        self._clients: dict[tuple[str, tuple[str, ...], int], PeerClient] = {}
+        self._client_identity: PeerIdentity | None = None
+        self.blocks_from_peers = 0       # over this access's life (a get of a folder)
+
+    def identity(self) -> PeerIdentity | None:
+        return self._identity()
+
+    async def clients(self) -> list[PeerClient]:
+        """A client for each peer found, made once per peer record (and again when our
+        own certificate was renewed)."""
+        identity = self._identity()
+        if identity is None:
+            return []
+        if identity is not self._client_identity:
+            self.close()
+            self._client_identity = identity
+        peers = await self.finder.found()
+        wanted = {(p.instance_id, p.addresses, p.port): p for p in peers}
+        for key in list(self._clients):
+            if key not in wanted:
+                self._clients.pop(key).close()
+        for key, peer in wanted.items():
+            if key not in self._clients:
+                self._clients[key] = PeerClient(peer, identity, revoked=self.revoked,
+                                                max_connections=PER_PEER_WORKERS)
+        return list(self._clients.values())
+
+    def close(self) -> None:
+        for client in self._clients.values():
+            client.close()
+        self._clients.clear()
