@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import ssl
 import tempfile
 import time
@@ -245,10 +246,23 @@ def device_key(home: AgentHome) -> Ed25519PrivateKey:
         if not isinstance(key, Ed25519PrivateKey):
             raise PeerError(f"{home.path / KEY_FILE} is not an Ed25519 key")
         return key
-    key = Ed25519PrivateKey.generate()
     home.ensure()
-    write_private(home.path / KEY_FILE, _key_pem(key))
-    return key
+    _create_once(home.path / KEY_FILE, _key_pem(Ed25519PrivateKey.generate()))
+    return device_key(home)
+
+
+def _create_once(path: Path, data: bytes) -> None:
+    """PATH with DATA unless it exists already. A `cairn sync` and a `cairn mount` of one
+    home starting at once must not each make a key and ask a certificate for it (the
+    appliance binds grants to the newest): the first link wins, the other reads it."""
+    spare = path.with_name(f".{path.name}.{secrets.token_hex(8)}.new")
+    write_private(spare, data)
+    try:
+        os.link(spare, path)
+    except FileExistsError:
+        pass
+    finally:
+        spare.unlink()
 
 
 def _key_pem(key: Ed25519PrivateKey) -> bytes:
@@ -264,7 +278,8 @@ def public_key_pem(key: Ed25519PrivateKey) -> str:
 
 def load_identity(home: AgentHome, now: float | None = None) -> PeerIdentity | None:
     """HOME's identity as it is on disk, or None: no key, certificate or CA yet, or a
-    certificate that does not match them or has expired. No request is made."""
+    certificate that does not match them or has expired. No request is made. Raises
+    PeerError only for a file that exists but cannot be read."""
     key_pem, cert_pem, ca_pem = (_read(home, name) for name in (KEY_FILE, CERT_FILE, CA_FILE))
     if key_pem is None or cert_pem is None or ca_pem is None:
         return None

@@ -240,6 +240,25 @@ def test_device_key_is_kept_and_a_damaged_one_is_named(tmp_path: Path) -> None:
         ident.device_key(home)
 
 
+def test_racing_homes_keep_the_first_key(tmp_path: Path) -> None:
+    """A sync and a mount of one home making the key at once: one key wins for both."""
+    home = AgentHome(tmp_path)
+    keys: list[bytes] = []
+    start = threading.Barrier(8)
+
+    def make() -> None:
+        start.wait(10)
+        keys.append(key_pem(ident.device_key(home)))
+
+    threads = [threading.Thread(target=make) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert len(keys) == 8 and len(set(keys)) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == [ident.KEY_FILE]
+
+
 def test_load_identity_drops_an_expired_certificate(tmp_path: Path) -> None:
     ca = make_ca()
     home = enrolled_home(tmp_path, ca)
