@@ -1,7 +1,8 @@
 """`cairn`, the agent's command line (click).
 
 shell.py holds the group and what every command shares; device.py joining, unlocking and
-`cairn status`; files.py the file, trash and sharing commands; sync.py `cairn sync`.
+`cairn status`; pairing.py admitting a device from the LAN (approve, devices); files.py the
+file, trash and sharing commands; sync.py `cairn sync`.
 
 Every command is a thin shell: parse arguments, run the operation under trio, print the
 result. Errors the agent raises on purpose (agent.errors) become one line on stderr and
@@ -16,10 +17,10 @@ from __future__ import annotations
 
 from importlib.metadata import entry_points
 
-from agent.cli import device, files, sync
+from agent.cli import device, files, pairing, sync
 from agent.cli.shell import cli, status_sections
 
-__all__ = ["cli", "device", "files", "main", "sync"]
+__all__ = ["cli", "device", "files", "main", "pairing", "sync"]
 
 # Commands other packages add (the FUSE drive: `cairn mount` and its friends), without the
 # agent importing them: each entry point is `register(cli, status_sections)`.

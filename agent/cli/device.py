@@ -10,6 +10,7 @@ import sys
 import click
 
 from agent.api import Api
+from agent.cli.pairing import pending_section
 from agent.cli.shell import cli, home_of, run_prompting, run_stoppable, status_sections
 from agent.cli.sync import sync_folders, sync_records
 from agent.client import Connection
@@ -20,6 +21,7 @@ from agent.errors import (
     TransportError,
     UsageError,
 )
+from agent.pairing.request import join_lan
 from protocol.models import Me
 
 PASSPHRASE_ENV = "CAIRN_PASSPHRASE"
@@ -39,17 +41,21 @@ def _passphrase(new: bool) -> str:
 
 
 @cli.command()
-@click.argument("code")
+@click.argument("code", required=False)
 @click.option("--url", help="The appliance's address (https://HOST:PORT). Default: find it "
                             "on the LAN by mDNS.")
 @click.option("--name", "device_name", default=socket.gethostname(), show_default=True,
               help="This device's name, as the appliance lists it.")
+@click.option("--lan", is_flag=True, help="No code: ask your other devices on this network "
+                                          "to let this one in (`cairn approve NAME` there).")
 @click.pass_context
-def join(ctx: click.Context, code: str, url: str | None, device_name: str) -> None:
+def join(ctx: click.Context, code: str | None, url: str | None, device_name: str,
+         lan: bool) -> None:
     """Join this device to an appliance with a one-time CODE and get your keys.
 
     The passphrase comes from $CAIRN_PASSPHRASE or a prompt: your first device chooses
-    it, later devices need the same one."""
+    it, later devices need the same one. With --lan, one of your devices approves this
+    one instead, and nothing is typed here."""
     home = home_of(ctx)
     if home.is_enrolled():
         device = home.load_device()
@@ -57,6 +63,17 @@ def join(ctx: click.Context, code: str, url: str | None, device_name: str) -> No
                          f"user {device.user}; use another --home to join again")
     if (home.path / "device.json").exists():
         raise UsageError("this device joined but has no keys yet: run `cairn unlock`")
+    if lan:
+        if code is not None or url is not None:
+            raise UsageError("--lan takes no code and no --url: your other device knows "
+                             "the appliance")
+        joined = run_stoppable(lambda: join_lan(home, device_name, click.echo),
+                               resumable=False)
+        click.echo(f"Joined as {joined.device_name} (user {joined.user})")
+        return
+    if code is None:
+        raise UsageError("give the one-time code (`cairnd user add` or `cairnd user code` "
+                         "prints it), or --lan to be let in by one of your devices")
 
     async def run() -> tuple[str, str, bool]:
         device = await enroll(home, code, url, device_name)
@@ -89,8 +106,10 @@ def unlock(ctx: click.Context) -> None:
 
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable.")
+@click.option("--pending", is_flag=True, help="Also look for devices asking to join on this "
+                                              "network (about 2 s; `cairn devices pending`).")
 @click.pass_context
-def status(ctx: click.Context, as_json: bool) -> None:
+def status(ctx: click.Context, as_json: bool, pending: bool) -> None:
     """This device, its appliance, and whether the appliance answers."""
     home = home_of(ctx)
     device = home.load_device()
@@ -114,6 +133,8 @@ def status(ctx: click.Context, as_json: bool) -> None:
               "latest_cursor": me.latest_cursor if me else None,
               "sync": sync_records(home)}
     sections = [section(home) for section in status_sections]
+    if pending:
+        sections.append(pending_section(home))
     for key, value, _ in sections:
         report[key] = value
     if as_json:
