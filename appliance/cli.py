@@ -76,6 +76,7 @@ def cli() -> None:
       cairnd disks --home /var/lib/cairn                state and free space per disk
       cairnd scrub --home /var/lib/cairn                verify and repair every block
       cairnd fsck --home /var/lib/cairn                 the database against the store
+      cairnd stats --home /var/lib/cairn                what the serving appliance served
       cairnd recover --home /var/lib/cairn --disk-path /srv/disk0 ...
                                                         the system disk died: rebuild
       cairnd user add alice --home /var/lib/cairn       prints alice's enrollment code
@@ -291,6 +292,30 @@ def scrub(home: Path, as_json: bool) -> None:
                        "with the disks present; reattach any missing disk and scrub again",
                        err=True)
         sys.exit(EXIT_UNRECOVERABLE)
+
+
+@cli.command()
+@home_option
+@click.option("--json", "as_json", is_flag=True, help="Print the counters as JSON.")
+def stats(home: Path, as_json: bool) -> None:
+    """What the serving appliance did since it started: blocks and bytes it served
+    (download URLs and batch reads), device certificates signed, block grants issued and
+    devices admitted from the LAN. Asked through its admin socket: the counters live in
+    the `cairnd serve` process, so this fails (exit 3) when it is not running.
+    """
+    from appliance.admin import socket_path
+    from appliance.admin_client import ask_server
+    from appliance.config import load_config
+    from appliance.errors import AdminError
+    from appliance.stats import render_stats
+
+    config = load_config(home)
+    result = ask_server(config.home, "stats", {}, no_progress)
+    if result is None:
+        raise AdminError(f"the appliance in {config.home} is not serving (nothing answers "
+                         f"on {socket_path(config.home)}); its counters exist only while "
+                         "`cairnd serve` runs", exit_code=3)
+    click.echo(json.dumps(result, indent=2) if as_json else render_stats(result))
 
 
 @cli.command()

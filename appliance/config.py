@@ -68,6 +68,7 @@ class ApplianceConfig:
     rate_limit_burst: int = DEFAULT_RATE_LIMIT_BURST
     enrollment_code_lifetime_s: float = DEFAULT_CODE_LIFETIME_S
     advertise: bool = True
+    lan_admission: bool = True
     gc_grace_s: float = DEFAULT_GC_GRACE_S
     gc_interval_s: float = DEFAULT_GC_INTERVAL_S
     home_copy_interval_s: float = DEFAULT_HOME_COPY_INTERVAL_S
@@ -185,6 +186,13 @@ def render_config(config: ApplianceConfig) -> str:
         f"rate_limit_burst = {config.rate_limit_burst}",
         "# How long a code from `cairnd user add` / `cairnd user code` stays valid, in hours.",
         f"enrollment_code_hours = {_toml_float(config.enrollment_code_lifetime_s / 3600)}",
+        "",
+        "[enrollment]",
+        "# Whether a user's enrolled device may admit a new device of the same user that",
+        "# asks on the LAN (`cairn join --lan`, approved with `cairn approve` and a code both",
+        "# screens show), without an enrollment code from this console. Every admission is",
+        "# logged. false: new devices join only with `cairnd user code` codes.",
+        f"lan_admission = {'true' if config.lan_admission else 'false'}",
         "",
         "[discovery]",
         "# Announce the appliance on the LAN by mDNS (_cairn._tcp) so devices find it, on",
@@ -341,8 +349,8 @@ class _Section:
 
 
 _REQUIRED: Any = object()
-_SECTIONS = ("appliance", "server", "api", "discovery", "gc", "database", "storage",
-             "maintenance", "durability")
+_SECTIONS = ("appliance", "server", "api", "enrollment", "discovery", "gc", "database",
+             "storage", "maintenance", "durability")
 
 
 def _table(path: Path, document: Mapping[str, Any], name: str) -> _Section:
@@ -406,6 +414,7 @@ def load_config(home: Path) -> ApplianceConfig:
     storage = _table(path, document, "storage")
     maintenance = _table(path, document, "maintenance")
     api = _table(path, document, "api")
+    enrollment = _table(path, document, "enrollment")
     discovery = _table(path, document, "discovery")
     gc = _table(path, document, "gc")
     durability = _table(path, document, "durability")
@@ -430,13 +439,14 @@ def load_config(home: Path) -> ApplianceConfig:
     rate_limit_per_s = api.positive_number("rate_limit_per_s", DEFAULT_RATE_LIMIT_PER_S)
     rate_limit_burst = api.integer("rate_limit_burst", DEFAULT_RATE_LIMIT_BURST, minimum=1)
     code_hours = api.positive_number("enrollment_code_hours", DEFAULT_CODE_LIFETIME_S / 3600)
+    lan_admission = enrollment.boolean("lan_admission", True)
     advertise = discovery.boolean("advertise", True)
     grace_days = gc.positive_number("grace_days", DEFAULT_GC_GRACE_S / _DAY)
     gc_interval_hours = gc.positive_number("interval_hours", DEFAULT_GC_INTERVAL_S / 3600)
     copy_interval = durability.positive_number("home_copy_interval_s",
                                                DEFAULT_HOME_COPY_INTERVAL_S)
-    for section in (appliance, server, database, storage, maintenance, api, discovery, gc,
-                    durability):
+    for section in (appliance, server, database, storage, maintenance, api, enrollment,
+                    discovery, gc, durability):
         section.check_unknown()
 
     disks = _load_disks(path, document, home)
@@ -453,7 +463,7 @@ def load_config(home: Path) -> ApplianceConfig:
         tls_certificate=tls_certificate, tls_key=tls_key, database=database_path,
         url_lifetime_s=url_lifetime_s, rate_limit_per_s=rate_limit_per_s,
         rate_limit_burst=rate_limit_burst, enrollment_code_lifetime_s=code_hours * 3600,
-        advertise=advertise, gc_grace_s=grace_days * _DAY,
+        advertise=advertise, lan_admission=lan_admission, gc_grace_s=grace_days * _DAY,
         gc_interval_s=gc_interval_hours * 3600, home_copy_interval_s=copy_interval)
 
 

@@ -150,6 +150,13 @@ MIGRATIONS: tuple[str, ...] = (
         last_seen  REAL NOT NULL         -- of the latest; rows no whole scan saw are dropped
     ) WITHOUT ROWID;
     """,
+    # 5: LAN peers (API 1.5). The SHA-256 of the SubjectPublicKeyInfo of the key in each
+    # device's newest certificate (appliance.device_ca): block grants are bound to it.
+    # NULL until the device asks for a certificate. Revoked devices are listed by index.
+    """
+    ALTER TABLE devices ADD COLUMN cert_key_sha256 TEXT;
+    CREATE INDEX devices_revoked ON devices(revoked_at) WHERE revoked_at IS NOT NULL;
+    """,
 )
 
 

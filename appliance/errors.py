@@ -31,6 +31,7 @@
         ├── PayloadTooLargeError   413: a body over the route's limit
         ├── RequestTimeoutError    408: a body that stalled or came too slowly
         ├── EnrollmentError        403: a code that is unknown, used, expired or wrong
+        ├── LanAdmissionDisabledError 403: the config forbids admitting devices from the LAN
         └── RateLimitedError       429: too many requests from one device; retry later
 
 Errors are translated once at each boundary: the CLI prints `message` on one line and exits
@@ -221,6 +222,14 @@ class RequestTimeoutError(RequestError):
 
 class EnrollmentError(RequestError):
     code = ErrorCode.ENROLLMENT_REFUSED
+    http_status = 403
+
+
+class LanAdmissionDisabledError(RequestError):
+    """POST /devices/admit while `[enrollment] lan_admission = false`: new devices join
+    with an enrollment code from the appliance's console only."""
+
+    code = ErrorCode.LAN_ADMISSION_DISABLED
     http_status = 403
 
 

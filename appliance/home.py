@@ -5,6 +5,8 @@ A home holds everything one appliance has besides the disks' contents:
     HOME/config.toml        the settings (appliance.config); its presence marks a complete home
     HOME/appliance.db       the SQLite database (WAL)
     HOME/tls/cert.pem       the self-signed certificate; key.pem beside it (0600)
+    HOME/secrets/           the URL signing key (made at first start) and the device CA
+                            (appliance/device_ca.py), all 0600
     HOME/disks/disk0..N-1   the disk folders, unless existing mount points were given
     HOME/run/serve.json     written by a running `cairnd serve` (url, port, pid, fingerprint)
 
@@ -34,6 +36,7 @@ from appliance.config import (
     write_config,
 )
 from appliance.db import open_database
+from appliance.device_ca import make_device_ca, write_device_ca
 from appliance.errors import ConfigError, HomeExistsError
 from appliance.storage.disk import format_disk
 from appliance.storage.settings import (
@@ -182,4 +185,5 @@ def _populate(config: ApplianceConfig) -> None:
     with contextlib.closing(open_database(config.database)):
         pass
     write_self_signed_certificate(config.tls_certificate, config.tls_key, config.listen_host)
+    write_device_ca(config.home, make_device_ca(config.appliance_id))
     write_config(config)  # last: its presence says the home is complete

@@ -2,7 +2,8 @@
 
 Theory of operation:
 
-1. Load the config; make the TLS certificate if the home has none ("made at first start");
+1. Load the config; make the TLS certificate, and the device CA (appliance/device_ca.py),
+   if the home has none ("made at first start");
    take the home's owner lock (HOME/run/serve.lock, appliance/owner.py): one process owns
    the disks.
 2. Bind the listening socket here, not in hypercorn, so that a bind failure is a clear
@@ -11,7 +12,8 @@ Theory of operation:
    that hand over whole bodies in large chunks instead of 16 KiB records.
 3. Open the block store and the metadata database and start, in one trio nursery,
    the HTTPS server, the admin socket (HOME/run/admin.sock: `cairnd scrub`, `disks`,
-   `fsck` run in here while we serve, appliance/admin.py), the maintenance task
+   `fsck` run in here while we serve, and `stats` reads this process's counters,
+   appliance/admin.py), the watch on revoked devices (for `/events`), the maintenance task
    (background scrub and repair queue, rate-limited), the copies of the home on the
    data disks (appliance/home_copies.py), garbage collection, and the mDNS advertiser
    (only on the interfaces of the listen address; nothing on loopback).
@@ -52,15 +54,19 @@ from appliance.admin import serve_admin
 from appliance.advertise import run_advertiser
 from appliance.api.bodylimit import MAX_HEAD_BYTES
 from appliance.api.context import ApiContext, ApiSettings
+from appliance.api.notify import watch_revocations
 from appliance.collect import run_gc_loop
 from appliance.config import ApplianceConfig, format_listen, load_config
+from appliance.device_ca import ensure_device_ca
 from appliance.errors import ConfigError, ListenError
 from appliance.fsck_loop import run_fsck_loop
 from appliance.home_copies import HomeCopier
 from appliance.https import serve_https
+from appliance.meta import accounts
 from appliance.meta.database import Metadata
 from appliance.owner import RUN_DIR, own_disks
 from appliance.server import create_app
+from appliance.stats import stats_handler
 from appliance.storage import allocator
 from appliance.storage.async_store import AsyncBlockStore
 from appliance.storage.blockstore import BlockStore
@@ -183,7 +189,8 @@ def hypercorn_config(config: ApplianceConfig) -> HypercornConfig:
 def api_settings(config: ApplianceConfig) -> ApiSettings:
     return ApiSettings(url_lifetime_s=config.url_lifetime_s,
                        rate_limit_per_s=config.rate_limit_per_s,
-                       rate_limit_burst=config.rate_limit_burst)
+                       rate_limit_burst=config.rate_limit_burst,
+                       lan_admission=config.lan_admission)
 
 
 def ensure_url_key(home: Path) -> bytes:
@@ -280,6 +287,7 @@ async def run_appliance(config: ApplianceConfig, *, shutdown: trio.Event,
     """Serve until `shutdown` is set. Reports a ServeInfo through `task_status` once the
     socket listens (use with `nursery.start`)."""
     fingerprint = check_tls_files(config)
+    device_ca = ensure_device_ca(config.home, config.appliance_id)
     with own_disks(config.home, "cairnd serve"):
         sock = bind_listening_socket(config.listen_host, config.listen_port)
         port = int(sock.getsockname()[1])
@@ -290,7 +298,7 @@ async def run_appliance(config: ApplianceConfig, *, shutdown: trio.Event,
         context = ApiContext(
             meta=meta, store=store, url_key=ensure_url_key(config.home),
             fingerprint=bytes.fromhex(fingerprint), appliance_id=config.appliance_id,
-            settings=api_settings(config))
+            settings=api_settings(config), device_ca=device_ca)
         info = ServeInfo(
             url=f"https://{format_listen(config.listen_host, port)}", host=config.listen_host,
             port=port, pid=os.getpid(), appliance_id=config.appliance_id,
@@ -312,9 +320,13 @@ async def run_appliance(config: ApplianceConfig, *, shutdown: trio.Event,
                                       task_status=task_status)
                     nursery.cancel_scope.cancel()  # hypercorn is done: stop maintenance
 
+                # Before the API: a stream never takes the starting count for a revocation.
+                await nursery.start(watch_revocations, context.notifier,
+                                    lambda: meta.read(accounts.revoked_count))
                 await nursery.start(serve_http)
-                await nursery.start(serve_admin, config.home, server_handlers(
-                    config, store, meta, context.block_locks), stopping)
+                handlers = server_handlers(config, store, meta, context.block_locks)
+                handlers["stats"] = stats_handler(context.counters)
+                await nursery.start(serve_admin, config.home, handlers, stopping)
                 nursery.start_soon(_maintain, store, config)
                 nursery.start_soon(_copy_home, copier)
                 nursery.start_soon(partial(run_fsck_loop, meta, store,

@@ -24,6 +24,7 @@ from appliance.api import (
     routes_accounts,
     routes_blocks,
     routes_changes,
+    routes_devices,
     routes_files,
     routes_sharing,
 )
@@ -137,7 +138,7 @@ def create_app(store: AsyncBlockStore, context: ApiContext) -> FastAPI:
     app.add_exception_handler(Exception, _on_unexpected_error)
     app.state.context = context
     for module in (routes_accounts, routes_files, routes_blocks, routes_sharing,
-                   routes_changes):
+                   routes_changes, routes_devices):
         app.include_router(module.router)
     app.add_middleware(BodyLimit, rules=[
         ("PUT", "/blocks/", MAX_BLOCK_BYTES),

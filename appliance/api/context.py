@@ -1,5 +1,6 @@
 """What every route needs: the metadata database, the block store, the URL key, the
-notifier and the rate limits; plus the `Caller` dependency that authenticates a device."""
+device CA (LAN peers), the notifier, the counters and the rate limits; plus the `Caller`
+dependency that authenticates a device."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from fastapi import Depends, Request
 
 from appliance.api.notify import ChangeNotifier
 from appliance.api.ratelimit import RateLimiter
+from appliance.device_ca import DeviceCa
 from appliance.errors import UnauthorizedError
 from appliance.locks import KeyedLocks
 from appliance.meta import accounts
@@ -21,6 +23,7 @@ from appliance.meta.database import Metadata
 from appliance.meta.journal import Journal
 from appliance.meta.records import BlockRef, Device, User
 from appliance.presign import Method, sign_block_url
+from appliance.stats import ServedCounters
 from appliance.storage.async_store import AsyncBlockStore
 from protocol.models import BlockUrl
 
@@ -37,6 +40,7 @@ class ApiSettings:
     anonymous_rate_per_s: float = 2.0      # enrollment, per client address
     anonymous_burst: float = 20.0
     heartbeat_s: float = 15.0
+    lan_admission: bool = True             # [enrollment] lan_admission
 
 
 @dataclass
@@ -47,6 +51,10 @@ class ApiContext:
     fingerprint: bytes          # SHA-256 of the appliance's certificate (DER)
     appliance_id: str
     settings: ApiSettings
+    # Signs device certificates and block grants (API 1.5); None only for an app made
+    # without one (the OpenAPI schema's): the peer routes then answer 503.
+    device_ca: DeviceCa | None = None
+    counters: ServedCounters = field(default_factory=ServedCounters)
     notifier: ChangeNotifier = field(default_factory=ChangeNotifier)
     block_locks: KeyedLocks = field(default_factory=KeyedLocks)
     # Block-sized store work (the put or get of one block on its URL) at once: each holds
@@ -62,6 +70,9 @@ class ApiContext:
         self.device_limits = RateLimiter(self.settings.rate_limit_per_s,
                                          self.settings.rate_limit_burst)
         self.anonymous_limits = RateLimiter(self.settings.anonymous_rate_per_s,
+                                            self.settings.anonymous_burst)
+        # LAN admissions are enrollments: the same rate, per admitting device.
+        self.admission_limits = RateLimiter(self.settings.anonymous_rate_per_s,
                                             self.settings.anonymous_burst)
 
     def sign(self, method: Method, block: BlockRef, device_id: str) -> BlockUrl:

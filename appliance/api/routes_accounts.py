@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 
 import apsw
@@ -26,6 +27,8 @@ from protocol.models import (
 from protocol.version import API_VERSION
 
 router = APIRouter(tags=["accounts"])
+# Who joined, and how: enrollments here, LAN admissions in routes_devices.
+log = logging.getLogger("cairnd.accounts")
 
 
 def _client(request: Request) -> str:
@@ -58,6 +61,8 @@ async def enroll(body: EnrollRedeem, request: Request, context: ContextDep) -> E
         raise EnrollmentError("the enrollment response does not match this code and this "
                               "appliance's certificate")
     device, token = outcome
+    log.info("device %s (%r) of %s enrolled with an enrollment code", device.id,
+             device.name, device.user_name)
     return EnrollResult(device_id=device.id, token=token, user=device.user_name,
                         appliance_id=context.appliance_id)
 

@@ -242,6 +242,7 @@ async def get_block(block_id: str, request: Request, exp: str | None = None,
     async with context.block_transfers:
         data = await context.store.get(tree.check_block_id(block_id))
     span = parse_range(request.headers.get("range"), len(data))
+    context.counters.served_block(len(data) if span is None else span[1] - span[0])
     headers = {"Accept-Ranges": "bytes", "Cache-Control": "private, max-age=31536000, "
                "immutable", "ETag": f'"{block_id}"'}
     if span is None:
@@ -342,6 +343,7 @@ async def read_blocks(body: BlockReadRequest, caller: CallerDep,
                 found[block_id] = data
 
     await context.store.run_sync(read_all)
+    context.counters.served_batch([len(data) for data in found.values()])
     return BlockReadResult(blocks=[
         BlockRead(id=block_id, data=b64encode(found[block_id]))
         if block_id in found else BlockRead(id=block_id, error=errors[block_id])

@@ -59,22 +59,32 @@ async def events(caller: CallerDep, context: ContextDep,
     """A server-sent-events stream: `event: cursor` with `{"cursor": N}` whenever changes
     the caller can see are committed (then pull GET /changes), and `event: heartbeat`
     every `heartbeat` seconds (15 by default) so dead connections are noticed. Starts with
-    the newest cursor, or with nothing if `cursor` is already the newest."""
+    the newest cursor, or with nothing if `cursor` is already the newest. API 1.5: `event:
+    revoked` with `{"count": N}` within a few seconds of a device being revoked (then
+    re-read GET /devices/revoked)."""
     user_id = caller.user.id
     interval = heartbeat or context.settings.heartbeat_s
     latest = max(await context.meta.read(lambda db: journal.latest_cursor(db, user_id)),
                  context.notifier.latest(user_id))
 
+    notifier = context.notifier
+    revoked_seen = notifier.revoked_count
+
     async def stream() -> AsyncIterator[str]:
+        nonlocal revoked_seen
         sent = -1 if cursor is None else cursor
-        newest: int | None = latest
+        newest = latest
         yield "retry: 1000\n\n"
-        while not context.notifier.closed:
-            if newest is not None and newest > sent:
+        while not notifier.closed:
+            if newest > sent:
                 yield f"event: cursor\nid: {newest}\ndata: {json.dumps({'cursor': newest})}\n\n"
                 sent = newest
-            newest = await context.notifier.wait_beyond(user_id, sent, interval)
-            if newest is None and not context.notifier.closed:
+            if notifier.revoked_count != revoked_seen:
+                revoked_seen = notifier.revoked_count
+                yield f"event: revoked\ndata: {json.dumps({'count': revoked_seen})}\n\n"
+            news = await notifier.wait_news(user_id, sent, revoked_seen, interval)
+            newest = max(newest, notifier.latest(user_id))
+            if not news and not notifier.closed:
                 yield "event: heartbeat\ndata: {}\n\n"
 
     return StreamingResponse(stream(), media_type="text/event-stream",

@@ -4,6 +4,7 @@ pre-signed block URLs, list children and trash, node history, and the batch form
 from __future__ import annotations
 
 import secrets
+import time
 from typing import Annotated
 
 import apsw
@@ -12,6 +13,7 @@ from fastapi import APIRouter, Query
 from appliance.api.context import ApiContext, Caller, CallerDep, ContextDep
 from appliance.api.convert import change_out, decode_b64, node_out
 from appliance.api.routes_blocks import blocks_held_and_stored, inline_block
+from appliance.device_ca import GrantHolder, sign_grants, user_tag
 from appliance.errors import BadRequestError, NotFoundError, RequestError
 from appliance.meta import journal as journal_queries
 from appliance.meta import tree
@@ -143,7 +145,8 @@ def _detail(db: apsw.Connection, context: ApiContext, caller: Caller, node_id: s
             else tree.stored_blocks(db, node.id, offset, limit)
         urls = [context.sign("GET", block, caller.device.id) for block in blocks]
         return NodeDetail(node=node_out(node), method="GET", blocks=urls,
-                          urls_expire_at=context.urls_expire_at() if urls else None)
+                          urls_expire_at=context.urls_expire_at() if urls else None,
+                          peer_grants=_peer_grants(context, caller, blocks))
     if node.owner_id != caller.user.id:
         return NodeDetail(node=node_out(node), method=None, blocks=[], urls_expire_at=None)
     missing = tree.missing_blocks(db, node.id)[offset:offset + limit]
@@ -152,12 +155,33 @@ def _detail(db: apsw.Connection, context: ApiContext, caller: Caller, node_id: s
                       urls_expire_at=context.urls_expire_at() if urls else None)
 
 
+def _peer_grants(context: ApiContext, caller: Caller, blocks: list[BlockRef]) -> list[str]:
+    """API 1.5: grants for the caller's certificate key to read BLOCKS from its user's
+    peers, after the read check `_detail` made. Empty without a key on record (the device
+    has no certificate yet). A reader of a shared node gets them too: it is the peer that
+    decides, and it serves its own user's devices only."""
+    key = caller.device.cert_key_sha256
+    if key is None or context.device_ca is None or not blocks:
+        return []
+    holder = GrantHolder(caller.device.id, key, user_tag(context.device_ca, caller.user.id))
+    return sign_grants(context.device_ca, context.appliance_id, holder,
+                       (block.block_id for block in blocks), time.time())
+
+
+async def _read_detail(context: ApiContext, caller: Caller, node_id: str, offset: int,
+                       limit: int, stored_only: bool = False) -> NodeDetail:
+    detail = await context.meta.read(lambda db: _detail(
+        db, context, caller, node_id, offset, limit, stored_only))
+    context.counters.grants_issued += len(detail.peer_grants)
+    return detail
+
+
 @router.get("/files/{node_id}", response_model=NodeDetail)
 async def get_node(node_id: str, caller: CallerDep, context: ContextDep) -> NodeDetail:
     """The node and pre-signed URLs: for an uploaded file, a download URL per block in
-    order; for the owner of a file still uploading, upload URLs for its missing blocks."""
-    return await context.meta.read(lambda db: _detail(
-        db, context, caller, node_id, 0, MAX_BLOCKS_PER_NODE))
+    order; for the owner of a file still uploading, upload URLs for its missing blocks.
+    With download URLs, API 1.5 adds `peer_grants` for the caller's device certificate."""
+    return await _read_detail(context, caller, node_id, 0, MAX_BLOCKS_PER_NODE)
 
 
 @router.get("/files/{node_id}/presigned-url", response_model=NodeDetail)
@@ -171,9 +195,9 @@ async def presigned_urls(node_id: str, caller: CallerDep, context: ContextDep,
                              "it is uploaded"))] = False,
                          ) -> NodeDetail:
     """Fresh pre-signed URLs for a window of the node's blocks (the seed's route); use it
-    to refresh expired URLs during a long transfer."""
-    return await context.meta.read(lambda db: _detail(
-        db, context, caller, node_id, offset, limit, stored_only))
+    to refresh expired URLs during a long transfer. With download URLs, API 1.5 adds
+    `peer_grants` for the caller's device certificate, covering the window's blocks."""
+    return await _read_detail(context, caller, node_id, offset, limit, stored_only)
 
 
 @router.get("/files/{node_id}/children", response_model=NodeList)

@@ -32,7 +32,7 @@ DEFAULT_CODE_LIFETIME_S = 24 * 3600.0
 MAX_CODE_FAILURES = 5
 _USER_COLUMNS = "id, name, public_key, key_bundle, bundle_version, created_at"
 _DEVICE_COLUMNS = ("d.id, d.user_id, u.name, d.name, d.created_at, d.last_seen, "
-                   "d.revoked_at")
+                   "d.revoked_at, d.cert_key_sha256")
 
 
 def check_user_name(name: str) -> str:
@@ -156,12 +156,26 @@ def redeem_code(db: apsw.Connection, code_id: str, nonce: bytes, response: bytes
         return None
     db.execute("UPDATE enrollment_codes SET used_at = ? WHERE code_id = ?",
                (time.time(), code_id.upper()))
+    return _new_device(db, user_id, name)
+
+
+def _new_device(db: apsw.Connection, user_id: int, name: str) -> tuple[Device, str]:
     token = new_device_token()
     device_id = "dev_" + secrets.token_hex(8)
     db.execute("INSERT INTO devices(id, user_id, name, token_hash, created_at) "
                "VALUES (?, ?, ?, ?, ?)",
                (device_id, user_id, name, token_digest(token), time.time()))
     return device_by_id(db, device_id), token
+
+
+def admit_device(db: apsw.Connection, admitter: Device, device_name: str
+                 ) -> tuple[Device, str]:
+    """A new device of ADMITTER's user, admitted on the LAN by ADMITTER (API 1.5, POST
+    /devices/admit); returns it and its token (shown only this once). The admitter must
+    still be active: its own token was checked, but it may be revoked meanwhile."""
+    if device_by_id(db, admitter.id).revoked_at is not None:
+        raise UnauthorizedError("this device has been revoked; enroll it again")
+    return _new_device(db, admitter.user_id, check_device_name(device_name))
 
 
 # --- devices -------------------------------------------------------------------------------
@@ -208,3 +222,20 @@ def revoke_device(db: apsw.Connection, device_id: str) -> Device:
     if device.revoked_at is None:
         db.execute("UPDATE devices SET revoked_at = ? WHERE id = ?", (time.time(), device_id))
     return device_by_id(db, device_id)
+
+
+def record_certificate_key(db: apsw.Connection, device_id: str, key_sha256: str) -> None:
+    """Remember the key of DEVICE_ID's newest certificate: grants are issued for it."""
+    db.execute("UPDATE devices SET cert_key_sha256 = ? WHERE id = ?", (key_sha256, device_id))
+
+
+def revoked_device_ids(db: apsw.Connection) -> list[str]:
+    """Every revoked device of this appliance, oldest revocation first."""
+    return [str(row[0]) for row in db.execute(
+        "SELECT id FROM devices WHERE revoked_at IS NOT NULL ORDER BY revoked_at, id")]
+
+
+def revoked_count(db: apsw.Connection) -> int:
+    """How many devices are revoked (by index: cheap enough to ask every second)."""
+    row = db.execute("SELECT count(*) FROM devices WHERE revoked_at IS NOT NULL").fetchone()
+    return int(row[0]) if row else 0

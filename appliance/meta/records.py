@@ -28,6 +28,7 @@ class Device:
     created_at: float
     last_seen: float | None
     revoked_at: float | None
+    cert_key_sha256: str | None = None   # of its newest device certificate's key
 
 
 @dataclass(frozen=True)

@@ -71,7 +71,7 @@ def test_everything_non_default_round_trips(tmp_path: Path) -> None:
         listen_host="::1", listen_port=0, scrub_rate_mb_per_s=0.25,
         full_scrub_interval_s=12 * 3600.0,
         tls_certificate=outside / "cert.pem", tls_key=home / "k.pem",
-        database=home / "db" / "x.db")
+        database=home / "db" / "x.db", lan_admission=False)
     write(home, render_config(config))
     assert load_config(home) == config
 
