@@ -36,11 +36,14 @@ def register(cli: click.Group, status_sections: list[Any]) -> None:
               help="The most disk the drive uses for cached blocks and unsent writes "
                    "(K, M, G, T). When pinned files and unsent writes fill it, writes "
                    "fail with 'no space left' rather than filling the disk.")
+@click.option("--no-peers", is_flag=True,
+              help="Do not serve cached blocks to this user's other devices on the LAN "
+                   "(also `[peers] enabled = false` in HOME/config.toml).")
 @click.option("-v", "--verbose", is_flag=True, help="Log every step.")
 @click.option("-q", "--quiet", is_flag=True, help="Log only warnings and errors.")
 @click.pass_context
-def mount(ctx: click.Context, mountpoint: Path, cache_size: str, verbose: bool,
-          quiet: bool) -> None:
+def mount(ctx: click.Context, mountpoint: Path, cache_size: str, no_peers: bool,
+          verbose: bool, quiet: bool) -> None:
     """Show your files as a drive at MOUNTPOINT (an empty folder), until unmounted.
 
     Listings come from a local index, so they are instant and work offline; a file's
@@ -54,6 +57,9 @@ def mount(ctx: click.Context, mountpoint: Path, cache_size: str, verbose: bool,
     Ctrl-C unmount it and finish the pending uploads first (when the appliance is away
     they stay staged and go at the next mount). Symbolic links are kept as links
     (never followed); hard links and special files are refused (EPERM).
+
+    While mounted, cached blocks are served to this user's other devices on the LAN
+    (mutual TLS, and only against a grant the appliance issued for those blocks).
     """
     if importlib.util.find_spec("pyfuse3") is None:
         raise UsageError("the drive's packages are not installed (pyfuse3); install them "
@@ -65,7 +71,7 @@ def mount(ctx: click.Context, mountpoint: Path, cache_size: str, verbose: bool,
                         format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     for noisy in ("httpx", "httpcore", "hypercorn"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    options = MountOptions(mountpoint, parse_size(cache_size))
+    options = MountOptions(mountpoint, parse_size(cache_size), peers=not no_peers)
     left = trio.run(run_mount, home_of(ctx), options)
     if left:
         ctx.exit(75)       # EX_TEMPFAIL: changes stay staged for the next mount

@@ -36,7 +36,8 @@ from agent.client import Connection, RetryPolicy
 from agent.crypto.keys import UserKeys
 from agent.errors import CairnAgentError, TransportError, UsageError
 from agent.home import AgentHome, DeviceRecord
-from agent.peers.identity import try_ensure_identity
+from agent.peers.service import peers_if_wanted
+from agent.peers.sources import CacheBlocks
 from agent.remote import RemoteTree
 from agent.sync.follow import Follower
 from agent.sync.mirror import Mirror
@@ -65,6 +66,7 @@ FLUSH_TIMEOUT_S = 600.0
 class MountOptions:
     mountpoint: Path
     cache_size: int = DEFAULT_CACHE_SIZE
+    peers: bool = True           # serve the cache to this user's LAN peers (--no-peers)
 
 
 def drive_folder(home: AgentHome) -> Path:
@@ -143,7 +145,7 @@ async def run_mount(home: AgentHome, options: MountOptions) -> int:
                 staging = Staging(folder / "staging", cache)
                 _reconcile(index, staging)
                 return await _serve(home, device, keys, index, cache, staging, mountpoint,
-                                    folder)
+                                    folder, peers=options.peers)
             finally:
                 cache.close()
         finally:
@@ -152,7 +154,8 @@ async def run_mount(home: AgentHome, options: MountOptions) -> int:
 
 
 async def _serve(home: AgentHome, device: DeviceRecord, keys: UserKeys, index: DriveIndex,
-                 cache: BlockCache, staging: Staging, mountpoint: Path, folder: Path) -> int:
+                 cache: BlockCache, staging: Staging, mountpoint: Path, folder: Path, *,
+                 peers: bool = True) -> int:
     async with Connection(home, device) as connection, \
             Connection(home, device, retry=RetryPolicy(attempts=2, first_delay_s=0.1,
                                                        max_delay_s=0.2)) as reads:
@@ -238,9 +241,16 @@ async def _serve(home: AgentHome, device: DeviceRecord, keys: UserKeys, index: D
                              pinner.run, status_writer):
                     nursery.start_soon(task)
                 nursery.start_soon(_on_signals, nursery.cancel_scope)
-                # LAN peers: the device certificate, in the background (a drive works
-                # offline and must not wait for it; it never fails the mount).
-                nursery.start_soon(try_ensure_identity, tree.api, home)
+                # LAN peers: the cache served to this user's other devices, started in
+                # the background (a drive works offline and must not wait for the
+                # certificate; peers never fail the mount). Stopped, shielded, when the
+                # nursery is cancelled at the unmount, before the cache is closed.
+                async def serve_peers() -> None:
+                    async with peers_if_wanted(home, tree.api, CacheBlocks(cache),
+                                               wanted=peers):
+                        await trio.sleep_forever()
+
+                nursery.start_soon(serve_peers)
                 pull_wanted.set()
                 await pyfuse3.main(min_tasks=2, max_tasks=FUSE_TASKS)
                 nursery.cancel_scope.cancel()

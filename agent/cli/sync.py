@@ -11,10 +11,11 @@ import click
 import trio
 
 from agent import operations as ops
-from agent.cli.shell import cli, home_of, interrupted
+from agent.cli.shell import cli, home_of, interrupted, size_text, status_sections
 from agent.errors import SyncPausedError
 from agent.home import AgentHome
-from agent.peers.identity import try_ensure_identity
+from agent.peers.service import peers_if_wanted, read_statuses
+from agent.peers.sources import SyncedFiles
 from agent.stopping import Stopped, until_signalled
 from agent.sync.engine import (
     MASS_DELETE_MIN,
@@ -41,11 +42,15 @@ from agent.sync.state import DB_FILE, SyncDb
               help="Pause when one pass would delete more than this share of the synced "
                    f"files on the appliance (and at least {MASS_DELETE_MIN}).")
 @click.option("--once", is_flag=True, help="Sync until nothing is left to do, then exit.")
+@click.option("--no-peers", is_flag=True,
+              help="Neither serve blocks to this user's other devices on the LAN nor "
+                   "fetch from them (also `[peers] enabled = false` in HOME/config.toml).")
 @click.option("-v", "--verbose", is_flag=True, help="Log every step.")
 @click.option("-q", "--quiet", is_flag=True, help="Log only warnings and errors.")
 @click.pass_context
 def sync(ctx: click.Context, directory: Path, remote_path: str, allow_mass_delete: bool,
-         mass_delete_share: float, once: bool, verbose: bool, quiet: bool) -> None:
+         mass_delete_share: float, once: bool, no_peers: bool, verbose: bool,
+         quiet: bool) -> None:
     """Keep DIR and a folder on the appliance identical, both ways, until stopped.
 
     Changes here are picked up at once (inotify, plus a full rescan every few minutes);
@@ -60,6 +65,11 @@ def sync(ctx: click.Context, directory: Path, remote_path: str, allow_mass_delet
     link pointing outside DIR stays a link and nothing it points to is read). Skipped:
     special files (fifos, sockets, devices), editor temporaries, and what
     DIR/.cairnignore lists (gitignore syntax). `cairn status` shows each folder's state.
+
+    While it runs, this user's other devices on the LAN may fetch the blocks of DIR's
+    synced files from here (mutual TLS with certificates the appliance signed, and only
+    with a grant the appliance issued for those blocks), and downloads here ask them too;
+    `--no-peers` or `[peers] enabled = false` in HOME/config.toml turns that off.
 
     SIGTERM or Ctrl-C stops it cleanly with exit 0 (a transfer in hand finishes its
     block; what is not done yet is picked up by the next run). With --once, being stopped
@@ -84,12 +94,17 @@ def sync(ctx: click.Context, directory: Path, remote_path: str, allow_mass_delet
                 engine = SyncEngine(tree, db, folder, options)
                 click.echo(f"syncing {local_dir} with {folder.remote_path} as "
                            f"{tree.connection.device.device_name}", err=True)
-                await try_ensure_identity(tree.api, home)   # LAN peers; never fails sync
+                # LAN peers: serve this user's synced files to their other devices (and
+                # let this process's downloads find them); never a reason to fail sync.
+                source = SyncedFiles(home.path / DB_FILE)
                 try:
-                    await engine.run()
+                    async with peers_if_wanted(home, tree.api, source, wanted=not no_peers):
+                        await engine.run()
                 except BaseException:     # stopped (a signal) or failed: say so last
                     mark_stopped(db, folder.local_dir)
                     raise
+                finally:
+                    source.close()
                 if once:
                     outcome = engine.last_outcome
                     click.echo(f"{outcome.uploaded} uploaded, {outcome.downloaded} "
@@ -146,3 +161,20 @@ def sync_folders(home: AgentHome) -> list[str]:
         return ["sync " + describe(r, process_alive) for r in db.folders()]
     finally:
         db.close()
+
+
+def peers_status(home: AgentHome) -> tuple[str, Any, list[str]]:
+    """`cairn status`: the peer services of this home (sync's, the drive's) that run."""
+    statuses = read_statuses(home)
+    lines = []
+    for status in statuses:
+        refused = sum(status["refusals"].values())
+        lines.append(f"peers (pid {status['pid']}): serving on "
+                     f"{', '.join(status['addresses'])} port {status['port']}"
+                     f"{'' if status['advertised'] else ' (not advertised)'}; "
+                     f"{status['peers']} peer(s) found; {status['served_blocks']} block(s) "
+                     f"served ({size_text(status['served_bytes'])}), {refused} refused")
+    return "peers", statuses, lines
+
+
+status_sections.append(peers_status)

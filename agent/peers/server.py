@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import http.server
+import json
 import logging
 import selectors
 import socket
@@ -417,7 +418,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
             raise Refused("bad_request", "the body ended early", 400)
         try:
-            return model.model_validate_json(body)
+            data = json.loads(body)
+        except ValueError:
+            raise Refused("bad_request", "a body that is not JSON", 400) from None
+        if isinstance(data, dict) and not (data.get("grant") or data.get("grants")):
+            raise Refused("no_grant", "a request without a grant")
+        try:
+            return model.model_validate(data)
         except ValidationError:
             raise Refused("bad_request", "a body that is not a valid request", 400) from None
 

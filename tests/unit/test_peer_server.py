@@ -206,9 +206,13 @@ def test_bodies_past_the_limit_and_garbage_are_refused(setup: Setup) -> None:
     assert response.status == 413
     response.read()
     connection = setup.client(peer)
-    assert post(connection, PEER_HAVE_PATH, {"grants": []})[0] == 400
+    assert post(connection, PEER_HAVE_PATH, {"grants": [], "ids": ["a" * 64]})[0] == 403
+    assert post(connection, PEER_BLOCK_PATH, {"id": "a" * 64})[0] == 403
+    assert post(connection, PEER_HAVE_PATH, {"grants": ["x"]})[0] == 400
+    assert post(connection, PEER_HAVE_PATH, [1, 2])[0] == 400
     assert post(connection, "/elsewhere", {})[0] == 404
     assert setup.source.reads == 0
+    assert setup.server.counters.snapshot()["refusals"] == {"no_grant": 2}
 
 
 def test_an_idle_connection_is_closed_and_connections_are_bounded() -> None:
