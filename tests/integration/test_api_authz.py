@@ -47,6 +47,9 @@ from api_helpers import (
     upload,
 )
 from cairnd_helpers import run_cairnd_in_process, serving
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from appliance.config import ApplianceConfig, write_config
 from appliance.home import init_home
@@ -248,6 +251,10 @@ def _batch(ask: Ask) -> Req:
         {"op": "update", "node_id": ask.file, **_new_version(ask)}]})
 
 
+DEVICE_KEY = Ed25519PrivateKey.generate().public_key().public_bytes(
+    serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+
+
 @dataclass(frozen=True)
 class Route:
     access: Access
@@ -274,6 +281,11 @@ ROUTES: dict[tuple[str, str], Route] = {
     ("GET", "/changes"): Route("account", fixed("GET", "/changes")),
     ("GET", "/events"): Route("account", fixed("GET", "/events", params={"heartbeat": 1})),
     ("GET", "/disks"): Route("account", fixed("GET", "/disks")),
+    ("POST", "/devices/me/certificate"): Route("account", fixed(
+        "POST", "/devices/me/certificate", json={"public_key": DEVICE_KEY})),
+    ("GET", "/devices/revoked"): Route("account", fixed("GET", "/devices/revoked")),
+    ("POST", "/devices/admit"): Route("account", fixed(
+        "POST", "/devices/admit", json={"device_name": "admitted", "public_key": DEVICE_KEY})),
     ("GET", "/files/{node_id}"): Route("node read", lambda a: Req("GET", f"/files/{a.file}")),
     ("GET", "/files/{node_id}/presigned-url"): Route(
         "node read", lambda a: Req("GET", f"/files/{a.file}/presigned-url")),
@@ -440,7 +452,8 @@ def check_account_route(world: World, route: Route) -> None:
         device = world.device(who)
         req = route.build(Ask(world, targets, device, "shared"))
         response = send(device.client, req)
-        assert response.status_code == 200, (who, response.text)
+        assert response.status_code == (201 if req.path == "/devices/admit" else 200), \
+            (who, response.text)
         if response.headers["content-type"].startswith("application/json"):
             check_only_own(world, who, req.path, response.json())
 
@@ -459,6 +472,14 @@ def check_only_own(world: World, who: str, path: str, body: Any) -> None:
     elif path == "/changes":
         owners = {change["node"]["owner"] for change in body["changes"] if change["node"]}
         assert owners <= ({"alice", "bob"} if who == "bob" else {who})
+    elif path == "/devices/me/certificate":   # for the caller's own device
+        certificate = x509.load_pem_x509_certificate(body["certificate"].encode())
+        assert certificate.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[
+            0].value == world.device(who).device_id
+    elif path == "/devices/admit":            # a device of the caller's own user
+        assert body["user"] == who
+    elif path == "/devices/revoked":          # the appliance's list, the same for all
+        assert world.revoked.device_id in body["revoked"]
 
 
 @pytest.mark.parametrize("key", APP_ROUTES, ids=[f"{m} {p}" for m, p in APP_ROUTES])
