@@ -386,8 +386,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         try:
             if self.path in (PEER_HAVE_PATH, PEER_BLOCK_PATH):
-                # Who asks, before anything they sent is read.
-                self.server.device_allowed(self.device)
+                # Who asks, before anything they sent is read (a device refused here is
+                # not served again on this connection: it is closed after the answer).
+                try:
+                    self.server.device_allowed(self.device)
+                except Refused:
+                    self._discard_body()       # so that the answer reaches the client
+                    self.close_connection = True
+                    raise
             if self.path == PEER_HAVE_PATH:
                 self._have(self._body(PeerHaveRequest))
             elif self.path == PEER_BLOCK_PATH:
@@ -400,6 +406,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         self._refuse(Refused("no_route", "the peer API takes POST only", 405), count=False)
+
+    def _discard_body(self) -> None:
+        """Read and drop the body (if it is within the limit): unread, it would make the
+        kernel reset the connection when we close it, and the answer would be lost."""
+        with contextlib.suppress(ValueError, OSError):
+            length = int(self.headers.get("Content-Length", "0"))
+            if 0 < length <= PEER_MAX_BODY:
+                self.rfile.read(length)
 
     def _body(self, model: type[M]) -> M:
         length_text = self.headers.get("Content-Length")
