@@ -17,6 +17,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +27,8 @@ import pytest
 from lan_helpers import (
     APPLIANCE_ADDRESS,
     CAIRN,
+    CAIRND,
+    SERVE_LINE,
     Device,
     Started,
     ThreeHosts,
@@ -41,7 +44,10 @@ WIRES = (
 )
 CODE_LINE = re.compile(r"Code: (\d{3}) (\d{3}) — type it on the device that approves")
 ASKING = "On one of your devices run: cairn approve "
-ROGUE = Path(__file__).resolve().parent.parent / "pairing_rogue.py"
+TESTS = Path(__file__).resolve().parent.parent
+ROGUE = TESTS / "pairing_rogue.py"
+DIFFER = "another device may have answered this request; nothing was admitted"
+ENROLLMENT_EXIT = 3
 
 pytestmark = [pytest.mark.slow, pytest.mark.root]
 
@@ -133,9 +139,10 @@ def shown_code(run: Started) -> str:
     return found[1] + found[2]
 
 
-def devices(hosts: ThreeHosts) -> list[dict[str, Any]]:
+def devices(hosts: ThreeHosts) -> list[tuple[str, str, str, bool]]:
+    """The appliance's devices: (id, user, name, revoked) each."""
     listed: list[dict[str, Any]] = json.loads(hosts.cairnd("device", "list", "--json"))
-    return listed
+    return sorted((d["id"], d["user"], d["name"], d["revoked"]) for d in listed)
 
 
 def no_traceback(*runs: Started) -> None:
@@ -170,11 +177,11 @@ def test_a_device_admitted_with_the_matching_code_then_syncs_both_ways(
     admitted_in = time.monotonic() - started
     print(f"asked, approved and joined in {admitted_in:.1f} s")
 
-    [listed] = [d for d in devices(hosts) if d["name"] == "phone"]
-    assert listed["user"] == "alice"
+    [(phone_id, user, _, revoked)] = [d for d in devices(hosts) if d[2] == "phone"]
+    assert (user, revoked) == ("alice", False)
     home = hosts.base / "phone"
     device = json.loads((home / "device.json").read_text())
-    assert (device["device_id"], device["user"]) == (listed["id"], "alice")
+    assert (device["device_id"], device["user"]) == (phone_id, "alice")
     for name in ("keys", "device-key.pem", "device-cert.pem", "device-ca.pem"):
         assert (home / name).stat().st_mode & 0o077 == 0, name
     assert (home / "device-ca.pem").read_bytes() == (laptop.home / "device-ca.pem").read_bytes()
@@ -194,3 +201,107 @@ def test_a_device_admitted_with_the_matching_code_then_syncs_both_ways(
     phone_device.ok("sync", on_phone, "--remote", "/lan", "--once")
     laptop.ok("sync", on_laptop, "--remote", "/lan", "--once")
     assert (on_laptop / "from-phone.txt").read_text() == "written on the phone\n"
+
+
+def test_a_wrong_code_an_expired_request_and_an_ignored_one_admit_nothing(
+        hosts: ThreeHosts, laptop: Device) -> None:
+    before = devices(hosts)
+
+    # A wrong code (a typo, or someone in between): refused on both sides.
+    phone = ask(hosts, "phone")
+    approver = approve(hosts, laptop, "phone")
+    code = shown_code(phone)
+    wait_for(approver, "Type the code shown on phone: ")
+    type_code(approver, f"{(int(code) + 1) % 10 ** 6:06d}")
+    assert ended(approver) == ENROLLMENT_EXIT, approver.text()
+    assert f"cairn: error: the codes differ: {DIFFER}" in approver.text()
+    assert ended(phone) == ENROLLMENT_EXIT, phone.text()
+    assert "the codes differ" in phone.text()
+    assert not (hosts.base / "phone" / "device.json").exists()
+
+    # An expired request: the new device gives up, and the approver refuses it even with
+    # the right code typed.
+    tablet = ask(hosts, "tablet", CAIRN_JOIN_LIFETIME_S="20")
+    approver = approve(hosts, laptop, "tablet")
+    code = shown_code(tablet)
+    wait_for(approver, "Type the code shown on tablet: ")
+    assert ended(tablet, timeout=40) == ENROLLMENT_EXIT, tablet.text()
+    assert "the request expired after" in tablet.text()
+    type_code(approver, code)
+    assert ended(approver) == ENROLLMENT_EXIT, approver.text()
+    assert "tablet's request expired" in approver.text()
+
+    # An ignored request is no longer listed; SIGTERM ends a request cleanly.
+    watch = ask(hosts, "watch")
+    listed = json.loads(laptop.ok("devices", "pending", "--json").stdout)
+    assert [p["name"] for p in listed] == ["watch"]
+    assert "ignoring watch's request" in laptop.ok("devices", "ignore", "watch").stdout
+    assert json.loads(laptop.ok("devices", "pending", "--json").stdout) == []
+    assert "join requests: none" in laptop.ok("status", "--pending").stdout
+    assert watch.stop() == 128 + 15, watch.text()
+    assert "interrupted by SIGTERM" in watch.text()
+
+    no_traceback(phone, tablet, watch, approver)
+    assert devices(hosts) == before
+
+
+def restart_without_lan_admission(hosts: ThreeHosts) -> Started:
+    """The appliance stopped, `[enrollment] lan_admission = false` in its config, and served
+    again at the same address (devices keep their URL)."""
+    port = hosts.url.rsplit(":", 1)[1]
+    assert hosts.server.stop() == 0, hosts.server.text()
+    config = hosts.home / "config.toml"
+    text = config.read_text()
+    assert "lan_admission = true" in text
+    config.write_text(text.replace("lan_admission = true", "lan_admission = false"))
+    log = hosts.base / "cairnd-again.log"
+    with open(log, "a") as err:
+        process = subprocess.Popen(
+            in_netns(hosts.netns("app"), *CAIRND, "serve", "--home", hosts.home, "--listen",
+                     f"{APPLIANCE_ADDRESS}:{port}"),
+            stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL, text=True,
+            env=env())
+    run = Started(process, log)
+    hosts.processes.started.append(run)
+    assert process.stdout is not None
+    line = process.stdout.readline()
+    assert SERVE_LINE.match(line.strip()), (line, run.text())
+    return run
+
+
+def test_a_rogue_answering_first_is_caught_and_the_appliance_may_forbid_lan_admission(
+        hosts: ThreeHosts, laptop: Device) -> None:
+    before = devices(hosts)
+
+    phone = ask(hosts, "phone")
+    rogue = subprocess.run(in_netns(hosts.netns("rog"), sys.executable, ROGUE, "10.79.0.4"),
+                           capture_output=True, text=True, timeout=60, check=False,
+                           env=env(PYTHONPATH=str(TESTS.parent)))
+    assert rogue.returncode == 0, rogue.stderr
+    assert json.loads(rogue.stdout) == {"hellos": [200]}
+    code = shown_code(phone)   # what the new device shows: made with the rogue's keys
+
+    approver = approve(hosts, laptop, "phone")
+    type_code(approver, code)
+    assert ended(approver) == ENROLLMENT_EXIT, approver.text()
+    assert "another device already answered phone's request" in approver.text()
+    assert DIFFER in approver.text()
+    assert ended(phone) == ENROLLMENT_EXIT, phone.text()
+    assert "two devices answered this request" in phone.text()
+    assert not (hosts.base / "phone" / "device.json").exists()
+    assert devices(hosts) == before
+
+    # The appliance's config forbids admitting devices from the LAN: E says so, N ends.
+    server = restart_without_lan_admission(hosts)
+    tablet = ask(hosts, "tablet")
+    approver = approve(hosts, laptop, "tablet")
+    code = shown_code(tablet)
+    wait_for(approver, "Type the code shown on tablet: ")
+    type_code(approver, code)
+    assert ended(approver) != 0, approver.text()
+    assert "does not admit devices from the LAN" in approver.text()
+    assert ended(tablet) == ENROLLMENT_EXIT, tablet.text()
+    assert "does not admit devices from the LAN" in tablet.text()
+    no_traceback(phone, tablet, approver)
+    assert devices(hosts) == before
+    assert "admitted new device" not in server.text()
