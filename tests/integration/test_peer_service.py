@@ -25,8 +25,10 @@ import datetime
 import http.client
 import json
 import os
+import re
 import socket
 import ssl
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -34,29 +36,31 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-if __name__ != "__main__":
-    import blake3
-    import pytest
-    import trio
-    from agent_helpers import User, make_user, run_cairn
-    from cairnd_helpers import Served, run_cairnd
-    from cryptography import x509
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-    from cryptography.x509.oid import NameOID
-    from sync_helpers import Device, devices_of, make_device, wait_for
+if __name__ == "__main__":      # the capture script: tests/ for the helpers' imports
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-    from agent import operations as ops
-    from agent.crypto.blocks import BlockRef, decrypt_block
-    from agent.home import AgentHome
-    from agent.peers.identity import PeerIdentity, load_identity
-    from agent.peers.service import read_statuses
-    from protocol.peers import (
-        PEER_BLOCK_PATH,
-        PEER_HAVE_PATH,
-        Grant,
-        verify_grant,
-    )
+import blake3
+import pytest
+import trio
+from agent_helpers import User, make_user, run_cairn
+from cairnd_helpers import Served, run_cairnd
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.x509.oid import NameOID
+from sync_helpers import Device, devices_of, make_device, wait_for
+
+from agent import operations as ops
+from agent.crypto.blocks import BlockRef, decrypt_block
+from agent.home import AgentHome
+from agent.peers.identity import PeerIdentity, load_identity
+from agent.peers.service import read_statuses
+from protocol.peers import (
+    PEER_BLOCK_PATH,
+    PEER_HAVE_PATH,
+    Grant,
+    verify_grant,
+)
 
 LOOPBACK_PEERS = '[peers]\nloopback = true\ninterfaces = ["lo"]\n'
 SIZE = 2 * 4 * 1024 * 1024 + 12345      # three blocks, the last one short
@@ -420,9 +424,128 @@ def test_no_peers_and_the_config_turn_it_off(appliance: Served, tmp_path: Path) 
 
 # --- the mDNS record on a LAN ---------------------------------------------------------
 
+INSTANCE = r"[0-9a-f]{16}"
+PEER_NAMES = (re.compile(r"_cairn-peer\._tcp\.local\."),
+              re.compile(INSTANCE + r"\._cairn-peer\._tcp\.local\."),
+              re.compile(r"cairn-peer-" + INSTANCE + r"\.local\."))
+
+
+TYPES = {1: "a", 12: "ptr", 16: "txt", 33: "srv", 47: "nsec", 28: "aaaa"}
+
+
+def records_of(packet: bytes) -> list[tuple[str, str, Any]]:
+    """(type, name, value) of every question and record of an mDNS PACKET."""
+    from zeroconf._protocol.incoming import DNSIncoming
+
+    incoming = DNSIncoming(packet)
+    assert incoming.valid, packet.hex()
+    found: list[tuple[str, str, Any]] = [("question", q.name, None)
+                                         for q in incoming.questions]
+    for record in incoming.answers():
+        kind = TYPES.get(record.type, str(record.type))
+        value: Any = None
+        if kind == "a":
+            value = socket.inet_ntoa(getattr(record, "address"))  # noqa: B009
+        elif kind == "ptr":
+            value = getattr(record, "alias")  # noqa: B009
+        elif kind == "txt":
+            value = getattr(record, "text")  # noqa: B009
+        elif kind == "srv":
+            value = (getattr(record, "server"), getattr(record, "port"))  # noqa: B009
+        found.append((kind, record.name, value))
+    return found
+
+
+def txt_pairs(raw: bytes) -> dict[str, str]:
+    """A TXT record's strings (length-prefixed) as key=value pairs."""
+    pairs, at = {}, 0
+    while at < len(raw):
+        length = raw[at]
+        key, _, value = raw[at + 1:at + 1 + length].decode().partition("=")
+        pairs[key] = value
+        at += 1 + length
+    return pairs
+
+
+@pytest.mark.slow
+def test_the_peer_record_names_nobody_and_the_other_device_finds_it(tmp_path: Path
+                                                                     ) -> None:
+    from lan_helpers import three_hosts
+    from netns_helpers import in_netns, netns_available, read_json_line, reap
+
+    reason = netns_available()
+    if reason is not None:
+        pytest.skip(reason)
+    user = "peeruser"
+    with three_hosts(tmp_path) as net:
+        a = net.device("dva", "alices-desk", net.add_user(user))
+        b = net.device("dvb", "alices-laptop", net.new_code(user))
+        # Everything the devices send on B's wire from before they start until both
+        # found each other (the capture runs until its stdin is closed).
+        capture = subprocess.Popen(
+            in_netns(net.netns("dvb"), sys.executable, __file__, "capture", "120",
+                     b.address), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True)
+        try:
+            assert read_json_line(capture, 10) == {"listening": True}
+            for device in (a, b):
+                (tmp_path / f"{device.name}-dir").mkdir()
+                device.start("sync", tmp_path / f"{device.name}-dir", "-v")
+            statuses = {}
+            for device in (a, b):
+                def ready(home: Path = device.home) -> list[dict[str, Any]]:
+                    return [s for s in read_statuses(AgentHome(home))
+                            if s["peers"] >= 1 and s["advertised"]]
+
+                statuses[device.name] = wait_for(ready, 60, f"{device.name} to advertise "
+                                                 "and find the other")[0]
+            time.sleep(1.0)      # the answers to the last queries
+        finally:
+            out, _ = reap(capture, timeout=20)
+        assert statuses["alices-desk"]["addresses"] == [a.address]
+        assert statuses["alices-laptop"]["addresses"] == [b.address]
+        packets = [(p["from"], bytes.fromhex(p["data"]))
+                   for p in json.loads(out.strip().splitlines()[-1])["packets"]]
+        appliance_id = net.appliance_id
+
+    # Who must not show: the user, both devices' names and ids, the appliance, the
+    # user's tag in the certificates, the account's token.
+    secrets = [user, "alices", "desk", "laptop", appliance_id]
+    for device in (a, b):
+        record = AgentHome(device.home).load_device()
+        me = identity_of(device.home).me
+        secrets += [record.device_id, record.token, me.user_tag, me.device_id]
+    from_devices = [data for sender, data in packets if sender in (a.address, b.address)]
+    assert from_devices, packets
+    seen: dict[str, set[str]] = {}
+    for data in from_devices:
+        lowered = data.lower()
+        for secret in secrets:
+            assert secret.lower().encode() not in lowered, (secret, data)
+        for kind, name, value in records_of(data):
+            assert any(pattern.fullmatch(name) for pattern in PEER_NAMES), (kind, name)
+            seen.setdefault(kind, set()).add(name)
+            if kind == "txt":
+                assert txt_pairs(value) == {"v": "1"}
+            elif kind == "ptr":
+                assert PEER_NAMES[1].fullmatch(value), value
+            elif kind == "srv":
+                assert PEER_NAMES[2].fullmatch(value[0]), value
+            elif kind == "a":
+                assert value in (a.address, b.address), value
+    # Both devices' records went out whole (announced or answered).
+    assert {"ptr", "srv", "txt", "a"} <= set(seen), seen
+    instances = {name.split(".")[0] for name in seen["srv"]}
+    assert instances == {statuses["alices-desk"]["instance"],
+                         statuses["alices-laptop"]["instance"]}
+
+
+
 def _capture(seconds: float, address: str) -> None:
-    """Print every mDNS packet heard on ADDRESS's interface within SECONDS (hex, one
-    JSON line at the end)."""
+    """Print every mDNS packet heard on ADDRESS's interface until stdin is closed (at
+    most SECONDS): one JSON line when listening, one with the packets (hex) at the end."""
+    import select
+
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
@@ -433,12 +556,12 @@ def _capture(seconds: float, address: str) -> None:
     packets = []
     deadline = time.monotonic() + seconds
     while (left := deadline - time.monotonic()) > 0:
-        sock.settimeout(left)
-        try:
+        ready, _, _ = select.select([sock, sys.stdin], [], [], left)
+        if sock in ready:
             data, sender = sock.recvfrom(9000)
-        except TimeoutError:
+            packets.append({"from": sender[0], "data": data.hex()})
+        if sys.stdin in ready and not sys.stdin.read(1):
             break
-        packets.append({"from": sender[0], "data": data.hex()})
     print(json.dumps({"packets": packets}), flush=True)
 
 
