@@ -78,7 +78,7 @@ def laptop(hosts: ThreeHosts) -> Device:
 
 
 def start(hosts: ThreeHosts, host: str, home: Path, *args: str, log: str,
-          stdin: bool = False, **extra: str) -> Started:
+          stdin: bool = False, extra: dict[str, str] | None = None) -> Started:
     """`cairn --home HOME ARGS...` left running in HOST's namespace, output in BASE/LOG
     (ended with the LAN at the latest)."""
     home.mkdir(parents=True, exist_ok=True)
@@ -86,7 +86,7 @@ def start(hosts: ThreeHosts, host: str, home: Path, *args: str, log: str,
     with open(path, "ab") as out:
         process = subprocess.Popen(
             in_netns(hosts.netns(host), *CAIRN, "--home", home, *args), stdout=out,
-            stderr=subprocess.STDOUT, text=True, env=env(**extra),
+            stderr=subprocess.STDOUT, text=True, env=env(**(extra or {})),
             stdin=subprocess.PIPE if stdin else subprocess.DEVNULL)
     run = Started(process, path)
     hosts.processes.started.append(run)
@@ -96,7 +96,7 @@ def start(hosts: ThreeHosts, host: str, home: Path, *args: str, log: str,
 def ask(hosts: ThreeHosts, name: str, **extra: str) -> Started:
     """N: `cairn join --lan --name NAME` on dvb, once its request is out."""
     run = start(hosts, "dvb", hosts.base / name, "join", "--lan", "--name", name,
-                log=f"{name}-join.log", **extra)
+                log=f"{name}-join.log", extra=extra)
     wait_for(run, re.escape(ASKING + name))
     return run
 
