@@ -65,6 +65,7 @@ from agent.peers.transfer import (
     PeerAccess,
     limits_for,
     run_plan,
+    service_access,
     workers_for,
 )
 from agent.pipeline import first_error, run_jobs
@@ -82,6 +83,7 @@ DOWNLOAD_PARALLEL = 6
 STREAM_POLL_S = 0.2          # between two looks at what is stored, for a file of few blocks
 STREAM_POLL_PER_BLOCK_S = 0.0005   # ... and this much longer per block (50 GB: ~6.6 s)
 STREAM_STALL_S = 60.0        # no new block stored for this long: give up for now
+HAVE_GRACE_S = 0.5           # peers' HAVE answers waited for before the appliance starts
 
 
 @dataclass
@@ -212,7 +214,8 @@ async def download_file(tree: RemoteTree, node: RemoteNode, target: Path, *,
     being refused."""
     if node.is_dir:
         raise LocalFileError(f"{node.name} is a folder")
-    peers = tree.peers if len(node.meta.blocks) >= MIN_PEER_BLOCKS else None
+    peers = (tree.peers or service_access()) \
+        if len(node.meta.blocks) >= MIN_PEER_BLOCKS else None
     if peers is not None:
         peers.finder.start()     # a short browse runs while the URLs are asked for
     detail = await tree.fetch(node.id)
@@ -399,8 +402,9 @@ async def _fetch_with_peers(peers: PeerAccess, grants: list[str], jobs: list[Blo
                             clients: dict[str, PeerClient], grant_of: dict[str, str]
                             ) -> int:
     """Fetch JOBS from the appliance and the peers PEERS finds at once (fills CLIENTS
-    and GRANT_OF for PLACE): how many blocks came from peers. The appliance starts at
-    once; each peer joins the plan when its HAVE answer arrives."""
+    and GRANT_OF for PLACE): how many blocks came from peers. The appliance starts once
+    every peer answered HAVE, or after HAVE_GRACE_S (a silent peer costs no more); a
+    peer answering later joins the plan then."""
     identity = peers.identity()
     found = await peers.clients() if identity is not None else []
     if identity is not None:
@@ -413,13 +417,21 @@ async def _fetch_with_peers(peers: PeerAccess, grants: list[str], jobs: list[Blo
         return 0
     plan = FetchPlan(list(by_id), {}, limits_for(parallel), now=trio.current_time())
 
+    unanswered = len(found)
+    all_answered = trio.Event()
+
     async def ask(client: PeerClient) -> None:
+        nonlocal unanswered
         try:
             held = await trio.to_thread.run_sync(client.have, asked, grant_of,
                                                  abandon_on_cancel=True)
         except CairnAgentError as exc:
             log.info("peer not used: %s", exc.message)
-            return
+            held = set()
+        finally:
+            unanswered -= 1
+            if not unanswered:
+                all_answered.set()
         if held and client.name not in clients:
             clients[client.name] = client
             plan.add_peer(client.name, held, trio.current_time())
@@ -432,6 +444,8 @@ async def _fetch_with_peers(peers: PeerAccess, grants: list[str], jobs: list[Blo
         async with trio.open_nursery() as nursery:
             for client in found:
                 nursery.start_soon(ask, client)
+            with trio.move_on_after(HAVE_GRACE_S):   # a LAN answers in milliseconds
+                await all_answered.wait()
             await run_plan(plan, work, workers=workers_for(len(found), parallel),
                            done=lambda assignment, result: done(
                                by_id[assignment.block_id], result))

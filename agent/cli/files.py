@@ -10,6 +10,8 @@ import click
 from agent import operations as ops
 from agent import trash as trash_ops
 from agent.cli.shell import cli, in_session, size_text, when_text
+from agent.download import DownloadStats
+from agent.peers.transfer import lone_access
 from agent.remote import RemoteNode, RemoteTree
 
 # --- files -----------------------------------------------------------------------------
@@ -36,16 +38,30 @@ def put(ctx: click.Context, local: Path, remote: str) -> None:
 @cli.command()
 @click.argument("remote")
 @click.argument("local", type=click.Path(path_type=Path))
+@click.option("--no-peers", is_flag=True, help="Fetch from the appliance only, not from "
+                                               "your other devices on the LAN.")
 @click.pass_context
-def get(ctx: click.Context, remote: str, local: Path) -> None:
+def get(ctx: click.Context, remote: str, local: Path, no_peers: bool) -> None:
     """Download REMOTE (a file, or a folder with everything in it) to LOCAL.
 
     Every block is verified before it is written; the file appears whole or not at all.
     An interrupted get (Ctrl-C: exit 130, SIGTERM: 143) run again fetches only what is
-    missing."""
-    stats = in_session(ctx, lambda tree: ops.get(tree, remote, local), resumable=True)
+    missing. Blocks also come from your other devices on the LAN that hold them (unless
+    --no-peers, or `[peers] enabled = false` in the agent's config.toml); each is checked
+    the same way, and a device that sends a wrong one is not asked again."""
+
+    async def work(tree: RemoteTree) -> DownloadStats:
+        tree.peers = None if no_peers else lone_access(tree.home)
+        try:
+            return await ops.get(tree, remote, local)
+        finally:
+            if tree.peers is not None:
+                tree.peers.close()
+
+    stats = in_session(ctx, work, resumable=True)
+    peers = f", {stats.blocks_from_peers} from peers" if stats.blocks_from_peers else ""
     click.echo(f"downloaded {stats.files} file(s), {size_text(stats.bytes)}: fetched "
-               f"{stats.blocks_fetched} of {stats.blocks} blocks")
+               f"{stats.blocks_fetched} of {stats.blocks} blocks{peers}")
 
 
 @cli.command("ls")

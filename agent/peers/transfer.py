@@ -19,15 +19,23 @@ downloads of one process so connections are reused.
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Callable
 from typing import Protocol, TypeVar
 
 import trio
 
-from agent.errors import CairnAgentError, IntegrityError, PeerFetchError
+from agent.discovery import discovery_enabled
+from agent.errors import CairnAgentError, IntegrityError, PeerError, PeerFetchError
+from agent.home import AgentHome
+from agent.peers import advertise
+from agent.peers.browse import PeerBrowser, PeerDirectory
+from agent.peers.config import PeersConfig, load_peers_config
 from agent.peers.fetch import APPLIANCE, Assignment, Failure, FetchPlan, Limits, Verdict
-from agent.peers.identity import PeerIdentity
+from agent.peers.identity import PeerIdentity, load_identity
 from agent.peers.peer_client import PeerClient, failure_of
+from agent.peers.service import PeerService, running
 from agent.pipeline import first_error
 from protocol.peers import DiscoveredPeer
 
@@ -94,10 +102,16 @@ async def run_plan(plan: FetchPlan, work: Callable[[Assignment], F], *, workers:
 
 def _judged(plan: FetchPlan, job: Assignment, exc: CairnAgentError) -> None:
     failure = failure_of(exc)
+    known_bad = job.source in plan.dropped()
     verdict = plan.failed(job, trio.current_time(), failure)
-    if failure is Failure.WRONG_BYTES:
-        log.warning("peer %s sent wrong bytes for block %s… (%s): not asked again in this "
-                    "transfer", job.source, job.block_id[:16], exc.message)
+    if known_bad:     # a request in flight when the peer was dropped: said already
+        log.debug("peer %s (dropped) failed block %s… too: %s", job.source,
+                  job.block_id[:16], exc.message)
+    elif failure is Failure.WRONG_BYTES:
+        log.warning("peer %s sent wrong bytes for block %s… (%s): not asked again in "
+                    "this transfer", job.source, job.block_id[:16],
+                    exc.message if isinstance(exc, PeerFetchError)
+                    else "not the block its id names")
     elif verdict is Verdict.DROPPED:
         log.info("peer %s dropped for this transfer (%s): %s", job.source, failure.value,
                  exc.message)
@@ -218,3 +232,74 @@ class PeerAccess:
         for client in self._clients.values():
             client.close()
         self._clients.clear()
+
+
+# --- where a process gets its PeerAccess -----------------------------------------------
+
+_from_service: tuple[PeerService, PeerAccess] | None = None
+
+
+def service_access() -> PeerAccess | None:
+    """Access through the peer service this process runs (`cairn sync`, `cairn mount`:
+    its continuous browse, its current identity, its revocation list), or None. Made
+    once per service (trio thread only)."""
+    global _from_service
+    service = running()
+    if service is None:
+        return None
+    if _from_service is not None and _from_service[0] is service:
+        return _from_service[1]
+    if _from_service is not None:
+        _from_service[1].close()
+    access = PeerAccess(lambda: service.identity, ListedPeers(service.directory.peers),
+                        service.revocations.is_revoked)
+    _from_service = (service, access)
+    return access
+
+
+def browse_once(config: PeersConfig) -> Callable[[float], list[DiscoveredPeer]]:
+    """A blocking browse for peers on CONFIG's interfaces lasting the seconds it is given
+    (for `cairn get`, which runs no peer service): the peers found by then. The browser
+    is stopped in the background, so its end is not waited for."""
+
+    def browse(seconds: float) -> list[DiscoveredPeer]:
+        addresses = advertise.choose_addresses(config, advertise.machine_adapters(),
+                                               advertise.interface_up,
+                                               lan=discovery_enabled())
+        if not addresses:
+            return []
+        instance = advertise.open_zeroconf(addresses)
+        directory = PeerDirectory()
+        browser = PeerBrowser(instance, directory)
+
+        def stop() -> None:
+            browser.stop()
+            advertise.close(instance, None)
+
+        try:
+            browser.start()
+            time.sleep(seconds)
+            return directory.peers()
+        finally:
+            threading.Thread(target=stop, name="peer-browse-stop", daemon=True).start()
+
+    return browse
+
+
+def lone_access(home: AgentHome) -> PeerAccess | None:
+    """Access for a process without a peer service (`cairn get`): HOME's identity as it
+    is on disk (no request; renewal is sync's and mount's), a short browse started when
+    a download is big enough, and no revocation list (a revoked device's certificate
+    stops verifying within a day, and the appliance stops issuing grants usable with it
+    at once). None when peers are off by config or there is no identity yet."""
+    try:
+        config = load_peers_config(home)
+    except PeerError as exc:
+        log.info("peers off: %s", exc.message)
+        return None
+    if not config.enabled:
+        return None
+    identity = load_identity(home)
+    if identity is None:
+        return None
+    return PeerAccess(lambda: identity, ShortBrowse(browse_once(config)))

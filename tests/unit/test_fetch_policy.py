@@ -257,7 +257,7 @@ def test_a_peer_added_while_the_appliance_runs_takes_over_the_rest() -> None:
 
     def take(now: float) -> Assignment | None:
         if now >= 0.5 and "late" not in plan.peers():
-            assert plan.add_peer("late", blocks[::2] + ["f" * 64], now)
+            assert plan.add_peer("late", [*blocks[::2], "f" * 64], now)
             assert not plan.add_peer("late", blocks, now)
         return original_take(now)
 
