@@ -231,8 +231,13 @@ def test_a_wrong_code_an_expired_request_and_an_ignored_one_admit_nothing(
     assert ended(approver) == ENROLLMENT_EXIT, approver.text()
     assert "tablet's request expired" in approver.text()
 
-    # An ignored request is no longer listed; SIGTERM ends a request cleanly.
+    # An ignored request is no longer listed; one request per home at a time; SIGTERM
+    # ends a request cleanly.
     watch = ask(hosts, "watch")
+    again = start(hosts, "dvb", hosts.base / "watch", "join", "--lan", "--name", "watch",
+                  log="watch-again.log")
+    assert ended(again) == 2, again.text()
+    assert "another `cairn join --lan` is already asking for" in again.text()
     listed = json.loads(laptop.ok("devices", "pending", "--json").stdout)
     assert [p["name"] for p in listed] == ["watch"]
     assert "ignoring watch's request" in laptop.ok("devices", "ignore", "watch").stdout
