@@ -187,7 +187,7 @@ async def test_file_changed_while_uploading(users: Users, tmp_path: Path) -> Non
 
 
 COMMANDS = ["join", "unlock", "put", "get", "ls", "mkdir", "rm", "mv", "trash", "restore",
-            "share", "unshare", "shared", "sync", "status",
+            "share", "unshare", "shared", "sync", "status", "approve", "devices",
             "mount", "umount", "pin", "unpin", "free"]          # the drive's (fuse/cli.py)
 
 
