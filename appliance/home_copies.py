@@ -38,6 +38,7 @@ import logging
 import os
 import secrets
 import shutil
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -153,7 +154,11 @@ def verify_copy(copy: Path) -> str | None:
 
 
 class HomeCopier:
-    """Makes the copies; `copy_if_changed` and `copy_now` block (run them in a thread)."""
+    """Makes the copies; `copy_if_changed` and `copy_now` block (run them in a thread).
+    One copy at a time: the periodic copy's thread is abandoned, not stopped, when the
+    server stops, and the last copy then waits for it (two at once shared the database
+    connection and SQLite refused the second backup on every disk: a clean stop right
+    after a periodic copy began left no copy of its own)."""
 
     def __init__(self, config: ApplianceConfig, disks: list[Disk]) -> None:
         self.config = config
@@ -166,9 +171,11 @@ class HomeCopier:
         self.sequence = max((seq for disk in self.disks for seq, _ in copies_on(disk.root)),
                             default=0)
         self.last: CopyResult | None = None
+        self._one_at_a_time = threading.RLock()
 
     def close(self) -> None:
-        self._watch.close()
+        with self._one_at_a_time:
+            self._watch.close()
 
     def delay(self) -> float:
         """Seconds to wait before looking for changes again."""
@@ -200,16 +207,21 @@ class HomeCopier:
         return (version, tuple(stats))
 
     def copy_if_changed(self) -> CopyResult | None:
-        state = self._state()
-        if state == self._seen:
-            return None
-        result = self.copy_now(clean=False)
-        self._seen = state
-        return result
+        with self._one_at_a_time:
+            state = self._state()
+            if state == self._seen:
+                return None
+            result = self.copy_now(clean=False)
+            self._seen = state
+            return result
 
     def copy_now(self, clean: bool) -> CopyResult | None:
         """Write a new copy to m+1 writable disks (fewer if fewer are writable: logged);
         None if no disk took it."""
+        with self._one_at_a_time:
+            return self._copy_now(clean)
+
+    def _copy_now(self, clean: bool) -> CopyResult | None:
         started = time.monotonic()
         state = self._state()
         self.sequence += 1

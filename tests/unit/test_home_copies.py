@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import stat
+import threading
 from pathlib import Path
 
 import pytest
@@ -135,3 +136,35 @@ def test_recovery_refuses_disks_of_two_appliances_and_disks_without_copies(
                       reserve_free_bytes=0, listen="127.0.0.1:0")
     with pytest.raises(RecoverError, match="belong to different appliances"):
         recover_home(tmp_path / "new", [*disks[1:], other.store.disks[0].path])
+
+
+def test_copies_made_at_once_from_two_threads_take_turns(home: ApplianceConfig) -> None:
+    """At a stop the last copy starts while the abandoned periodic one may still run: both
+    must succeed (they shared the database connection, and SQLite refused the second
+    backup on every disk)."""
+    db = open_database(home.database)
+    try:
+        with db:               # a database whose backup takes a moment
+            db.executemany("INSERT INTO users(name, created_at) VALUES (?, 0)",
+                           [(f"user{i:05d}",) for i in range(20_000)])
+    finally:
+        db.close()
+    copier, store = copier_of(home)
+    results: list[object] = []
+    start = threading.Barrier(2)
+
+    def copy() -> None:
+        start.wait()
+        results.extend(copier.copy_now(clean=False) for _ in range(3))
+
+    try:
+        workers = [threading.Thread(target=copy) for _ in range(2)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join(60)
+    finally:
+        copier.close()
+        store.close()
+    assert len(results) == 6 and all(result is not None for result in results)
+    assert len({result.sequence for result in results}) == 6   # type: ignore[attr-defined]
