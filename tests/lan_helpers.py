@@ -398,6 +398,57 @@ def settle(pids: Sequence[int], window_s: float = 2.0, cpu_s: float = 0.05,
                            f"(CPU-s in the last {window_s:g} s: {used})")
 
 
+# --- the link's raw rate ---------------------------------------------------------------------
+
+TCP_PROBE_PORT = 5201
+_TCP_SENDER = """
+import socket, sys
+address, port, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+with socket.create_server((address, port)) as server:
+    print("ready", flush=True)
+    server.settimeout(60)
+    connection, _ = server.accept()
+    with connection:
+        chunk = bytes(1 << 20)
+        for _ in range(size >> 20):
+            connection.sendall(chunk)
+"""
+_TCP_RECEIVER = """
+import socket, sys, time
+address, port = sys.argv[1], int(sys.argv[2])
+started = time.perf_counter()
+received = 0
+with socket.create_connection((address, port), timeout=60) as connection:
+    while data := connection.recv(1 << 20):
+        received += len(data)
+print(received, time.perf_counter() - started)
+"""
+
+
+def tcp_rate(net: ThreeHosts, sender: str = "app", receiver: str = "dvb",
+             size: int = 32 << 20) -> float:
+    """Bytes per second of one plain TCP stream of SIZE bytes from SENDER to RECEIVER (no TLS,
+    no agent): the link's own rate, to judge the agents' by."""
+    address = net.net.hosts[sender].addresses["eth0"]
+    run = net.processes.spawn(
+        in_netns(net.netns(sender), sys.executable, "-c", _TCP_SENDER, address,
+                 str(TCP_PROBE_PORT), str(size)),
+        net.base / f"tcp-probe-{len(net.processes.started)}.log", _env())
+    deadline = time.monotonic() + 30
+    while "ready" not in run.text():
+        if not run.running() or time.monotonic() > deadline:
+            raise LanError(f"the TCP probe's sender did not start:\n{_tail(run.text())}")
+        time.sleep(0.02)
+    done = subprocess.run(in_netns(net.netns(receiver), sys.executable, "-c", _TCP_RECEIVER,
+                                   address, str(TCP_PROBE_PORT)),
+                          capture_output=True, text=True, timeout=120, check=False)
+    run.stop(timeout=10)
+    received, seconds = done.stdout.split() if done.returncode == 0 else ("0", "0")
+    if int(received) != size:
+        raise LanError(f"the TCP probe received {received} of {size} bytes: {done.stderr}")
+    return size / float(seconds)
+
+
 # --- files -----------------------------------------------------------------------------------
 
 def write_random(path: Path, size: int) -> bytes:
@@ -456,7 +507,8 @@ class Scenario:
     size: int
     rate: str
     upload_seconds: float = 0.0
-    probe_seconds: float = 0.0
+    tcp_bytes_per_s: float = 0.0   # one plain TCP stream, appliance -> B
+    probe_seconds: float = 0.0     # B's `cairn get --no-peers` of PROBE_SIZE
     runs: dict[str, FetchRun] = field(default_factory=dict)
     a_peak_rss_mib: float = 0.0
 
@@ -483,8 +535,9 @@ def fetch_scenario(net: ThreeHosts, work: Path, size: int, *, rate: str = "100mb
        DIR --remote /lan --once` uploads it on the unshaped link, then `cairn sync DIR` keeps
        running (its peer service with it) until the LAN ends; a 64 MiB probe file is put too;
     2. the appliance's link is shaped to RATE both ways (after the upload: at 100 Mbit/s
-       1 GiB is ~90 s that measure nothing), and its real rate is measured by B's `cairn
-       get --no-peers` of the probe;
+       1 GiB is ~90 s that measure nothing), and its real rate is measured twice: one plain
+       TCP stream of 32 MiB from the appliance's host to B's, and B's `cairn get
+       --no-peers` of the probe (which includes the agent's start, ~1 s);
     3. B, each time in a fresh home joined for the run: `cairn get --no-peers`, `cairn get`,
        `cairn sync DIR --remote /lan --no-peers`, `cairn sync DIR --remote /lan` — each until
        the file is there, checked byte-exact (BLAKE3) and deleted; the appliance's `cairnd
@@ -511,12 +564,15 @@ def fetch_scenario(net: ThreeHosts, work: Path, size: int, *, rate: str = "100mb
     shape(net.net, "app", rate)
     if not all("tbf" in line for line in shaping(net.net, "app")):
         raise LanError(f"the appliance's link is not shaped: {shaping(net.net, 'app')}")
+    result.tcp_bytes_per_s = tcp_rate(net)
+    note(f"link ({rate} tbf both ways): one TCP stream {result.tcp_bytes_per_s / 1e6:.1f} MB/s "
+         f"({result.tcp_bytes_per_s * 8 / 1e6:.0f} Mbit/s)")
     probe_out = work / "probe-out.bin"
     probed = net.device("dvb", "b-probe", net.new_code("alice")).ok(
         "get", NO_PEERS, "/probe.bin", probe_out, timeout=timeout)
     probe_out.unlink()
     result.probe_seconds = probed.seconds
-    note(f"link ({rate} tbf both ways): `cairn get --no-peers` of 64 MiB in "
+    note(f"link: `cairn get --no-peers` of 64 MiB in "
          f"{probed.seconds:.2f} s = {result.link_bytes_per_s / 1e6:.1f} MB/s "
          f"({result.link_bytes_per_s * 8 / 1e6:.0f} Mbit/s)")
     settle([sync_a.pid], timeout_s=timeout)
