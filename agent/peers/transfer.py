@@ -144,15 +144,21 @@ class PeerFinder(Protocol):
 
 class ListedPeers:
     """A finder over a function that lists the peers known now (the peer service's
-    PeerDirectory.peers, which browses all the time)."""
+    PeerDirectory.peers, which browses all the time). A browse that began less than
+    SHORT_BROWSE_S ago and found nobody yet is waited out first: a sync's first
+    downloads start together with its peer service."""
 
-    def __init__(self, peers: Callable[[], list[DiscoveredPeer]]) -> None:
+    def __init__(self, peers: Callable[[], list[DiscoveredPeer]],
+                 browsing_since: float | None = None) -> None:
         self._peers = peers
+        self._settled_at = (browsing_since or 0.0) + SHORT_BROWSE_S
 
     def start(self) -> None:
         pass
 
     async def found(self) -> list[DiscoveredPeer]:
+        while not self._peers() and time.time() < self._settled_at:
+            await trio.sleep(min(0.1, max(0.0, self._settled_at - time.time())))
         return self._peers()
 
 
@@ -251,7 +257,8 @@ def service_access() -> PeerAccess | None:
         return _from_service[1]
     if _from_service is not None:
         _from_service[1].close()
-    access = PeerAccess(lambda: service.identity, ListedPeers(service.directory.peers),
+    access = PeerAccess(lambda: service.identity,
+                        ListedPeers(service.directory.peers, service.started_at),
                         service.revocations.is_revoked)
     _from_service = (service, access)
     return access

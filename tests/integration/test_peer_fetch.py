@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 from agent_helpers import CAIRN, User, agent_env, cairn_ok, ls_json, make_user, run_cairn
 from cairnd_helpers import Served
+from drive_helpers import Drive
 from sync_helpers import wait_for
 from zeroconf import ServiceInfo, Zeroconf
 
@@ -251,3 +252,39 @@ def test_cairn_get_without_grants_or_identity_just_uses_the_appliance(
     assert _same(out, shared.data)
     assert (fetched, from_peers) == (BLOCKS, 0)
     assert cairn_ok(shared.b_home, "ls", "/")
+
+
+def _served_by_a(shared: Shared) -> int:
+    return sum(s["served_blocks"] for s in read_statuses(AgentHome(shared.a_home)))
+
+
+def test_a_sync_downloads_through_its_own_peer_service(shared: Shared,
+                                                       tmp_path: Path) -> None:
+    home = shared.user.join(tmp_path / "s-home", "s")
+    folder = tmp_path / "s-folder"
+    folder.mkdir()
+    before = _served_by_a(shared)
+    process = _start_sync(home, folder)
+    try:
+        wait_for(lambda: (folder / "big.bin").exists(), timeout=60, what="S's download")
+        assert _same(folder / "big.bin", shared.data)
+        # A served most of it (its status file is rewritten every second).
+        wait_for(lambda: _served_by_a(shared) - before >= BLOCKS // 2, timeout=10,
+                 what=f"A serving S (served {_served_by_a(shared) - before})")
+    finally:
+        _stop(process)
+
+
+@pytest.mark.root
+def test_the_drive_reads_blocks_from_a_peer(shared: Shared, tmp_path: Path,
+                                            drives: Callable[..., Drive]) -> None:
+    home = shared.user.join(tmp_path / "d-home", "d")
+    (home / "config.toml").write_text("[peers]\nloopback = true\n")
+    drive = drives(home, tmp_path / "mnt").start()
+    # The drive's peer service finds A by mDNS; reads then ask A first.
+    wait_for(lambda: any(s.get("peers") for s in read_statuses(AgentHome(home))),
+             timeout=30, what="the drive's peer service finding A")
+    before = _served_by_a(shared)
+    assert _same(drive.mountpoint / "big.bin", shared.data)
+    wait_for(lambda: _served_by_a(shared) - before >= BLOCKS // 2, timeout=10,
+             what=f"A serving the drive (served {_served_by_a(shared) - before})")
