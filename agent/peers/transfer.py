@@ -45,7 +45,8 @@ IDLE_LOOK_S = 0.1        # a worker with nothing to start looks again this often
 MIN_PEER_BLOCKS = 4      # a file of fewer blocks is not worth asking peers about
 PER_PEER_WORKERS = 4     # workers added per peer that holds blocks (its in-flight cap)
 MAX_WORKERS = 24
-SHORT_BROWSE_S = 1.5     # `cairn get`'s own look for peers
+SHORT_BROWSE_S = 1.5     # `cairn get`'s own look for peers, at most
+BROWSE_QUIET_S = 0.4     # ... ended early once peers answered and no new one did for this
 
 
 class Fetched(Protocol):
@@ -157,7 +158,8 @@ class ListedPeers:
         pass
 
     async def found(self) -> list[DiscoveredPeer]:
-        while not self._peers() and time.time() < self._settled_at:
+        # Polled: the directory is filled by zeroconf's threads, not by trio.
+        while not self._peers() and time.time() < self._settled_at:  # noqa: ASYNC110
             await trio.sleep(min(0.1, max(0.0, self._settled_at - time.time())))
         return self._peers()
 
@@ -265,9 +267,10 @@ def service_access() -> PeerAccess | None:
 
 
 def browse_once(config: PeersConfig) -> Callable[[float], list[DiscoveredPeer]]:
-    """A blocking browse for peers on CONFIG's interfaces lasting the seconds it is given
-    (for `cairn get`, which runs no peer service): the peers found by then. The browser
-    is stopped in the background, so its end is not waited for."""
+    """A blocking browse for peers on CONFIG's interfaces lasting at most the seconds it
+    is given (for `cairn get`, which runs no peer service): the peers found by then, or
+    as soon as some were found and none new for BROWSE_QUIET_S (mDNS responders answer
+    within ~120 ms). The browser is stopped in the background, not waited for."""
 
     def browse(seconds: float) -> list[DiscoveredPeer]:
         addresses = advertise.choose_addresses(config, advertise.machine_adapters(),
@@ -285,7 +288,14 @@ def browse_once(config: PeersConfig) -> Callable[[float], list[DiscoveredPeer]]:
 
         try:
             browser.start()
-            time.sleep(seconds)
+            end = time.monotonic() + seconds
+            seen, quiet_since = directory.version, time.monotonic()
+            while time.monotonic() < end:
+                time.sleep(0.05)
+                if directory.version != seen:
+                    seen, quiet_since = directory.version, time.monotonic()
+                elif directory.peers() and time.monotonic() - quiet_since >= BROWSE_QUIET_S:
+                    break          # peers answered, and nobody new for a moment
             return directory.peers()
         finally:
             threading.Thread(target=stop, name="peer-browse-stop", daemon=True).start()
