@@ -35,6 +35,7 @@ import errno
 import hmac
 import logging
 import os
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
@@ -59,7 +60,7 @@ from agent.errors import (
     UploadStalledError,
 )
 from agent.peers.fetch import APPLIANCE, Assignment, FetchPlan
-from agent.peers.peer_client import PeerClient, index_grants
+from agent.peers.peer_client import GRANT_MARGIN_S, PeerClient, index_grants
 from agent.peers.transfer import (
     MIN_PEER_BLOCKS,
     PeerAccess,
@@ -327,6 +328,22 @@ async def _fetch(tree: RemoteTree, node: RemoteNode, jobs: list[BlockJob], fd: i
 
     clients: dict[str, PeerClient] = {}
     grant_of: dict[str, str] = {}
+    grants_until = [float("inf")]     # when the first grant in GRANT_OF expires
+    grant_lock = threading.Lock()
+
+    def grant_for(block_id: str) -> str:
+        """BLOCK_ID's grant, all of them renewed (with the URLs) shortly before the
+        first expires: a download longer than GRANT_LIFETIME_S keeps its peers."""
+        with grant_lock:
+            identity = peers.identity() if peers is not None else None
+            if identity is not None and time.time() + GRANT_MARGIN_S >= grants_until[0]:
+                detail = trio.from_thread.run(refresh) if refresh is not None \
+                    else trio.from_thread.run(tree.fetch, node.id)
+                fresh_urls.update({e.block_id: e.url for e in detail.blocks})
+                renewed, grants_until[0] = index_grants(detail.peer_grants, identity,
+                                                        time.time())
+                grant_of.update(renewed)
+            return grant_of[block_id]
 
     def obtain(job: BlockJob, origin: str = APPLIANCE) -> tuple[bytes | memoryview, bool]:
         """The block's plaintext and whether it came over the network (from ORIGIN: the
@@ -349,7 +366,7 @@ async def _fetch(tree: RemoteTree, node: RemoteNode, jobs: list[BlockJob], fd: i
         try:
             if origin != APPLIANCE:
                 ciphertext = clients[origin].block(
-                    job.ref.id_hex, grant_of[job.ref.id_hex],
+                    job.ref.id_hex, grant_for(job.ref.id_hex),
                     partial(thread_buffer, use="cipher") if big else None)
             else:
                 ciphertext = get(fresh_urls.get(job.ref.id_hex, job.url))
@@ -386,7 +403,7 @@ async def _fetch(tree: RemoteTree, node: RemoteNode, jobs: list[BlockJob], fd: i
     try:
         if peers is not None and grants and len(jobs) >= MIN_PEER_BLOCKS:
             from_peers = await _fetch_with_peers(peers, grants, jobs, parallel, place,
-                                                 done, clients, grant_of)
+                                                 done, clients, grant_of, grants_until)
         else:
             await run_jobs(jobs, place, parallel=parallel, done=done)
     finally:
@@ -399,16 +416,18 @@ async def _fetch(tree: RemoteTree, node: RemoteNode, jobs: list[BlockJob], fd: i
 async def _fetch_with_peers(peers: PeerAccess, grants: list[str], jobs: list[BlockJob],
                             parallel: int, place: Callable[[BlockJob, str], _Placed],
                             done: Callable[[BlockJob, _Placed], None],
-                            clients: dict[str, PeerClient], grant_of: dict[str, str]
-                            ) -> int:
+                            clients: dict[str, PeerClient], grant_of: dict[str, str],
+                            grants_until: list[float]) -> int:
     """Fetch JOBS from the appliance and the peers PEERS finds at once (fills CLIENTS
-    and GRANT_OF for PLACE): how many blocks came from peers. The appliance starts once
+    and GRANT_OF for PLACE, and GRANTS_UNTIL[0]: when the first grant expires): how many
+    blocks came from peers. The appliance starts once
     every peer answered HAVE, or after HAVE_GRACE_S (a silent peer costs no more); a
     peer answering later joins the plan then."""
     identity = peers.identity()
     found = await peers.clients() if identity is not None else []
     if identity is not None:
-        grant_of.update(index_grants(grants, identity, time.time()))
+        covering, grants_until[0] = index_grants(grants, identity, time.time())
+        grant_of.update(covering)
     by_id = {job.ref.id_hex: job for job in jobs}
     asked = [block for block in by_id if block in grant_of]
     if not found or not asked:

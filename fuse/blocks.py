@@ -214,7 +214,8 @@ class BlockSource:
         identity = access.identity()
         if identity is None:
             return
-        urls.grants = index_grants(grants, identity, time.time())
+        urls.grants = index_grants(grants, identity, time.time())[0]   # renewed with
+                                                                       # the URLs
         if urls.holders:
             return
         wanted = [block for block in urls.by_block if block in urls.grants]

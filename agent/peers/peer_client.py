@@ -60,14 +60,16 @@ _JSON = [(b"Content-Type", b"application/json")]
 
 
 def index_grants(tokens: Iterable[str], identity: PeerIdentity, now: float
-                 ) -> dict[str, str]:
+                 ) -> tuple[dict[str, str], float]:
     """Block id -> the grant token that covers it, from the grants the appliance issued
-    with a node's URLs. A token that does not verify against the pinned device CA, is
-    not ours, or expires within GRANT_MARGIN_S is left out (those blocks come from the
-    appliance): a peer would refuse it, and a refusal drops the peer."""
+    with a node's URLs, and when the first of those grants expires (infinity: none).
+    A token that does not verify against the pinned device CA, is not ours, or expires
+    within GRANT_MARGIN_S is left out (those blocks come from the appliance): a peer
+    would refuse it, and a refusal drops the peer."""
     key = identity.ca_public_key()
     me = identity.me
     covering: dict[str, str] = {}
+    first_expiry = float("inf")
     for token in tokens:
         try:
             grant = verify_grant(token, key, now + GRANT_MARGIN_S)
@@ -78,9 +80,10 @@ def index_grants(tokens: Iterable[str], identity: PeerIdentity, now: float
                 me.device_id, me.key_sha256, me.appliance_id):
             log.debug("a block grant for another device not used")
             continue
+        first_expiry = min(first_expiry, grant.expires_at)
         for block in grant.blocks:
             covering.setdefault(block, token)
-    return covering
+    return covering, first_expiry
 
 
 def have_batches(ids: Sequence[str], grant_of: Mapping[str, str]

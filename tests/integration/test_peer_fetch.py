@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from agent_helpers import CAIRN, User, agent_env, cairn_ok, ls_json, make_user, run_cairn
@@ -29,11 +30,11 @@ from zeroconf import ServiceInfo, Zeroconf
 
 from agent.crypto.blocks import BLOCK_SIZE, encrypt_block
 from agent.home import AgentHome
-from agent.peers import advertise
+from agent.peers import advertise, peer_client
 from agent.peers.identity import PeerIdentity, load_identity
 from agent.peers.server import PeerServer, Us
 from agent.peers.service import read_statuses
-from protocol.peers import new_instance_id
+from protocol.peers import GRANT_LIFETIME_S, new_instance_id
 
 BLOCKS = 10
 PEER_ENV = {"CAIRN_PEERS": "loopback"}
@@ -288,3 +289,26 @@ def test_the_drive_reads_blocks_from_a_peer(shared: Shared, tmp_path: Path,
     assert _same(drive.mountpoint / "big.bin", shared.data)
     wait_for(lambda: _served_by_a(shared) - before >= BLOCKS // 2, timeout=10,
              what=f"A serving the drive (served {_served_by_a(shared) - before})")
+
+
+def test_grants_about_to_expire_are_renewed_and_the_peer_kept(
+        shared: Shared, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A download longer than a grant's life (15 min) renews its grants with the URLs.
+    The time cannot pass here: the margin is widened instead, so every grant looks about
+    to expire and every block asked of a peer renews them first."""
+    import agent.download
+
+    renewals = []
+    index = peer_client.index_grants
+
+    def counting(*args: Any) -> tuple[dict[str, str], float]:
+        renewals.append(1)
+        return index(*args)
+
+    monkeypatch.setattr(agent.download, "GRANT_MARGIN_S", GRANT_LIFETIME_S)
+    monkeypatch.setattr(agent.download, "index_grants", counting)
+    out = tmp_path / "renewed.bin"
+    fetched, from_peers, _, _ = _get(shared.b_home, out)
+    assert _same(out, shared.data)
+    assert fetched == BLOCKS and from_peers >= 1
+    assert len(renewals) >= 1 + from_peers      # the first index, then one per peer block
