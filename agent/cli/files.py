@@ -51,7 +51,7 @@ def get(ctx: click.Context, remote: str, local: Path, no_peers: bool) -> None:
     the same way, and a device that sends a wrong one is not asked again."""
 
     async def work(tree: RemoteTree) -> DownloadStats:
-        tree.peers = None if no_peers else lone_access(tree.home)
+        tree.peers = None if no_peers else lone_access(tree.home, tree.api)
         try:
             return await ops.get(tree, remote, local)
         finally:

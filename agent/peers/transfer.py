@@ -21,11 +21,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Protocol, TypeVar
 
 import trio
 
+from agent.api import Api
 from agent.discovery import discovery_enabled
 from agent.errors import CairnAgentError, IntegrityError, PeerError, PeerFetchError
 from agent.home import AgentHome
@@ -35,6 +36,7 @@ from agent.peers.config import PeersConfig, load_peers_config
 from agent.peers.fetch import APPLIANCE, Assignment, Failure, FetchPlan, Limits, Verdict
 from agent.peers.identity import PeerIdentity, load_identity
 from agent.peers.peer_client import PeerClient, failure_of
+from agent.peers.revocation import RevocationList
 from agent.peers.service import PeerService, running
 from agent.pipeline import first_error
 from protocol.peers import DiscoveredPeer
@@ -43,9 +45,10 @@ log = logging.getLogger("cairn.peers")
 
 IDLE_LOOK_S = 0.1        # a worker with nothing to start looks again this often
 MIN_PEER_BLOCKS = 4      # a file of fewer blocks is not worth asking peers about
-PER_PEER_WORKERS = 4     # workers added per peer that holds blocks (its in-flight cap)
+PER_PEER_WORKERS = 4     # workers added per peer found (a peer's in-flight cap)
 MAX_WORKERS = 24
 SHORT_BROWSE_S = 1.5     # `cairn get`'s own look for peers, at most
+REVOCATIONS_S = 2.0      # `cairn get`'s one read of the revocation list, at most
 BROWSE_QUIET_S = 0.4     # ... ended early once peers answered and no new one did for this
 
 
@@ -205,10 +208,14 @@ class PeerAccess:
     one to `RemoteTree.peers`; close it when the process is done with it."""
 
     def __init__(self, identity: Callable[[], PeerIdentity | None], finder: PeerFinder,
-                 revoked: Callable[[str], bool] = lambda device_id: False) -> None:
+                 revoked: Callable[[str], bool] = lambda device_id: False, *,
+                 prepare: Callable[[], Awaitable[None]] | None = None) -> None:
+        """PREPARE runs once, before the first clients are made (a lone get reads the
+        revocation list there)."""
         self._identity = identity
         self.finder = finder
         self.revoked = revoked
+        self._prepare = prepare
         self._clients: dict[tuple[str, tuple[str, ...], int], PeerClient] = {}
         self._client_identity: PeerIdentity | None = None
         self.blocks_from_peers = 0       # over this access's life (a get of a folder)
@@ -222,6 +229,9 @@ class PeerAccess:
         identity = self._identity()
         if identity is None:
             return []
+        if self._prepare is not None:
+            prepare, self._prepare = self._prepare, None
+            await prepare()
         if identity is not self._client_identity:
             self.close()
             self._client_identity = identity
@@ -303,12 +313,13 @@ def browse_once(config: PeersConfig) -> Callable[[float], list[DiscoveredPeer]]:
     return browse
 
 
-def lone_access(home: AgentHome) -> PeerAccess | None:
+def lone_access(home: AgentHome, api: Api) -> PeerAccess | None:
     """Access for a process without a peer service (`cairn get`): HOME's identity as it
     is on disk (no request; renewal is sync's and mount's), a short browse started when
-    a download is big enough, and no revocation list (a revoked device's certificate
-    stops verifying within a day, and the appliance stops issuing grants usable with it
-    at once). None when peers are off by config or there is no identity yet."""
+    a download is big enough, and the revocation list read once from API before the
+    first peer is asked (at most REVOCATIONS_S; unread, a revoked device is still
+    refused once its certificate expires, within a day). None when peers are off by
+    config or there is no identity yet."""
     try:
         config = load_peers_config(home)
     except PeerError as exc:
@@ -319,4 +330,14 @@ def lone_access(home: AgentHome) -> PeerAccess | None:
     identity = load_identity(home)
     if identity is None:
         return None
-    return PeerAccess(lambda: identity, ShortBrowse(browse_once(config)))
+    revocations = RevocationList()
+
+    async def read_revocations() -> None:
+        with trio.move_on_after(REVOCATIONS_S):
+            try:
+                await revocations.refresh(api)
+            except CairnAgentError as exc:
+                log.info("the revocation list could not be read: %s", exc.message)
+
+    return PeerAccess(lambda: identity, ShortBrowse(browse_once(config)),
+                      revocations.is_revoked, prepare=read_revocations)

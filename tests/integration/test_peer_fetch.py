@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 from agent_helpers import CAIRN, User, agent_env, cairn_ok, ls_json, make_user, run_cairn
-from cairnd_helpers import Served
+from cairnd_helpers import Served, run_cairnd
 from drive_helpers import Drive
 from sync_helpers import wait_for
 from zeroconf import ServiceInfo, Zeroconf
@@ -154,12 +154,13 @@ class FaultyPeer:
 
 @pytest.fixture
 def faulty_peer(shared: Shared) -> Iterator[Callable[..., FaultyPeer]]:
-    """A factory for a peer served by this test with device C's real certificate,
-    advertised on loopback; everything is stopped at the end."""
+    """A factory for a peer served by this test with device C's real certificate (or
+    that of the device in HOME), advertised on loopback; everything is stopped at the
+    end."""
     running: list[tuple[PeerServer, FaultySource, Zeroconf, ServiceInfo]] = []
 
-    def start(**faults: bool) -> FaultyPeer:
-        identity = load_identity(AgentHome(shared.c_home))
+    def start(home: Path | None = None, **faults: bool) -> FaultyPeer:
+        identity = load_identity(AgentHome(home or shared.c_home))
         assert identity is not None
         source = FaultySource(shared.ciphertexts, **faults)
         us = Us(identity.me.appliance_id, identity.me.user_tag, identity.ca_public_key())
@@ -312,3 +313,17 @@ def test_grants_about_to_expire_are_renewed_and_the_peer_kept(
     assert _same(out, shared.data)
     assert fetched == BLOCKS and from_peers >= 1
     assert len(renewals) >= 1 + from_peers      # the first index, then one per peer block
+
+
+def test_a_revoked_peer_is_never_asked(shared: Shared, faulty_peer: Callable[..., FaultyPeer],
+                                       appliance: Served, tmp_path: Path) -> None:
+    home = shared.user.join(tmp_path / "r-home", "r")
+    revoked = faulty_peer(home)                     # honest: it would serve every block
+    device_id = revoked.identity.me.device_id
+    result = run_cairnd("device", "revoke", device_id, "--home", appliance.home)
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "not-from-revoked.bin"
+    fetched, _, _, _ = _get(shared.b_home, out)
+    assert _same(out, shared.data) and fetched == BLOCKS
+    assert revoked.source.reads == 0
+    assert revoked.server.counters.have_requests == 0     # not even asked what it holds
