@@ -17,9 +17,15 @@ existing device E of the user (`cairn devices pending`, `cairn approve NAME`):
    codes differ and E refuses;
 4. on a match E asks the appliance to admit N (`POST /devices/admit`), seals the user's keys
    to N's wrap key and hands N everything it needs (`POST JOIN_APPROVE_PATH`, over mutual
-   TLS with the key of the certificate that said hello: only E can approve). N checks the appliance's certificate and its own new
-   device certificate against the CA from the hello, and is enrolled without typing a
-   passphrase or a code.
+   TLS with the key of the certificate that said hello: only that device can approve). N
+   checks the appliance's certificate and its own new device certificate against the CA
+   from the hello, and is enrolled without typing a passphrase or a code.
+
+What the code does not stop: a rogue that says hello *first* and approves at once, with
+an appliance of its own, gets N joined to that appliance (the code is computed from public
+keys, and nothing is typed on N). E then refuses ("another device already answered"), and
+N prints the user and appliance it joined; docs/architecture.md's attack model says what
+that costs and how to notice.
 
     code = SHA-256("cairn-pair-v1" | N device key | N wrap key | E device key | CA key)
            as a number mod 10**6, six digits

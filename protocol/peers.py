@@ -21,8 +21,8 @@ compact JSON::
      "user": USER_TAG, "exp": UNIX_SECONDS, "blocks": base64(id1 | id2 | ...)}
 
 signed as Ed25519 over `GRANT_CONTEXT | payload`. One grant covers at most GRANT_MAX_BLOCKS
-blocks, so a grant stays small enough to send with every block request (a 4 GiB span is 16
-grants of ~2.8 KiB).
+blocks, so a grant stays small enough to send with every block request (~4 KB: the ids
+are base64 inside base64url; a 1 GiB file needs 4).
 
 The peer record (`_cairn-peer._tcp.local.`) carries a random instance id made at every start
 and the protocol version, nothing that names a user, a device or an account. Whose device
