@@ -69,7 +69,10 @@ def join(ctx: click.Context, code: str | None, url: str | None, device_name: str
                              "the appliance")
         joined = run_stoppable(lambda: join_lan(home, device_name, click.echo),
                                resumable=False)
-        click.echo(f"Joined as {joined.device_name} (user {joined.user})")
+        click.echo(f"Joined as {joined.device_name} (user {joined.user}) to appliance "
+                   f"{joined.appliance_id}, certificate {joined.fingerprint[:16]}…. If the "
+                   "device you approved on did not say it admitted this one, this is not "
+                   "your appliance: delete this home and run `cairn join --lan` again.")
         return
     if code is None:
         raise UsageError("give the one-time code (`cairnd user add` or `cairnd user code` "

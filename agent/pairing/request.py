@@ -378,7 +378,8 @@ async def _ask_and_wait(endpoint: Endpoint, info: JoinRequestInfo,
             async for event in receive:
                 if event.kind == "greeted" and event.greeting is not None:
                     say(f"Code: {format_code(event.greeting.code)} — type it on the device "
-                        "that approves")
+                        "that approves (device "
+                        f"{event.greeting.approver.device_id[:12]} answered)")
                 elif event.kind == "joined" and event.record is not None:
                     return event.record
                 elif event.kind == "aborted":
