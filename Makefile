@@ -24,7 +24,7 @@ run: bootstrap
 # much of its time is waiting on real processes, so two overlap well even on two cores.
 # TEST_WORKERS=0 runs it in this process, serially. tests/README.md has the rest.
 TEST_WORKERS ?= 2
-PYTEST      := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+PYTEST      := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 test: bootstrap
 	@$(VENV)/bin/lint-imports --no-cache

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -98,3 +99,16 @@ def drives() -> Iterator[Callable[..., Any]]:
     yield make
     for drive in made:
         drive.cleanup()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Files with slow tests first, fewest tests first (there, one test is a long one),
+    then the others, most tests first. `make test` hands whole files to its workers in
+    this order (`--dist loadfile --no-loadscope-reorder`): a minutes-long file with one
+    test (the LAN Show, the crash campaign), which xdist's own order (by number of tests)
+    starts last, would leave one worker alone at the end; started first, the other
+    worker meanwhile gets through the many short files."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    count = Counter(item.path for item in items)
+    items.sort(key=lambda item: (0, count[item.path]) if item.path in slow_files
+               else (1, -count[item.path]))
