@@ -6,8 +6,8 @@ with our appliance id again: a NAS whose DHCP lease changed keeps working). A re
 this way is only a hint: trust comes from the pinned certificate, checked on connect.
 
 Queries go to every non-loopback interface of this machine (or network namespace), for a
-bounded time; each answer is checked by protocol.mdns.parse_record (a malformed or foreign
-record is dropped, not raised).
+bounded time (agent/mdns.py runs the browse); each answer is checked by
+protocol.mdns.parse_record (a malformed or foreign record is dropped, not raised).
 `CAIRN_DISCOVERY=off` turns discovery off, for machines where the appliance is reached
 through a fixed address (and for tests on loopback, which must not send mDNS to a real LAN).
 """
@@ -17,13 +17,10 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
-import queue
-import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-import trio
-
+from agent import mdns
 from agent.errors import TransportError
 from protocol.mdns import SERVICE_TYPE, DiscoveredAppliance, parse_record
 
@@ -42,47 +39,6 @@ def parse_service_info(info: ServiceInfo) -> DiscoveredAppliance | None:
                         info.name)
 
 
-def _browse_blocking(seconds: float, interfaces: list[str],
-                     limit: int | None) -> list[DiscoveredAppliance]:
-    # zeroconf costs ~0.1 s to import: only commands that search the LAN pay for it.
-    from zeroconf import ServiceBrowser, ServiceStateChange, Zeroconf
-
-    deadline = time.monotonic() + seconds
-    names: queue.SimpleQueue[str] = queue.SimpleQueue()
-    found: dict[str, DiscoveredAppliance] = {}
-
-    def on_change(*, zeroconf: Zeroconf, service_type: str, name: str,
-                  state_change: ServiceStateChange, **_: Any) -> None:
-        if state_change is ServiceStateChange.Removed:
-            found.pop(name, None)  # a goodbye: it stopped serving meanwhile
-        else:
-            names.put(name)
-
-    # A list, not a tuple: zeroconf only treats a list as "these interfaces".
-    instance = Zeroconf(interfaces=list(interfaces), use_asyncio=False)
-    try:
-        browser = ServiceBrowser(instance, SERVICE_TYPE, handlers=[on_change])
-        try:
-            while limit is None or len(found) < limit:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                try:
-                    name = names.get(timeout=remaining)
-                except queue.Empty:
-                    break
-                remaining_ms = max(1, int((deadline - time.monotonic()) * 1000))
-                info = instance.get_service_info(SERVICE_TYPE, name, timeout=remaining_ms)
-                appliance = parse_service_info(info) if info is not None else None
-                if appliance is not None:
-                    found[name] = appliance
-        finally:
-            browser.cancel()
-    finally:
-        instance.close()
-    return list(found.values())
-
-
 async def browse(seconds: float, interfaces: Sequence[str], *,
                  limit: int | None = None) -> list[DiscoveredAppliance]:
     """The appliances that answer on INTERFACES (addresses of this machine's interfaces)
@@ -91,9 +47,8 @@ async def browse(seconds: float, interfaces: Sequence[str], *,
 
     Not cancellable midway: the worker thread returns within SECONDS (plus about 0.2 s to
     close)."""
-    if not interfaces:
-        raise ValueError("browse needs at least one interface address")
-    return await trio.to_thread.run_sync(_browse_blocking, seconds, list(interfaces), limit)
+    return await mdns.browse(SERVICE_TYPE, parse_service_info, seconds, interfaces,
+                             limit=limit)
 
 
 def local_interface_addresses() -> list[str]:

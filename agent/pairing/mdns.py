@@ -1,5 +1,5 @@
 """The join request's DNS-SD record (`_cairn-join._tcp.local.`): built and parsed (pure),
-advertised and browsed (blocking zeroconf, run in worker threads).
+advertised and browsed (blocking zeroconf, agent/mdns.py, run in worker threads).
 
     <16 hex digits>._cairn-join._tcp.local.   SRV  0 0 PORT cairn-join-<same>.local.
                                               TXT  v=1
@@ -13,23 +13,19 @@ the config says so (agent/peers/config.py).
 
 from __future__ import annotations
 
-import logging
-import queue
 import re
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import trio
 
+from agent import mdns
 from protocol.pairing import JOIN_PROTOCOL, JOIN_SERVICE_TYPE, join_txt_record
 from protocol.peers import new_instance_id
 
 if TYPE_CHECKING:
-    from zeroconf import Zeroconf
-
-log = logging.getLogger("cairn.pairing")
+    from zeroconf import ServiceInfo, Zeroconf
 
 _INSTANCE = re.compile(r"[0-9a-f]{16}")
 
@@ -70,14 +66,13 @@ def parse_join_record(name: str, properties: Mapping[str, str | None],
 
 
 def _start(addresses: list[str], port: int) -> Zeroconf:
-    from zeroconf import ServiceInfo, Zeroconf
+    from zeroconf import ServiceInfo
 
     instance_id = new_instance_id()
     info = ServiceInfo(JOIN_SERVICE_TYPE, instance_name(instance_id), port=port,
                        properties=join_txt_record(), server=server_name(instance_id),
                        parsed_addresses=list(addresses))
-    # A list, not a tuple: zeroconf only treats a list as "these interfaces".
-    instance = Zeroconf(interfaces=list(addresses), use_asyncio=False)
+    instance = mdns.open_zeroconf(addresses)
     try:
         instance.register_service(info, allow_name_change=True)
     except BaseException:
@@ -94,59 +89,20 @@ async def start_advertising(addresses: list[str], port: int) -> Zeroconf:
 
 async def stop_advertising(instance: Zeroconf) -> None:
     """Goodbye packets, sockets closed; never raises (shielded: runs on the way out)."""
-    def stop() -> None:
-        try:
-            instance.close()
-        except Exception as exc:
-            log.warning("stopping the join request's record failed: %s", exc)
-
     with trio.CancelScope(shield=True):
-        await trio.to_thread.run_sync(stop)
+        await trio.to_thread.run_sync(mdns.close, instance)
 
 
 # --- browsing -------------------------------------------------------------------------
 
 
-def _browse_blocking(seconds: float, interfaces: list[str]) -> list[JoinEndpoint]:
-    from zeroconf import ServiceBrowser, ServiceStateChange, Zeroconf
-
-    deadline = time.monotonic() + seconds
-    names: queue.SimpleQueue[str] = queue.SimpleQueue()
-    found: dict[str, JoinEndpoint] = {}
-
-    def on_change(*, zeroconf: Zeroconf, service_type: str, name: str,
-                  state_change: ServiceStateChange, **_: Any) -> None:
-        if state_change is ServiceStateChange.Removed:
-            found.pop(name, None)
-        else:
-            names.put(name)
-
-    instance = Zeroconf(interfaces=list(interfaces), use_asyncio=False)
-    try:
-        browser = ServiceBrowser(instance, JOIN_SERVICE_TYPE, handlers=[on_change])
-        try:
-            while (remaining := deadline - time.monotonic()) > 0:
-                try:
-                    name = names.get(timeout=remaining)
-                except queue.Empty:
-                    break
-                remaining_ms = max(1, int((deadline - time.monotonic()) * 1000))
-                info = instance.get_service_info(JOIN_SERVICE_TYPE, name,
-                                                 timeout=remaining_ms)
-                if info is None:
-                    continue
-                endpoint = parse_join_record(info.name, info.decoded_properties,
-                                             info.parsed_scoped_addresses(), info.port)
-                if endpoint is not None:
-                    found[name] = endpoint
-        finally:
-            browser.cancel()
-    finally:
-        instance.close()
-    return list(found.values())
+def parse_service_info(info: ServiceInfo) -> JoinEndpoint | None:
+    """The endpoint a resolved zeroconf record describes, or None if it is not usable."""
+    return parse_join_record(info.name, info.decoded_properties,
+                             info.parsed_scoped_addresses(), info.port)
 
 
 async def browse(seconds: float, interfaces: Sequence[str]) -> list[JoinEndpoint]:
     """The join requests answering on INTERFACES (addresses of ours) within SECONDS.
     Raises OSError or RuntimeError if zeroconf cannot open its sockets."""
-    return await trio.to_thread.run_sync(_browse_blocking, seconds, list(interfaces))
+    return await mdns.browse(JOIN_SERVICE_TYPE, parse_service_info, seconds, interfaces)

@@ -15,19 +15,17 @@ What (`peer_service_info`): the instance name is a random id made at every start
 appliance id or account is in the record; whose device it is shows only after mutual TLS.
 
 How: python-zeroconf's blocking `Zeroconf` (its own asyncio loop in a daemon thread), on
-those addresses only; its blocking calls (`register_service` probes for about 1.5 s,
-`close` sends goodbyes) run in worker threads. With one address, its sockets are bound to
-that interface (SO_BINDTODEVICE), so that it neither hears nor answers another network's
-queries (appliance/advertise.py explains why joining the group on one interface is not
-enough on Linux). The same instance serves the browser (agent/peers/browse.py).
+those addresses only, opened and closed by agent/mdns.py; its blocking calls
+(`register` probes for about 1.5 s, `close` sends goodbyes) run in worker threads. On one
+interface, its sockets are bound to that interface (SO_BINDTODEVICE), so that it neither
+hears nor answers another network's queries (appliance/advertise.py explains why joining
+the group on one interface is not enough on Linux). The same instance serves the browser
+(agent/peers/browse.py).
 """
 
 from __future__ import annotations
 
 import ipaddress
-import logging
-import socket
-import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +33,7 @@ from pathlib import Path
 import zeroconf
 from zeroconf import ServiceInfo, Zeroconf
 
+from agent import mdns
 from agent.peers.config import PeersConfig
 from protocol.peers import (
     PEER_SERVICE_TYPE,
@@ -42,8 +41,6 @@ from protocol.peers import (
     peer_server_name,
     peer_txt_record,
 )
-
-log = logging.getLogger("cairn.peers")
 
 IFF_UP = 0x1
 RECORD_TTL_S = 120      # every record's TTL: a peer gone without a goodbye is dropped
@@ -121,29 +118,9 @@ def peer_service_info(instance_id: str, port: int, addresses: Sequence[str]) -> 
 
 def open_zeroconf(addresses: Sequence[PeerAddress]) -> Zeroconf:
     """Zeroconf on ADDRESSES' interfaces only (one interface: bound to it)."""
-    # A list, not a tuple: zeroconf only treats a list as "these interfaces".
-    instance = Zeroconf(interfaces=[a.address for a in addresses], use_asyncio=False)
-    try:
-        interfaces = {a.interface for a in addresses}
-        if len(interfaces) == 1:
-            _pin_to_interface(instance, interfaces.pop())
-    except BaseException:
-        instance.close()
-        raise
-    return instance
-
-
-def _pin_to_interface(instance: Zeroconf, interface: str) -> None:
-    """Zeroconf's sockets hear and answer on INTERFACE only (Linux SO_BINDTODEVICE;
-    before Linux 5.7 it needs CAP_NET_RAW: without it, one warning)."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        for reader in instance.engine.readers:
-            reader.sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE,
-                                   interface.encode())
-    except OSError as exc:
-        log.warning("cannot confine the peers' mDNS to %s (%s)", interface, exc.strerror)
+    interfaces = {a.interface for a in addresses}
+    return mdns.open_zeroconf([a.address for a in addresses],
+                              interfaces.pop() if len(interfaces) == 1 else None)
 
 
 def register(instance: Zeroconf, info: ServiceInfo) -> None:
@@ -151,14 +128,4 @@ def register(instance: Zeroconf, info: ServiceInfo) -> None:
     instance.register_service(info, allow_name_change=False)
 
 
-def close(instance: Zeroconf, info: ServiceInfo | None) -> None:
-    """Unregister INFO (goodbye packets) and close; never raises."""
-    try:
-        if info is not None:
-            instance.unregister_service(info)
-    except ZEROCONF_FAILURES as exc:
-        log.info("the peer record's goodbye failed: %s", exc)
-    try:
-        instance.close()
-    except ZEROCONF_FAILURES as exc:
-        log.info("closing the peers' mDNS failed: %s", exc)
+close = mdns.close   # unregister INFO (goodbye packets) and close; never raises

@@ -6,10 +6,10 @@ A record found is only a hint (an address and a port): anyone on the LAN can adv
 Trust comes afterwards, from mutual TLS and the peer's certificate (agent/peers/
 peer_client.py). The directory is read by the fetch policy, from any thread.
 
-zeroconf calls the handler in its browser thread, which must not block; records are
-resolved (`get_service_info`, up to RESOLVE_TIMEOUT_MS) in a thread of our own, fed by a
-queue. A record that goes away (a goodbye, or its TTL run out) leaves the directory; so
-does one that changes and no longer parses.
+zeroconf calls the handler (agent/mdns.py's `state_handler`) in its browser thread,
+which must not block; records are resolved (`get_service_info`, up to RESOLVE_TIMEOUT_MS)
+in a thread of our own, fed by a queue. A record that goes away (a goodbye, or its TTL
+run out) leaves the directory; so does one that changes and no longer parses.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from typing import Any
 
-from zeroconf import ServiceBrowser, ServiceStateChange, Zeroconf
+from zeroconf import ServiceBrowser, Zeroconf
 
+from agent import mdns
 from protocol.peers import PEER_SERVICE_TYPE, DiscoveredPeer, parse_peer_record
 
 log = logging.getLogger("cairn.peers")
@@ -82,8 +82,9 @@ class PeerBrowser:
 
     def start(self) -> None:
         self._resolver.start()
-        self._browser = ServiceBrowser(self.instance, PEER_SERVICE_TYPE,
-                                       handlers=[self._on_change])
+        self._browser = ServiceBrowser(
+            self.instance, PEER_SERVICE_TYPE,
+            handlers=[mdns.state_handler(self._on_added, self._on_removed)])
 
     def stop(self) -> None:
         if self._browser is not None:
@@ -91,15 +92,18 @@ class PeerBrowser:
         self._names.put(None)
         self._resolver.join(RESOLVE_TIMEOUT_MS / 1000 + 1)
 
-    def _on_change(self, *, zeroconf: Zeroconf, service_type: str, name: str,
-                   state_change: ServiceStateChange, **_: Any) -> None:
+    def _other_peer(self, name: str) -> str | None:
+        """The instance id of record NAME, unless it is no peer's or our own."""
         instance = _instance_of(name)
-        if instance is None or instance == self.directory.own_instance:
-            return
-        if state_change is ServiceStateChange.Removed:
-            self.directory.remove(instance)
-        else:
+        return None if instance == self.directory.own_instance else instance
+
+    def _on_added(self, name: str) -> None:
+        if self._other_peer(name) is not None:
             self._names.put(name)
+
+    def _on_removed(self, name: str) -> None:
+        if (instance := self._other_peer(name)) is not None:
+            self.directory.remove(instance)
 
     def _resolve_loop(self) -> None:
         while True:
