@@ -180,6 +180,15 @@ def retry_after(response: httpx.Response | httpcore.Response) -> float | None:
         return None
 
 
+def presented_certificate(response: httpx.Response) -> bytes | None:
+    """The certificate (DER) the server presented on RESPONSE's TLS connection, if any:
+    for the connections that trust nothing in advance and check it themselves (enrollment,
+    LAN pairing). Read it before the client is closed."""
+    stream = response.extensions["network_stream"]
+    der: bytes | None = stream.get_extra_info("ssl_object").getpeercert(binary_form=True)
+    return der or None
+
+
 def _read_into(response: httpcore.Response, buffer_for: Callable[[int], memoryview]
                ) -> bytes | memoryview:
     """A successful answer's body, streamed into BUFFER_FOR(its Content-Length); as bytes

@@ -33,7 +33,7 @@ import trio
 from pydantic import ValidationError
 
 from agent.api import Api, body_of
-from agent.client import Connection, pinned_ssl_context, retry_after
+from agent.client import Connection, pinned_ssl_context, presented_certificate, retry_after
 from agent.crypto.keys import UserKeys, open_bundle, seal_bundle
 from agent.crypto.nodes import NodeMeta, new_node_key
 from agent.discovery import find_appliances
@@ -74,14 +74,6 @@ def _untrusted_context() -> ssl.SSLContext:
     return context
 
 
-def _peer_certificate(response: httpx.Response) -> bytes:
-    stream = response.extensions["network_stream"]
-    der: bytes | None = stream.get_extra_info("ssl_object").getpeercert(binary_form=True)
-    if not der:
-        raise EnrollmentError("the appliance presented no certificate")
-    return der
-
-
 async def _post(client: httpx.AsyncClient, path: str, body: dict[str, Any]) -> httpx.Response:
     """POST BODY; a refusal for going too fast (the appliance limits enrollment requests
     per address, and several devices may join at once) is repeated after the delay the
@@ -107,9 +99,11 @@ async def _challenge(url: str, code: EnrollmentCode, nonce: bytes
         async with httpx.AsyncClient(base_url=url, verify=_untrusted_context(),
                                      timeout=15) as client:
             response = await _post(client, "/enroll/challenge", body_of(challenge))
-            der = _peer_certificate(response)
+            der = presented_certificate(response)
     except httpx.HTTPError as exc:
         return _Unreachable(f"{url}: cannot connect ({exc})")
+    if der is None:
+        raise EnrollmentError("the appliance presented no certificate")
     if response.status_code != 200:
         try:
             message = ErrorBody.model_validate_json(response.content).error.message

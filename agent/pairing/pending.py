@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import ValidationError
 
+from agent.client import presented_certificate
 from agent.discovery import discovery_enabled, lan_addresses, local_interface_addresses
 from agent.errors import LocalFileError, TransportError
 from agent.home import AgentHome, write_private
@@ -73,9 +74,8 @@ def untrusting_context(identity: PeerIdentity | None = None) -> ssl.SSLContext:
 
 
 def peer_certificate(response: httpx.Response) -> bytes:
-    stream = response.extensions["network_stream"]
-    der: bytes | None = stream.get_extra_info("ssl_object").getpeercert(binary_form=True)
-    if not der:
+    """The certificate the request's endpoint presented (TransportError if none)."""
+    if (der := presented_certificate(response)) is None:
         raise TransportError("the request's endpoint presented no certificate")
     return der
 
