@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-# --- opening, advertising, closing -------------------------------------------------------
+# --- opening and closing -----------------------------------------------------------------
 
 def open_zeroconf(addresses: Sequence[str], interface: str | None = None) -> Zeroconf:
     """Zeroconf on ADDRESSES (addresses of this machine) only; with INTERFACE, its sockets
@@ -114,7 +114,7 @@ def browse_once(service_type: str, parse: Callable[[ServiceInfo], T | None],
     within SECONDS, as PARSE makes them (records it refuses left out), or as soon as LIMIT
     of them are. Sends queries there and nowhere else. Blocks for SECONDS at most, plus
     about 0.2 s to close. Raises OSError (or RuntimeError) if zeroconf cannot open its
-    sockets."""
+    sockets, ValueError if INTERFACES is empty."""
     from zeroconf import ServiceBrowser
 
     if not interfaces:
