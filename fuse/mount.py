@@ -279,8 +279,12 @@ async def _on_signals(scope: trio.CancelScope) -> None:
 
 
 async def _flush(uploader: Uploader, index: DriveIndex) -> int:
+    """Upload what is pending before the mount exits; what is left. Says "all changes
+    uploaded" whenever nothing is left, also when nothing was pending at all: a stop must
+    not read differently because the uploads happened to finish a moment before it."""
     left = index.pending_count()
     if not left:
+        print("cairn: all changes uploaded", file=sys.stderr, flush=True)
         return 0
     print(f"cairn: uploading {left} pending change(s) before exiting", file=sys.stderr,
           flush=True)
